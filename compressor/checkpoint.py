@@ -1,0 +1,218 @@
+"""Loading the user's checkpoint: a Hugging Face folder, a bare weights file, or tensor mode.
+
+Safetensors only by default. Pickle formats (`.bin`, `.pt`, `.pth`) can run arbitrary code
+when loaded, so they are refused unless `allow_pickle=True`, and even then they are read
+with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import DlncError
+from compressor.tensor_model import TensorModel
+
+__all__ = ["LoadedCheckpoint", "load_checkpoint", "read_state_dict"]
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready to compress, and where it came from."""
+
+    model: nn.Module
+    source: Path  # the folder holding the weights (tokenizer files are copied from here)
+    weight_files: list[Path]
+    config: object | None = None  # a transformers PretrainedConfig, None in tensor mode
+    notices: list[str] = field(default_factory=list)  # things the user should be told
+
+    @property
+    def tensor_mode(self) -> bool:
+        return self.config is None
+
+    @property
+    def model_type(self) -> str | None:
+        return getattr(self.config, "model_type", None)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedCheckpoint:
+    """Load a model folder or weights file; tensor mode when no architecture can be found."""
+    path = Path(path)
+    if not path.exists():
+        raise DlncError(f"{path}: no such file or folder")
+    folder, files = _weight_files(path, allow_pickle)
+    config_file = Path(config) if config else folder / "config.json"
+    if config and not config_file.is_file():
+        raise DlncError(f"{config_file}: no such config file")
+    notices: list[str] = []
+    hf_config = None
+    if config_file.is_file():
+        hf_config = _read_config(config_file, trust_remote_code, notices)
+    if hf_config is None:
+        if not config_file.is_file():
+            notices.append(f"no config.json beside {path.name}: tensor mode (2-D weights only)")
+        model = TensorModel(read_state_dict(files))
+        return LoadedCheckpoint(model, folder, files, None, notices)
+    model = _load_hf_model(hf_config, config_file, files, trust_remote_code, notices)
+    return LoadedCheckpoint(model, folder, files, hf_config, notices)
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> tuple[Path, list[Path]]:
+    if path.is_file():
+        _check_format(path, allow_pickle)
+        return path.parent, [path]
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        return path, [path / n for n in names]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return path, found
+    pickled = sorted(p for s in PICKLE_SUFFIXES for p in path.glob(f"*{s}"))
+    if pickled:
+        _check_format(pickled[0], allow_pickle)
+        return path, pickled
+    raise DlncError(f"{path}: no .safetensors weights in this folder")
+
+
+def _check_format(path: Path, allow_pickle: bool) -> None:
+    if path.suffix in SAFE_SUFFIXES:
+        return
+    if path.suffix in PICKLE_SUFFIXES:
+        if allow_pickle:
+            return
+        raise DlncError(
+            f"{path.name} is a pickle file, which can run arbitrary code when loaded; "
+            "convert it to safetensors, or pass --allow-pickle if you trust its source"
+        )
+    raise DlncError(f"{path.name}: not a safetensors file (give a .safetensors file or a folder)")
+
+
+def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of the given weight files, with a one-line error for a damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise DlncError(f"{f}: weight file listed in the index is missing")
+        if f.suffix in PICKLE_SUFFIXES:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            continue
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DlncError(f"{f.name}: not a valid safetensors file ({_first_line(e)})") from e
+    if not state:
+        raise DlncError(f"{files[0]}: holds no tensors")
+    return state
+
+
+def _read_config(config_file: Path, trust_remote_code: bool, notices: list[str]):
+    from transformers import AutoConfig
+
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DlncError(f"{config_file}: not valid JSON ({e})") from e
+    try:
+        return AutoConfig.from_pretrained(
+            str(config_file), trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (ValueError, KeyError, OSError) as e:
+        notices.append(f"unknown architecture ({_first_line(e)}): tensor mode (2-D weights only)")
+        return None
+
+
+def _model_class(config, trust_remote_code: bool):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if trust_remote_code and getattr(config, "auto_map", None):
+        return transformers.AutoModel
+    return None
+
+
+def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn.Module:
+    cls = _model_class(config, trust_remote_code)
+    if cls is None:
+        from transformers import AutoModel
+
+        cls = AutoModel
+        notices.append(f"config.json names no known architecture; loading as {config.model_type}")
+    with tempfile.TemporaryDirectory(prefix="dlnc-load-") as staging:
+        folder = _stage(Path(staging), config_file, files)
+        try:
+            model, info = cls.from_pretrained(
+                str(folder),
+                config=config,
+                output_loading_info=True,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=files[0].suffix == ".safetensors",
+            )
+        except (RuntimeError, ValueError, OSError) as e:
+            raise DlncError(f"weights do not match the config: {_first_line(e)}") from e
+    _check_loading_info(model, info)
+    model.eval()
+    return model
+
+
+def _stage(staging: Path, config_file: Path, files: list[Path]) -> Path:
+    """A folder that from_pretrained understands: config.json + weights under standard names."""
+    if len(files) > 1:
+        if config_file.parent == files[0].parent:
+            return files[0].parent
+        return _link_all(staging, config_file, files)
+    os.symlink(config_file.resolve(), staging / "config.json")
+    name = "model.safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin"
+    os.symlink(files[0].resolve(), staging / name)
+    return staging
+
+
+def _link_all(staging: Path, config_file: Path, files: list[Path]) -> Path:
+    os.symlink(config_file.resolve(), staging / "config.json")
+    for f in files[0].parent.iterdir():
+        if f.name != "config.json":
+            os.symlink(f.resolve(), staging / f.name)
+    return staging
+
+
+def _check_loading_info(model: nn.Module, info: dict) -> None:
+    tied = set(_tied_keys(model))
+    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
+    mismatched = list(info.get("mismatched_keys", ()))
+    if missing:
+        raise DlncError(
+            f"weights do not match the config: {len(missing)} missing, e.g. {missing[0]}"
+        )
+    if mismatched:
+        raise DlncError(f"weights do not match the config: shape mismatch at {mismatched[0]}")
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or ()
+    return list(keys.keys()) if isinstance(keys, dict) else list(keys)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

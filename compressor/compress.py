@@ -1,0 +1,142 @@
+"""The data-free compression pass: spectra -> ranks -> factorized layers, with a report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from compressor.errors import DlncError
+from compressor.layers import FactorizedLinear, dense_weight_of
+from compressor.linalg import breakeven_rank, singular_values, spectral_factors, truncation_error
+from compressor.ranks import LayerRank, RankPolicy, allocate_ranks, factor_params
+from compressor.surgery import replace_module
+
+__all__ = [
+    "CompressionReport",
+    "FactorFn",
+    "LayerReport",
+    "ProgressFn",
+    "compress_",
+    "layer_spectra",
+]
+
+ProgressFn = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as work advances; the library never prints."""
+
+FactorFn = Callable[[str, nn.Module, int], tuple[torch.Tensor, torch.Tensor, float]]
+"""factor_fn(name, module, rank) -> (up, down, relative error): the spectral initialization."""
+
+
+@dataclass
+class LayerReport:
+    """What happened to one targeted layer."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    rank: int | None  # None: kept dense
+    params_before: int  # weight parameters (biases are kept whole and not counted)
+    params_after: int
+    rel_error: float  # ||W - W'||_F / ||W||_F of the kept weight (0 when dense)
+    breakeven: float  # the break-even rank in*out/(in+out)
+    note: str = ""
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer decisions and the totals over the targeted layers."""
+
+    method: str
+    layers: list[LayerReport]
+    depth: int = 2
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "depth": self.depth,
+            "targeted_params_before": self.params_before,
+            "targeted_params_after": self.params_after,
+            "targeted_keep": self.params_after / max(self.params_before, 1),
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+def layer_spectra(
+    targets: dict[str, nn.Module], progress: ProgressFn | None = None
+) -> dict[str, torch.Tensor]:
+    """Singular values of every target's weight; a NaN/Inf weight is a `DlncError`."""
+    spectra = {}
+    for i, (name, module) in enumerate(targets.items()):
+        weight = dense_weight_of(module)
+        if not torch.isfinite(weight).all():
+            raise DlncError(f"{name}: the weight holds NaN or Inf values")
+        spectra[name] = singular_values(weight)
+        if progress:
+            progress("spectra", i + 1, len(targets))
+    return spectra
+
+
+def svd_factor_fn(spectra: dict[str, torch.Tensor]) -> FactorFn:
+    """The data-free spectral initialization: truncated SVD of the weight."""
+
+    def factor(name: str, module: nn.Module, rank: int):
+        s = spectra[name]
+        up, down = spectral_factors(dense_weight_of(module), rank)
+        return up, down, truncation_error(s, rank) / max(float(s.norm()), 1e-30)
+
+    return factor
+
+
+def compress_(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    policy: RankPolicy,
+    depth: int = 2,
+    method: str = "svd",
+    spectra: dict[str, torch.Tensor] | None = None,
+    factor_fn: FactorFn | None = None,
+    progress: ProgressFn | None = None,
+) -> CompressionReport:
+    """In place: replace each target by a `FactorizedLinear` of the rank `policy` chooses.
+
+    `spectra` (default: the weights' singular values) drive the rank choice; `factor_fn`
+    (default: truncated SVD) gives the factors. Layers at or above break-even stay dense.
+    """
+    if depth < 2:
+        raise DlncError(f"`depth` must be >= 2, got {depth}")
+    if not targets:
+        raise DlncError("no layer to compress: the targets matched no Linear/Conv1D module")
+    spectra = spectra if spectra is not None else layer_spectra(targets, progress)
+    shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
+    ranks = allocate_ranks(spectra, shapes, policy)
+    factor_fn = factor_fn or svd_factor_fn(spectra)
+    reports = []
+    for i, (name, module) in enumerate(targets.items()):
+        reports.append(_compress_one(model, name, module, ranks[name], depth, factor_fn))
+        if progress:
+            progress("factorize", i + 1, len(targets))
+    return CompressionReport(method, reports, depth)
+
+
+def _compress_one(model, name, module, decision: LayerRank, depth, factor_fn) -> LayerReport:
+    shape = tuple(dense_weight_of(module).shape)
+    before = factor_params(shape, None)
+    k_star = breakeven_rank(*shape)
+    if decision.dense:
+        return LayerReport(name, shape, None, before, before, 0.0, k_star, decision.reason)
+    up, down, err = factor_fn(name, module, decision.rank)
+    layer = FactorizedLinear.from_dense(module, decision.rank, depth, factors=(up, down))
+    replace_module(model, name, layer)
+    return LayerReport(
+        name, shape, decision.rank, before, factor_params(shape, decision.rank), err, k_star
+    )

@@ -1,0 +1,159 @@
+"""The factorized layer: a dense weight rewritten as a low-rank chain.
+
+W (out x in) ~ up . mid[-1] ... mid[0] . down, with
+  down: k x in, mid[i]: k x k (depth - 2 of them), up: out x k (+ the original bias).
+Each factor is an `nn.Linear`, so the forward pass is a few plain matmuls and the state
+dict keys are ordinary (`<name>.down.weight`, `<name>.mid.0.weight`, `<name>.up.weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.linalg import spectral_factors
+
+__all__ = ["FactorizedLinear", "dense_weight_of", "layout_of"]
+
+
+def dense_weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight of a dense layer in `nn.Linear` layout (out x in).
+
+    transformers' `Conv1D` (GPT-2) stores its weight transposed (in x out).
+    """
+    return module.weight.t() if layout_of(module) == "conv1d" else module.weight
+
+
+def layout_of(module: nn.Module) -> str:
+    """'conv1d' for transformers' transposed `Conv1D`, 'linear' otherwise."""
+    return "conv1d" if type(module).__name__ == "Conv1D" else "linear"
+
+
+class FactorizedLinear(nn.Module):
+    """A linear layer whose weight is a chain of `depth` factors of inner width `rank`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        depth: int = 2,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"`depth` must be >= 2, got {depth}")
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"`rank` must be in [1, {min(in_features, out_features)}] for a "
+                f"{out_features}x{in_features} layer, got {rank}"
+            )
+        kw = {"dtype": dtype, "device": device}
+        self.layout = "linear"  # "conv1d" when it replaced a transposed GPT-2 Conv1D
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, **kw)
+        self.mid = nn.ModuleList(nn.Linear(rank, rank, bias=False, **kw) for _ in range(depth - 2))
+        self.up = nn.Linear(rank, out_features, bias=bias, **kw)
+
+    @property
+    def depth(self) -> int:
+        return len(self.mid) + 2
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        rank: int,
+        depth: int = 2,
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> FactorizedLinear:
+        """Spectral initialization from a dense `nn.Linear` or `Conv1D`.
+
+        `factors` = (up, down) overrides the plain SVD (e.g. an activation-aware one).
+        The inner factors start at the identity, so the chain equals up @ down.
+        """
+        weight = dense_weight_of(module)
+        bias = module.bias
+        layer = cls(
+            weight.shape[1], weight.shape[0], rank, depth, bias is not None,
+            dtype=weight.dtype, device=weight.device,
+        )  # fmt: skip
+        up, down = factors if factors is not None else spectral_factors(weight, rank)
+        layer.load_factors(up, down)
+        layer.layout = layout_of(module)
+        if bias is not None:
+            layer.up.bias.data.copy_(bias.detach())
+        return layer
+
+    @torch.no_grad()
+    def load_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Set the chain to up @ I ... I @ down."""
+        self.up.weight.copy_(up)
+        self.down.weight.copy_(down)
+        for m in self.mid:
+            m.weight.copy_(torch.eye(self.rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
+        for m in self.mid:
+            x = m(x)
+        return self.up(x)
+
+    @torch.no_grad()
+    def collapsed_up(self) -> torch.Tensor:
+        """up . mid[-1] ... mid[0], in float32 or wider, as one out x k matrix."""
+        dtype = torch.promote_types(self.up.weight.dtype, torch.float32)
+        a = self.up.weight.to(dtype)
+        for m in reversed(self.mid):
+            a = a @ m.weight.to(dtype)
+        return a
+
+    @torch.no_grad()
+    def collapse(self) -> FactorizedLinear:
+        """The same map as a depth-2 chain (what is exported)."""
+        if not self.mid:
+            return self
+        p = self.up.weight
+        out = FactorizedLinear(
+            self.in_features, self.out_features, self.rank, 2, self.up.bias is not None,
+            dtype=p.dtype, device=p.device,
+        )  # fmt: skip
+        out.up.weight.copy_(self.collapsed_up())
+        out.down.weight.copy_(self.down.weight)
+        out.layout = self.layout
+        if self.up.bias is not None:
+            out.up.bias.copy_(self.up.bias)
+        return out
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The end-to-end weight (out x in) in the layer's dtype."""
+        up = self.collapsed_up()
+        return (up @ self.down.weight.to(up.dtype)).to(self.up.weight.dtype)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """A dense layer of the original kind (`nn.Linear`, or `Conv1D` for GPT-2 layouts)."""
+        p = self.up.weight
+        if self.layout == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(self.out_features, self.in_features).to(p.device, p.dtype)
+            dense.weight.copy_(self.dense_weight().t())
+        else:
+            dense = nn.Linear(
+                self.in_features, self.out_features, self.up.bias is not None,
+                dtype=p.dtype, device=p.device,
+            )  # fmt: skip
+            dense.weight.copy_(self.dense_weight())
+        if self.up.bias is not None:
+            dense.bias.copy_(self.up.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, depth={self.depth}"
+        )

@@ -1,0 +1,125 @@
+"""Choosing ranks: a fixed rank, an energy threshold, or a global parameter budget.
+
+Every policy works on spectra (singular values, descending) and layer shapes only, so the
+same allocation serves plain SVD spectra, activation-aware ones and update spectra.
+`keep` is a fraction of the *targeted layers' weight parameters* (biases are kept whole
+and not counted); a layer whose rank reaches its break-even rank stays dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from compressor.errors import DlncError
+from compressor.linalg import breakeven_rank, energy_rank
+
+__all__ = ["LayerRank", "RankPolicy", "allocate_ranks", "factor_params"]
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """How to choose ranks; exactly one of `rank`, `energy`, `keep` is set."""
+
+    rank: int | None = None  # the same rank for every layer
+    energy: float | None = None  # keep this fraction of each layer's spectral energy, in (0, 1]
+    keep: float | None = None  # fraction of the targeted weight parameters kept, in (0, 1)
+    multiple: int = 1  # round every rank to a multiple of this (e.g. 8 for tensor cores)
+    overrides: Mapping[str, int] = field(default_factory=dict)  # fixed ranks by layer name
+    dense_at_breakeven: bool = True  # keep a layer dense when its rank reaches break-even
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("rank", "energy", "keep") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise DlncError(f"give exactly one of rank, energy, keep (got {chosen or 'none'})")
+        if self.rank is not None and self.rank < 1:
+            raise DlncError(f"`rank` must be >= 1, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise DlncError(f"`energy` must be in (0, 1], got {self.energy}")
+        if self.keep is not None and not 0.0 < self.keep < 1.0:
+            raise DlncError(f"`keep` must be in (0, 1), got {self.keep}")
+        if self.multiple < 1:
+            raise DlncError(f"`multiple` must be >= 1, got {self.multiple}")
+
+
+@dataclass(frozen=True)
+class LayerRank:
+    """The decision for one layer: a rank, or dense (rank None) with the reason."""
+
+    rank: int | None
+    reason: str = ""
+
+    @property
+    def dense(self) -> bool:
+        return self.rank is None
+
+
+def factor_params(shape: tuple[int, int], rank: int | None) -> int:
+    """Weight parameters of a layer kept at `rank` (dense when None)."""
+    out_f, in_f = shape
+    return out_f * in_f if rank is None else rank * (out_f + in_f)
+
+
+def allocate_ranks(
+    spectra: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    policy: RankPolicy,
+) -> dict[str, LayerRank]:
+    """A rank per layer under `policy`; layers at or above break-even stay dense."""
+    if policy.keep is not None:
+        raw = _budget_ranks(spectra, shapes, policy.keep)
+    elif policy.energy is not None:
+        raw = {n: max(1, energy_rank(s, policy.energy)) for n, s in spectra.items()}
+    else:
+        raw = {n: _checked_rank(n, shapes[n], policy.rank) for n in spectra}
+    for name, rank in policy.overrides.items():
+        if name in raw:
+            raw[name] = _checked_rank(name, shapes[name], rank)
+    rounded = {n: _round(r, policy.multiple, shapes[n]) for n, r in raw.items()}
+    if not policy.dense_at_breakeven:
+        return {n: LayerRank(r) for n, r in rounded.items()}
+    return {n: _decide(shapes[n], r) for n, r in rounded.items()}
+
+
+def _checked_rank(name: str, shape: tuple[int, int], rank: int) -> int:
+    if not 1 <= rank <= min(shape):
+        raise DlncError(
+            f"rank {rank} is out of range for {name} ({shape[0]}x{shape[1]}): "
+            f"must be in [1, {min(shape)}]"
+        )
+    return rank
+
+
+def _round(rank: int, multiple: int, shape: tuple[int, int]) -> int:
+    if multiple == 1:
+        return rank
+    rounded = max(multiple, multiple * round(rank / multiple))
+    return min(rounded, min(shape))
+
+
+def _decide(shape: tuple[int, int], rank: int) -> LayerRank:
+    k_star = breakeven_rank(*shape)
+    if rank >= k_star:
+        return LayerRank(None, f"rank {rank} >= break-even {k_star:.0f}: kept dense")
+    return LayerRank(rank)
+
+
+def _budget_ranks(spectra, shapes, keep: float) -> dict[str, int]:
+    """Greedy global allocation: take singular directions in order of energy gained per
+    parameter (s_i^2 / ||W||_F^2 / (in + out)) until `keep` of the weights are spent."""
+    names, gains, costs = [], [], []
+    for idx, (name, s) in enumerate(spectra.items()):
+        energy = s.double().square()
+        total = float(energy.sum()) or 1.0
+        cost = float(sum(shapes[name]))
+        gains.append(energy / total / cost)
+        costs.append(torch.full_like(energy, cost))
+        names.append(torch.full_like(energy, idx))
+    budget = keep * sum(shapes[n][0] * shapes[n][1] for n in spectra)
+    order = torch.cat(gains).argsort(descending=True, stable=True)
+    spent = torch.cat(costs)[order].cumsum(0)
+    taken = torch.cat(names)[order][spent <= budget].long()
+    counts = torch.bincount(taken, minlength=len(spectra)).tolist()
+    return {name: max(1, c) for name, c in zip(spectra, counts, strict=True)}
