@@ -1,0 +1,1 @@
+"""The `dlnc` command line: thin Typer commands over the `compressor` library."""

@@ -1,0 +1,144 @@
+"""`dlnc compress`: a checkpoint in, a slimmer checkpoint out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.common import (
+    human_bytes,
+    human_count,
+    print_json,
+    progress_bars,
+    quiet_libraries,
+    user_errors,
+)
+
+
+def compress(
+    model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder [default: <input>-dlnc beside the input]."),
+    ] = None,
+    keep: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of the targeted layers' weight parameters to keep, in (0, 1); "
+            "allocated across layers by their spectra. [default: 0.5 when no rank option is given]"
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Per layer, keep this fraction of the spectral energy sum s_i^2."),
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="One rank for every targeted layer.")] = None,
+    depth: Annotated[int, typer.Option(help="Chain depth L >= 2 (export collapses to 2).")] = 2,
+    multiple: Annotated[int, typer.Option(help="Round ranks to a multiple of this.")] = 1,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Compress only these modules (name or re:REGEX).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Leave these modules alone (name or re:REGEX).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="config.json for a bare weights file.")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option(help="Export dense weights, loadable by any tool.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Accept pickle weights (.bin/.pt); only from a trusted source.")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow the checkpoint's own Python code to run.")
+    ] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Shard exported weights above this.")] = "2GB",
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of the spectra and chosen ranks.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Factorize the model's dense layers (spectral initialization) and export a slimmer checkpoint.
+
+    Ratios: --keep is a fraction of the weight parameters of the *targeted* layers only
+    (embeddings, heads and norms are untouched); --energy is per layer.
+    """
+    from compressor.pipeline import CompressOptions, compress_checkpoint
+    from compressor.ranks import RankPolicy
+
+    quiet_libraries()
+    with user_errors():
+        if all(v is None for v in (keep, energy, rank)):
+            keep = 0.5
+        policy = RankPolicy(rank=rank, energy=energy, keep=keep, multiple=multiple)
+        options = CompressOptions(
+            policy=policy,
+            depth=depth,
+            include=include or None,
+            exclude=exclude or [],
+            config=config,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            merge=merge,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+        )
+        with progress_bars(not json_out) as progress:
+            result = compress_checkpoint(model, out, options, progress)
+        if plot is not None:
+            from compressor.plots import plot_spectra
+
+            ranks = {r["name"]: r["rank"] for r in result.report["layers"]}
+            plot_spectra(result.spectra, plot, ranks)
+    if json_out:
+        print_json({"out_dir": str(result.out_dir), **result.report})
+        return
+    console = Console()
+    for notice in result.notices:
+        console.print(f"[yellow]note:[/] {notice}")
+    console.print(layer_table(result.report))
+    console.print(totals_table(result.report))
+    console.print(f"wrote {result.out_dir}" + (f" and {plot}" if plot else ""))
+
+
+def layer_table(report: dict) -> Table:
+    table = Table(title=f"dlnc compress ({report['method']}, depth {report['depth']})")
+    cols = ("layer", "shape", "rank", "break-even", "params before", "params after", "rel error")
+    for col in cols:
+        if col == "layer":
+            table.add_column(col, overflow="fold", min_width=24)
+        else:
+            table.add_column(col, justify="right")
+    for r in report["layers"]:
+        rank = "dense" if r["rank"] is None else str(r["rank"])
+        table.add_row(
+            r["name"],
+            "x".join(map(str, r["shape"])),
+            rank,
+            f"{r['breakeven']:.0f}",
+            human_count(r["params_before"]),
+            human_count(r["params_after"]),
+            f"{r['rel_error']:.4f}",
+        )
+    return table
+
+
+def totals_table(report: dict) -> Table:
+    table = Table(title="totals")
+    for col in ("", "before", "after", "after / before"):
+        table.add_column(col, justify="right")
+    rows = [
+        ("targeted weights", report["targeted_params_before"], report["targeted_params_after"]),
+        ("model params", report["model_params_before"], report["model_params_after"]),
+    ]
+    for label, before, after in rows:
+        table.add_row(label, human_count(before), human_count(after), f"{after / before:.3f}")
+    b0, b1 = report["bytes_before"], report["bytes_after"]
+    table.add_row("bytes on disk", human_bytes(b0), human_bytes(b1), f"{b1 / b0:.3f}")
+    return table

@@ -1,0 +1,39 @@
+"""The `dlnc` app: each command lives in its own module; this file only wires them up."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.compress import compress
+from cli.inspect import inspect
+
+app = typer.Typer(
+    name="dlnc",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    help="Low-rank compression of pretrained networks (deep linear network compression).",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from compressor import __version__
+
+        typer.echo(f"dlnc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Low-rank compression of pretrained networks (deep linear network compression)."""
+
+
+app.command("compress")(compress)
+app.command("inspect")(inspect)

@@ -1,0 +1,145 @@
+"""One call from a checkpoint on disk to a compressed export: load, target, compress, export."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.checkpoint import LoadedCheckpoint, load_checkpoint
+from compressor.compress import CompressionReport, ProgressFn, compress_, layer_spectra
+from compressor.errors import DlncError
+from compressor.export import check_output_dir, default_output_dir, disk_size, export
+from compressor.ranks import RankPolicy
+from compressor.targets import find_targets
+from compressor.tensor_model import TENSOR_MODE_EXCLUDE
+
+__all__ = ["CompressOptions", "CompressResult", "compress_checkpoint", "select_targets"]
+
+
+@dataclass
+class CompressOptions:
+    """Everything `compress_checkpoint` needs besides the input path."""
+
+    policy: RankPolicy = field(default_factory=lambda: RankPolicy(keep=0.5))
+    depth: int = 2  # chain depth while in memory (export always collapses to 2 factors)
+    include: list[str] | None = None  # names or `re:` regexes to compress (None: every dense)
+    exclude: list[str] = field(default_factory=list)  # names or `re:` regexes to leave alone
+    config: Path | None = None  # config.json for a bare weights file
+    allow_pickle: bool = False  # accept .bin/.pt (pickle) weights
+    trust_remote_code: bool = False  # allow a checkpoint's own Python code
+    merge: bool = False  # export dense weights instead of factors
+    overwrite: bool = False  # replace an existing output folder
+    max_shard_size: str = "2GB"  # shard the exported weights above this size
+
+    def __post_init__(self) -> None:
+        if self.depth < 2:
+            raise DlncError(f"`depth` must be >= 2, got {self.depth}")
+
+
+@dataclass
+class CompressResult:
+    """What was written and what it contains."""
+
+    out_dir: Path
+    report: dict
+    notices: list[str]
+    spectra: dict[str, torch.Tensor]  # singular values of each targeted weight
+
+
+def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[str, nn.Module]:
+    """The layers to compress; in tensor mode embedding-like names are left alone too."""
+    exclude = list(options.exclude)
+    if loaded.tensor_mode:
+        exclude += TENSOR_MODE_EXCLUDE
+    targets = find_targets(loaded.model, options.include, exclude)
+    if not targets:
+        raise DlncError("no layer to compress: the include/exclude patterns matched nothing")
+    return targets
+
+
+def compress_checkpoint(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    options: CompressOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> CompressResult:
+    """Compress the checkpoint at `path` and export it (default: `<input>-dlnc/` beside it)."""
+    options = options or CompressOptions()
+    out = Path(out_dir) if out_dir is not None else default_output_dir(path)
+    check_output_dir(out, options.overwrite, Path(path))
+    loaded = load_checkpoint(path, options.config, options.allow_pickle, options.trust_remote_code)
+    total_before = _count_params(loaded.model)
+    targets = select_targets(loaded, options)
+    spectra = layer_spectra(targets, progress)
+    report = compress_(
+        loaded.model, targets, options.policy, options.depth, spectra=spectra, progress=progress
+    )
+    summary = build_report(loaded, report, total_before, options)
+    written = export(
+        loaded.model,
+        out,
+        config=loaded.config,
+        source=loaded.source,
+        report=summary,
+        method=report.method,
+        merge=options.merge,
+        overwrite=options.overwrite,
+        max_shard_size=options.max_shard_size,
+    )
+    summary["bytes_after"] = weights_size(written)
+    _rewrite_json(written / "report.json", summary)
+    return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def build_report(
+    loaded: LoadedCheckpoint, report: CompressionReport, total_before: int, options
+) -> dict:
+    """report.json: the per-layer report plus whole-model totals and what the ratios mean."""
+    saved = report.params_before - report.params_after
+    return {
+        "input": str(loaded.source),
+        "model_type": loaded.model_type,
+        "tensor_mode": loaded.tensor_mode,
+        "policy": _policy_dict(options.policy),
+        "merged": options.merge,
+        **report.to_dict(),
+        "model_params_before": total_before,
+        "model_params_after": total_before if options.merge else total_before - saved,
+        "bytes_before": disk_size(loaded.weight_files),
+        "bytes_after": None,
+        "notes": {
+            "targeted_keep": "kept weight parameters / weight parameters of the targeted layers",
+            "params": "weight parameters; biases, norms and embeddings are counted in model_*",
+        },
+        "notices": loaded.notices,
+    }
+
+
+def weights_size(folder: Path) -> int:
+    return disk_size(sorted(folder.glob("*.safetensors")))
+
+
+def _policy_dict(policy: RankPolicy) -> dict:
+    return {
+        "rank": policy.rank,
+        "energy": policy.energy,
+        "keep": policy.keep,
+        "multiple": policy.multiple,
+        "dense_at_breakeven": policy.dense_at_breakeven,
+    }
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _rewrite_json(path: Path, data: dict) -> None:
+    """Replace a small JSON file atomically (write beside it, then rename over it)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,44 @@
+"""PNG figures (matplotlib, imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["plot_spectra"]
+
+
+def plot_spectra(
+    spectra: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    ranks: Mapping[str, int | None] | None = None,
+    title: str = "Normalized singular values",
+) -> None:
+    """Normalized spectra (s_i / s_1) per layer on a log scale, chosen ranks marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, s in spectra.items():
+        s = s.double()
+        ax.semilogy(range(1, s.numel() + 1), (s / s[0].clamp_min(1e-30)).numpy(), lw=0.8)
+        energy = (s.square().cumsum(0) / s.square().sum().clamp_min(1e-30)).numpy()
+        bx.plot(range(1, s.numel() + 1), energy, lw=0.8, label=_short(name))
+        rank = (ranks or {}).get(name)
+        if rank:
+            bx.plot([rank], [energy[rank - 1]], "k.", ms=4)
+    ax.set(title=title, xlabel="index i", ylabel="s_i / s_1")
+    bx.set(title="Cumulative energy (dots: chosen ranks)", xlabel="rank k", ylabel="energy kept")
+    if len(spectra) <= 12:
+        bx.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3) :]
