@@ -1,0 +1,332 @@
+"""Calibration and fine-tuning data: reading samples from a file and making model batches.
+
+Supported inputs (`load_samples`):
+  - a text file: one sample per line, or, when the file has blank lines, samples separated
+    by blank lines (the lines of a sample are kept together);
+  - JSONL (`.jsonl`, `.ndjson`, or `.json` holding one object per line): the text in
+    `text_field`, an optional label in `label_field`;
+  - a `datasets` dataset saved with `save_to_disk` (a folder; for a `DatasetDict` the
+    `train` split, else the first one), with the same fields;
+  - a `.safetensors` file of input tensors for models that do not take text: every tensor
+    shares its first dimension (the sample index) and is passed to the model as the keyword
+    argument of its name (e.g. `pixel_values`); the tensor named `label_field` (default
+    `labels`) is the label.
+
+`make_batches` turns samples into a list of model-ready keyword dicts (`input_ids`,
+`attention_mask`, `labels` ...). Typical use:
+
+    samples = load_samples("train.jsonl", label_field="label", samples=512)
+    tokenizer = load_tokenizer(model_folder) if samples.is_text else None
+    batches = make_batches(samples, tokenizer, max_length=128, batch_size=8)
+    for batch in batches:
+        model(**batch)
+
+`load_batches(DataOptions(...), model_folder)` does the three steps at once. Every user
+error (a missing file or field, an empty file, text without a tokenizer) is a `DlncError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.errors import DlncError
+
+__all__ = [
+    "DataOptions",
+    "Samples",
+    "load_batches",
+    "load_samples",
+    "load_tokenizer",
+    "make_batches",
+    "with_lm_labels",
+]
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+IGNORE_INDEX = -100  # the label value transformers' losses skip
+
+
+@dataclass
+class Samples:
+    """Loaded samples: texts (text data) or a dict of tensors (tensor data), plus labels.
+
+    Exactly one of `texts` and `tensors` is set. `labels` is a 1-D tensor (int64 class ids,
+    or float for regression targets) or None; string labels are mapped to ids in the sorted
+    order of their names, kept in `label_names`.
+    """
+
+    texts: list[str] | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    labels: torch.Tensor | None = None
+    label_names: list[str] | None = None
+    source: Path | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.texts is not None
+
+    def __len__(self) -> int:
+        if self.texts is not None:
+            return len(self.texts)
+        return next(iter(self.tensors.values())).shape[0] if self.tensors else 0
+
+    def subset(self, indices: list[int]) -> Samples:
+        """The samples at `indices`, in that order."""
+        index = torch.tensor(indices, dtype=torch.long)
+        return Samples(
+            texts=[self.texts[i] for i in indices] if self.texts is not None else None,
+            tensors={k: v[index] for k, v in self.tensors.items()} if self.tensors else None,
+            labels=self.labels[index] if self.labels is not None else None,
+            label_names=self.label_names,
+            source=self.source,
+        )
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the data is and how to turn it into batches (the CLI's data options)."""
+
+    path: Path  # text, JSONL, a save_to_disk folder, or a .safetensors file of inputs
+    text_field: str = "text"  # JSONL / dataset field holding the text
+    label_field: str | None = None  # field holding a label (classification / regression)
+    tokenizer: Path | None = None  # tokenizer folder; default: the model's folder
+    max_length: int = 128  # tokens per sample (longer samples are truncated)
+    samples: int | None = None  # use at most this many samples (a seeded random subset)
+    seed: int = 0  # seed of the subset (and of anything random downstream)
+    batch_size: int = 8  # samples per batch
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise DlncError(f"`max_length` must be >= 1, got {self.max_length}")
+        if self.samples is not None and self.samples < 1:
+            raise DlncError(f"`samples` must be >= 1, got {self.samples}")
+        if self.batch_size < 1:
+            raise DlncError(f"`batch_size` must be >= 1, got {self.batch_size}")
+
+
+def load_samples(
+    path: str | os.PathLike,
+    text_field: str = "text",
+    label_field: str | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+) -> Samples:
+    """Read samples from `path` (see the module docstring for the formats).
+
+    `samples=N` keeps a random subset of N (drawn with `seed`, kept in file order).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DlncError(f"{path}: no such data file or folder")
+    if path.is_dir():
+        loaded = _read_saved_dataset(path, text_field, label_field)
+    elif path.suffix == ".safetensors":
+        loaded = _read_tensors(path, label_field or "labels")
+    elif path.suffix in JSONL_SUFFIXES:
+        loaded = _read_jsonl(path, text_field, label_field)
+    else:
+        loaded = Samples(texts=_read_text(path))
+    loaded.source = path
+    if len(loaded) == 0:
+        raise DlncError(f"{path}: holds no samples")
+    if samples is not None and samples < len(loaded):
+        picked = sorted(random.Random(seed).sample(range(len(loaded)), samples))
+        loaded = loaded.subset(picked)
+    return loaded
+
+
+def _read_text(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DlncError(
+            f"{path}: not UTF-8 text; give a text, JSONL, save_to_disk or .safetensors file"
+        ) from e
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").strip().split("\n")]
+    if "" not in lines:
+        return [line.strip() for line in lines if line.strip()]
+    blocks = "\n".join(lines).split("\n\n")
+    return [b.strip() for b in blocks if b.strip()]
+
+
+def _read_jsonl(path: Path, text_field: str, label_field: str | None) -> Samples:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DlncError(f"{path}:{number}: not a JSON object per line ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DlncError(
+                    f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append((number, row))
+    texts = [_field(row, text_field, f"{path}:{n}", "--text-field") for n, row in rows]
+    labels = None
+    if label_field:
+        labels = [_field(row, label_field, f"{path}:{n}", "--label-field") for n, row in rows]
+    return _text_samples(texts, labels)
+
+
+def _field(row: dict, name: str, where: str, option: str):
+    if name not in row:
+        known = ", ".join(sorted(row)) or "none"
+        raise DlncError(f"{where}: no field `{name}` (fields: {known}); pick one with {option}")
+    value = row[name]
+    if option == "--text-field" and not isinstance(value, str):
+        raise DlncError(f"{where}: field `{name}` is {type(value).__name__}, not text")
+    return value
+
+
+def _read_saved_dataset(path: Path, text_field: str, label_field: str | None) -> Samples:
+    if not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+        raise DlncError(f"{path}: a folder, but not a dataset saved with `save_to_disk`")
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError as e:
+        raise DlncError("reading a saved dataset needs the `datasets` package") from e
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        data = data["train"] if "train" in data else data[next(iter(data))]
+    columns = list(data.column_names)
+    for name, option in ((text_field, "--text-field"), (label_field, "--label-field")):
+        if name is not None and name not in columns:
+            raise DlncError(
+                f"{path}: no field `{name}` (fields: {', '.join(columns)}); pick one with {option}"
+            )
+    texts = data[text_field]
+    if texts and not isinstance(texts[0], str):
+        raise DlncError(f"{path}: field `{text_field}` is {type(texts[0]).__name__}, not text")
+    return _text_samples(list(texts), list(data[label_field]) if label_field else None)
+
+
+def _text_samples(texts: list[str], labels: list | None) -> Samples:
+    samples = Samples(texts=texts)
+    if labels is not None:
+        samples.labels, samples.label_names = _label_tensor(labels)
+    return samples
+
+
+def _label_tensor(labels: list) -> tuple[torch.Tensor, list[str] | None]:
+    if all(isinstance(x, str) for x in labels):
+        names = sorted(set(labels))
+        ids = {name: i for i, name in enumerate(names)}
+        return torch.tensor([ids[x] for x in labels], dtype=torch.long), names
+    if all(isinstance(x, bool | int) for x in labels):
+        return torch.tensor([int(x) for x in labels], dtype=torch.long), None
+    if all(isinstance(x, int | float) for x in labels):
+        return torch.tensor(labels, dtype=torch.float32), None
+    raise DlncError("labels must be all class names, all integers or all numbers")
+
+
+def _read_tensors(path: Path, label_field: str) -> Samples:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DlncError(f"{path.name}: not a valid safetensors file ({e})") from e
+    if not tensors:
+        raise DlncError(f"{path}: holds no tensors")
+    sizes = {name: t.shape[0] if t.ndim else None for name, t in tensors.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        listing = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in tensors.items())
+        raise DlncError(f"{path}: tensors must share their first (sample) dimension ({listing})")
+    labels = tensors.pop(label_field, None)
+    if not tensors:
+        raise DlncError(f"{path}: holds only labels, no input tensors")
+    return Samples(tensors=tensors, labels=labels)
+
+
+def load_tokenizer(
+    model_folder: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None
+):
+    """The tokenizer of `tokenizer` (a folder), else of the model folder; local files only.
+
+    A tokenizer without a padding token (GPT-2, Llama) pads with its end-of-text token.
+    """
+    where = Path(tokenizer) if tokenizer is not None else model_folder
+    if where is None:
+        raise DlncError("text data needs a tokenizer: pass --tokenizer FOLDER")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        hint = "" if tokenizer is not None else "; pass --tokenizer FOLDER"
+        raise DlncError(f"{where}: no tokenizer found{hint} ({_first_line(e)})") from e
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise DlncError(f"{where}: the tokenizer has neither a padding nor an end token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_batches(
+    samples: Samples,
+    tokenizer=None,
+    max_length: int = 128,
+    batch_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """Model-ready batches, in sample order: keyword dicts for `model(**batch)`.
+
+    Text: `input_ids`, `attention_mask` (+ `token_type_ids` when the tokenizer makes them),
+    padded to the longest sample of the batch and truncated to `max_length`. Tensors: each
+    input tensor sliced along its first dimension. `labels` is added when samples have them.
+    """
+    if batch_size < 1:
+        raise DlncError(f"`batch_size` must be >= 1, got {batch_size}")
+    if samples.is_text and tokenizer is None:
+        raise DlncError("text data needs a tokenizer, and this model has none: pass --tokenizer")
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        stop = min(start + batch_size, len(samples))
+        if samples.is_text:
+            batch = dict(
+                tokenizer(
+                    samples.texts[start:stop],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+            )
+        else:
+            batch = {k: v[start:stop] for k, v in samples.tensors.items()}
+        if samples.labels is not None:
+            batch["labels"] = samples.labels[start:stop]
+        batches.append(batch)
+    return batches
+
+
+def with_lm_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a text batch with causal-LM `labels`: the input ids, padding set to -100."""
+    labels = batch["input_ids"].clone()
+    if "attention_mask" in batch:
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    return {**batch, "labels": labels}
+
+
+def load_batches(
+    options: DataOptions, model_folder: str | os.PathLike | None
+) -> list[dict[str, torch.Tensor]]:
+    """`load_samples` + `load_tokenizer` (text data only) + `make_batches`, from options."""
+    samples = load_samples(
+        options.path, options.text_field, options.label_field, options.samples, options.seed
+    )
+    tokenizer = load_tokenizer(model_folder, options.tokenizer) if samples.is_text else None
+    return make_batches(samples, tokenizer, options.max_length, options.batch_size)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
