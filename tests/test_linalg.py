@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from compressor import linalg
+
+
+def low_rank(out_f: int, in_f: int, rank: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20), (16, 16)])
+@pytest.mark.parametrize("rank", [1, 4, 11])
+def test_spectral_factors_reach_the_eckart_young_optimum(shape, rank):
+    w = torch.randn(*shape, dtype=torch.float64)
+    up, down = linalg.spectral_factors(w, rank)
+    s = linalg.singular_values(w)
+    error = torch.linalg.norm(w - up @ down)
+    assert up.shape == (shape[0], rank) and down.shape == (rank, shape[1])
+    assert error == pytest.approx(linalg.truncation_error(s, rank), rel=1e-10)
+    assert error == pytest.approx(float(s[rank:].square().sum().sqrt()), rel=1e-10)
+
+
+def test_spectral_factors_are_balanced_and_exact_at_full_rank():
+    w = torch.randn(10, 7, dtype=torch.float64)
+    up, down = linalg.spectral_factors(w, 7)
+    torch.testing.assert_close(up @ down, w)
+    torch.testing.assert_close(up.T @ up, down @ down.T)  # both equal S_k
+
+
+def test_half_precision_weights_are_factored_in_float32():
+    w = low_rank(24, 16, 3).to(torch.bfloat16)  # bf16 rounding makes it full rank
+    up, down = linalg.spectral_factors(w, 16)
+    assert up.dtype == torch.float32
+    torch.testing.assert_close(up @ down, w.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 13])
+def test_spectral_factors_reject_ranks_out_of_range(rank):
+    with pytest.raises(ValueError, match="rank"):
+        linalg.spectral_factors(torch.randn(12, 20), rank)
+
+
+def test_energy_rank_counts_the_smallest_prefix():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
+    assert linalg.energy_rank(s, 9 / 14) == 1
+    assert linalg.energy_rank(s, 0.9) == 2  # 13/14 = 0.93
+    assert linalg.energy_rank(s, 1.0) == 3
+    assert linalg.energy_rank(torch.zeros(3), 0.9) == 0
+
+
+def test_rank_measures_on_known_spectra():
+    flat = torch.ones(8)
+    assert linalg.effective_rank(flat) == pytest.approx(8.0)
+    assert linalg.stable_rank(flat) == pytest.approx(8.0)
+    assert linalg.participation_ratio(flat) == pytest.approx(8.0)
+    spike = torch.tensor([1.0, 0.0, 0.0])
+    assert linalg.effective_rank(spike) == pytest.approx(1.0)
+    assert linalg.stable_rank(spike) == pytest.approx(1.0)
+
+
+def test_numerical_rank_of_an_exactly_low_rank_matrix():
+    w = low_rank(30, 20, 5)
+    assert linalg.numerical_rank(linalg.singular_values(w), (30, 20)) == 5
+
+
+def test_breakeven_rank():
+    assert linalg.breakeven_rank(768, 768) == 384
+    assert linalg.breakeven_rank(3072, 768) == pytest.approx(614.4)
+    k = linalg.floor_breakeven(3072, 768)
+    assert k * (3072 + 768) < 3072 * 768 <= (k + 1) * (3072 + 768)
+    assert math.isclose(linalg.breakeven_rank(10, 10), 5.0)
