@@ -1,0 +1,138 @@
+"""Calibration statistics: the Gram matrix X^T X of each targeted layer's inputs.
+
+Forward pre-hooks on the targeted modules add each batch's inputs to a float64 Gram matrix,
+so memory grows with the layer's width, never with the number of samples. Padding tokens
+are left out when the batch has an `attention_mask` of the inputs' leading shape.
+
+Peak memory: 8 * d_in^2 bytes per distinct layer input (layers fed the very same tensor,
+e.g. the q/k/v projections of one attention block or Llama's gate/up, share one matrix),
+plus one float64 copy of the current batch's inputs to one layer (8 * tokens * d_in bytes),
+on top of the model and one inference forward pass. For BERT-base that is about 4.7 MB per
+768-wide input, 56 MB in all; for a 7B Llama (4 inputs of width 4096 and 1 of width 11008
+per block, 32 blocks) about 21 GB, so collect on fewer targets at a time there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.compress import ProgressFn
+from compressor.errors import DlncError
+from compressor.layers import dense_weight_of
+
+__all__ = ["NOT_MODEL_INPUTS", "LayerStats", "collect_grams", "forward_inputs"]
+
+NOT_MODEL_INPUTS = ("labels",)
+"""Batch keys that are not given to the model's forward pass during calibration."""
+
+
+@dataclass
+class LayerStats:
+    """The running Gram matrix of one layer input; `rows` is the number of input vectors."""
+
+    gram: torch.Tensor  # d_in x d_in, float64, sum over rows of x x^T
+    rows: int = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+
+def forward_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without its labels: what calibration passes to `model(**inputs)`."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+
+class _Collector:
+    """Owns the hooks and the per-layer statistics for one calibration run."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, LayerStats] = {}
+        self.aliases: dict[str, str] = {}  # layer -> the layer whose input (and Gram) it shares
+        self.mask: torch.Tensor | None = None
+        self.last: tuple[torch.Tensor, str] | None = None  # the last input counted, its layer
+        self.first_batch = True
+
+    def hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if not args or not torch.is_tensor(args[0]):
+                return
+            x = args[0]
+            same = self.last is not None and self.last[0] is x
+            if self.first_batch and same and name not in self.stats:
+                self.aliases[name] = self.last[1]  # same input tensor: share one Gram
+                self.stats[name] = self.stats[self.last[1]]
+                return
+            if name in self.aliases:
+                if same and self.last[1] == self.aliases[name]:
+                    return
+                raise RuntimeError(f"{name}: its input stopped being shared with another layer")
+            self.last = (x, name)
+            if name not in self.stats:
+                width = dense_weight_of(module).shape[1]
+                self.stats[name] = LayerStats(torch.zeros(width, width, dtype=torch.float64))
+            self.stats[name].add(self._real_rows(x))
+
+        return pre_hook
+
+    def _real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask]
+        return x
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    progress: ProgressFn | None = None,
+    mask_padding: bool = True,
+) -> dict[str, LayerStats]:
+    """Run the model over `batches` (inference mode) and return each target's input Gram.
+
+    Targets fed the same input tensor share one `LayerStats` object. A target never reached
+    by the forward pass is a `DlncError` (it cannot be calibrated).
+    """
+    if type(model).__name__ == "TensorModel":
+        raise DlncError(
+            "this checkpoint has no architecture (tensor mode), so it cannot run on data; "
+            "use --method svd, or give its config.json with --config"
+        )
+    batches = list(batches)
+    collector = _Collector()
+    handles = [m.register_forward_pre_hook(collector.hook(n)) for n, m in targets.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            mask = batch.get("attention_mask")
+            collector.mask = mask.bool() if (mask is not None and mask_padding) else None
+            collector.last = None
+            _forward(model, batch)
+            collector.first_batch = False
+            if progress:
+                progress("calibrate", i + 1, len(batches))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in targets if n not in collector.stats]
+    if missing:
+        raise DlncError(f"{missing[0]}: never reached by the forward pass; exclude it")
+    return {n: collector.stats[n] for n in targets}
+
+
+def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    try:
+        model(**forward_inputs(batch))
+    except TypeError as e:
+        keys = ", ".join(forward_inputs(batch))
+        raise DlncError(f"the model does not take the data's inputs ({keys}): {e}") from e

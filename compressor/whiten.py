@@ -1,0 +1,85 @@
+"""Activation-aware (whitened) truncation: pure tensor maths, no modules.
+
+With X the calibration inputs of a layer (rows are samples) and G = X^T X = L L^T, the
+rank-k W' minimising ||(W - W') X^T||_F is W' = trunc_k(W L) L^+, and its error is exactly
+sqrt(sum_{i>k} s_i(W L)^2) (METHOD.md section 4).
+
+Numerics: G is often singular (dead features, fewer samples than the width). We never use a
+plain Cholesky: L comes from a symmetric eigen-decomposition of G + damping * mean(diag G) * I
+in float64, and L^+ drops the eigen-directions at round-off level. Damping also keeps the
+weight's behaviour on directions the calibration data never excites (it adds
+damping * mean(diag G) * ||W - W'||_F^2 to the objective); `damping=0` is the exact optimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DEFAULT_DAMPING", "Whitener", "whitened_factors", "whitened_spectrum"]
+
+DEFAULT_DAMPING = 1e-2
+"""Relative damping: a multiple of the Gram matrix's mean diagonal added to its diagonal."""
+
+
+@dataclass(frozen=True)
+class Whitener:
+    """A square root L of a (damped) Gram matrix and its pseudo-inverse, both float64."""
+
+    root: torch.Tensor  # d x d, root @ root.T == G + damping * mean(diag G) * I
+    root_pinv: torch.Tensor  # d x d, the pseudo-inverse of `root`
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Whitener | None:
+        """None when the Gram matrix is zero (no calibration signal): fall back to plain SVD."""
+        if damping < 0:
+            raise ValueError(f"`damping` must be >= 0, got {damping}")
+        g = gram.detach().double()
+        g = (g + g.T) / 2
+        d = g.shape[0]
+        mean_diag = float(g.diagonal().mean())
+        if not mean_diag > 0.0:
+            return None
+        g = g / mean_diag  # scale-free: the factors do not depend on it
+        g.diagonal().add_(damping)
+        lam, q = torch.linalg.eigh(g)
+        lam = lam.clamp(min=0.0)
+        alive = lam > float(lam.max()) * d * torch.finfo(torch.float64).eps
+        root_lam = lam.sqrt()
+        inv = torch.where(alive, 1.0 / root_lam.where(alive, torch.ones_like(lam)), 0.0)
+        scale = mean_diag**0.5
+        return cls(root=q * (root_lam * scale), root_pinv=(q * (inv / scale)).T)
+
+
+def whitened_spectrum(w: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
+    """Singular values of W L (plain singular values of W when there is no whitener)."""
+    w64 = w.detach().double()
+    return torch.linalg.svdvals(w64 if whitener is None else w64 @ whitener.root)
+
+
+def whitened_factors(
+    w: torch.Tensor, whitener: Whitener | None, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Rank-`rank` factors `up` (out x k), `down` (k x in) with W' = up @ down minimising
+    ||(W - W') L||_F, in float64.
+
+    Returns (up, down, error, relative error): error = ||(W - W') L||_F, which equals
+    sqrt(sum_{i>k} s_i(W L)^2), and relative error = error / ||W L||_F. Without a whitener
+    this is the plain truncated SVD and its weight error.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if not 1 <= rank <= min(w.shape):
+        raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
+    w64 = w.detach().double()
+    target = w64 if whitener is None else w64 @ whitener.root
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    root = s[:rank].sqrt()
+    up = u[:, :rank] * root
+    down = root[:, None] * vh[:rank]
+    if whitener is not None:
+        down = down @ whitener.root_pinv
+    error = float(s[rank:].square().sum().sqrt())
+    total = float(s.square().sum().sqrt())
+    return up, down, error, error / total if total > 0 else 0.0

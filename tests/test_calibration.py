@@ -1,0 +1,79 @@
+"""Gram collection with hooks: exact sums over real tokens, shared inputs, Conv1D layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.calibration import collect_grams
+from compressor.errors import DlncError
+from compressor.targets import find_targets
+from tests.conftest import MLP, build_tiny
+
+
+def padded_batches():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (3, 2, 10), generator=g)
+    mask = torch.ones(3, 2, 10, dtype=torch.long)
+    mask[0, 1, 6:] = 0
+    mask[2, 0, 3:] = 0
+    return [{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask, strict=True)]
+
+
+def captured_inputs(model, name, batches):
+    """The layer's inputs on real tokens, captured independently with a forward hook."""
+    seen = []
+    module = model.get_submodule(name)
+
+    def hook(_module, args, _output):
+        seen.append(args[0].detach())
+
+    handle = module.register_forward_hook(hook)
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    rows = [x[b["attention_mask"].bool()] for x, b in zip(seen, batches, strict=True)]
+    return torch.cat(rows).double()
+
+
+@pytest.mark.parametrize(
+    ("family", "layer"),
+    [("bert", "bert.encoder.layer.1.intermediate.dense"), ("gpt2", "transformer.h.0.mlp.c_fc")],
+)
+def test_gram_is_the_sum_over_real_tokens(family, layer):
+    model = build_tiny(family)
+    batches = padded_batches()
+    stats = collect_grams(model, find_targets(model), batches)
+    x = captured_inputs(model, layer, batches)
+    assert stats[layer].rows == x.shape[0] == int(sum(b["attention_mask"].sum() for b in batches))
+    torch.testing.assert_close(stats[layer].gram, x.T @ x)
+
+
+def test_layers_fed_the_same_input_share_one_matrix():
+    model = build_tiny("llama")
+    stats = collect_grams(model, find_targets(model), padded_batches())
+    attn = "model.layers.0.self_attn."
+    assert stats[attn + "q_proj"] is stats[attn + "k_proj"] is stats[attn + "v_proj"]
+    assert stats[attn + "o_proj"] is not stats[attn + "q_proj"]
+    mlp = "model.layers.1.mlp."
+    assert stats[mlp + "gate_proj"] is stats[mlp + "up_proj"]
+
+
+def test_plain_module_and_progress():
+    model = MLP().eval()
+    x = torch.randn(3, 5, 16)
+    calls = []
+    stats = collect_grams(
+        model, find_targets(model), [{"x": b} for b in x], progress=lambda *a: calls.append(a)
+    )
+    torch.testing.assert_close(
+        stats["fc1"].gram, x.reshape(-1, 16).double().T @ x.reshape(-1, 16).double()
+    )
+    assert calls[-1] == ("calibrate", 3, 3)
+
+
+def test_data_the_model_does_not_take():
+    model = MLP().eval()
+    with pytest.raises(DlncError, match="does not take the data's inputs"):
+        collect_grams(model, find_targets(model), [{"pixel_values": torch.randn(2, 16)}])
