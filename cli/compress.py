@@ -58,6 +58,9 @@ def compress(
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow the checkpoint's own Python code to run.")
     ] = False,
+    tensor_mode: Annotated[
+        bool, typer.Option(help="Ignore config.json; compress the 2-D weights directly.")
+    ] = False,
     max_shard_size: Annotated[str, typer.Option(help="Shard exported weights above this.")] = "2GB",
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG of the spectra and chosen ranks.")
@@ -85,6 +88,7 @@ def compress(
             config=config,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
+            tensor_mode=tensor_mode,
             merge=merge,
             overwrite=overwrite,
             max_shard_size=max_shard_size,

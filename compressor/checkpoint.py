@@ -49,8 +49,14 @@ def load_checkpoint(
     config: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    tensor_mode: bool = False,
 ) -> LoadedCheckpoint:
-    """Load a model folder or weights file; tensor mode when no architecture can be found."""
+    """Load a model folder or weights file.
+
+    Tensor mode (the state dict's 2-D weights, no architecture) is used when there is no
+    config.json, or when `tensor_mode=True`; a config of an architecture transformers does
+    not know is an error that suggests tensor mode.
+    """
     path = Path(path)
     if not path.exists():
         raise DlncError(f"{path}: no such file or folder")
@@ -60,10 +66,10 @@ def load_checkpoint(
         raise DlncError(f"{config_file}: no such config file")
     notices: list[str] = []
     hf_config = None
-    if config_file.is_file():
-        hf_config = _read_config(config_file, trust_remote_code, notices)
+    if config_file.is_file() and not tensor_mode:
+        hf_config = _read_config(config_file, trust_remote_code)
     if hf_config is None:
-        if not config_file.is_file():
+        if not tensor_mode:
             notices.append(f"no config.json beside {path.name}: tensor mode (2-D weights only)")
         model = TensorModel(read_state_dict(files))
         return LoadedCheckpoint(model, folder, files, None, notices)
@@ -123,11 +129,11 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_config(config_file: Path, trust_remote_code: bool, notices: list[str]):
+def _read_config(config_file: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
-        json.loads(config_file.read_text())
+        raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DlncError(f"{config_file}: not valid JSON ({e})") from e
     try:
@@ -135,8 +141,12 @@ def _read_config(config_file: Path, trust_remote_code: bool, notices: list[str])
             str(config_file), trust_remote_code=trust_remote_code, local_files_only=True
         )
     except (ValueError, KeyError, OSError) as e:
-        notices.append(f"unknown architecture ({_first_line(e)}): tensor mode (2-D weights only)")
-        return None
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+        hint = " or --trust-remote-code" if isinstance(raw, dict) and "auto_map" in raw else ""
+        raise DlncError(
+            f"{config_file.name}: unknown architecture (model_type {kind!r}); "
+            f"pass --tensor-mode{hint} to compress its 2-D weights directly"
+        ) from e
 
 
 def _model_class(config, trust_remote_code: bool):
@@ -157,7 +167,7 @@ def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn
         from transformers import AutoModel
 
         cls = AutoModel
-        notices.append(f"config.json names no known architecture; loading as {config.model_type}")
+        notices.append(f"config.json names no architecture; loading the base {config.model_type}")
     with tempfile.TemporaryDirectory(prefix="dlnc-load-") as staging:
         folder = _stage(Path(staging), config_file, files)
         try:

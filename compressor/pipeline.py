@@ -32,6 +32,7 @@ class CompressOptions:
     config: Path | None = None  # config.json for a bare weights file
     allow_pickle: bool = False  # accept .bin/.pt (pickle) weights
     trust_remote_code: bool = False  # allow a checkpoint's own Python code
+    tensor_mode: bool = False  # ignore config.json: compress the state dict's 2-D weights
     merge: bool = False  # export dense weights instead of factors
     overwrite: bool = False  # replace an existing output folder
     max_shard_size: str = "2GB"  # shard the exported weights above this size
@@ -72,7 +73,9 @@ def compress_checkpoint(
     options = options or CompressOptions()
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
     check_output_dir(out, options.overwrite, Path(path))
-    loaded = load_checkpoint(path, options.config, options.allow_pickle, options.trust_remote_code)
+    loaded = load_checkpoint(
+        path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
+    )
     total_before = _count_params(loaded.model)
     targets = select_targets(loaded, options)
     spectra = layer_spectra(targets, progress)
