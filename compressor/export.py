@@ -209,17 +209,18 @@ def load_pretrained(path: str | os.PathLike) -> nn.Module:
     try:
         model = _skeleton(config_file, section, state)
         _load_state(model, state)
-    except (RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError, AttributeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({_first_line(e)})") from e
     return model.eval()
 
 
 def _skeleton(config_file: Path, section: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     """The model's module tree with factorized layers where the export has them."""
-    layers = section.get("layers", {})
-    if section.get("tensor_mode"):
-        from compressor.tensor_model import TensorModel
+    from compressor.tensor_model import TensorModel, container
 
+    layers = section.get("layers", {})
+    tensor_mode = bool(section.get("tensor_mode"))
+    if tensor_mode:
         owned = tuple(f"{n}." for n in layers)
         model = TensorModel({k: v for k, v in state.items() if not k.startswith(owned)})
     else:
@@ -229,18 +230,13 @@ def _skeleton(config_file: Path, section: dict, state: dict[str, torch.Tensor]) 
         dtype = state[f"{name}.up.weight"].dtype
         layer = FactorizedLinear(in_f, out_f, spec["rank"], 2, spec["bias"], dtype=dtype)
         layer.layout = spec.get("layout", "linear")
-        if "." in name and not _has_parent(model, name):
+        parent = name.rpartition(".")[0]
+        if tensor_mode:
+            container(model, parent)
+        elif not isinstance(model.get_submodule(name), nn.Module):
             raise KeyError(f"no module at {name}")
         replace_module(model, name, layer)
     return model
-
-
-def _has_parent(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name.rpartition(".")[0])
-    except AttributeError:
-        return False
-    return True
 
 
 def _hf_skeleton(config_file: Path) -> nn.Module:

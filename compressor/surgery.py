@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from compressor.layers import FactorizedLinear
 
-__all__ = ["collapse_", "factorized_layers", "merge_", "replace_module"]
+__all__ = ["collapse_", "deepen_", "factorized_layers", "merge_", "replace_module"]
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` at the dotted path `name`; returns the module that was there."""
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None:
+    """Put `new` at the dotted path `name`; returns the module that was there (or None)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
+    old = getattr(parent, child, None)
     setattr(parent, child, new)
     return old
 
@@ -39,3 +40,29 @@ def collapse_(model: nn.Module) -> nn.Module:
 def merge_(model: nn.Module) -> nn.Module:
     """In place: every factorized chain becomes a dense layer of its original kind."""
     return _swap_all(model, FactorizedLinear.to_dense)
+
+
+def deepen_(model: nn.Module, depth: int) -> nn.Module:
+    """In place: every factorized chain of depth < `depth` gains identity inner factors
+    (up . I ... I . down), so it computes the same map with `depth` factors (METHOD.md 3)."""
+    if depth < 2:
+        raise ValueError(f"`depth` must be >= 2, got {depth}")
+    return _swap_all(model, lambda layer: _deepen(layer, depth))
+
+
+def _deepen(layer: FactorizedLinear, depth: int) -> FactorizedLinear:
+    if layer.depth >= depth:
+        return layer
+    p = layer.up.weight
+    new = FactorizedLinear(
+        layer.in_features, layer.out_features, layer.rank, depth, layer.up.bias is not None,
+        dtype=p.dtype, device=p.device,
+    )  # fmt: skip
+    new.layout = layer.layout
+    new.load_factors(layer.up.weight.detach(), layer.down.weight.detach())
+    with torch.no_grad():
+        for old, mid in zip(layer.mid, new.mid, strict=False):
+            mid.weight.copy_(old.weight)
+        if layer.up.bias is not None:
+            new.up.bias.copy_(layer.up.bias)
+    return new.train(layer.training)

@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-__all__ = ["TENSOR_MODE_EXCLUDE", "TensorModel"]
+__all__ = ["TENSOR_MODE_EXCLUDE", "TensorModel", "container"]
 
 TENSOR_MODE_EXCLUDE = (r"re:(embed|wte|wpe|tok_emb|pos_emb|position|token_type)",)
 """In tensor mode embedding tables look like dense weights: leave them alone by name."""
@@ -44,7 +44,8 @@ def _is_linear(tensors: dict[str, torch.Tensor]) -> bool:
     return b is None or (b.ndim == 1 and b.shape[0] == w.shape[0])
 
 
-def _container(root: nn.Module, path: str) -> nn.Module:
+def container(root: nn.Module, path: str) -> nn.Module:
+    """The module at dotted `path`, creating empty modules along the way."""
     module = root
     for part in path.split(".") if path else ():
         if not hasattr(module, part):
@@ -61,8 +62,8 @@ def _attach(root: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], has_
         if b is not None:
             linear.bias = nn.Parameter(b, requires_grad=False)
         parent, _, leaf = prefix.rpartition(".")
-        _container(root, parent).add_module(leaf, linear)
+        container(root, parent).add_module(leaf, linear)
         return
-    module = _container(root, prefix)
+    module = container(root, prefix)
     for leaf, tensor in tensors.items():
         module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))

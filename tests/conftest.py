@@ -85,10 +85,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(16, width)
         self.fc2 = nn.Linear(width, width)
-        self.out = nn.Linear(width, 4)
+        self.head = nn.Linear(width, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 @pytest.fixture
