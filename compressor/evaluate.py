@@ -1,0 +1,225 @@
+"""Held-out quality of a model: its task loss (perplexity for LMs) and how close it stays to
+the original (distillation loss, and embedding cosine for bare encoders).
+
+Runs through an `accelerate.Accelerator`, so the same call evaluates on CPU, one GPU or a
+shard per process under `accelerate launch` (per-batch sums are gathered with
+`gather_for_metrics`, which drops the padding samples of the last uneven batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from compressor.errors import DlncError
+from compressor.objectives import (
+    hidden_mse,
+    kl_logits,
+    mask_tokens,
+    model_inputs,
+    task_of,
+    token_mask,
+)
+
+__all__ = ["EvalResult", "batch_loader", "evaluate"]
+
+Batch = dict[str, torch.Tensor]
+_FIELDS = (
+    "task_sum",
+    "task_n",
+    "correct",
+    "acc_n",
+    "distill_sum",
+    "distill_n",
+    "cos_sum",
+    "cos_n",
+    "rows",
+)
+
+
+@dataclass
+class EvalResult:
+    """Held-out metrics; a metric that does not apply is None."""
+
+    task: str | None  # causal_lm | masked_lm | classification | None (bare encoder)
+    loss: float | None  # task loss: mean over predicted tokens (LMs) or samples
+    perplexity: float | None  # exp(loss) for LMs (pseudo-perplexity for masked LMs)
+    accuracy: float | None  # classification
+    distill: float | None  # distillation loss against the teacher (KL on logits or hidden MSE)
+    cosine: float | None  # bare encoders: mean cosine of mean-pooled embeddings vs the teacher
+    samples: int
+
+    @property
+    def headline(self) -> float:
+        """The number to compare runs by: the task loss, else the distillation loss."""
+        return self.loss if self.loss is not None else self.distill
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Batches(Dataset):
+    """Premade batches as a dataset of one item each (sharded across processes by accelerate)."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.batches[i]
+
+
+def _first(items: list[Batch]) -> Batch:
+    return items[0]
+
+
+def batch_loader(
+    batches: Sequence[Batch] | Dataset, generator: torch.Generator | None = None
+) -> DataLoader:
+    """A DataLoader that yields the premade batches (from `compressor.data.make_batches`)."""
+    dataset = batches if isinstance(batches, Dataset) else _Batches(batches)
+    return DataLoader(dataset, batch_size=1, collate_fn=_first, generator=generator)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    teacher: nn.Module | None = None,
+    *,
+    temperature: float = 2.0,
+    mask_token_id: int | None = None,
+    seed: int = 0,
+    accelerator=None,
+) -> EvalResult:
+    """Held-out metrics of `model` on `batches`; with `teacher`, also how far it is from it.
+
+    Without an `accelerator` one is made and both models are placed by it. Masked LMs mask
+    the same tokens on every call (generator seeded with `seed`).
+    """
+    if not batches:
+        raise DlncError("no held-out batches to evaluate on")
+    task = _usable_task(model, batches[0], mask_token_id)
+    if task is None and teacher is None:
+        raise DlncError(
+            f"{type(model).__name__} has no task head to score; give --teacher to compare it "
+            "with the original model"
+        )
+    if accelerator is None:
+        accelerator = _default_accelerator()
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        if teacher is not None:
+            teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    loader = accelerator.prepare_data_loader(batch_loader(batches))
+    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    was_training = model.training
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for batch in loader:
+            stats = _batch_stats(model, teacher, batch, task, temperature, mask_token_id, generator)
+            rows.append(accelerator.gather_for_metrics(stats[None]))
+    model.train(was_training)
+    return _result(task, dict(zip(_FIELDS, torch.cat(rows).sum(0).tolist(), strict=True)))
+
+
+def _default_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def _usable_task(model: nn.Module, batch: Batch, mask_token_id: int | None) -> str | None:
+    """The model's task if the data supports scoring it (labels, a [MASK] id)."""
+    task = task_of(model)
+    if task == "classification" and "labels" not in batch:
+        return None
+    if task == "masked_lm":
+        config = getattr(getattr(model, "module", model), "config", None)
+        if mask_token_id is None and getattr(config, "mask_token_id", None) is None:
+            return None
+    if task in ("causal_lm", "masked_lm") and "input_ids" not in batch:
+        return None
+    return task
+
+
+def _batch_stats(model, teacher, batch, task, temperature, mask_token_id, generator):
+    """One batch's sums (see `_FIELDS`) as a float64 vector, ready to gather."""
+    if task == "masked_lm":
+        mask_id = mask_token_id if mask_token_id is not None else model.config.mask_token_id
+        batch = mask_tokens(batch, mask_id, generator=generator)
+    inputs = model_inputs(batch)
+    out = model(**inputs)
+    s = dict.fromkeys(_FIELDS, 0.0)
+    s["rows"] = len(next(iter(inputs.values())))
+    if task is not None:
+        s.update(_task_sums(out.logits.float(), batch, task))
+    if teacher is not None:
+        s.update(_distill_sums(out, teacher(**inputs), batch, temperature))
+    device = next(iter(inputs.values())).device
+    return torch.tensor([s[f] for f in _FIELDS], dtype=torch.float64, device=device)
+
+
+def _task_sums(logits: torch.Tensor, batch: Batch, task: str) -> dict[str, float]:
+    if task == "classification":
+        labels = batch["labels"]
+        if labels.is_floating_point() and logits.shape[-1] == 1:
+            err = F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
+            return {"task_sum": float(err), "task_n": len(labels)}
+        ce = F.cross_entropy(logits, labels.long(), reduction="sum")
+        correct = (logits.argmax(-1) == labels).sum()
+        n = len(labels)
+        return {"task_sum": float(ce), "task_n": n, "correct": float(correct), "acc_n": n}
+    if task == "causal_lm":
+        labels = batch["input_ids"].masked_fill(~token_mask(batch, logits), -100)
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    else:
+        labels = batch["mlm_labels"]
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return {"task_sum": float(ce), "task_n": float((labels != -100).sum())}
+
+
+def _distill_sums(s_out, t_out, batch: Batch, temperature: float) -> dict[str, float]:
+    if getattr(s_out, "logits", None) is not None and getattr(t_out, "logits", None) is not None:
+        logits = s_out.logits
+        mask = token_mask(batch, logits) if logits.ndim == 3 else None
+        n = float(mask.sum()) if mask is not None else len(logits)
+        return {"distill_sum": float(kl_logits(logits, t_out.logits, mask, temperature)) * n,
+                "distill_n": n}  # fmt: skip
+    s_h, t_h = s_out.last_hidden_state.float(), t_out.last_hidden_state.float()
+    mask = token_mask(batch, s_h)
+    n = float(mask.sum())
+    cos = F.cosine_similarity(_mean_pool(s_h, mask), _mean_pool(t_h, mask), dim=-1)
+    return {
+        "distill_sum": float(hidden_mse(s_h, t_h, mask)) * n,
+        "distill_n": n,
+        "cos_sum": float(cos.sum()),
+        "cos_n": len(cos),
+    }
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def _result(task: str | None, s: dict[str, float]) -> EvalResult:
+    loss = s["task_sum"] / s["task_n"] if task is not None and s["task_n"] else None
+    lm = task in ("causal_lm", "masked_lm")
+    has_distill = s["distill_n"] > 0
+    return EvalResult(
+        task=task,
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)) if lm and loss is not None else None,
+        accuracy=s["correct"] / s["acc_n"] if s["acc_n"] else None,
+        distill=s["distill_sum"] / s["distill_n"] if has_distill else None,
+        cosine=s["cos_sum"] / s["cos_n"] if s["cos_n"] else None,
+        samples=int(s["rows"]),
+    )
