@@ -1,0 +1,563 @@
+"""Recovery fine-tuning of a compressed model: one `accelerate` loop for CPU, one GPU or many.
+
+    result = finetune(student, batches, teacher=original, config=FinetuneConfig(steps=200),
+                      eval_batches=held_out, state_dir="run-state")
+
+The loop follows the accelerate examples: `prepare`, `accumulate`, `backward`, clipping on
+the synchronising step, warm-up + cosine schedule, `save_state`/`load_state` to resume. The
+chains can be deepened to depth L and their outer factors trained at `outer_lr_scale` times
+the learning rate (the discrepant learning rate of METHOD.md 2-3); export collapses them back.
+Safety: a NaN/Inf loss stops every process before the update (`NonFiniteLoss`); Ctrl-C or
+SIGTERM stops at the next step boundary with a resumable checkpoint (`FinetuneInterrupted`).
+Checkpoints are written to a temp folder and renamed when complete, so none is ever partial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from compressor.errors import DlncError
+from compressor.evaluate import EvalResult, batch_loader, evaluate
+from compressor.layers import FactorizedLinear
+from compressor.objectives import OBJECTIVES, build_objective
+from compressor.surgery import deepen_, factorized_layers
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneInterrupted",
+    "FinetuneResult",
+    "NonFiniteLoss",
+    "StepInfo",
+    "finetune",
+    "latest_checkpoint",
+]
+
+Batch = dict[str, torch.Tensor]
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}  # fmt: skip
+SCHEDULE_FIELDS = ("steps", "lr", "outer_lr_scale", "depth", "warmup", "grad_accum", "seed")
+"""Fields a resumed run must share with the saved one, or it would not end where it would have."""
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune (a recipe's `finetune` section). Batch size and data live in the data
+    options (`compressor.data.DataOptions`)."""
+
+    steps: int = 200  # optimizer steps (each: grad_accum batches on every process)
+    lr: float = 1e-4  # peak learning rate (inner factors and every other trained weight)
+    outer_lr_scale: float = 1.0  # alpha: the chains' outer factors (up, down) train at alpha * lr
+    depth: int | None = None  # deepen every chain to this depth L >= 2 first (None: as loaded)
+    warmup: float = 0.05  # fraction of the steps spent in linear warm-up, then cosine decay to 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_accum: int = 1  # batches per optimizer step on each process
+    clip: float | None = 1.0  # max gradient norm (None: no clipping)
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (auto: bf16/fp16 on GPU, no on CPU)
+    teacher_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a bf16 GPU)
+    objective: str = "distill"  # distill | task | mix
+    temperature: float = 2.0  # distillation temperature on logits
+    mix_weight: float = 0.5  # "mix": weight of the distillation term (task gets 1 - it)
+    trainable: str = "all"  # all | factors (train only the factorized chains)
+    save_every: int = 0  # checkpoint the training state every K steps (0: only on interrupt)
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    shuffle: bool = True  # reshuffle the batches every epoch (seeded)
+    seed: int = 0  # seeds the shuffle, dropout and masking
+
+    def __post_init__(self) -> None:
+        _at_least("steps", self.steps, 1)
+        _at_least("grad_accum", self.grad_accum, 1)
+        _at_least("save_every", self.save_every, 0)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.depth is not None:
+            _at_least("depth", self.depth, 2)
+        for name in ("lr", "outer_lr_scale", "temperature"):
+            if not getattr(self, name) > 0:
+                raise DlncError(f"`{name}` must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1:
+            raise DlncError(f"`warmup` must be in [0, 1), got {self.warmup}")
+        if not 0 <= self.mix_weight <= 1:
+            raise DlncError(f"`mix_weight` must be in [0, 1], got {self.mix_weight}")
+        if self.weight_decay < 0:
+            raise DlncError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        if self.clip is not None and not self.clip > 0:
+            raise DlncError(f"`clip` must be > 0 (or None), got {self.clip}")
+        _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
+        _one_of("teacher_dtype", self.teacher_dtype, tuple(TEACHER_DTYPES))
+        _one_of("objective", self.objective, OBJECTIVES)
+        _one_of("trainable", self.trainable, ("all", "factors"))
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise DlncError(f"`{name}` must be >= {low}, got {value}")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise DlncError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass
+class StepInfo:
+    """What the progress callback hears after every optimizer step (main process only)."""
+
+    step: int
+    steps: int
+    loss: float  # this step's training loss, averaged over processes
+    lr: float
+    steps_per_s: float
+    eta_s: float  # seconds left at the current pace
+    elapsed_s: float
+
+
+ProgressFn = Callable[[StepInfo], None]
+
+
+class NonFiniteLoss(DlncError):
+    """The loss became NaN/Inf; the run stopped before the update."""
+
+
+class FinetuneInterrupted(DlncError):
+    """Ctrl-C / SIGTERM: the run stopped at a step boundary and saved a resumable state."""
+
+
+@dataclass
+class FinetuneResult:
+    """The trained student and what happened."""
+
+    model: nn.Module  # unwrapped; full weights on the main process
+    steps: int
+    objective: str  # what was optimised, in words
+    losses: list[float]  # training loss per step (over the whole run, resumes included)
+    evals: dict[str, EvalResult] = field(default_factory=dict)  # original / before / after
+    seconds: float = 0.0  # wall time of the steps run by this call
+    steps_per_s: float = 0.0
+    resumed_from: int = 0  # the step this call continued from (0: a fresh run)
+    is_main_process: bool = True
+    mixed_precision: str = "no"
+    num_processes: int = 1
+
+    def report(self) -> dict:
+        """The `finetune` section of report.json."""
+        return {
+            "steps": self.steps,
+            "objective": self.objective,
+            "first_loss": self.losses[0] if self.losses else None,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "seconds": round(self.seconds, 2),
+            "steps_per_s": round(self.steps_per_s, 3),
+            "resumed_from": self.resumed_from,
+            "mixed_precision": self.mixed_precision,
+            "num_processes": self.num_processes,
+            "eval": {k: v.to_dict() for k, v in self.evals.items()},
+        }
+
+
+class _Shuffled(Dataset):
+    """The batches in a seeded order that changes with the epoch (same order on every process,
+    each of which reads its own shard of it)."""
+
+    def __init__(self, batches: Sequence[Batch], seed: int, shuffle: bool) -> None:
+        self.batches, self.seed, self.shuffle = batches, seed, shuffle
+        self.order = list(range(len(batches)))
+
+    def use_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.order = torch.randperm(len(self.batches), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.batches[self.order[i]]
+
+
+def finetune(
+    student: nn.Module,
+    batches: Sequence[Batch],
+    *,
+    teacher: nn.Module | None = None,
+    config: FinetuneConfig | None = None,
+    eval_batches: Sequence[Batch] | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    mask_token_id: int | None = None,
+    progress: ProgressFn | None = None,
+) -> FinetuneResult:
+    """Fine-tune `student` (a compressed model) on `batches`, distilling from `teacher` and/or
+    on its task; with `eval_batches`, held-out metrics of the original, before and after.
+
+    `state_dir` receives `checkpoint-<step>/` folders (every `save_every` steps and on
+    interrupt); `resume=True` continues from the newest one. Only the main process writes.
+    """
+    from accelerate.utils import set_seed
+
+    config = config or FinetuneConfig()
+    if not batches:
+        raise DlncError("no training batches")
+    if resume and state_dir is None:
+        raise DlncError("--resume needs the state folder of the interrupted run")
+    accelerator = _accelerator(config)
+    set_seed(config.seed)
+    if config.depth is not None:
+        deepen_(student, config.depth)
+    objective = build_objective(
+        config.objective, student, teacher, temperature=config.temperature,
+        mix_weight=config.mix_weight, mask_token_id=mask_token_id,
+        has_labels="labels" in batches[0],
+    )  # fmt: skip
+    teacher = _place_teacher(teacher, accelerator, config) if teacher is not None else None
+    template = _fsdp_template(student, accelerator)
+    student.train()
+    _freeze(student, config.trainable)
+    optimizer = torch.optim.AdamW(_param_groups(student, config), lr=config.lr,
+                                  weight_decay=config.weight_decay)  # fmt: skip
+    scheduler = _schedule(optimizer, config, accelerator.num_processes)
+    data = _Shuffled(batches, config.seed, config.shuffle)
+    # its own generator: iterating a DataLoader draws a seed, which must not move the global
+    # RNG (dropout, masking) differently in a resumed run than in an uninterrupted one
+    loader = batch_loader(data, generator=torch.Generator().manual_seed(config.seed))
+    model, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+    state = _RunState(Path(state_dir) if state_dir is not None else None)
+    if resume:
+        state.restore(accelerator, config)
+    evals = dict(state.evals)
+    ev = _Evaluator(accelerator, eval_batches, teacher, objective, mask_token_id, config.seed)
+    if not state.evals:
+        evals.update(ev.before(model))
+        state.evals = evals
+    run = _Loop(accelerator, model, optimizer, scheduler, loader, data, objective, teacher,
+                config, state, progress)  # fmt: skip
+    seconds = run.train()
+    evals.update(ev.after(model))
+    done = config.steps - state.resumed_from
+    return FinetuneResult(
+        model=_final_model(accelerator, model, template),
+        steps=config.steps,
+        objective=objective.describe(),
+        losses=state.losses,
+        evals=evals,
+        seconds=seconds,
+        steps_per_s=done / seconds if seconds > 0 else 0.0,
+        resumed_from=state.resumed_from,
+        is_main_process=accelerator.is_main_process,
+        mixed_precision=accelerator.mixed_precision,
+        num_processes=accelerator.num_processes,
+    )
+
+
+def _accelerator(config: FinetuneConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = _auto_precision()
+    accumulation = GradientAccumulationPlugin(
+        num_steps=config.grad_accum, sync_with_dataloader=False
+    )  # the step count, not the epoch end, decides when to update: resumes stay exact
+    return Accelerator(mixed_precision=precision, gradient_accumulation_plugin=accumulation)
+
+
+def _auto_precision() -> str | None:
+    """bf16 on a GPU that has it, fp16 on other GPUs, none on CPU; a launcher's choice wins."""
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _place_teacher(teacher: nn.Module, accelerator, config: FinetuneConfig) -> nn.Module:
+    """The teacher is frozen and moved by hand, not `prepare`d: prepared models are written
+    into every checkpoint, and a frozen copy of the original has no place there."""
+    dtype = TEACHER_DTYPES[config.teacher_dtype]
+    if dtype is None and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16  # safe: bf16 keeps float32's range; used for inference only
+    teacher.requires_grad_(False).eval()
+    return teacher.to(device=accelerator.device, dtype=dtype)
+
+
+def _fsdp_template(student: nn.Module, accelerator) -> nn.Module | None:
+    """Under FSDP the prepared model holds shards: keep a CPU copy to load the full weights into."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    import copy
+
+    return copy.deepcopy(student).cpu()
+
+
+def _final_model(accelerator, model: nn.Module, template: nn.Module | None) -> nn.Module:
+    accelerator.wait_for_everyone()
+    if template is None:
+        return accelerator.unwrap_model(model).eval()
+    state = accelerator.get_state_dict(model)  # gathers the full weights on the main process
+    if accelerator.is_main_process:
+        template.load_state_dict(state)
+    return template.eval()
+
+
+def _freeze(student: nn.Module, trainable: str) -> None:
+    if trainable == "factors":
+        student.requires_grad_(False)
+        for layer in factorized_layers(student).values():
+            layer.requires_grad_(True)
+    if not any(p.requires_grad for p in student.parameters()):
+        raise DlncError("nothing to train: the model has no trainable (factorized) weights")
+
+
+def _param_groups(student: nn.Module, config: FinetuneConfig) -> list[dict]:
+    """Outer factors (up, down) at outer_lr_scale * lr; inner factors and the rest at lr."""
+    outer = set()
+    for layer in student.modules():
+        if isinstance(layer, FactorizedLinear):
+            outer.update(id(p) for p in (*layer.up.parameters(), *layer.down.parameters()))
+    trained = [p for p in student.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if id(p) in outer], "lr": config.lr * config.outer_lr_scale},
+        {"params": [p for p in trained if id(p) not in outer], "lr": config.lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _schedule(optimizer, config: FinetuneConfig, num_processes: int):
+    """Linear warm-up then cosine decay to 0. accelerate steps a prepared scheduler once per
+    process on every optimizer step, so the schedule is laid out in those units."""
+    total = config.steps * num_processes
+    warm = int(config.warmup * total)
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm  # 1) linear warm-up
+        progress = (i - warm) / max(total - warm, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 2) cosine decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _RunState:
+    """Where checkpoints go and what travels with them besides accelerate's state."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.dir = state_dir
+        self.step = 0
+        self.resumed_from = 0
+        self.losses: list[float] = []
+        self.evals: dict[str, EvalResult] = {}
+        self.last_saved: Path | None = None
+
+    def restore(self, accelerator, config: FinetuneConfig) -> None:
+        found = latest_checkpoint(self.dir)
+        if found is None:
+            raise DlncError(f"{self.dir}: no checkpoint to resume from")
+        saved = json.loads((found / "trainer_state.json").read_text())
+        for name in SCHEDULE_FIELDS:
+            if saved["config"].get(name) != getattr(config, name):
+                raise DlncError(
+                    f"cannot resume: `{name}` was {saved['config'].get(name)} in the saved run, "
+                    f"now {getattr(config, name)}"
+                )
+        accelerator.load_state(str(found))
+        self.step = self.resumed_from = saved["step"]
+        self.losses = saved["losses"]
+        self.evals = {k: EvalResult(**v) for k, v in saved["evals"].items()}
+        self.last_saved = found
+
+    def save(self, accelerator, config: FinetuneConfig) -> Path:
+        """Write checkpoint-<step> through a temp folder renamed when every process is done."""
+        final = self.dir / f"checkpoint-{self.step:07d}"
+        tmp = self.dir / f".checkpoint-{self.step:07d}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            extra = {
+                "step": self.step,
+                "losses": self.losses,
+                "evals": {k: v.to_dict() for k, v in self.evals.items()},
+                "config": asdict(config),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(extra, indent=1) + "\n")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in _checkpoints(self.dir)[: -config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        self.last_saved = final
+        return final
+
+
+def _checkpoints(state_dir: Path | None) -> list[Path]:
+    if state_dir is None or not state_dir.is_dir():
+        return []
+    found = [p for p in state_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(state_dir: str | os.PathLike | None) -> Path | None:
+    """The newest complete checkpoint folder under `state_dir`, or None."""
+    found = _checkpoints(Path(state_dir) if state_dir is not None else None)
+    return found[-1] if found else None
+
+
+class _Evaluator:
+    """Held-out metrics of the original (teacher), the student before and after training."""
+
+    def __init__(self, accelerator, batches, teacher, objective, mask_token_id, seed) -> None:
+        self.accelerator, self.batches, self.teacher = accelerator, batches, teacher
+        self.kw = {"temperature": objective.temperature, "mask_token_id": mask_token_id,
+                   "seed": seed, "accelerator": accelerator}  # fmt: skip
+
+    def before(self, model: nn.Module) -> dict[str, EvalResult]:
+        if not self.batches:
+            return {}
+        out = {}
+        if self.teacher is not None:
+            out["original"] = evaluate(self.teacher, self.batches, self.teacher, **self.kw)
+        out["before"] = evaluate(model, self.batches, self.teacher, **self.kw)
+        return out
+
+    def after(self, model: nn.Module) -> dict[str, EvalResult]:
+        if not self.batches:
+            return {}
+        return {"after": evaluate(model, self.batches, self.teacher, **self.kw)}
+
+
+class _Loop:
+    """The training loop proper; `train()` returns the seconds it ran."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, loader, data, objective,
+                 teacher, config, state, progress) -> None:  # fmt: skip
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.scheduler, self.loader, self.data = scheduler, loader, data
+        self.objective, self.teacher, self.config = objective, teacher, config
+        self.state, self.progress = state, progress
+
+    def train(self) -> float:
+        start = time.perf_counter()
+        with _stop_requests() as stop:
+            while self.state.step < self.config.steps:
+                self._epoch(stop, start)
+        self.accelerator.wait_for_everyone()
+        return time.perf_counter() - start
+
+    def _epoch(self, stop: threading.Event, start: float) -> None:
+        """Batches from where the step count says this epoch is, until the epoch or run ends."""
+        acc, state = self.accelerator, self.state
+        per_epoch = len(self.loader)
+        epoch, skip = divmod(state.step * self.config.grad_accum, per_epoch)
+        self.data.use_epoch(epoch)
+        loader = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+        losses: list[float] = []
+        for batch in loader:
+            with acc.accumulate(self.model):
+                losses.append(self._micro_step(batch))
+            if not acc.sync_gradients:
+                continue
+            state.step += 1
+            state.losses.append(self._mean_over_processes(losses))
+            losses = []
+            self._report(start)
+            if self._any_process(stop.is_set()):
+                self._interrupt()
+            if self.config.save_every and state.step % self.config.save_every == 0:
+                state.save(acc, self.config)
+            if state.step >= self.config.steps:
+                return
+
+    def _micro_step(self, batch: Batch) -> float:
+        acc = self.accelerator
+        parts = self.objective(self.model, batch, self.teacher)
+        if self._any_process(not torch.isfinite(parts.loss).item()):
+            self._diverged(parts.parts)
+        acc.backward(parts.loss)
+        if acc.sync_gradients and self.config.clip is not None:
+            acc.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return float(parts.loss.detach())
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any (one small all-reduce)."""
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def _mean_over_processes(self, losses: list[float]) -> float:
+        t = torch.tensor([sum(losses) / len(losses)], device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="mean").item())
+
+    def _report(self, start: float) -> None:
+        if self.progress is None or not self.accelerator.is_main_process:
+            return
+        state, elapsed = self.state, time.perf_counter() - start
+        rate = (state.step - state.resumed_from) / elapsed if elapsed > 0 else 0.0
+        left = self.config.steps - state.step
+        self.progress(StepInfo(
+            step=state.step, steps=self.config.steps, loss=state.losses[-1],
+            lr=self.optimizer.param_groups[-1]["lr"],
+            steps_per_s=rate, eta_s=left / rate if rate > 0 else float("inf"), elapsed_s=elapsed,
+        ))  # fmt: skip
+
+    def _diverged(self, parts: dict[str, float]) -> None:
+        state = self.state
+        kept = state.last_saved or latest_checkpoint(state.dir)
+        where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved"
+        terms = ", ".join(f"{k}={v}" for k, v in parts.items())
+        raise NonFiniteLoss(
+            f"the loss became NaN/Inf at step {state.step + 1} ({terms}); stopped before the "
+            f"update, {where}; try a lower --lr or check the data"
+        )
+
+    def _interrupt(self) -> None:
+        state = self.state
+        if state.dir is None:
+            raise KeyboardInterrupt
+        saved = state.save(self.accelerator, self.config)
+        raise FinetuneInterrupted(
+            f"interrupted after step {state.step}/{self.config.steps}; state saved to {saved}; "
+            "run again with --resume to continue"
+        )
+
+
+@contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """Ctrl-C / SIGTERM set an event the loop checks at step boundaries; a second Ctrl-C
+    interrupts at once. Handlers are only installed from the main thread."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
