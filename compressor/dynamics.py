@@ -1,0 +1,215 @@
+"""Ranks from learning dynamics (METHOD.md section 5): the directions each layer moves in.
+
+Two sources of an update dW per targeted layer:
+  - a recorded trajectory: `reference_updates(targets, reference)` gives W - W_ref, with W_ref
+    the checkpoint the model was trained or fine-tuned from;
+  - a warm-up run: `warmup_updates(model, targets, batches, steps)` trains a copy of the dense
+    model for a few steps with the model's own objective (causal LM, masked LM, or the loss
+    it computes from the data's labels) and gives W_K - W_0.
+With AdamW the update is the optimiser's path; with `optimizer="sgd"` it is exactly -lr times
+the summed gradients. `update_rank` reads a rank from an update's spectrum, and
+`joint_subspace` finds the input directions that carry both W and dW (the seed's 2r idea).
+Peak memory of a warm-up: the model, its copy, its gradients and AdamW's two moments
+(about 5x the model's parameters in float32).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from compressor.calibration import forward_inputs
+from compressor.compress import ProgressFn
+from compressor.data import IGNORE_INDEX, with_lm_labels
+from compressor.errors import DlncError
+from compressor.layers import dense_weight_of
+from compressor.linalg import energy_rank
+
+__all__ = [
+    "LossFn",
+    "joint_subspace",
+    "mask_for_mlm",
+    "reference_updates",
+    "update_rank",
+    "warmup_loss",
+    "warmup_updates",
+]
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+"""loss_fn(model, batch) -> scalar loss: one step's objective in a warm-up run."""
+
+CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
+MASKED_LM = ("ForMaskedLM",)
+
+
+def reference_updates(
+    targets: Mapping[str, nn.Module], reference: nn.Module
+) -> dict[str, torch.Tensor]:
+    """W - W_ref for every target, W_ref the module of the same name in `reference`."""
+    modules = dict(reference.named_modules())
+    updates = {}
+    for name, module in targets.items():
+        ref = modules.get(name)
+        if ref is None or not hasattr(ref, "weight"):
+            raise DlncError(
+                f"{name}: not in the reference checkpoint; is it the same architecture?"
+            )
+        w, w_ref = dense_weight_of(module), dense_weight_of(ref)
+        if w.shape != w_ref.shape:
+            raise DlncError(
+                f"{name}: shape {tuple(w.shape)} but {tuple(w_ref.shape)} in the reference"
+            )
+        updates[name] = (w.detach().float() - w_ref.detach().float()).contiguous()
+    return updates
+
+
+def warmup_loss(model: nn.Module, has_labels: bool, mask_token_id: int | None = None) -> LossFn:
+    """The model's own objective: its loss on the data's labels when there are labels, else
+    causal LM (`...ForCausalLM`, `...LMHeadModel`) or masked LM (`...ForMaskedLM`).
+
+    A `DlncError` when none applies (e.g. a bare encoder and no labels).
+    """
+    name = type(model).__name__
+    if has_labels:
+        return _own_loss
+    if name.endswith(CAUSAL_LM):
+        return lambda m, batch: _own_loss(m, with_lm_labels(batch))
+    if name.endswith(MASKED_LM):
+        mask_id = mask_token_id
+        if mask_id is None:
+            mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        if mask_id is None:
+            raise DlncError(f"{name}: a masked-LM warm-up needs the tokenizer's [MASK] token")
+        generator = torch.Generator().manual_seed(0)
+        return lambda m, batch: _own_loss(m, mask_for_mlm(batch, mask_id, generator))
+    raise DlncError(
+        f"{name} has no training objective for a warm-up run (no causal-LM or masked-LM head, "
+        "and the data has no labels); use --method whiten, or --reference with a base checkpoint"
+    )
+
+
+def _own_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise DlncError(f"{type(model).__name__} returned no loss for the data's labels")
+    return loss
+
+
+def mask_for_mlm(
+    batch: Mapping[str, torch.Tensor],
+    mask_token_id: int,
+    generator: torch.Generator,
+    probability: float = 0.15,
+) -> dict[str, torch.Tensor]:
+    """A copy of a text batch with `probability` of its real tokens (not the first and last,
+    i.e. [CLS]/[SEP]) replaced by `mask_token_id`; the originals become `labels`."""
+    ids = batch["input_ids"]
+    real = batch.get("attention_mask", torch.ones_like(ids)).bool().clone()
+    last = real.long().cumsum(1).argmax(1)
+    real[:, 0] = False
+    real[torch.arange(len(ids)), last] = False
+    chosen = real & (torch.rand(ids.shape, generator=generator) < probability)
+    if not chosen.any():  # never a batch with nothing to predict
+        chosen = real
+    return {
+        **batch,
+        "input_ids": ids.masked_fill(chosen, mask_token_id),
+        "labels": ids.masked_fill(~chosen, IGNORE_INDEX),
+    }
+
+
+def warmup_updates(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    steps: int,
+    loss_fn: LossFn | None = None,
+    *,
+    lr: float = 1e-4,
+    optimizer: str = "adamw",
+    mask_token_id: int | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """W_K - W_0 of every target after `steps` steps of training a copy of the dense model.
+
+    `loss_fn` defaults to `warmup_loss` (the model's own objective). `model` is not changed.
+    """
+    if steps < 1:
+        raise DlncError(f"`warmup_steps` must be >= 1, got {steps}")
+    if not batches:
+        raise DlncError("a warm-up run needs data: give --data")
+    has_labels = "labels" in batches[0]
+    loss_fn = loss_fn or warmup_loss(model, has_labels, mask_token_id)
+    names = dict(model.named_modules())
+    paths = {name: _path_of(names, module) for name, module in targets.items()}
+    work = copy.deepcopy(model).train()
+    opt = _optimizer(work, optimizer, lr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            loss = loss_fn(work, batch if has_labels else forward_inputs(batch))
+            if not torch.isfinite(loss):
+                raise DlncError(f"the warm-up loss is {float(loss)} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(work.parameters(), 1.0)
+            opt.step()
+            if progress:
+                progress("warm-up", step + 1, steps)
+    moved = dict(work.named_modules())
+    return {
+        name: (dense_weight_of(moved[paths[name]]).detach().float()
+               - dense_weight_of(module).detach().float()).contiguous()
+        for name, module in targets.items()
+    }  # fmt: skip
+
+
+def _path_of(names: Mapping[str, nn.Module], module: nn.Module) -> str:
+    return next(n for n, m in names.items() if m is module)
+
+
+def _optimizer(model: nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise DlncError(f"`optimizer` must be adamw or sgd, got {kind!r}")
+
+
+def update_rank(
+    update_spectrum: torch.Tensor,
+    weight_spectrum: torch.Tensor,
+    tau: float = 0.9,
+    floor: float = 1e-4,
+) -> int:
+    """The rank an update needs: its energy rank at `tau`, counting only singular values
+    above `floor` times the weight's largest (a layer that did not move has rank 0)."""
+    s = update_spectrum.double()
+    top = float(weight_spectrum[0]) if weight_spectrum.numel() else 0.0
+    return energy_rank(s[s > floor * top], tau) if s.numel() else 0
+
+
+def joint_subspace(
+    w: torch.Tensor, update: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input directions carrying both the weight and its update: the right singular vectors
+    (and singular values) of [W / ||W||_F ; dW / ||dW||_F], stacked by rows, in float64.
+
+    Its top-k right singular vectors Q give the rank-k weight W Q Q^T, which keeps W exactly
+    on the directions the update moves in (the seed's 2r). Without an update (or a zero one)
+    this is the plain SVD of W, scaled.
+    """
+    w64 = w.detach().double()
+    parts = [w64 / max(float(w64.norm()), 1e-30)]
+    if update is not None and float(update.norm()) > 0:
+        u64 = update.detach().double()
+        parts.append(u64 / float(u64.norm()))
+    _, s, vh = torch.linalg.svd(torch.cat(parts), full_matrices=False)
+    return s, vh

@@ -1,0 +1,119 @@
+"""Ranks from learning dynamics: planted low-rank changes are found, by a warm-up run and by
+a reference checkpoint; a model with no objective gets a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.checkpoint import load_checkpoint
+from compressor.dynamics import (
+    joint_subspace,
+    reference_updates,
+    update_rank,
+    warmup_loss,
+    warmup_updates,
+)
+from compressor.errors import DlncError
+from compressor.linalg import singular_values
+from compressor.targets import find_targets
+from tests.conftest import build_tiny
+
+
+class Heads(nn.Module):
+    """Three independent linear heads under one MSE loss: a change planted in one head is
+    felt by that head only (in a sequential net every layer would share the fix)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(3))
+
+    def forward(self, x, labels=None):
+        y = torch.cat([h(x) for h in self.branches], -1)
+        return {"logits": y, "loss": None if labels is None else F.mse_loss(y, labels)}
+
+
+def low_rank(out_f: int, in_f: int, values: list[float], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(out_f, len(values), generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(in_f, len(values), generator=g))
+    return q1 @ torch.diag(torch.tensor(values)) @ q2.T
+
+
+def ranks_of(updates, targets) -> dict[str, int]:
+    return {
+        n: update_rank(singular_values(d), singular_values(targets[n].weight))
+        for n, d in updates.items()
+    }
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_warmup_finds_a_planted_rank_3_change(optimizer):
+    torch.manual_seed(0)
+    student, teacher = Heads(), Heads()
+    teacher.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        teacher.branches[1].weight += low_rank(16, 16, [1.0, 0.8, 0.6], seed=1)
+        x = torch.randn(8, 32, 16, generator=torch.Generator().manual_seed(2))
+        batches = [{"x": b, "labels": teacher(b)["logits"]} for b in x]
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    targets = find_targets(student)
+    lr = 1e-2 if optimizer == "sgd" else 1e-3
+    updates = warmup_updates(student, targets, batches, 40, lr=lr, optimizer=optimizer)
+    assert ranks_of(updates, targets) == {"branches.0": 0, "branches.1": 3, "branches.2": 0}
+    for k, v in student.state_dict().items():  # the model itself is untouched
+        assert torch.equal(v, before[k])
+
+
+def test_reference_checkpoint_pair_reveals_a_known_rank(tmp_path):
+    base = build_tiny("gpt2")
+    base.save_pretrained(tmp_path / "base")
+    tuned = build_tiny("gpt2")
+    layer = "transformer.h.1.mlp.c_fc"  # a Conv1D: weight stored in x out
+    with torch.no_grad():
+        tuned.get_submodule(layer).weight += low_rank(128, 32, [4.0, 3.0, 3.0, 2.0], seed=3).T
+    tuned.save_pretrained(tmp_path / "tuned")
+    model = load_checkpoint(tmp_path / "tuned").model
+    reference = load_checkpoint(tmp_path / "base").model
+    targets = find_targets(model)
+    ranks = ranks_of(reference_updates(targets, reference), targets)
+    assert ranks.pop(layer) == 4
+    assert set(ranks.values()) == {0}
+
+
+def test_reference_of_another_shape_is_an_error():
+    model, other = build_tiny("gpt2"), build_tiny("llama")
+    with pytest.raises(DlncError, match="not in the reference checkpoint"):
+        reference_updates(find_targets(model), other)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_own_objective_of_each_head(family):
+    model = build_tiny(family)
+    batch = {
+        "input_ids": torch.randint(4, 64, (2, 10), generator=torch.Generator().manual_seed(0)),
+        "attention_mask": torch.ones(2, 10, dtype=torch.long),
+    }
+    loss = warmup_loss(model, has_labels=False, mask_token_id=3)(model, batch)
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+
+
+def test_no_objective_is_a_clear_error():
+    from transformers import BertConfig, BertModel
+
+    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, vocab_size=64))  # fmt: skip
+    with pytest.raises(DlncError, match=r"BertModel has no training objective.*--method whiten"):
+        warmup_loss(encoder, has_labels=False)
+
+
+def test_joint_subspace_holds_weight_and_update_directions():
+    w = low_rank(20, 30, [5.0, 4.0], seed=5)
+    dw = low_rank(20, 30, [1.0], seed=6)
+    s, vh = joint_subspace(w, dw)
+    assert int((s > 1e-6).sum()) == 3  # the 2 + 1 directions, nothing else
+    q = vh[:3].T
+    torch.testing.assert_close(w.double() @ q @ q.T, w.double())
+    torch.testing.assert_close(dw.double() @ q @ q.T, dw.double())
