@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,10 +15,17 @@ from compressor.compress import CompressionReport, ProgressFn, compress_, layer_
 from compressor.errors import DlncError
 from compressor.export import check_output_dir, default_output_dir, disk_size, export
 from compressor.ranks import RankPolicy
-from compressor.targets import find_targets
+from compressor.targets import find_targets, matches
 from compressor.tensor_model import TENSOR_MODE_EXCLUDE
 
-__all__ = ["CompressOptions", "CompressResult", "compress_checkpoint", "select_targets"]
+__all__ = [
+    "CompressOptions",
+    "CompressResult",
+    "check_patterns",
+    "compress_checkpoint",
+    "expand_overrides",
+    "select_targets",
+]
 
 
 @dataclass
@@ -36,6 +43,8 @@ class CompressOptions:
     merge: bool = False  # export dense weights instead of factors
     overwrite: bool = False  # replace an existing output folder
     max_shard_size: str = "2GB"  # shard the exported weights above this size
+    origins: dict[str, str] = field(default_factory=dict)  # include/exclude/overrides: from where
+    recipe: dict | None = None  # the recipe these options came from, recorded in report.json
 
     def __post_init__(self) -> None:
         if self.depth < 2:
@@ -53,14 +62,45 @@ class CompressResult:
 
 
 def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[str, nn.Module]:
-    """The layers to compress; in tensor mode embedding-like names are left alone too."""
+    """The layers to compress; in tensor mode embedding-like names are left alone too.
+
+    Every include/exclude pattern must match a module, and every rank override a target:
+    a typo is an error naming the pattern and where it came from, not a silent no-op."""
+    check_patterns(loaded.model, options)
     exclude = list(options.exclude)
     if loaded.tensor_mode:
         exclude += TENSOR_MODE_EXCLUDE
     targets = find_targets(loaded.model, options.include, exclude)
     if not targets:
         raise DlncError("no layer to compress: the include/exclude patterns matched nothing")
+    _check_overrides(options, targets)
     return targets
+
+
+def check_patterns(model: nn.Module, options: CompressOptions) -> None:
+    """Raise a `DlncError` for an include/exclude pattern that matches no module of `model`."""
+    names = [n for n, _ in model.named_modules() if n]
+    for key in ("include", "exclude"):
+        for pattern in getattr(options, key) or ():
+            if not any(matches(n, pattern) for n in names):
+                where = options.origins.get(key, f"--{key}")
+                raise DlncError(f"{where}: {pattern!r} matches no module of this model")
+
+
+def _check_overrides(options: CompressOptions, targets: dict[str, nn.Module]) -> None:
+    for pattern in options.policy.overrides:
+        if not any(matches(n, pattern) for n in targets):
+            where = options.origins.get("overrides", "rank overrides")
+            raise DlncError(f"{where}: {pattern!r} matches no targeted layer")
+
+
+def expand_overrides(policy: RankPolicy, names: list[str]) -> RankPolicy:
+    """The policy with override patterns (names, suffixes, `re:`) turned into full layer
+    names; where two patterns match one layer, the later one wins."""
+    expanded: dict[str, int] = {}
+    for pattern, rank in policy.overrides.items():
+        expanded.update({n: rank for n in names if matches(n, pattern)})
+    return replace(policy, overrides=expanded)
 
 
 def compress_checkpoint(
@@ -79,8 +119,9 @@ def compress_checkpoint(
     total_before = _count_params(loaded.model)
     targets = select_targets(loaded, options)
     spectra = layer_spectra(targets, progress)
+    policy = expand_overrides(options.policy, list(targets))
     report = compress_(
-        loaded.model, targets, options.policy, options.depth, spectra=spectra, progress=progress
+        loaded.model, targets, policy, options.depth, spectra=spectra, progress=progress
     )
     summary = build_report(loaded, report, total_before, options)
     written = export(
@@ -109,6 +150,7 @@ def build_report(
         "model_type": loaded.model_type,
         "tensor_mode": loaded.tensor_mode,
         "policy": _policy_dict(options.policy),
+        "recipe": options.recipe,
         "merged": options.merge,
         **report.to_dict(),
         "model_params_before": total_before,
