@@ -61,6 +61,7 @@ def load_checkpoint(
     if not path.exists():
         raise DlncError(f"{path}: no such file or folder")
     folder, files = _weight_files(path, allow_pickle)
+    _validate(files)
     config_file = Path(config) if config else folder / "config.json"
     if config and not config_file.is_file():
         raise DlncError(f"{config_file}: no such config file")
@@ -106,6 +107,22 @@ def _check_format(path: Path, allow_pickle: bool) -> None:
             "convert it to safetensors, or pass --allow-pickle if you trust its source"
         )
     raise DlncError(f"{path.name}: not a safetensors file (give a .safetensors file or a folder)")
+
+
+def _validate(files: list[Path]) -> None:
+    """Open each safetensors file's header: a damaged or truncated file fails here, cheaply."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        if not f.is_file():
+            raise DlncError(f"{f}: weight file listed in the index is missing")
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(f, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DlncError(f"{f.name}: not a valid safetensors file ({_first_line(e)})") from e
 
 
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:

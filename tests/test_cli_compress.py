@@ -1,0 +1,223 @@
+"""`dlnc compress` and `dlnc inspect` through the CLI: results, and every bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny, example_inputs, outputs, tree_snapshot
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cli.main import app
+from compressor.export import load_pretrained
+from compressor.surgery import factorized_layers
+from compressor.targets import find_targets
+
+runner = CliRunner()
+
+
+def dlnc(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def plant_rank(model, rank):
+    """Make every targeted weight exactly rank `rank`."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in find_targets(model).values():
+            a, b = module.weight.shape
+            module.weight.copy_(
+                torch.randn(a, rank, generator=g) @ torch.randn(rank, b, generator=g)
+            )
+    return model
+
+
+def test_version():
+    result = dlnc("--version")
+    assert result.exit_code == 0 and result.output.startswith("dlnc 0.")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_exact_rank_k_model_is_reproduced_through_the_cli(family, tmp_path):
+    model = plant_rank(build_tiny(family), 3)
+    model.save_pretrained(tmp_path / "in")
+    result = dlnc("compress", tmp_path / "in", "--rank", 3, "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert all(r["rank"] == 3 and r["rel_error"] < 1e-5 for r in report["layers"])
+    reloaded = load_pretrained(tmp_path / "out")
+    assert len(factorized_layers(reloaded)) == len(report["layers"])
+    inputs = example_inputs(family)
+    torch.testing.assert_close(
+        outputs(reloaded, inputs), outputs(model, inputs), atol=2e-5, rtol=1e-4
+    )
+
+
+def test_default_output_beside_a_bare_file_and_the_report(tiny_model):
+    _, folder = tiny_model("bert")
+    before = tree_snapshot(folder)
+    result = dlnc("compress", folder / "model.safetensors")
+    assert result.exit_code == 0, result.output
+    out = folder / "model-dlnc"
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["targeted_params_after"] <= 0.5 * report["targeted_params_before"]
+    assert report["bytes_after"] < report["bytes_before"]
+    assert "targeted layers" in report["notes"]["targeted_keep"]
+    assert "totals" in result.output and "wrote" in result.output
+    after = tree_snapshot(folder)
+    assert {k: v for k, v in after.items() if not k.startswith("model-dlnc")} == before
+
+
+def test_terminal_table_and_json_report_agree(tiny_model, tmp_path):
+    _, folder = tiny_model("gpt2")
+    result = dlnc("compress", folder, "--energy", "0.8", "--out", tmp_path / "o", "--json")
+    report = json.loads(result.output)
+    on_disk = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert {k: v for k, v in report.items() if k != "out_dir"} == on_disk
+    assert report["policy"]["energy"] == 0.8
+
+
+def test_tokenizer_side_files_are_copied(tiny_model, tmp_path):
+    _, folder = tiny_model("bert")
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text("{}")
+    (folder / "notes.txt").write_text("unrelated")
+    assert dlnc("compress", folder, "--rank", 4, "--out", tmp_path / "o").exit_code == 0
+    copied = {p.name for p in (tmp_path / "o").iterdir()}
+    assert {"vocab.txt", "1_Pooling"} <= copied and "notes.txt" not in copied
+
+
+def test_merge_flag_exports_dense_weights(tiny_model, tmp_path):
+    _, folder = tiny_model("gpt2")
+    assert dlnc("compress", folder, "--rank", 4, "--merge", "--out", tmp_path / "o").exit_code == 0
+    state = load_file(tmp_path / "o" / "model.safetensors")
+    assert state["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D layout
+
+
+def test_inspect_prints_statistics_json_and_a_plot(tiny_model, tmp_path):
+    _, folder = tiny_model("llama")
+    result = dlnc("inspect", folder, "--json")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.output)["layers"]
+    assert len(layers) == 14
+    k = next(r for r in layers if r["name"].endswith("k_proj"))
+    assert k["shape"] == [16, 32] and k["breakeven_rank"] == pytest.approx(32 * 16 / 48)
+    assert 1 <= k["energy_rank_90"] <= k["energy_rank_99"] <= 16
+    png = tmp_path / "spectra.png"
+    assert dlnc("inspect", folder, "--plot", png).exit_code == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensor_mode_is_announced(tiny_mlp, tmp_path):
+    _, path = tiny_mlp
+    result = dlnc("compress", path, "--rank", 3, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "tensor mode" in result.output
+
+
+def _write_bad(kind, tmp_path, tiny_model):
+    """Make a bad input of the given kind; returns (path, extra args)."""
+    if kind == "missing":
+        return tmp_path / "nope.safetensors", []
+    if kind == "not-safetensors":
+        p = tmp_path / "model.txt"
+        p.write_text("hello")
+        return p, []
+    if kind == "pickle":
+        p = tmp_path / "model.bin"
+        torch.save({"w": torch.zeros(2, 2)}, p)
+        return p, []
+    _, folder = tiny_model("gpt2")
+    weights = folder / "model.safetensors"
+    if kind == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif kind == "config-mismatch":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["n_embd"] = 64
+        (folder / "config.json").write_text(json.dumps(cfg))
+    elif kind == "unknown-arch":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["model_type"] = "no-such-model"
+        (folder / "config.json").write_text(json.dumps(cfg))
+    elif kind == "nan":
+        state = load_file(weights)
+        state["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+        save_file(state, weights, metadata={"format": "pt"})
+    elif kind in ("rank-0", "rank-too-big", "keep-too-big"):
+        return folder, {"rank-0": ["--rank", 0], "rank-too-big": ["--rank", 33],
+                        "keep-too-big": ["--keep", 1.5]}[kind]  # fmt: skip
+    elif kind == "existing-output":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+    return folder, []
+
+
+BAD = {
+    "missing": "no such file",
+    "not-safetensors": "not a safetensors file",
+    "pickle": "pickle",
+    "truncated": "not a valid safetensors file",
+    "config-mismatch": "do not match the config",
+    "unknown-arch": "unknown architecture",
+    "nan": "NaN or Inf",
+    "rank-0": "`rank` must be >= 1",
+    "rank-too-big": "out of range",
+    "keep-too-big": "`keep` must be in (0, 1)",
+    "existing-output": "already exists",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_input_one_line_error_nonzero_exit_nothing_written(kind, tmp_path, tiny_model):
+    path, extra = _write_bad(kind, tmp_path, tiny_model)
+    watched = path.parent if path.exists() else tmp_path
+    before = tree_snapshot(watched)
+    out = tmp_path / "out"
+    result = dlnc("compress", path, "--out", out, *extra)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert BAD[kind] in lines[0]
+    assert "Traceback" not in result.output
+    assert tree_snapshot(watched) == before  # the input is untouched
+    if kind == "existing-output":
+        assert (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]  # no half-written export left
+
+
+def test_pickle_is_accepted_when_allowed(tmp_path):
+    model = build_tiny("gpt2")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    model.config.architectures = ["GPT2LMHeadModel"]
+    model.config.to_json_file(folder / "config.json")
+    refused = dlnc("compress", folder, "--out", tmp_path / "o")
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.stderr
+    allowed = dlnc("compress", folder, "--allow-pickle", "--rank", 4, "--out", tmp_path / "o")
+    assert allowed.exit_code == 0, allowed.output
+    inputs = example_inputs("gpt2")
+    reloaded = load_pretrained(tmp_path / "o")
+    assert outputs(reloaded, inputs).shape == outputs(model, inputs).shape
+
+
+def test_overwrite_replaces_an_existing_output(tiny_model, tmp_path):
+    _, folder = tiny_model("bert")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    result = dlnc("compress", folder, "--rank", 4, "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_output_inside_the_input_is_refused(tiny_model):
+    _, folder = tiny_model("bert")
+    result = dlnc("compress", folder, "--out", folder, "--overwrite")
+    assert result.exit_code == 1 and "replace the input" in result.stderr
+    assert (folder / "model.safetensors").is_file()
