@@ -14,6 +14,7 @@ from compressor.checkpoint import LoadedCheckpoint, load_checkpoint
 from compressor.compress import CompressionReport, ProgressFn, compress_, layer_spectra
 from compressor.errors import DlncError
 from compressor.export import check_output_dir, default_output_dir, disk_size, export
+from compressor.planning import AwareOptions, make_plan
 from compressor.ranks import RankPolicy
 from compressor.targets import find_targets, matches
 from compressor.tensor_model import TENSOR_MODE_EXCLUDE
@@ -45,6 +46,7 @@ class CompressOptions:
     max_shard_size: str = "2GB"  # shard the exported weights above this size
     origins: dict[str, str] = field(default_factory=dict)  # include/exclude/overrides: from where
     recipe: dict | None = None  # the recipe these options came from, recorded in report.json
+    aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
 
     def __post_init__(self) -> None:
         if self.depth < 2:
@@ -118,10 +120,10 @@ def compress_checkpoint(
     )
     total_before = _count_params(loaded.model)
     targets = select_targets(loaded, options)
-    spectra = layer_spectra(targets, progress)
+    spectra, method_kwargs = _method_inputs(loaded, targets, options, progress)
     policy = expand_overrides(options.policy, list(targets))
     report = compress_(
-        loaded.model, targets, policy, options.depth, spectra=spectra, progress=progress
+        loaded.model, targets, policy, options.depth, progress=progress, **method_kwargs
     )
     summary = build_report(loaded, report, total_before, options)
     written = export(
@@ -138,6 +140,17 @@ def compress_checkpoint(
     summary["bytes_after"] = weights_size(written)
     _rewrite_json(written / "report.json", summary)
     return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def _method_inputs(loaded, targets, options: CompressOptions, progress) -> tuple[dict, dict]:
+    """The weights' spectra, and `compress_`'s spectra/factor_fn/method: plain SVD, or a
+    data-aware plan (whiten, dynamics) built from `options.aware`."""
+    if options.aware is None or options.aware.method == "svd":
+        spectra = layer_spectra(targets, progress)
+        return spectra, {"spectra": spectra}
+    plan, _ = make_plan(loaded, targets, options.aware, progress)
+    kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method}
+    return plan.weight_spectra, kwargs
 
 
 def build_report(
