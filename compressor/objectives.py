@@ -39,7 +39,11 @@ NOT_INPUTS = ("labels", "mlm_labels", "special_tokens_mask")  # batch keys the m
 _TASK_SUFFIXES = {
     "causal_lm": ("ForCausalLM", "LMHeadModel"),
     "masked_lm": ("ForMaskedLM",),
-    "classification": ("ForSequenceClassification",),
+    "classification": (
+        "ForSequenceClassification",
+        "ForImageClassification",
+        "ForAudioClassification",
+    ),
 }
 
 

@@ -1,0 +1,111 @@
+"""Losses: the maths on bare tensors, and which objective applies to which model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny
+from finetune_helpers import compressed, token_batches
+
+from compressor.errors import DlncError
+from compressor.objectives import (
+    build_objective,
+    hidden_mse,
+    kl_logits,
+    mask_tokens,
+    task_of,
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "task"),
+    [("gpt2", "causal_lm"), ("llama", "causal_lm"), ("bert", "masked_lm"),
+     ("vit", "classification")],
+)  # fmt: skip
+def test_task_of_reads_the_head(family, task):
+    assert task_of(build_tiny(family)) == task
+
+
+def test_task_of_a_bare_encoder_is_none():
+    assert task_of(build_tiny("bert").bert) is None
+
+
+def test_kl_is_zero_on_equal_logits_and_matches_torch_otherwise():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert kl_logits(t, t, mask, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    expected = (
+        F.kl_div(
+            F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="sum"
+        )
+        / 10
+        * 4
+    )  # per token, times T^2
+    torch.testing.assert_close(kl_logits(s, t, mask, 2.0), expected)
+
+
+def test_padding_does_not_count():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 4, 3, generator=g), torch.randn(1, 4, 3, generator=g)
+    mask = torch.tensor([[True, True, False, False]])
+    garbage_s, garbage_t = s.clone(), t.clone()
+    garbage_s[0, 2:] += 100.0
+    torch.testing.assert_close(
+        kl_logits(garbage_s, garbage_t, mask, 1.0), kl_logits(s, t, mask, 1.0)
+    )
+    torch.testing.assert_close(hidden_mse(garbage_s, t, mask), hidden_mse(s, t, mask))
+    torch.testing.assert_close(hidden_mse(s, t, mask), (s - t)[0, :2].pow(2).mean())
+
+
+def test_mask_tokens_never_masks_specials_or_padding():
+    batch = token_batches(1, rows=8, length=12, pad_last=True)[0]
+    out = mask_tokens(batch, mask_token_id=99, probability=1.0)
+    masked = out["input_ids"] == 99
+    assert not masked[:, 0].any() and not masked[:-1, -1].any()  # [CLS], [SEP] of full rows
+    assert not masked[-1, 5:].any()  # last real token of the padded row, and its padding
+    assert masked[:, 1:5].all()
+    assert (out["mlm_labels"][masked] == batch["input_ids"][masked]).all()
+    assert (out["mlm_labels"][~masked] == -100).all()
+
+
+def test_mix_is_the_weighted_sum():
+    teacher = build_tiny("gpt2")
+    student = compressed(teacher)
+    batch = token_batches(1)[0]
+    mix = build_objective("mix", student, teacher, mix_weight=0.3)
+    parts = mix(student, batch, teacher)
+    assert parts.loss.item() == pytest.approx(
+        0.3 * parts.parts["distill"] + 0.7 * parts.parts["task"]
+    )
+    assert "KL on logits" in mix.describe() and "causal lm" in mix.describe()
+
+
+def test_encoder_without_head_distils_hidden_states():
+    teacher = build_tiny("bert").bert
+    objective = build_objective("distill", compressed(teacher), teacher)
+    assert objective.distill_on == "hidden"
+
+
+@pytest.mark.parametrize(
+    ("kind", "student", "teacher", "labels", "message"),
+    [
+        ("distill", "gpt2", None, False, "give --teacher"),
+        ("task", "encoder", None, False, "has no task head"),
+        ("task", "vit", None, False, "needs labels"),
+        ("distill", "gpt2", "encoder", False, "the teacher needs the same head"),
+        ("task", "gpt2", None, False, None),
+        ("task", "vit", None, True, None),
+    ],
+)
+def test_what_applies_and_what_does_not(kind, student, teacher, labels, message):
+    def make(name):
+        return build_tiny("bert").bert if name == "encoder" else build_tiny(name)
+
+    teacher_model = make(teacher) if teacher else None
+    if message is None:
+        assert build_objective(kind, make(student), teacher_model, has_labels=labels).kind == kind
+        return
+    with pytest.raises(DlncError, match=message):
+        build_objective(kind, make(student), teacher_model, has_labels=labels)
