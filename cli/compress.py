@@ -25,11 +25,18 @@ def compress(
         Path | None,
         typer.Option("--out", "-o", help="Output folder [default: <input>-dlnc beside the input]."),
     ] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="Defaults for the model family: auto (by config.json's model_type), a shipped "
+            "name (dlnc recipes list) or a .yaml file. Flags given here override its values."
+        ),
+    ] = "auto",
     keep: Annotated[
         float | None,
         typer.Option(
             help="Fraction of the targeted layers' weight parameters to keep, in (0, 1); "
-            "allocated across layers by their spectra. [default: 0.5 when no rank option is given]"
+            "allocated across layers by their spectra. [default: from the recipe]"
         ),
     ] = None,
     energy: Annotated[
@@ -37,13 +44,21 @@ def compress(
         typer.Option(help="Per layer, keep this fraction of the spectral energy sum s_i^2."),
     ] = None,
     rank: Annotated[int | None, typer.Option(help="One rank for every targeted layer.")] = None,
-    depth: Annotated[int, typer.Option(help="Chain depth L >= 2 (export collapses to 2).")] = 2,
-    multiple: Annotated[int, typer.Option(help="Round ranks to a multiple of this.")] = 1,
+    depth: Annotated[
+        int | None,
+        typer.Option(help="Chain depth L >= 2 (export collapses to 2). [default: from the recipe]"),
+    ] = None,
+    multiple: Annotated[
+        int | None,
+        typer.Option(help="Round ranks to a multiple of this. [default: from the recipe]"),
+    ] = None,
     include: Annotated[
-        list[str] | None, typer.Option(help="Compress only these modules (name or re:REGEX).")
+        list[str] | None,
+        typer.Option(help="Compress only these modules (name or re:REGEX); replaces the recipe's."),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option(help="Leave these modules alone (name or re:REGEX).")
+        list[str] | None,
+        typer.Option(help="Leave these modules alone (name or re:REGEX); replaces the recipe's."),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="config.json for a bare weights file.")
@@ -72,19 +87,27 @@ def compress(
     Ratios: --keep is a fraction of the weight parameters of the *targeted* layers only
     (embeddings, heads and norms are untouched); --energy is per layer.
     """
-    from compressor.pipeline import CompressOptions, compress_checkpoint
-    from compressor.ranks import RankPolicy
+    from compressor.pipeline import compress_checkpoint
+    from compressor.recipe import apply_overrides, choose_recipe, compress_options
 
     quiet_libraries()
     with user_errors():
-        if all(v is None for v in (keep, energy, rank)):
-            keep = 0.5
-        policy = RankPolicy(rank=rank, energy=energy, keep=keep, multiple=multiple)
-        options = CompressOptions(
-            policy=policy,
-            depth=depth,
-            include=include or None,
-            exclude=exclude or [],
+        chosen, source = choose_recipe(recipe, model, config, tensor_mode)
+        flags = {
+            "ranks.keep": keep,
+            "ranks.energy": energy,
+            "ranks.rank": rank,
+            "ranks.multiple": multiple,
+            "chain.depth": depth,
+            "targets.include": include or None,
+            "targets.exclude": exclude or None,
+        }
+        chosen = apply_overrides(chosen, flags)
+        print_recipe(chosen.name, source, json_out)
+        options = compress_options(
+            chosen,
+            source,
+            from_flags=[k for k, v in flags.items() if v is not None],
             config=config,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
@@ -109,6 +132,16 @@ def compress(
     console.print(layer_table(result.report))
     console.print(totals_table(result.report))
     console.print(f"wrote {result.out_dir}" + (f" and {plot}" if plot else ""))
+
+
+def print_recipe(name: str, source, json_out: bool) -> None:
+    """Which recipe is in force, and the fallback warning (with --json: in the report only)."""
+    if json_out:
+        return
+    console = Console()
+    console.print(f"recipe: {name} ({source.picked_by}: {source.path})")
+    if source.warning:
+        console.print(f"[yellow]warning:[/] {source.warning}")
 
 
 def layer_table(report: dict) -> Table:

@@ -1,0 +1,499 @@
+"""Recipes: per-architecture defaults, read from YAML into validated objects.
+
+A recipe says which modules to compress (`targets`), how to choose their ranks (`ranks`), the
+chain depth and discrepant learning rate (`chain`) and the fine-tuning defaults (`finetune`).
+The shipped recipes are `recipes/*.yaml`; a user's own YAML file is read the same way. Every
+section forbids unknown keys, so a typo is an error that names the key, never a silent default.
+
+Precedence, highest first:
+  1. a command-line flag that was given (`--keep`, `--include`, `--depth`, ...);
+  2. the recipe's value;
+  3. the schema's built-in default (the field defaults below).
+`--keep`, `--energy` and `--rank` are one choice: giving any of them replaces the recipe's
+whole budget (recipe `keep: 0.6` + `--energy 0.9` -> energy 0.9, no keep). An explicit
+`--rank N` is used as given: the recipe's `multiple` rounding applies to it only when
+`--multiple` is given too. A list flag
+(`--include`, `--exclude`) replaces the recipe's list; it is not appended to it. Per-module
+`ranks.overrides` stay in force under any budget flag. Heads (the LM head, classifiers,
+poolers) are always left alone (`targets.DEFAULT_EXCLUDE`); recipes need not list them.
+
+`--recipe auto` picks by the checkpoint's `model_type` (`select_recipe`); an unknown family
+gets the `generic` recipe with a warning, and tensor mode (no config) gets it silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from compressor.errors import DlncError
+
+__all__ = [
+    "FLAG_NAMES",
+    "GENERIC",
+    "Chain",
+    "Finetune",
+    "Ranks",
+    "Recipe",
+    "RecipeSource",
+    "Targets",
+    "apply_overrides",
+    "checkpoint_model_type",
+    "choose_recipe",
+    "compress_options",
+    "data_options",
+    "find_recipe",
+    "finetune_config",
+    "load_recipe",
+    "parse_recipe",
+    "rank_policy",
+    "recipe_names",
+    "recipe_record",
+    "recipe_to_yaml",
+    "recipes_dir",
+    "select_recipe",
+]
+
+GENERIC = "generic"
+"""The fallback recipe: every dense layer but embeddings and heads."""
+
+METHODS = ("svd", "whiten", "dynamics")
+OBJECTIVES = ("distill", "task", "mix")
+
+FLAG_NAMES = {
+    "targets.include": "--include",
+    "targets.exclude": "--exclude",
+    "ranks.method": "--method",
+    "ranks.keep": "--keep",
+    "ranks.energy": "--energy",
+    "ranks.rank": "--rank",
+    "ranks.multiple": "--multiple",
+    "chain.depth": "--depth",
+    "chain.outer_lr_scale": "--outer-lr-scale",
+    "finetune.objective": "--objective",
+    "finetune.lr": "--lr",
+    "finetune.steps": "--finetune-steps",
+    "finetune.batch_size": "--batch-size",
+    "finetune.max_length": "--max-length",
+}
+"""The command-line flag that overrides each recipe key (named in error messages)."""
+
+BUDGET_KEYS = ("keep", "energy", "rank")
+
+
+class _Section(BaseModel):
+    # strict: a quoted number or a float rank is a wrong type, not something to coerce
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _at_least(low: int) -> AfterValidator:
+    def check(value: int, info: ValidationInfo) -> int:
+        if value < low:
+            raise ValueError(f"`{info.field_name}` must be >= {low}, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _positive() -> AfterValidator:
+    def check(value: float, info: ValidationInfo) -> float:
+        if not value > 0:
+            raise ValueError(f"`{info.field_name}` must be > 0, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _in(low: float, high: float, close: str) -> AfterValidator:
+    """An interval open at `low`, closed at `high` when `close` is "]"."""
+
+    def check(value: float, info: ValidationInfo) -> float:
+        if not (low < value < high or (close == "]" and value == high)):
+            raise ValueError(f"`{info.field_name}` must be in ({low}, {high}{close}, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _check_pattern(pattern: str) -> str:
+    if not pattern:
+        raise ValueError("empty pattern")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"bad regex {pattern!r} ({e})") from None
+    return pattern
+
+
+class Targets(_Section):
+    """Which dense layers to compress; names match a module or a dotted suffix of it."""
+
+    include: list[str] | None = None  # names or `re:` regexes; None: every Linear/Conv1D
+    exclude: list[str] = Field(default_factory=list)  # names or `re:` regexes to leave alone
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [_check_pattern(p) for p in value]
+
+
+class Ranks(_Section):
+    """How ranks are chosen: exactly one of `keep`, `energy`, `rank`."""
+
+    method: Literal["svd", "whiten", "dynamics"] = "svd"  # spectral init: data-free or data-aware
+    keep: Annotated[float, _in(0, 1, ")")] | None = None  # fraction of targeted weights kept
+    energy: Annotated[float, _in(0, 1, "]")] | None = None  # per-layer spectral energy kept
+    rank: Annotated[int, _at_least(1)] | None = None  # one rank for every layer
+    multiple: Annotated[int, _at_least(1)] = 1  # round every rank to a multiple of this
+    overrides: dict[str, Annotated[int, _at_least(1)]] = Field(
+        default_factory=dict
+    )  # pattern: rank
+    dense_at_breakeven: bool = True  # keep a layer dense when its rank reaches break-even
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_patterns(cls, value: dict[str, int]) -> dict[str, int]:
+        for pattern in value:
+            _check_pattern(pattern)
+        return value
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Ranks:
+        chosen = [k for k in BUDGET_KEYS if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"give exactly one of keep, energy, rank (got {chosen or 'none'})")
+        return self
+
+
+class Chain(_Section):
+    """The factorized chain while it is fine-tuned (export always collapses to 2 factors)."""
+
+    depth: Annotated[int, _at_least(2)] = 2  # number of factors: U, depth-2 square C_i, V
+    outer_lr_scale: Annotated[float, _positive()] = 1.0  # discrepant lr: outer factors x this
+
+
+class Finetune(_Section):
+    """Fine-tuning defaults, used when fine-tuning runs (`--finetune-steps`, `dlnc finetune`)."""
+
+    objective: Literal["distill", "task", "mix"] = "distill"  # loss against the original model
+    lr: Annotated[float, _positive()] = 1e-4  # learning rate of the inner factors
+    steps: Annotated[int, _at_least(1)] = 200  # optimizer steps when fine-tuning runs
+    batch_size: Annotated[int, _at_least(1)] = 8  # samples per step
+    max_length: Annotated[int, _at_least(1)] | None = 128  # tokens per sample (None: images)
+
+
+class Recipe(_Section):
+    """One model family's defaults."""
+
+    name: str  # how `--recipe NAME` and `dlnc recipes show NAME` refer to it
+    description: str = ""  # one line for `dlnc recipes list`
+    model_types: list[str] = Field(default_factory=list)  # config.json model_types it serves
+    targets: Targets = Field(default_factory=Targets)
+    ranks: Ranks = Field(default_factory=lambda: Ranks(keep=0.5))
+    chain: Chain = Field(default_factory=Chain)
+    finetune: Finetune = Field(default_factory=Finetune)
+
+
+# ---- reading and writing ------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
+    """A validated `Recipe` from YAML text; errors name `where` and the key path."""
+    try:
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        raise DlncError(f"recipe {where}: not valid YAML ({at}{getattr(e, 'problem', e)})") from e
+    if not isinstance(data, dict):
+        raise DlncError(f"recipe {where}: expected a mapping of keys (name, targets, ranks, ...)")
+    data.setdefault("name", Path(where).stem)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise DlncError(f"recipe {where}: {_explain(e)}") from e
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The recipe as YAML, every key spelled out (defaults included), in schema order."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _explain(error: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """The first problem as `key.path: message`, naming the flag when one supplied the value."""
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key (allowed: {', '.join(_allowed_keys(loc[:-1]))})"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    more = error.error_count() - 1
+    suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+    for path, flag in (flags or {}).items():
+        if key == path or key.startswith(path + "."):
+            return f"{flag}: {message}{suffix}"
+    return f"{key or 'recipe'}: {message}{suffix}"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
+# ---- finding recipes ----------------------------------------------------------------------
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: the repository's `recipes/` beside the package (a checkout or an
+    editable install), else the copy installed as package data (`compressor/recipes`)."""
+    beside = Path(__file__).resolve().parent.parent / "recipes"
+    if beside.is_dir():
+        return beside
+    from importlib.resources import files
+
+    return Path(str(files("compressor") / "recipes"))
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes, sorted."""
+    folder = recipes_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """The YAML file for a shipped recipe name or a user's path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    looks_like_path = path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text
+    if looks_like_path or path.is_file():
+        if not path.is_file():
+            raise DlncError(f"recipe {text}: no such file")
+        return path
+    shipped = recipes_dir() / f"{text}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(recipe_names()) or "none found"
+        raise DlncError(f"no recipe named {text!r}; shipped: {names} (or give a .yaml path)")
+    return shipped
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (`llama`) or a user's YAML file, validated."""
+    path = find_recipe(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DlncError(f"recipe {path}: cannot be read ({e})") from e
+    where = path.name if path.parent == recipes_dir() else str(path)
+    return parse_recipe(text, where)
+
+
+def select_recipe(model_type: str | None) -> tuple[Recipe, str | None]:
+    """The shipped recipe serving `model_type`, and a warning when it falls back to generic.
+
+    `model_type=None` (tensor mode: no architecture) takes the generic recipe without warning.
+    """
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        if model_type is not None and model_type in recipe.model_types:
+            return recipe, None
+    generic = load_recipe(GENERIC)
+    if model_type is None:
+        return generic, None
+    return generic, (
+        f"no recipe for model_type {model_type!r}: using the generic recipe "
+        "(every Linear but embeddings and heads); pass --recipe to choose another"
+    )
+
+
+def checkpoint_model_type(path: str | Path, config: str | Path | None = None) -> str | None:
+    """`model_type` from the checkpoint's config.json without loading the model (None if none)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config_file = Path(config) if config else folder / "config.json"
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_checkpoint reports a missing or broken config properly
+    value = data.get("model_type") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+# ---- recipe + flags -> options --------------------------------------------------------------
+
+
+def apply_overrides(
+    recipe: Recipe, overrides: Mapping[str, Any], flags: Mapping[str, str] | None = None
+) -> Recipe:
+    """The recipe with the given values replaced: `{"ranks.keep": 0.3, "chain.depth": None}`.
+
+    `None` means "not given" and keeps the recipe's value. Giving any of `ranks.keep`,
+    `ranks.energy`, `ranks.rank` clears the other two; `ranks.rank` without `ranks.multiple`
+    also drops the recipe's rounding. Errors name the flag (`FLAG_NAMES`).
+    """
+    flags = {**FLAG_NAMES, **(flags or {})}
+    data = recipe.model_dump()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if any(k in given for k in (f"ranks.{b}" for b in BUDGET_KEYS)):
+        for budget in BUDGET_KEYS:
+            data["ranks"][budget] = None
+    if "ranks.rank" in given and "ranks.multiple" not in given:
+        data["ranks"]["multiple"] = 1  # an explicit --rank is taken as given, not rounded
+    for key, value in given.items():
+        section, _, field = key.partition(".")
+        if section not in data or not isinstance(data[section], dict) or not field:
+            raise DlncError(f"{key}: not a recipe key (use section.key, e.g. ranks.keep)")
+        data[section][field] = list(value) if isinstance(value, tuple) else value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise DlncError(_explain(e, {k: flags.get(k, k) for k in given})) from e
+
+
+@dataclass(frozen=True)
+class RecipeSource:
+    """Where a recipe came from, for messages and report.json."""
+
+    path: str  # the YAML file it was read from
+    picked_by: str  # "auto (model_type llama)", "auto (tensor mode)" or "--recipe"
+    warning: str | None = None  # set when `auto` fell back to the generic recipe
+
+
+def choose_recipe(
+    spec: str, model_path: str | Path, config: str | Path | None = None, tensor_mode: bool = False
+) -> tuple[Recipe, RecipeSource]:
+    """The recipe for `--recipe SPEC`: `auto` picks by the checkpoint's model_type (generic
+    in tensor mode or for an unknown family); anything else is a shipped name or a path."""
+    if spec != "auto":
+        path = find_recipe(spec)
+        return load_recipe(path), RecipeSource(str(path), "--recipe")
+    model_type = None if tensor_mode else checkpoint_model_type(model_path, config)
+    recipe, warning = select_recipe(model_type)
+    how = f"auto (model_type {model_type})" if model_type else "auto (tensor mode)"
+    return recipe, RecipeSource(str(find_recipe(recipe.name)), how, warning)
+
+
+def recipe_record(recipe: Recipe, source: RecipeSource) -> dict:
+    """What report.json records: the recipe's name, file, how it was picked, and the
+    effective values (after command-line overrides)."""
+    return {
+        "name": recipe.name,
+        "path": source.path,
+        "picked_by": source.picked_by,
+        "warning": source.warning,
+        "values": recipe.model_dump(mode="json"),
+    }
+
+
+def compress_options(
+    recipe: Recipe,
+    source: RecipeSource | None = None,
+    from_flags: Collection[str] = (),
+    **runtime: Any,
+):
+    """`CompressOptions` from an (overridden) recipe. `from_flags` lists the keys the command
+    line supplied (named in errors instead of the recipe); `runtime` passes the options a
+    recipe does not hold (config, merge, overwrite, ...)."""
+    from compressor.pipeline import CompressOptions
+
+    origins = {
+        key: FLAG_NAMES[path] if path in from_flags else f"recipe {recipe.name}: {path}"
+        for key, path in (
+            ("include", "targets.include"),
+            ("exclude", "targets.exclude"),
+            ("overrides", "ranks.overrides"),
+        )
+    }
+    record = recipe_record(recipe, source) if source else {"name": recipe.name}
+    include = recipe.targets.include
+    return CompressOptions(
+        policy=rank_policy(recipe.ranks),
+        depth=recipe.chain.depth,
+        include=list(include) if include is not None else None,
+        exclude=list(recipe.targets.exclude),
+        origins=origins,
+        recipe=record,
+        **_method_option(recipe.ranks.method, CompressOptions),
+        **runtime,
+    )
+
+
+def rank_policy(ranks: Ranks):
+    """The `RankPolicy` of a recipe's `ranks` section (override keys are still patterns)."""
+    from compressor.ranks import RankPolicy
+
+    return RankPolicy(
+        rank=ranks.rank,
+        energy=ranks.energy,
+        keep=ranks.keep,
+        multiple=ranks.multiple,
+        overrides=dict(ranks.overrides),
+        dense_at_breakeven=ranks.dense_at_breakeven,
+    )
+
+
+def _method_option(method: str, options_cls: type) -> dict[str, str]:
+    if "method" in {f.name for f in fields(options_cls)}:
+        return {"method": method}
+    if method != "svd":
+        raise DlncError(f"ranks.method {method!r} is not available in this version (use svd)")
+    return {}
+
+
+def finetune_config(recipe: Recipe, **extra: Any):
+    """The `FinetuneConfig` of a recipe: its `finetune` section plus the chain's depth and
+    discrepant learning rate; `extra` sets fields a recipe does not hold (seed, save_every)."""
+    from compressor.finetune import FinetuneConfig
+
+    f = recipe.finetune
+    return FinetuneConfig(
+        steps=f.steps,
+        lr=f.lr,
+        objective=f.objective,
+        outer_lr_scale=recipe.chain.outer_lr_scale,
+        depth=recipe.chain.depth,
+        **extra,
+    )
+
+
+def data_options(recipe: Recipe, path: str | Path, **extra: Any):
+    """The `DataOptions` for fine-tuning data: the recipe's batch size and max length."""
+    from compressor.data import DataOptions
+
+    lengths = (
+        {} if recipe.finetune.max_length is None else {"max_length": recipe.finetune.max_length}
+    )
+    return DataOptions(Path(path), batch_size=recipe.finetune.batch_size, **{**lengths, **extra})
