@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from cli import recipes
 from cli.compress import compress
 from cli.inspect import inspect
 
@@ -37,3 +38,4 @@ def main(
 
 app.command("compress")(compress)
 app.command("inspect")(inspect)
+app.add_typer(recipes.app, name="recipes")

@@ -1,0 +1,65 @@
+"""`dlnc recipes`: the shipped per-family defaults, listed and shown."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.common import user_errors
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Per-family defaults used by `dlnc compress --recipe`.",
+)
+
+
+@app.command("list")
+def list_recipes() -> None:
+    """The shipped recipes: name, the model_types `--recipe auto` picks them for, and budget."""
+    from compressor.recipe import load_recipe, recipe_names, recipes_dir
+
+    with user_errors():
+        recipes = [load_recipe(name) for name in recipe_names()]
+    table = Table(title=f"dlnc recipes ({recipes_dir()})")
+    for col in ("name", "model types", "budget", "depth", "description"):
+        table.add_column(col, overflow="fold")
+    for r in recipes:
+        table.add_row(
+            r.name,
+            ", ".join(r.model_types) or "(fallback, tensor mode)",
+            _budget(r.ranks),
+            str(r.chain.depth),
+            r.description,
+        )
+    Console().print(table)
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="A shipped recipe name, or a path to a .yaml file.")],
+    resolved: Annotated[
+        bool, typer.Option(help="Print every key with its value (defaults included), no comments.")
+    ] = False,
+) -> None:
+    """Print a recipe's YAML (validated first, so a broken file is an error, not a listing)."""
+    from compressor.recipe import find_recipe, load_recipe, recipe_to_yaml
+
+    with user_errors():
+        path = find_recipe(name)
+        recipe = load_recipe(path)
+        text = recipe_to_yaml(recipe) if resolved else path.read_text(encoding="utf-8")
+    typer.echo(text, nl=not text.endswith("\n"))
+
+
+def _budget(ranks) -> str:
+    if ranks.keep is not None:
+        text = f"keep {ranks.keep}"
+    elif ranks.energy is not None:
+        text = f"energy {ranks.energy}"
+    else:
+        text = f"rank {ranks.rank}"
+    return f"{text} ({ranks.method})"
