@@ -27,7 +27,7 @@ from compressor.objectives import (
     token_mask,
 )
 
-__all__ = ["EvalResult", "batch_loader", "evaluate"]
+__all__ = ["EvalResult", "batch_loader", "cpu_launch", "evaluate"]
 
 Batch = dict[str, torch.Tensor]
 _FIELDS = (
@@ -133,7 +133,16 @@ def evaluate(
 def _default_accelerator():
     from accelerate import Accelerator
 
-    return Accelerator()
+    return Accelerator(cpu=cpu_launch())
+
+
+def cpu_launch() -> bool:
+    """True for a multi-process launch (torchrun, `accelerate launch`) on a machine without
+    CUDA: accelerate only sets up gloo data parallelism across CPU processes when told `cpu`."""
+    import os
+
+    world = max(int(os.environ.get(k, "1")) for k in ("WORLD_SIZE", "PMI_SIZE"))
+    return world > 1 and not torch.cuda.is_available()
 
 
 def _usable_task(model: nn.Module, batch: Batch, mask_token_id: int | None) -> str | None:

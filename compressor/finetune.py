@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from compressor.errors import DlncError
-from compressor.evaluate import EvalResult, batch_loader, evaluate
+from compressor.evaluate import EvalResult, batch_loader, cpu_launch, evaluate
 from compressor.layers import FactorizedLinear
 from compressor.objectives import OBJECTIVES, build_objective
 from compressor.surgery import deepen_, factorized_layers
@@ -272,7 +272,9 @@ def _accelerator(config: FinetuneConfig):
     accumulation = GradientAccumulationPlugin(
         num_steps=config.grad_accum, sync_with_dataloader=False
     )  # the step count, not the epoch end, decides when to update: resumes stay exact
-    return Accelerator(mixed_precision=precision, gradient_accumulation_plugin=accumulation)
+    return Accelerator(
+        mixed_precision=precision, gradient_accumulation_plugin=accumulation, cpu=cpu_launch()
+    )
 
 
 def _auto_precision() -> str | None:
