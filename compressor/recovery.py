@@ -1,0 +1,191 @@
+"""From folders on disk to a fine-tuned export: what `dlnc finetune` and
+`dlnc compress --finetune-steps` run around the training loop of `compressor.finetune`.
+
+    options = RecoveryOptions(data=DataOptions("train.txt"), config=FinetuneConfig(steps=300))
+    run = finetune_checkpoint("model-dlnc", "model-dlnc-ft", teacher="model", options=options)
+
+Data comes from `compressor.data`; the held-out part is `eval_data`, or the last
+`eval_fraction` of the samples. Under `accelerate launch` every process runs this; only the
+main process exports (atomically, through `compressor.export.export`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from compressor.data import DataOptions, load_samples, load_tokenizer, make_batches
+from compressor.errors import DlncError
+from compressor.export import check_output_dir, export, load_pretrained
+from compressor.finetune import FinetuneConfig, FinetuneResult, ProgressFn, finetune
+
+__all__ = [
+    "RecoveryOptions",
+    "RecoveryRun",
+    "finetune_checkpoint",
+    "finetune_compressed",
+    "load_model",
+    "recover",
+    "teacher_copy",
+]
+
+
+@dataclass
+class RecoveryOptions:
+    """The fine-tuning run besides the models: data, training config, resumable state."""
+
+    data: DataOptions  # training data (and the held-out part, unless eval_data is given)
+    config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval_data: DataOptions | None = None  # held-out data (None: split eval_fraction off data)
+    eval_fraction: float = 0.1  # share of the samples held out when eval_data is None
+    state_dir: Path | None = None  # checkpoints of the training state (None: <out>.state)
+    resume: bool = False  # continue from the newest checkpoint in state_dir
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise DlncError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class RecoveryRun:
+    """A finished fine-tuning run and where it was written (main process only)."""
+
+    out_dir: Path | None
+    report: dict
+    result: FinetuneResult
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """A dlnc export (with its factorized layers) or an ordinary checkpoint folder."""
+    folder = Path(path)
+    config = folder / "config.json"
+    if config.is_file() and "dlnc" in json.loads(config.read_text()):
+        return load_pretrained(folder)
+    from compressor.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(folder)
+    if loaded.tensor_mode:
+        raise DlncError(f"{folder}: no known architecture; fine-tuning needs a runnable model")
+    return loaded.model
+
+
+def split_batches(options: RecoveryOptions, model_folder: Path):
+    """(train batches, held-out batches, [MASK] token id) from the data options."""
+    data = options.data
+    samples = load_samples(data.path, data.text_field, data.label_field, data.samples, data.seed)
+    tokenizer = load_tokenizer(model_folder, data.tokenizer) if samples.is_text else None
+    if options.eval_data is not None:
+        ev = options.eval_data
+        held = load_samples(ev.path, ev.text_field, ev.label_field, ev.samples, ev.seed)
+        train = samples
+    else:
+        n_eval = round(len(samples) * options.eval_fraction)
+        if n_eval and len(samples) - n_eval < 1:
+            raise DlncError(f"{data.path}: too few samples to hold {n_eval} out for evaluation")
+        train = samples.subset(list(range(len(samples) - n_eval)))
+        held = samples.subset(list(range(len(samples) - n_eval, len(samples)))) if n_eval else None
+    train_batches = make_batches(train, tokenizer, data.max_length, data.batch_size)
+    eval_batches = make_batches(held, tokenizer, data.max_length, data.batch_size) if held else None
+    mask_id = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+    return train_batches, eval_batches, mask_id
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    model_folder: Path,
+    options: RecoveryOptions,
+    state_dir: Path | None,
+    progress: ProgressFn | None = None,
+) -> FinetuneResult:
+    """Load the data (tokenizer from `model_folder`) and fine-tune `student` in place."""
+    train, held, mask_id = split_batches(options, model_folder)
+    return finetune(
+        student,
+        train,
+        teacher=teacher,
+        config=options.config,
+        eval_batches=held,
+        state_dir=state_dir,
+        resume=options.resume,
+        mask_token_id=mask_id,
+        progress=progress,
+    )
+
+
+def finetune_checkpoint(
+    compressed: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    teacher: str | os.PathLike | None = None,
+    options: RecoveryOptions,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> RecoveryRun:
+    """Fine-tune the dlnc export at `compressed` (distilling from the checkpoint at
+    `teacher`) and export the result to `out_dir` with the report's `finetune` section."""
+    compressed, out = Path(compressed), Path(out_dir)
+    if not options.resume:
+        check_output_dir(out, overwrite, compressed)
+    student = load_model(compressed)
+    if not any(True for _ in _factorized(student)):
+        raise DlncError(f"{compressed}: no factorized layers; give a `dlnc compress` output")
+    original = load_model(teacher) if teacher is not None else None
+    state_dir = options.state_dir or out.parent / f"{out.name}.state"
+    result = recover(student, original, compressed, options, state_dir, progress)
+    report = _read_report(compressed)
+    report["finetune"] = {**result.report(), "state_dir": str(state_dir)}
+    if not result.is_main_process:
+        return RecoveryRun(None, report, result)
+    written = export(
+        result.model,
+        out,
+        config=getattr(result.model, "config", None),
+        source=compressed,
+        report=report,
+        method=_method(compressed),
+        overwrite=overwrite or options.resume,
+    )
+    return RecoveryRun(written, report, result)
+
+
+def finetune_compressed(
+    loaded, teacher: nn.Module, out_dir: Path, options: RecoveryOptions, progress=None
+) -> FinetuneResult:
+    """`compress_checkpoint`'s fine-tuning step: train `loaded.model` (just compressed, in
+    memory) against `teacher`; `progress(stage, done, total)` hears the steps."""
+
+    def steps(info) -> None:
+        if progress is not None:
+            progress("finetune", info.step, info.steps)
+
+    state_dir = options.state_dir or out_dir.parent / f"{out_dir.name}.state"
+    result = recover(loaded.model, teacher, loaded.source, options, state_dir, steps)
+    loaded.model = result.model
+    return result
+
+
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of the original model, taken before compression changes it in place."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def _factorized(model: nn.Module):
+    from compressor.surgery import factorized_layers
+
+    return factorized_layers(model).values()
+
+
+def _read_report(folder: Path) -> dict:
+    path = folder / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _method(folder: Path) -> str:
+    section = json.loads((folder / "config.json").read_text()).get("dlnc", {})
+    return section.get("method", "svd")
