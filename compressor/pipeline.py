@@ -16,6 +16,7 @@ from compressor.errors import DlncError
 from compressor.export import check_output_dir, default_output_dir, disk_size, export
 from compressor.planning import AwareOptions, make_plan
 from compressor.ranks import RankPolicy
+from compressor.recovery import RecoveryOptions, finetune_compressed, teacher_copy
 from compressor.targets import find_targets, matches
 from compressor.tensor_model import TENSOR_MODE_EXCLUDE
 
@@ -47,6 +48,7 @@ class CompressOptions:
     origins: dict[str, str] = field(default_factory=dict)  # include/exclude/overrides: from where
     recipe: dict | None = None  # the recipe these options came from, recorded in report.json
     aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
+    finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
 
     def __post_init__(self) -> None:
         if self.depth < 2:
@@ -122,10 +124,16 @@ def compress_checkpoint(
     targets = select_targets(loaded, options)
     spectra, method_kwargs = _method_inputs(loaded, targets, options, progress)
     policy = expand_overrides(options.policy, list(targets))
+    teacher = teacher_copy(loaded.model) if options.finetune is not None else None
     report = compress_(
         loaded.model, targets, policy, options.depth, progress=progress, **method_kwargs
     )
     summary = build_report(loaded, report, total_before, options)
+    if options.finetune is not None:
+        tuned = finetune_compressed(loaded, teacher, out, options.finetune, progress)
+        summary["finetune"] = tuned.report()
+        if not tuned.is_main_process:  # under `accelerate launch` only the main one writes
+            return CompressResult(out, summary, loaded.notices, spectra)
     written = export(
         loaded.model,
         out,
