@@ -138,7 +138,7 @@ def print_recipe(name: str, source, json_out: bool) -> None:
     """Which recipe is in force, and the fallback warning (with --json: in the report only)."""
     if json_out:
         return
-    console = Console()
+    console = Console(soft_wrap=True, highlight=False)  # a path stays whole, copyable
     console.print(f"recipe: {name} ({source.picked_by}: {source.path})")
     if source.warning:
         console.print(f"[yellow]warning:[/] {source.warning}")
