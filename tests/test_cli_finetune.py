@@ -1,0 +1,84 @@
+"""`dlnc finetune` and `dlnc eval` end to end on a tiny GPT-2 (token data as .safetensors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from cli.main import app
+from compressor.export import load_pretrained
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny GPT-2, its `dlnc compress` output and token data (made once)."""
+    tmp_path = tmp_path_factory.mktemp("cli_finetune")
+    original = tmp_path / "gpt2"
+    build_tiny("gpt2").save_pretrained(original)
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "tokens.safetensors"
+    save_file({"input_ids": torch.randint(1, 64, (40, 16), generator=g)}, data)
+    compressed = tmp_path / "small"
+    done = runner.invoke(
+        app, ["compress", str(original), "--out", str(compressed), "--keep", "0.3"]
+    )
+    assert done.exit_code == 0, done.output
+    return original, compressed, data
+
+
+def test_finetune_writes_an_export_with_a_report(setup, tmp_path):
+    original, compressed, data = setup
+    out = tmp_path / "ft"
+    args = ["finetune", str(compressed), "--data", str(data), "--teacher", str(original),
+            "--steps", "6", "--lr", "3e-3", "--out", str(out), "--save-every", "3",
+            "--json"]  # fmt: skip
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    section = json.loads((out / "report.json").read_text())["finetune"]
+    assert section["steps"] == 6 and "KL on logits" in section["objective"]
+    assert set(section["eval"]) == {"original", "before", "after"}
+    assert section["eval"]["after"]["samples"] == 4  # 10% of 40 held out
+    assert (tmp_path / "ft.state" / "checkpoint-0000006").is_dir()
+    model = load_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.ones(1, 8, dtype=torch.long)).logits).all()
+
+    done = runner.invoke(app, ["eval", str(out), "--data", str(data), "--teacher", str(original),
+                               "--json"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    rows = json.loads(done.stdout)
+    assert rows["original"]["distill"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["model"]["distill"] > 0 and rows["model"]["perplexity"] > 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--objective", "distill"], "give --teacher"),
+        (["--resume", "--objective", "task"], "no checkpoint to resume from"),
+        (["--lr", "-1"], "--lr"),
+    ],
+)
+def test_user_errors_are_one_line_and_write_nothing(setup, tmp_path, extra, message):
+    _, compressed, data = setup
+    out = tmp_path / "ft"
+    done = runner.invoke(app, ["finetune", str(compressed), "--data", str(data), "--steps", "2",
+                               "--out", str(out), *extra])  # fmt: skip
+    assert done.exit_code == 1
+    assert message in done.stderr and "Traceback" not in done.output
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_eval_of_a_plain_model_on_its_task(setup):
+    original, _, data = setup
+    done = runner.invoke(app, ["eval", str(original), "--data", str(data), "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["model"]["perplexity"] > 1
