@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli import recipes
+from cli import finetune, recipes
 from cli.compress import compress
 from cli.inspect import inspect
 
@@ -38,4 +38,6 @@ def main(
 
 app.command("compress")(compress)
 app.command("inspect")(inspect)
+app.command("finetune")(finetune.finetune)
+app.command("eval")(finetune.evaluate)
 app.add_typer(recipes.app, name="recipes")
