@@ -17,6 +17,7 @@ from cli.common import (
     quiet_libraries,
     user_errors,
 )
+from cli.finetune import recovery_options
 
 
 def compress(
@@ -80,6 +81,13 @@ def compress(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG of the spectra and chosen ranks.")
     ] = None,
+    finetune_steps: Annotated[
+        int | None,
+        typer.Option(help="Fine-tune this many steps before export, distilling from the input."),
+    ] = None,
+    finetune_data: Annotated[
+        Path | None, typer.Option(exists=True, help="Fine-tuning data (with --finetune-steps).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Factorize the model's dense layers (spectral initialization) and export a slimmer checkpoint.
@@ -101,6 +109,7 @@ def compress(
             "chain.depth": depth,
             "targets.include": include or None,
             "targets.exclude": exclude or None,
+            "finetune.steps": finetune_steps,
         }
         chosen = apply_overrides(chosen, flags)
         print_recipe(chosen.name, source, json_out)
@@ -116,6 +125,8 @@ def compress(
             overwrite=overwrite,
             max_shard_size=max_shard_size,
         )
+        if finetune_steps is not None:
+            options.finetune = recovery_options(chosen, finetune_data)
         with progress_bars(not json_out) as progress:
             result = compress_checkpoint(model, out, options, progress)
         if plot is not None:
