@@ -176,6 +176,17 @@ def evaluate(
     Console().print(eval_table(rows))
 
 
+def recovery_options(recipe, data: Path | None):
+    """`dlnc compress --finetune-steps`: the recipe's fine-tuning settings on `data`."""
+    from compressor.errors import DlncError
+    from compressor.recipe import data_options, finetune_config
+    from compressor.recovery import RecoveryOptions
+
+    if data is None:
+        raise DlncError("--finetune-steps needs --finetune-data FILE")
+    return RecoveryOptions(data=data_options(recipe, data), config=finetune_config(recipe))
+
+
 def eval_table(rows: dict[str, dict]) -> Table:
     """One row per model (original / before / after): the metrics that apply."""
     names = ("loss", "perplexity", "accuracy", "distill", "cosine")

@@ -82,3 +82,24 @@ def test_eval_of_a_plain_model_on_its_task(setup):
     done = runner.invoke(app, ["eval", str(original), "--data", str(data), "--json"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["model"]["perplexity"] > 1
+
+
+def test_compress_with_finetune_steps_exports_once(setup, tmp_path):
+    original, _, data = setup
+    out = tmp_path / "one-shot"
+    args = ["compress", str(original), "--out", str(out), "--keep", "0.3",
+            "--finetune-steps", "3", "--finetune-data", str(data), "--json"]  # fmt: skip
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["steps"] == 3 and report["targeted_keep"] < 0.35
+    assert set(report["finetune"]["eval"]) == {"original", "before", "after"}
+    load_pretrained(out)
+
+
+def test_compress_finetune_steps_needs_data(setup, tmp_path):
+    original, _, _ = setup
+    out = tmp_path / "x"
+    done = runner.invoke(app, ["compress", str(original), "--out", str(out),
+                               "--finetune-steps", "3"])  # fmt: skip
+    assert done.exit_code == 1 and "--finetune-data" in done.stderr and not out.exists()
