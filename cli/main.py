@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli import finetune, recipes
+from cli import estimate, finetune, recipes
 from cli.compress import compress
 from cli.inspect import inspect
 
@@ -38,6 +38,7 @@ def main(
 
 app.command("compress")(compress)
 app.command("inspect")(inspect)
+app.command("estimate-ranks")(estimate.estimate_ranks)
 app.command("finetune")(finetune.finetune)
 app.command("eval")(finetune.evaluate)
 app.add_typer(recipes.app, name="recipes")
