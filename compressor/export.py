@@ -188,9 +188,14 @@ def _tied_keys(model: nn.Module) -> list[str]:
     return list(keys.keys()) if isinstance(keys, dict) else list(keys)
 
 
-def load_pretrained(path: str | os.PathLike) -> nn.Module:
+def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a dlnc export: the model with its factorized layers, outputs identical to the
-    model that was exported. A tensor-mode export loads as a `TensorModel` (weights only)."""
+    model that was exported.
+
+    The architecture comes from config.json; a tensor-mode export loads as a `TensorModel`
+    (weights only) unless `model`, an instance of the original torch module, is given: its
+    layers are then swapped for the exported factors and its weights loaded.
+    """
     from compressor.checkpoint import _first_line, read_state_dict
 
     folder = Path(path)
@@ -207,23 +212,25 @@ def load_pretrained(path: str | os.PathLike) -> nn.Module:
         raise DlncError(f"{folder}: no .safetensors weights")
     state = read_state_dict(files)
     try:
-        model = _skeleton(config_file, section, state)
+        model = _skeleton(config_file, section, state, model)
         _load_state(model, state)
     except (RuntimeError, KeyError, AttributeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({_first_line(e)})") from e
     return model.eval()
 
 
-def _skeleton(config_file: Path, section: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+def _skeleton(
+    config_file: Path, section: dict, state: dict[str, torch.Tensor], model: nn.Module | None
+) -> nn.Module:
     """The model's module tree with factorized layers where the export has them."""
     from compressor.tensor_model import TensorModel, container
 
     layers = section.get("layers", {})
-    tensor_mode = bool(section.get("tensor_mode"))
+    tensor_mode = bool(section.get("tensor_mode")) and model is None
     if tensor_mode:
         owned = tuple(f"{n}." for n in layers)
         model = TensorModel({k: v for k, v in state.items() if not k.startswith(owned)})
-    else:
+    elif model is None:
         model = _hf_skeleton(config_file)
     for name, spec in layers.items():
         out_f, in_f = spec["shape"]

@@ -142,3 +142,18 @@ def test_default_output_dir_is_a_sibling(tmp_path):
     f.touch()
     assert default_output_dir(f) == tmp_path / "model-dlnc"
     assert default_output_dir(tmp_path) == tmp_path.parent / f"{tmp_path.name}-dlnc"
+
+
+def test_tensor_mode_export_loads_into_the_users_own_module(tiny_mlp, tmp_path):
+    from conftest import MLP
+
+    _, path = tiny_mlp
+    loaded = load_checkpoint(path)
+    compress_(loaded.model, find_targets(loaded.model), RankPolicy(rank=16))
+    mine = load_pretrained(export(loaded.model, tmp_path / "out"), model=MLP())
+    assert isinstance(mine.fc2, FactorizedLinear) and mine.fc2.rank == 16
+    t = loaded.model  # the in-memory tensor-mode tree: same layers, no forward of its own
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = t.head(torch.relu(t.fc2(torch.relu(t.fc1(x)))))
+        torch.testing.assert_close(mine(x), expected)
