@@ -475,18 +475,19 @@ def _method_option(method: str, options_cls: type) -> dict[str, str]:
 
 def finetune_config(recipe: Recipe, **extra: Any):
     """The `FinetuneConfig` of a recipe: its `finetune` section plus the chain's depth and
-    discrepant learning rate; `extra` sets fields a recipe does not hold (seed, save_every)."""
+    discrepant learning rate; `extra` sets other fields (seed, save_every) and wins over the
+    recipe, as a command-line flag does."""
     from compressor.finetune import FinetuneConfig
 
     f = recipe.finetune
-    return FinetuneConfig(
-        steps=f.steps,
-        lr=f.lr,
-        objective=f.objective,
-        outer_lr_scale=recipe.chain.outer_lr_scale,
-        depth=recipe.chain.depth,
-        **extra,
-    )
+    values = {
+        "steps": f.steps,
+        "lr": f.lr,
+        "objective": f.objective,
+        "outer_lr_scale": recipe.chain.outer_lr_scale,
+        "depth": recipe.chain.depth,
+    }
+    return FinetuneConfig(**{**values, **extra})
 
 
 def data_options(recipe: Recipe, path: str | Path, **extra: Any):

@@ -1,0 +1,150 @@
+"""Every shipped recipe end to end on a tiny model of its family, built from a config:
+`--recipe auto` picks it, compress, a few fine-tuning steps with the recipe's settings,
+export, reload with identical logits. The plain MLP goes through tensor mode (no forward of
+its own, so no fine-tuning) with the generic recipe."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import MLP, build_tiny, example_inputs
+from torch import nn
+
+from compressor.compress import compress_
+from compressor.export import export, load_pretrained
+from compressor.pipeline import compress_checkpoint
+from compressor.recipe import choose_recipe, compress_options, finetune_config, recipe_names
+from compressor.surgery import factorized_layers
+
+FAMILIES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "vit": "vit", "t5": "t5"}
+FINETUNE_GAPS = {"t5"}  # objectives.py has no seq2seq distillation yet (no last_hidden_state)
+
+
+def build(family: str) -> nn.Module:
+    if family != "t5":
+        return build_tiny(family)
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64,
+        decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return tf.T5ForConditionalGeneration(config).eval()
+
+
+def inputs_of(family: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    if family != "t5":
+        return example_inputs(family, batch)
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1, 64, (batch, 12), generator=g),
+        "decoder_input_ids": torch.randint(1, 64, (batch, 6), generator=g),
+    }
+
+
+def train_batches(family: str, n: int = 3) -> list[dict[str, torch.Tensor]]:
+    if family == "vit":
+        g = torch.Generator().manual_seed(2)
+        return [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g)} for _ in range(n)]
+    batches = [inputs_of(family, batch=4, seed=2 + i) for i in range(n)]
+    for b in batches:
+        b["attention_mask"] = torch.ones_like(b["input_ids"])
+    return batches
+
+
+def finetune_steps(recipe, student: nn.Module, teacher: nn.Module, family: str) -> nn.Module:
+    """Two optimizer steps with the recipe's fine-tuning settings, distilling from `teacher`."""
+    from compressor.finetune import finetune
+
+    config = finetune_config(recipe, steps=2, warmup=0.0)
+    return finetune(student, train_batches(family), teacher=teacher, config=config).model
+
+
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def test_every_shipped_family_recipe_has_an_end_to_end_case():
+    assert set(recipe_names()) == set(FAMILIES.values()) | {"generic"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_recipe_compress_finetune_export_reload(family, tmp_path):
+    original = build(family)
+    original.save_pretrained(tmp_path / "in")
+    recipe, source = choose_recipe("auto", tmp_path / "in")
+    assert (recipe.name, source.warning) == (FAMILIES[family], None)
+
+    # 1) compress with the recipe's targets and ranks
+    options = compress_options(recipe, source)
+    result = compress_checkpoint(tmp_path / "in", tmp_path / "compressed", options)
+    assert result.report["recipe"]["name"] == recipe.name
+    factorized = [r["name"] for r in result.report["layers"] if r["rank"] is not None]
+    assert factorized, "the recipe should factorize some layer of the tiny model"
+    if family == "llama":  # GQA k/v projections are not targeted
+        assert not [r for r in result.report["layers"] if r["name"].endswith(("k_proj", "v_proj"))]
+
+    # 2) a few fine-tuning steps with the recipe's objective, lr, depth and outer lr
+    student = load_pretrained(tmp_path / "compressed")
+    assert sorted(factorized_layers(student)) == sorted(factorized)
+    if family in FINETUNE_GAPS:
+        tuned = student  # see test_finetune_gap: compress, export and reload still hold
+    else:
+        tuned = finetune_steps(recipe, student, original, family)
+        assert {layer.depth for layer in factorized_layers(tuned).values()} == {recipe.chain.depth}
+
+    # 3) export and reload: identical logits
+    out = export(tuned, tmp_path / "tuned", config=original.config)
+    reloaded = load_pretrained(out)
+    assert {layer.depth for layer in factorized_layers(reloaded).values()} == {2}
+    inputs = inputs_of(family)
+    torch.testing.assert_close(
+        logits(reloaded, inputs), logits(tuned, inputs), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("family", sorted(FINETUNE_GAPS))
+@pytest.mark.xfail(
+    strict=True, raises=AttributeError, reason="objectives: no seq2seq distillation yet"
+)
+def test_finetune_gap(family, tmp_path):
+    """Fails (strictly) while `compressor.objectives` cannot fine-tune the family; when it
+    can, this test passes, the xfail turns red, and the family joins the main test."""
+    original = build(family)
+    original.save_pretrained(tmp_path / "in")
+    recipe, source = choose_recipe("auto", tmp_path / "in")
+    compress_checkpoint(tmp_path / "in", tmp_path / "out", compress_options(recipe, source))
+    finetune_steps(recipe, load_pretrained(tmp_path / "out"), original, family)
+
+
+def test_generic_recipe_on_a_plain_mlp_in_tensor_mode(tiny_mlp, tmp_path):
+    model, path = tiny_mlp
+    recipe, source = choose_recipe("auto", path)
+    assert (recipe.name, source.picked_by, source.warning) == (
+        "generic",
+        "auto (tensor mode)",
+        None,
+    )
+    options = compress_options(recipe, source)
+    result = compress_checkpoint(path, tmp_path / "out", options)
+    assert result.report["tensor_mode"] and result.report["recipe"]["name"] == "generic"
+    reloaded = load_pretrained(tmp_path / "out")
+    assert factorized_layers(reloaded)
+    rebuilt = MLP()  # the plain module with the reloaded (factorized) layers in place
+    for name, _ in list(rebuilt.named_children()):
+        setattr(rebuilt, name, reloaded.get_submodule(name))
+    # the same compression in memory, on the plain module: identical outputs after reload
+    in_memory = copy.deepcopy(model)
+    targets = {
+        n: m
+        for n, m in in_memory.named_children()
+        if n in {r["name"] for r in result.report["layers"]}
+    }
+    compress_(in_memory, targets, options.policy, options.depth)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), in_memory(x), rtol=1e-5, atol=1e-6)
