@@ -79,3 +79,17 @@ def aware_options(
         warmup_steps=warmup_steps,
         warmup_lr=warmup_lr,
     )
+
+
+def apply_ranks_file(options, path: Path) -> None:
+    """`--ranks FILE`: its ranks override the policy's, its `dense` layers are left alone."""
+    from dataclasses import replace
+
+    from compressor.rankfile import load_ranks, split_ranks
+
+    overrides, dense = split_ranks(load_ranks(path))
+    options.policy = replace(options.policy, overrides={**options.policy.overrides, **overrides})
+    options.exclude = [*options.exclude, *dense]
+    options.origins = {**options.origins, "overrides": f"--ranks {path}"}
+    if dense:
+        options.origins["exclude"] = f"--exclude / --ranks {path}"

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli import aware as opt
 from cli.common import (
     human_bytes,
     human_count,
@@ -88,6 +89,21 @@ def compress(
     finetune_data: Annotated[
         Path | None, typer.Option(exists=True, help="Fine-tuning data (with --finetune-steps).")
     ] = None,
+    method: opt.Method = None,
+    data: opt.Data = None,
+    text_field: opt.TextField = "text",
+    label_field: opt.LabelField = None,
+    tokenizer: opt.Tokenizer = None,
+    max_length: opt.MaxLength = 128,
+    samples: opt.Samples = 256,
+    seed: opt.Seed = 0,
+    batch_size: opt.BatchSize = 8,
+    reference: opt.Reference = None,
+    warmup_steps: opt.WarmupSteps = 0,
+    warmup_lr: opt.WarmupLr = 1e-4,
+    ranks: Annotated[
+        Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Factorize the model's dense layers (spectral initialization) and export a slimmer checkpoint.
@@ -125,6 +141,12 @@ def compress(
             overwrite=overwrite,
             max_shard_size=max_shard_size,
         )
+        options.aware = opt.aware_options(
+            method, data, text_field, label_field, tokenizer, max_length, samples, seed,
+            batch_size, reference, warmup_steps, warmup_lr,
+        )  # fmt: skip
+        if ranks is not None:
+            opt.apply_ranks_file(options, ranks)
         if finetune_steps is not None:
             options.finetune = recovery_options(chosen, finetune_data)
         with progress_bars(not json_out) as progress:
