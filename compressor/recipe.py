@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,6 +62,7 @@ __all__ = [
     "finetune_config",
     "load_recipe",
     "parse_recipe",
+    "rank_method",
     "rank_policy",
     "recipe_names",
     "recipe_record",
@@ -73,13 +74,12 @@ __all__ = [
 GENERIC = "generic"
 """The fallback recipe: every dense layer but embeddings and heads."""
 
-METHODS = ("svd", "whiten", "dynamics")
+METHODS = ("svd", "whiten", "dynamics")  # plus "auto" in a recipe
 OBJECTIVES = ("distill", "task", "mix")
 
 FLAG_NAMES = {
     "targets.include": "--include",
     "targets.exclude": "--exclude",
-    "ranks.method": "--method",
     "ranks.keep": "--keep",
     "ranks.energy": "--energy",
     "ranks.rank": "--rank",
@@ -157,7 +157,8 @@ class Targets(_Section):
 class Ranks(_Section):
     """How ranks are chosen: exactly one of `keep`, `energy`, `rank`."""
 
-    method: Literal["svd", "whiten", "dynamics"] = "svd"  # spectral init: data-free or data-aware
+    # the spectral initialization; auto: whiten with --data, dynamics with --reference, else svd
+    method: Literal["auto", "svd", "whiten", "dynamics"] = "auto"
     keep: Annotated[float, _in(0, 1, ")")] | None = None  # fraction of targeted weights kept
     energy: Annotated[float, _in(0, 1, "]")] | None = None  # per-layer spectral energy kept
     rank: Annotated[int, _at_least(1)] | None = None  # one rank for every layer
@@ -426,7 +427,8 @@ def compress_options(
 ):
     """`CompressOptions` from an (overridden) recipe. `from_flags` lists the keys the command
     line supplied (named in errors instead of the recipe); `runtime` passes the options a
-    recipe does not hold (config, merge, overwrite, ...)."""
+    recipe does not hold (config, merge, overwrite, the data-aware `aware` options: see
+    `rank_method` for the recipe's part in them)."""
     from compressor.pipeline import CompressOptions
 
     origins = {
@@ -446,7 +448,6 @@ def compress_options(
         exclude=list(recipe.targets.exclude),
         origins=origins,
         recipe=record,
-        **_method_option(recipe.ranks.method, CompressOptions),
         **runtime,
     )
 
@@ -465,12 +466,12 @@ def rank_policy(ranks: Ranks):
     )
 
 
-def _method_option(method: str, options_cls: type) -> dict[str, str]:
-    if "method" in {f.name for f in fields(options_cls)}:
-        return {"method": method}
-    if method != "svd":
-        raise DlncError(f"ranks.method {method!r} is not available in this version (use svd)")
-    return {}
+def rank_method(recipe: Recipe, flag: str | None = None) -> str | None:
+    """The rank method: the `--method` flag if given, else the recipe's; None for `auto`
+    (the data-aware options then pick: whiten with data, dynamics with a reference, else svd)."""
+    if flag is not None:
+        return flag
+    return None if recipe.ranks.method == "auto" else recipe.ranks.method
 
 
 def finetune_config(recipe: Recipe, **extra: Any):

@@ -31,6 +31,7 @@ from compressor.recipe import (
     finetune_config,
     load_recipe,
     parse_recipe,
+    rank_method,
     recipe_names,
     recipe_to_yaml,
     recipes_dir,
@@ -78,7 +79,19 @@ def test_schema_choices_match_the_library():
     assert tuple(METHODS) == tuple(LIBRARY_METHODS)
     assert tuple(OBJECTIVES) == tuple(LIBRARY_OBJECTIVES)
     assert set(Recipe.model_fields["ranks"].annotation.model_fields["method"].annotation.__args__) \
-        == set(METHODS)  # fmt: skip
+        == {"auto", *METHODS}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe_method", "flag", "expected"),
+    [("auto", None, None), ("whiten", None, "whiten"), ("whiten", "svd", "svd"),
+     ("auto", "dynamics", "dynamics")],
+)  # fmt: skip
+def test_rank_method_flag_wins_and_auto_leaves_the_choice_to_the_data_options(
+    recipe_method, flag, expected
+):
+    recipe = parse_recipe(f"ranks: {{method: {recipe_method}, keep: 0.5}}")
+    assert rank_method(recipe, flag) == expected
 
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -142,7 +155,7 @@ BAD_RECIPES = {
     "quoted-number": ("finetune: {steps: '100'}\n", "finetune.steps: Input should be a valid int"),
     "float-depth": ("chain: {depth: 3.0}\n", "chain.depth: Input should be a valid integer"),
     "list-expected": ("targets: {include: q}\n", "targets.include: Input should be a valid list"),
-    "bad-method": ("ranks: {method: pca, keep: 0.5}\n", "ranks.method: Input should be 'svd'"),
+    "bad-method": ("ranks: {method: pca, keep: 0.5}\n", "ranks.method: Input should be 'auto'"),
     "two-budgets": ("ranks: {keep: 0.5, rank: 4}\n", "ranks: give exactly one of keep, energy"),
     "no-budget": ("ranks: {multiple: 8}\n", "ranks: give exactly one of keep, energy, rank"),
     "keep-range": ("ranks: {keep: 1.5}\n", "ranks.keep: `keep` must be in (0, 1), got 1.5"),
