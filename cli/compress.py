@@ -112,7 +112,7 @@ def compress(
     (embeddings, heads and norms are untouched); --energy is per layer.
     """
     from compressor.pipeline import compress_checkpoint
-    from compressor.recipe import apply_overrides, choose_recipe, compress_options
+    from compressor.recipe import apply_overrides, choose_recipe, compress_options, rank_method
 
     quiet_libraries()
     with user_errors():
@@ -142,8 +142,8 @@ def compress(
             max_shard_size=max_shard_size,
         )
         options.aware = opt.aware_options(
-            method, data, text_field, label_field, tokenizer, max_length, samples, seed,
-            batch_size, reference, warmup_steps, warmup_lr,
+            rank_method(chosen, method), data, text_field, label_field, tokenizer, max_length,
+            samples, seed, batch_size, reference, warmup_steps, warmup_lr,
         )  # fmt: skip
         if ranks is not None:
             opt.apply_ranks_file(options, ranks)
