@@ -148,3 +148,34 @@ def test_generic_recipe_on_a_plain_mlp_in_tensor_mode(tiny_mlp, tmp_path):
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), in_memory(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compress_finetune_steps_takes_the_recipes_finetune_section(tmp_path):
+    """`dlnc compress --finetune-steps` trains with the recipe's objective and settings."""
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    build("gpt2").save_pretrained(tmp_path / "in")
+    tokens = tmp_path / "tokens.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"input_ids": torch.randint(1, 64, (24, 12), generator=g)}, tokens)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        "name: mine\ntargets: {include: [c_fc]}\nranks: {keep: 0.4}\n"
+        "chain: {depth: 3, outer_lr_scale: 2.0}\n"
+        "finetune: {objective: mix, lr: 3.0e-4, steps: 50, batch_size: 4, max_length: 12}\n"
+    )
+    args = ["compress", tmp_path / "in", "--recipe", mine, "--out", tmp_path / "out",
+            "--finetune-steps", 2, "--finetune-data", tokens, "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["finetune"]["objective"].startswith("mix") and report["finetune"]["steps"] == 2
+    values = report["recipe"]["values"]
+    assert values["finetune"]["steps"] == 2 and values["finetune"]["lr"] == 3e-4  # flag won
+    assert {r["name"].rsplit(".", 1)[-1] for r in report["layers"]} == {"c_fc"}
+    load_pretrained(tmp_path / "out")
