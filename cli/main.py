@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli import estimate, finetune, recipes
+from cli import bench, estimate, finetune, recipes
 from cli.compress import compress
 from cli.inspect import inspect
 
@@ -42,3 +42,4 @@ app.command("estimate-ranks")(estimate.estimate_ranks)
 app.command("finetune")(finetune.finetune)
 app.command("eval")(finetune.evaluate)
 app.add_typer(recipes.app, name="recipes")
+app.add_typer(bench.app, name="bench")

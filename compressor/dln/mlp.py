@@ -148,7 +148,7 @@ def train_mlp(
         loss.backward()
         optimizer.step()
         if callback is not None and (epoch % 10 == 0 or epoch == config.epochs):
-            callback(epoch, config.epochs, {"train_loss": float(loss)})
+            callback(epoch, config.epochs, {"train_loss": loss.item()})
     seconds = time.perf_counter() - start
     chain_parameters = sum(p.numel() for p in model[2].parameters())
     return MLPRun(
