@@ -51,6 +51,15 @@ def test_the_issue_families_ship():
     assert recipes_dir() == Path(__file__).resolve().parent.parent / "recipes"
 
 
+def test_the_package_data_copy_is_the_same_files():
+    """An installed (non-editable) dlnc reads compressor/recipes, a link to recipes/."""
+    import compressor
+
+    packaged = Path(compressor.__file__).parent / "recipes"
+    assert sorted(p.name for p in packaged.glob("*.yaml")) == [f"{n}.yaml" for n in SHIPPED]
+    assert all((packaged / f"{n}.yaml").read_text() == find_recipe(n).read_text() for n in SHIPPED)
+
+
 # ---- every shipped recipe --------------------------------------------------------------
 
 
