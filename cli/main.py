@@ -8,6 +8,7 @@ import typer
 
 from cli import bench, estimate, finetune, recipes
 from cli.compress import compress
+from cli.demo import demo
 from cli.inspect import inspect
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ def main(
     """Low-rank compression of pretrained networks (deep linear network compression)."""
 
 
+app.command("demo")(demo)
 app.command("compress")(compress)
 app.command("inspect")(inspect)
 app.command("estimate-ranks")(estimate.estimate_ranks)

@@ -48,8 +48,12 @@ _TASK_SUFFIXES = {
 
 
 def task_of(model: nn.Module) -> str | None:
-    """The model's task from its class (`GPT2LMHeadModel` -> causal_lm), None for a bare encoder."""
+    """The model's task from its class (`GPT2LMHeadModel` -> causal_lm) or a `dlnc_task`
+    attribute (a plain torch module returning logits), None for a bare encoder."""
     model = getattr(model, "module", model)  # a DDP wrapper
+    declared = getattr(model, "dlnc_task", None)  # a plain torch module may declare its task
+    if declared in TASKS:
+        return declared
     name = type(model).__name__
     for task, suffixes in _TASK_SUFFIXES.items():
         if name.endswith(suffixes):
@@ -164,13 +168,14 @@ class Objective:
 
     def _distill(self, s_out, t_out, batch) -> torch.Tensor:
         if self.distill_on == "logits":
-            mask = token_mask(batch, s_out.logits) if s_out.logits.ndim == 3 else None
-            return kl_logits(s_out.logits, t_out.logits, mask, self.temperature)
+            s_logits, t_logits = logits_of(s_out), logits_of(t_out)
+            mask = token_mask(batch, s_logits) if s_logits.ndim == 3 else None
+            return kl_logits(s_logits, t_logits, mask, self.temperature)
         hidden = s_out.last_hidden_state
         return hidden_mse(hidden, t_out.last_hidden_state, token_mask(batch, hidden))
 
     def _task_loss(self, s_out, batch) -> torch.Tensor:
-        logits = s_out.logits.float()
+        logits = logits_of(s_out).float()
         if self.task == "causal_lm":
             labels = batch["input_ids"].masked_fill(~token_mask(batch, logits), -100)
             return F.cross_entropy(
@@ -184,6 +189,11 @@ class Objective:
         if labels.is_floating_point() and logits.shape[-1] == 1:  # regression
             return F.mse_loss(logits.squeeze(-1), labels.float())
         return F.cross_entropy(logits, labels.long())
+
+
+def logits_of(output) -> torch.Tensor:
+    """A transformers output's logits; a plain module's output is its logits."""
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def _rows(batch: Mapping[str, torch.Tensor]) -> int:

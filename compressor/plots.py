@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["plot_spectra"]
+__all__ = ["plot_report", "plot_spectra"]
 
 
 def plot_spectra(
@@ -42,3 +42,37 @@ def plot_spectra(
 
 def _short(name: str, width: int = 32) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3) :]
+
+
+def plot_report(
+    spectra: Mapping[str, torch.Tensor],
+    ranks: Mapping[str, int | None],
+    losses: list[float],
+    path: str | os.PathLike,
+    title: str = "dlnc report",
+) -> None:
+    """One PNG: normalized spectra with the chosen ranks, and the fine-tuning loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, s in spectra.items():
+        s = s.double()
+        (line,) = ax.semilogy(range(1, s.numel() + 1), (s / s[0].clamp_min(1e-30)).numpy(), lw=1)
+        rank = ranks.get(name)
+        label = f"{_short(name)}: rank {rank if rank else 'dense'}"
+        line.set_label(label)
+        if rank:
+            ax.axvline(rank, color=line.get_color(), ls="--", lw=0.8)
+    ax.set(title="Spectra (s_i / s_1) and chosen ranks (dashed)", xlabel="index i")
+    ax.legend(fontsize=7)
+    if losses:
+        bx.plot(range(1, len(losses) + 1), losses, lw=1)
+        bx.set_yscale("log")
+    bx.set(title="Recovery fine-tuning loss", xlabel="step", ylabel="loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

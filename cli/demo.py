@@ -1,0 +1,76 @@
+"""`dlnc demo`: the whole pipeline on an embedded default (digits, scikit-learn's data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.common import progress_bars, quiet_libraries, user_errors
+
+
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the checkpoints and the report.")
+    ] = Path("dlnc-demo"),
+    fast: Annotated[bool, typer.Option(help="A smaller setting (seconds, for tests).")] = False,
+) -> None:
+    """Train a wide network on handwritten digits, then inspect, estimate ranks from a warm-up
+    run, compress, fine-tune, export, reload and evaluate it: the whole product, offline."""
+    from compressor.demo import DemoSettings, run_demo
+    from compressor.plots import plot_report
+
+    quiet_libraries()
+    console = Console()
+    settings = DemoSettings.fast() if fast else DemoSettings()
+    console.print(
+        f"dlnc demo: a {settings.width}-wide MLP on scikit-learn's digits, compressed to "
+        f"keep {settings.keep:.0%} of its targeted weights (depth-{settings.depth} chains)"
+    )
+    with user_errors():
+        with progress_bars() as progress:
+            result = run_demo(out, settings, progress)
+        png = result.out_dir / "report.png"
+        plot_report(result.spectra, result.ranks, result.losses, png, "dlnc demo: digits MLP")
+    console.print(_ranks_table(result))
+    console.print(_before_after(result))
+    console.print(f"checkpoints: {result.out_dir / 'wide'} -> {result.out_dir / 'compressed'}")
+    console.print(f"report: {png}")
+
+
+def _ranks_table(result) -> Table:
+    table = Table(title="ranks: the weight's spectrum vs what the warm-up run moved")
+    cols = (
+        "layer",
+        "shape",
+        "weight eff. rank",
+        "weight r90",
+        "update r90",
+        "chosen",
+        "break-even",
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in result.layers:
+        table.add_row(
+            row["name"],
+            "x".join(map(str, row["shape"])),
+            f"{row['weight_effective_rank']:.0f}",
+            str(row["weight_r90"]),
+            str(row["update_r90"]),
+            "dense" if row["rank"] is None else str(row["rank"]),
+            f"{row['breakeven']:.0f}",
+        )
+    return table
+
+
+def _before_after(result) -> Table:
+    table = Table(title="before / after")
+    for col in ("", "wide", "compressed"):
+        table.add_column(col, justify="right")
+    for row in result.rows:
+        table.add_row(*row)
+    return table

@@ -1,0 +1,45 @@
+"""`dlnc demo --fast`: the whole pipeline end to end on the embedded digits model."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli.main import app
+
+
+def test_demo_fast_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    png = out / "report.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and str(png) in result.output.replace("\n", "")
+    wide = load_file(out / "wide" / "model.safetensors")
+    compressed = load_file(out / "compressed" / "model.safetensors")
+    n_wide = sum(t.numel() for t in wide.values())
+    n_comp = sum(t.numel() for t in compressed.values())
+    assert n_comp < 0.3 * n_wide
+    assert any(k.endswith(".down.weight") for k in compressed)
+    report = json.loads((out / "compressed" / "report.json").read_text())
+    assert report["method"] == "dynamics"
+
+    from compressor.demo import DemoSettings, WideMLP, accuracy, digits
+    from compressor.export import load_pretrained
+
+    _, test = digits(0)
+    width = DemoSettings.fast().width
+    model = WideMLP(width)
+    model.load_state_dict(wide)
+    small = load_pretrained(out / "compressed", model=WideMLP(width))
+    assert accuracy(model, test) > 0.9
+    assert accuracy(small, test) > accuracy(model, test) - 0.04
+    with torch.no_grad():
+        assert small(test["x"]).shape == (len(test["x"]), 10)
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "not written by dlnc demo" in result.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
