@@ -10,7 +10,15 @@ from torch import nn
 
 from compressor.errors import DlncError
 from compressor.layers import FactorizedLinear, dense_weight_of
-from compressor.linalg import breakeven_rank, singular_values, spectral_factors, truncation_error
+from compressor.linalg import (
+    Decomposition,
+    breakeven_rank,
+    decompose,
+    factors_from,
+    floor_breakeven,
+    singular_values,
+    truncation_error,
+)
 from compressor.ranks import LayerRank, RankPolicy, allocate_ranks, factor_params
 from compressor.surgery import replace_module
 
@@ -20,7 +28,9 @@ __all__ = [
     "LayerReport",
     "ProgressFn",
     "compress_",
+    "layer_decompositions",
     "layer_spectra",
+    "svd_factor_fn",
 ]
 
 ProgressFn = Callable[[str, int, int], None]
@@ -86,13 +96,30 @@ def layer_spectra(
     return spectra
 
 
-def svd_factor_fn(spectra: dict[str, torch.Tensor]) -> FactorFn:
-    """The data-free spectral initialization: truncated SVD of the weight."""
+def layer_decompositions(
+    targets: dict[str, nn.Module], progress: ProgressFn | None = None
+) -> dict[str, Decomposition]:
+    """One decomposition per target: its spectrum, and singular vectors up to break-even
+    (a higher rank stays dense), so ranks and factors come from a single pass."""
+    decomps = {}
+    for i, (name, module) in enumerate(targets.items()):
+        weight = dense_weight_of(module)
+        if not torch.isfinite(weight).all():
+            raise DlncError(f"{name}: the weight holds NaN or Inf values")
+        keep = max(1, floor_breakeven(*weight.shape))
+        decomps[name] = decompose(weight, keep)
+        if progress:
+            progress("spectra", i + 1, len(targets))
+    return decomps
+
+
+def svd_factor_fn(decomps: dict[str, Decomposition]) -> FactorFn:
+    """The data-free spectral initialization: the truncated SVD of the weight."""
 
     def factor(name: str, module: nn.Module, rank: int):
-        s = spectra[name]
-        up, down = spectral_factors(dense_weight_of(module), rank)
-        return up, down, truncation_error(s, rank) / max(float(s.norm()), 1e-30)
+        d = decomps[name]
+        up, down = factors_from(dense_weight_of(module), d, rank)
+        return up, down, truncation_error(d.s, rank) / max(float(d.s.norm()), 1e-30)
 
     return factor
 
@@ -110,16 +137,21 @@ def compress_(
     """In place: replace each target by a `FactorizedLinear` of the rank `policy` chooses.
 
     `spectra` (default: the weights' singular values) drive the rank choice; `factor_fn`
-    (default: truncated SVD) gives the factors. Layers at or above break-even stay dense.
+    (default: truncated SVD, one decomposition per layer) gives the factors. Layers at or
+    above break-even stay dense.
     """
     if depth < 2:
         raise DlncError(f"`depth` must be >= 2, got {depth}")
     if not targets:
         raise DlncError("no layer to compress: the targets matched no Linear/Conv1D module")
-    spectra = spectra if spectra is not None else layer_spectra(targets, progress)
+    if factor_fn is None:
+        decomps = layer_decompositions(targets, progress)
+        factor_fn = svd_factor_fn(decomps)
+        spectra = spectra if spectra is not None else {n: d.s for n, d in decomps.items()}
+    elif spectra is None:
+        spectra = layer_spectra(targets, progress)
     shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
     ranks = allocate_ranks(spectra, shapes, policy)
-    factor_fn = factor_fn or svd_factor_fn(spectra)
     reports = []
     for i, (name, module) in enumerate(targets.items()):
         reports.append(_compress_one(model, name, module, ranks[name], depth, factor_fn))

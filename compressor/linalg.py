@@ -7,13 +7,17 @@ so the maths can be tested on bare matrices.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "Decomposition",
     "breakeven_rank",
+    "decompose",
     "effective_rank",
     "energy_rank",
+    "factors_from",
     "numerical_rank",
     "participation_ratio",
     "singular_values",
@@ -28,9 +32,77 @@ def _work_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
+def _is_elongated(w: torch.Tensor) -> bool:
+    """Tall or wide enough (aspect >= 2) that the Gram route beats a full SVD."""
+    return max(w.shape) >= 2 * min(w.shape)
+
+
+def _small_gram(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The Gram matrix of the smaller side, in float64, and whether it is W^T W (right side)."""
+    w64 = w.detach().double()
+    right = w.shape[0] >= w.shape[1]
+    return (w64.T @ w64 if right else w64 @ w64.T), right
+
+
 def singular_values(w: torch.Tensor) -> torch.Tensor:
-    """Singular values of a 2-D tensor, descending, computed in float32/float64."""
-    return torch.linalg.svdvals(w.detach().to(_work_dtype(w)))
+    """Singular values of a 2-D tensor, descending, in float32/float64 (never fp16/bf16).
+
+    Elongated matrices (an MLP's 3072x768) go through the eigenvalues of their small float64
+    Gram matrix, several times faster than an SVD on a CPU and accurate to ~1e-8 * s_1.
+    """
+    if not _is_elongated(w):
+        return torch.linalg.svdvals(w.detach().to(_work_dtype(w)))
+    gram, _ = _small_gram(w)
+    values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+    return values.to(_work_dtype(w))
+
+
+@dataclass
+class Decomposition:
+    """A weight's singular values and the top singular vectors of its smaller side."""
+
+    s: torch.Tensor  # all singular values, descending
+    basis: torch.Tensor  # V_m (in x m) when right, U_m (out x m) otherwise
+    right: bool
+
+    @property
+    def kept(self) -> int:
+        return self.basis.shape[1]
+
+
+def decompose(w: torch.Tensor, keep: int | None = None) -> Decomposition:
+    """Singular values and the top `keep` (default all) singular vectors of the smaller side,
+    enough to rebuild any factorization of rank <= keep with `factors_from`."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    keep = min(w.shape) if keep is None else keep
+    right = w.shape[0] >= w.shape[1]
+    if _is_elongated(w):
+        gram, _ = _small_gram(w)
+        values, vectors = torch.linalg.eigh(gram)
+        s, basis = values.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
+    else:
+        u, s, vh = torch.linalg.svd(w.detach().to(_work_dtype(w)), full_matrices=False)
+        basis = vh.T if right else u
+    dtype = _work_dtype(w)
+    return Decomposition(s.to(dtype), basis[:, :keep].to(dtype).contiguous(), right)
+
+
+def factors_from(w: torch.Tensor, d: Decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced rank-`rank` factors (up = U_k S_k^(1/2), down = S_k^(1/2) V_k^T) of `w`,
+    rebuilt from one side's singular vectors: U_k S_k = W V_k, and S_k V_k^T = U_k^T W."""
+    if not 1 <= rank <= min(w.shape):
+        raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
+    if rank > d.kept:
+        d = decompose(w, rank)
+    dtype = _work_dtype(w)
+    wk = w.detach().to(dtype)
+    root = d.s[:rank].sqrt()
+    inv_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
+    basis = d.basis[:, :rank]
+    if d.right:
+        return (wk @ basis) * inv_root, root[:, None] * basis.T
+    return basis * root, inv_root[:, None] * (basis.T @ wk)
 
 
 def spectral_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +115,7 @@ def spectral_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     if not 1 <= rank <= min(w.shape):
         raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
-    u, s, vh = torch.linalg.svd(w.detach().to(_work_dtype(w)), full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+    return factors_from(w, decompose(w, rank), rank)
 
 
 def truncation_error(s: torch.Tensor, rank: int) -> float:

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from compressor.checkpoint import LoadedCheckpoint, load_checkpoint
-from compressor.compress import CompressionReport, ProgressFn, compress_, layer_spectra
+from compressor.compress import (
+    CompressionReport,
+    ProgressFn,
+    compress_,
+    layer_decompositions,
+    svd_factor_fn,
+)
 from compressor.errors import DlncError
 from compressor.export import check_output_dir, default_output_dir, disk_size, export
 from compressor.planning import AwareOptions, make_plan
@@ -154,8 +160,9 @@ def _method_inputs(loaded, targets, options: CompressOptions, progress) -> tuple
     """The weights' spectra, and `compress_`'s spectra/factor_fn/method: plain SVD, or a
     data-aware plan (whiten, dynamics) built from `options.aware`."""
     if options.aware is None or options.aware.method == "svd":
-        spectra = layer_spectra(targets, progress)
-        return spectra, {"spectra": spectra}
+        decomps = layer_decompositions(targets, progress)
+        spectra = {n: d.s for n, d in decomps.items()}
+        return spectra, {"spectra": spectra, "factor_fn": svd_factor_fn(decomps)}
     plan, _ = make_plan(loaded, targets, options.aware, progress)
     kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method}
     return plan.weight_spectra, kwargs

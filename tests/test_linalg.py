@@ -11,7 +11,7 @@ def low_rank(out_f: int, in_f: int, rank: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g)
 
 
-@pytest.mark.parametrize("shape", [(20, 12), (12, 20), (16, 16)])
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20), (16, 16), (48, 12), (12, 48)])
 @pytest.mark.parametrize("rank", [1, 4, 11])
 def test_spectral_factors_reach_the_eckart_young_optimum(shape, rank):
     w = torch.randn(*shape, dtype=torch.float64)
@@ -72,3 +72,24 @@ def test_breakeven_rank():
     k = linalg.floor_breakeven(3072, 768)
     assert k * (3072 + 768) < 3072 * 768 <= (k + 1) * (3072 + 768)
     assert math.isclose(linalg.breakeven_rank(10, 10), 5.0)
+
+
+@pytest.mark.parametrize("shape", [(96, 24), (24, 96), (30, 30)])
+def test_gram_route_matches_a_full_svd(shape):
+    w = torch.randn(*shape)
+    torch.testing.assert_close(linalg.singular_values(w), torch.linalg.svdvals(w))
+    d = linalg.decompose(w, keep=10)
+    assert d.kept == 10
+    up, down = linalg.factors_from(w, d, 7)
+    best = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = best
+    torch.testing.assert_close(up @ down, (u[:, :7] * s[:7]) @ vh[:7], atol=1e-4, rtol=1e-4)
+    up12, down12 = linalg.factors_from(w, d, 12)  # beyond what was kept: recomputed
+    torch.testing.assert_close(up12 @ down12, (u[:, :12] * s[:12]) @ vh[:12], atol=1e-4, rtol=1e-4)
+
+
+def test_factors_of_a_rank_deficient_matrix_have_no_nans():
+    w = low_rank(64, 16, 3)
+    up, down = linalg.spectral_factors(w, 8)  # 5 zero singular values inside the rank
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    torch.testing.assert_close(up @ down, w, atol=1e-3, rtol=1e-4)
