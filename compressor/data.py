@@ -49,6 +49,7 @@ __all__ = [
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 IGNORE_INDEX = -100  # the label value transformers' losses skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "merges.txt", "*.model")
 
 
 @dataclass
@@ -257,13 +258,18 @@ def load_tokenizer(
     where = Path(tokenizer) if tokenizer is not None else model_folder
     if where is None:
         raise DlncError("text data needs a tokenizer: pass --tokenizer FOLDER")
+    hint = "" if tokenizer is not None else "; pass --tokenizer FOLDER"
+    where = Path(where)
+    if where.is_dir() and not any(any(where.glob(p)) for p in TOKENIZER_FILES):
+        raise DlncError(f"{where}: no tokenizer found{hint}")
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        hint = "" if tokenizer is not None else "; pass --tokenizer FOLDER"
         raise DlncError(f"{where}: no tokenizer found{hint} ({_first_line(e)})") from e
+    if len(tok) == 0:
+        raise DlncError(f"{where}: the tokenizer has an empty vocabulary{hint}")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise DlncError(f"{where}: the tokenizer has neither a padding nor an end token")
