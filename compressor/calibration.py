@@ -7,9 +7,10 @@ are left out when the batch has an `attention_mask` of the inputs' leading shape
 Peak memory: 8 * d_in^2 bytes per distinct layer input (layers fed the very same tensor,
 e.g. the q/k/v projections of one attention block or Llama's gate/up, share one matrix),
 plus one float64 copy of the current batch's inputs to one layer (8 * tokens * d_in bytes),
-on top of the model and one inference forward pass. For BERT-base that is about 4.7 MB per
-768-wide input, 56 MB in all; for a 7B Llama (4 inputs of width 4096 and 1 of width 11008
-per block, 32 blocks) about 21 GB, so collect on fewer targets at a time there.
+on top of the model and one inference forward pass. all-MiniLM-L6-v2 (per block q/k/v,
+o and the MLP input at width 384, the MLP output at 1536): 134 MB; BERT-base: 1.1 GB; a 7B
+Llama (4096, 4096, 4096 and 11008 per block, 32 blocks): 44 GB, so collect on a few blocks
+at a time there (`--include`).
 """
 
 from __future__ import annotations
