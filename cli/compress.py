@@ -128,7 +128,6 @@ def compress(
             "finetune.steps": finetune_steps,
         }
         chosen = apply_overrides(chosen, flags)
-        print_recipe(chosen.name, source, json_out)
         options = compress_options(
             chosen,
             source,
@@ -159,6 +158,7 @@ def compress(
     if json_out:
         print_json({"out_dir": str(result.out_dir), **result.report})
         return
+    print_recipe(result.report["recipe"])
     console = Console()
     for notice in result.notices:
         console.print(f"[yellow]note:[/] {notice}")
@@ -167,14 +167,12 @@ def compress(
     console.print(f"wrote {result.out_dir}" + (f" and {plot}" if plot else ""))
 
 
-def print_recipe(name: str, source, json_out: bool) -> None:
-    """Which recipe is in force, and the fallback warning (with --json: in the report only)."""
-    if json_out:
-        return
+def print_recipe(record: dict) -> None:
+    """Which recipe was used, and the fallback warning (with --json: in the report only)."""
     console = Console(soft_wrap=True, highlight=False)  # a path stays whole, copyable
-    console.print(f"recipe: {name} ({source.picked_by}: {source.path})")
-    if source.warning:
-        console.print(f"[yellow]warning:[/] {source.warning}")
+    console.print(f"recipe: {record['name']} ({record['picked_by']}: {record['path']})")
+    if record["warning"]:
+        console.print(f"[yellow]warning:[/] {record['warning']}")
 
 
 def layer_table(report: dict) -> Table:

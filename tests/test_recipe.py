@@ -393,3 +393,8 @@ def test_import_compressor_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_recipe_line_comes_with_the_results_not_before_an_error(tmp_path):
+    result = dlnc("compress", tmp_path / "missing", "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "recipe:" not in result.output
