@@ -87,6 +87,8 @@ def test_compressed_beats_wide_at_equal_iterations():
     wide, compressed = result.wide, result.compressed
     assert wide.iterations == compressed.iterations
     assert compressed.train_loss[-1] < 1e-3 * wide.train_loss[-1]
+    ahead_from = result.compressed_ahead_from()  # its recovery error stays at or below the wide's
+    assert ahead_from is not None and ahead_from <= 500
     assert result.compressed_parameters < result.wide_parameters
 
 

@@ -62,6 +62,16 @@ class DLNBenchResult:
     def speedup_seconds(self) -> float:
         return self.wide.summary()["seconds"] / max(self.compressed.summary()["seconds"], 1e-12)
 
+    def compressed_ahead_from(self) -> int | None:
+        """First logged iteration from which the compressed network's recovery error stays at
+        or below the wide one's at every iteration both logged (None if it never does)."""
+        pairs = zip(self.wide.recovery_error, self.compressed.recovery_error, strict=False)
+        ahead = [c <= w for w, c in pairs]
+        if not ahead or not ahead[-1]:
+            return None
+        first = len(ahead) - ahead[::-1].index(False) if False in ahead else 0
+        return self.compressed.iterations[first]
+
     def to_dict(self) -> dict:
         """The JSON shape of `dlnc bench dln --json`."""
         wide = {**self.wide.summary(), "parameters": self.wide_parameters}
@@ -71,6 +81,7 @@ class DLNBenchResult:
             "compressed": compressed,
             "speedup_iterations": self.speedup_iterations,
             "speedup_seconds": self.speedup_seconds,
+            "compressed_ahead_from": self.compressed_ahead_from(),
         }
 
 

@@ -60,12 +60,19 @@ class History:
     def reached_target(self) -> bool:
         return self.target_iteration is not None
 
+    def ms_per_step(self) -> float:
+        """Median wall time of one step over the logged chunks (robust to load spikes)."""
+        steps = torch.diff(torch.tensor(self.iterations, dtype=torch.float64))
+        secs = torch.diff(torch.tensor(self.seconds, dtype=torch.float64))
+        return float((secs / steps.clamp_min(1)).median()) * 1e3 if len(steps) else 0.0
+
     def summary(self) -> dict:
         """Iterations and seconds to the target (or of the whole run), final loss and errors."""
         return {
             "iterations": self.target_iteration if self.reached_target else self.iterations[-1],
             "seconds": self.target_seconds if self.reached_target else self.seconds[-1],
             "reached_target": self.reached_target,
+            "ms_per_step": self.ms_per_step(),
             "final_train_loss": self.train_loss[-1],
             "final_test_error": self.test_error[-1],
             "final_recovery_error": self.recovery_error[-1],
