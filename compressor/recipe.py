@@ -9,13 +9,17 @@ Precedence, highest first:
   1. a command-line flag that was given (`--keep`, `--include`, `--depth`, ...);
   2. the recipe's value;
   3. the schema's built-in default (the field defaults below).
-`--keep`, `--energy` and `--rank` are one choice: giving any of them replaces the recipe's
-whole budget (recipe `keep: 0.6` + `--energy 0.9` -> energy 0.9, no keep). An explicit
-`--rank N` is used as given: the recipe's `multiple` rounding applies to it only when
-`--multiple` is given too. A list flag
-(`--include`, `--exclude`) replaces the recipe's list; it is not appended to it. Per-module
-`ranks.overrides` stay in force under any budget flag. Heads (the LM head, classifiers,
-poolers) are always left alone (`targets.DEFAULT_EXCLUDE`); recipes need not list them.
+Details:
+  - `--keep`, `--energy` and `--rank` are one choice: giving any of them replaces the
+    recipe's whole budget (recipe `keep: 0.6` + `--energy 0.9` -> energy 0.9, no keep);
+  - an explicit `--rank N` is used as given: the recipe's `multiple` rounds it only when
+    `--multiple` is given too;
+  - a list flag (`--include`, `--exclude`) replaces the recipe's list, it is not appended;
+  - `ranks.overrides` stay in force under any budget flag;
+  - `ranks.method: auto` leaves the method to the data options (whiten with --data,
+    dynamics with --reference, else svd); `--method` wins over any recipe method.
+Heads (the LM head, classifiers, poolers) are always left alone (`targets.DEFAULT_EXCLUDE`);
+recipes need not list them. docs/recipes.md says the same for users.
 
 `--recipe auto` picks by the checkpoint's `model_type` (`select_recipe`); an unknown family
 gets the `generic` recipe with a warning, and tensor mode (no config) gets it silently.
@@ -163,9 +167,8 @@ class Ranks(_Section):
     energy: Annotated[float, _in(0, 1, "]")] | None = None  # per-layer spectral energy kept
     rank: Annotated[int, _at_least(1)] | None = None  # one rank for every layer
     multiple: Annotated[int, _at_least(1)] = 1  # round every rank to a multiple of this
-    overrides: dict[str, Annotated[int, _at_least(1)]] = Field(
-        default_factory=dict
-    )  # pattern: rank
+    # fixed ranks by pattern (name, dotted suffix or re:), e.g. {down_proj: 256}
+    overrides: dict[str, Annotated[int, _at_least(1)]] = Field(default_factory=dict)
     dense_at_breakeven: bool = True  # keep a layer dense when its rank reaches break-even
 
     @field_validator("overrides")
