@@ -94,14 +94,14 @@ def check_patterns(model: nn.Module, options: CompressOptions) -> None:
         for pattern in getattr(options, key) or ():
             if not any(matches(n, pattern) for n in names):
                 where = options.origins.get(key, f"--{key}")
-                raise DlncError(f"{where}: {pattern!r} matches no module of this model")
+                raise DlncError(f"{where}: '{pattern}' matches no module of this model")
 
 
 def _check_overrides(options: CompressOptions, targets: dict[str, nn.Module]) -> None:
     for pattern in options.policy.overrides:
         if not any(matches(n, pattern) for n in targets):
             where = options.origins.get("overrides", "rank overrides")
-            raise DlncError(f"{where}: {pattern!r} matches no targeted layer")
+            raise DlncError(f"{where}: '{pattern}' matches no targeted layer")
 
 
 def expand_overrides(policy: RankPolicy, names: list[str]) -> RankPolicy:
