@@ -205,6 +205,7 @@ def finetune(
 
     `state_dir` receives `checkpoint-<step>/` folders (every `save_every` steps and on
     interrupt); `resume=True` continues from the newest one. Only the main process writes.
+    The teacher is frozen, set to eval mode and moved to the training device in place.
     """
     from accelerate.utils import set_seed
 
