@@ -77,7 +77,8 @@ def allocate_ranks(
     for name, rank in policy.overrides.items():
         if name in raw:
             raw[name] = _checked_rank(name, shapes[name], rank)
-    rounded = {n: _round(r, policy.multiple, shapes[n]) for n, r in raw.items()}
+    down = policy.keep is not None  # under a budget, round down so it is never overspent
+    rounded = {n: _round(r, policy.multiple, shapes[n], down) for n, r in raw.items()}
     if not policy.dense_at_breakeven:
         return {n: LayerRank(r) for n, r in rounded.items()}
     return {n: _decide(shapes[n], r) for n, r in rounded.items()}
@@ -92,11 +93,11 @@ def _checked_rank(name: str, shape: tuple[int, int], rank: int) -> int:
     return rank
 
 
-def _round(rank: int, multiple: int, shape: tuple[int, int]) -> int:
+def _round(rank: int, multiple: int, shape: tuple[int, int], down: bool = False) -> int:
     if multiple == 1:
         return rank
-    rounded = max(multiple, multiple * round(rank / multiple))
-    return min(rounded, min(shape))
+    steps = rank // multiple if down else round(rank / multiple)
+    return min(max(multiple, multiple * steps), min(shape))
 
 
 def _decide(shape: tuple[int, int], rank: int) -> LayerRank:

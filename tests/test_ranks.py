@@ -82,3 +82,14 @@ def test_rank_above_a_layer_size_names_the_layer():
     spectra, shapes = spectra_and_shapes()
     with pytest.raises(DlncError, match="steep"):
         allocate_ranks(spectra, shapes, RankPolicy(rank=17))
+
+
+def test_rounding_under_a_budget_never_overspends_it():
+    torch.manual_seed(0)
+    names = [f"l{i}" for i in range(6)]
+    spectra = {n: torch.linalg.svdvals(torch.randn(160, 96)) for n in names}
+    shapes = {n: (160, 96) for n in names}
+    ranks = allocate_ranks(spectra, shapes, RankPolicy(keep=0.3, multiple=8))
+    assert all(r.rank % 8 == 0 for r in ranks.values())
+    kept = sum(factor_params(shapes[n], r.rank) for n, r in ranks.items())
+    assert kept <= 0.3 * 6 * 160 * 96  # nearest-multiple rounding would give 24 > 18
