@@ -42,16 +42,11 @@ def demo(
 
 
 def _ranks_table(result) -> Table:
-    table = Table(title="ranks: the weight's spectrum vs what the warm-up run moved")
-    cols = (
-        "layer",
-        "shape",
-        "weight eff. rank",
-        "weight r90",
-        "update r90",
-        "chosen",
-        "break-even",
+    table = Table(
+        title="ranks: the weight W's spectrum vs the warm-up update dW's",
+        caption="r90: rank keeping 90% of the energy; at or above break-even a layer stays dense",
     )
+    cols = ("layer", "shape", "W eff. rank", "W r90", "dW r90", "chosen", "break-even")
     for col in cols:
         table.add_column(col, justify="left" if col == "layer" else "right")
     for row in result.layers:
