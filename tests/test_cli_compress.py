@@ -221,3 +221,25 @@ def test_output_inside_the_input_is_refused(tiny_model):
     result = dlnc("compress", folder, "--out", folder, "--overwrite")
     assert result.exit_code == 1 and "replace the input" in result.stderr
     assert (folder / "model.safetensors").is_file()
+
+
+def test_terminal_table_shows_the_numbers_of_report_json(tiny_model, tmp_path):
+    _, folder = tiny_model("llama")
+    out = tmp_path / "o"
+    result = runner.invoke(
+        app, ["compress", str(folder), "--keep", "0.4", "--out", str(out)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = {
+        cells[0]: cells
+        for line in result.output.splitlines()
+        if line.startswith("│")
+        for cells in [[c.strip() for c in line.strip("│").split("│")]]
+    }
+    for layer in report["layers"]:
+        cells = rows[layer["name"]]
+        assert cells[2] == ("dense" if layer["rank"] is None else str(layer["rank"]))
+        assert float(cells[6]) == pytest.approx(layer["rel_error"], abs=5e-5)
+    kept = report["targeted_params_after"] / report["targeted_params_before"]
+    assert f"{kept:.3f}" in rows["targeted weights"]
