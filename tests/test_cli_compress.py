@@ -243,3 +243,19 @@ def test_terminal_table_shows_the_numbers_of_report_json(tiny_model, tmp_path):
         assert float(cells[6]) == pytest.approx(layer["rel_error"], abs=5e-5)
     kept = report["targeted_params_after"] / report["targeted_params_before"]
     assert f"{kept:.3f}" in rows["targeted weights"]
+
+
+def test_bare_weights_file_with_config_given_elsewhere(tiny_model, tmp_path):
+    _, folder = tiny_model("gpt2")
+    bare = tmp_path / "weights" / "gpt2-small-thing.safetensors"
+    bare.parent.mkdir()
+    bare.write_bytes((folder / "model.safetensors").read_bytes())
+    out = tmp_path / "o"
+    no_config = dlnc("compress", bare, "--rank", 4, "--out", out, "--json")
+    assert json.loads(no_config.output)["tensor_mode"] is True  # no config.json beside it
+    result = dlnc("compress", bare, "--config", folder / "config.json", "--rank", 4,
+                  "--out", out, "--overwrite")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reloaded = load_pretrained(out)
+    assert type(reloaded).__name__ == "GPT2LMHeadModel"
+    assert outputs(reloaded, example_inputs("gpt2")).shape == (2, 12, 64)
