@@ -8,7 +8,7 @@ Models (both compressed at keep 0.5 of their targeted weights):
 Measured:
   1. held-out quality of the original, the compressed model and after `--seconds` of
      fine-tuning (depth 2, spectral init), and the share of the gap closed per minute;
-  2. steps and wall time to reach a fixed training distillation loss (TARGET x the
+  2. steps and wall time to reach a fixed training distillation loss (--target x the
      spectral model's initial loss) for spectral vs random init, and depth 3 with
      discrepant lr vs depth 2 (same rank: the same exported parameter count);
   3. one training step (forward, backward, AdamW) of the compressed vs the dense model.
@@ -41,7 +41,6 @@ from compressor.surgery import factorized_layers
 from compressor.targets import find_targets
 
 RESULTS = Path(__file__).parent / "results" / "finetune.md"
-TARGET = 0.5  # the fixed distillation loss: this share of the spectral model's initial loss
 BERT_TARGETS = [
     r"re:attention\.self\.(query|key|value)$",
     r"re:attention\.output\.dense$",
@@ -211,7 +210,7 @@ def run_model(name, teacher, include, train, held, args, lr, alpha, loss_fn):
     result = recovery(name, teacher, copy.deepcopy(student), train, held, args.seconds, lr)
     rows["recovery"] = result
     init_loss = result.losses[0]
-    target = TARGET * init_loss
+    target = args.target * init_loss
     variants = {
         "spectral, depth 2": (compress(teacher, include), {}),
         "random, depth 2": (compress(teacher, include, init="random"), {}),
@@ -241,7 +240,7 @@ def report(results: dict, args) -> str:
         "",
         f"`python benchmarks/finetune_recovery.py --seconds {args.seconds:g} "
         f"--race-steps {args.race_steps} --lm-seconds {args.lm_seconds:g} --batch {args.batch}"
-        f" --length {args.length}`; torch {torch.__version__}, "
+        f" --length {args.length} --target {args.target:g}`; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Both models compressed at keep 0.5 (targeted "
         "weights). MiniLM quality: hidden-state MSE to the original (0 = the original) and "
         "embedding cosine; LM quality: held-out perplexity.",
@@ -268,7 +267,7 @@ def report(results: dict, args) -> str:
             )
     lines += [
         "",
-        f"## 2. Steps and time to a fixed distillation loss ({TARGET:g} x the spectral "
+        f"## 2. Steps and time to a fixed distillation loss ({args.target:g} x the spectral "
         "model's first training loss; 5-step mean)",
         "",
         "| model | variant | params while training | first loss | steps | seconds |",
@@ -301,6 +300,9 @@ def main() -> None:
     parser.add_argument("--race-steps", type=int, default=60, help="step budget of section 2")
     parser.add_argument("--lm-seconds", type=float, default=150, help="LM pre-training time")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--target", type=float, default=0.5, help="section 2: share of the first loss to reach"
+    )
     parser.add_argument("--batch", type=int, default=8, help="samples per batch")
     parser.add_argument("--length", type=int, default=32, help="MiniLM tokens per sample")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run)")
