@@ -148,6 +148,8 @@ def cpu_launch() -> bool:
 def _usable_task(model: nn.Module, batch: Batch, mask_token_id: int | None) -> str | None:
     """The model's task if the data supports scoring it (labels, a [MASK] id)."""
     task = task_of(model)
+    if task == "seq2seq_lm":  # scored against the teacher (no target text to score)
+        return None
     if task == "classification" and "labels" not in batch:
         return None
     if task == "masked_lm":
@@ -164,7 +166,7 @@ def _batch_stats(model, teacher, batch, task, temperature, mask_token_id, genera
     if task == "masked_lm":
         mask_id = mask_token_id if mask_token_id is not None else model.config.mask_token_id
         batch = mask_tokens(batch, mask_id, generator=generator)
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model)
     out = model(**inputs)
     s = dict.fromkeys(_FIELDS, 0.0)
     s["rows"] = len(next(iter(inputs.values())))

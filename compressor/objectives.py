@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 OBJECTIVES = ("distill", "task", "mix")
-TASKS = ("causal_lm", "masked_lm", "classification")
+TASKS = ("causal_lm", "masked_lm", "classification", "seq2seq_lm")
 NOT_INPUTS = ("labels", "mlm_labels", "special_tokens_mask")  # batch keys the model is not given
 _TASK_SUFFIXES = {
     "causal_lm": ("ForCausalLM", "LMHeadModel"),
@@ -55,15 +55,32 @@ def task_of(model: nn.Module) -> str | None:
     if declared in TASKS:
         return declared
     name = type(model).__name__
+    if name.endswith("ForConditionalGeneration") and _is_encoder_decoder(model):
+        return "seq2seq_lm"
     for task, suffixes in _TASK_SUFFIXES.items():
         if name.endswith(suffixes):
             return task
     return None
 
 
-def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments for `model(**inputs)`: the batch without labels and bookkeeping."""
-    return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def model_inputs(
+    batch: Mapping[str, torch.Tensor], model: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """The keyword arguments for `model(**inputs)`: the batch without labels and bookkeeping.
+
+    An encoder-decoder (T5) given text alone gets the text as its decoder input too (shifted
+    right, teacher forcing), so student and teacher are compared token by token."""
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+    if model is not None and "input_ids" in inputs and "decoder_input_ids" not in inputs:
+        inner = getattr(model, "module", model)
+        if task_of(inner) == "seq2seq_lm":
+            shift = inner.prepare_decoder_input_ids_from_labels
+            inputs["decoder_input_ids"] = shift(labels=inputs["input_ids"])
+    return inputs
 
 
 def token_mask(batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -149,7 +166,7 @@ class Objective:
             if (self.uses_task and self.task == "masked_lm")
             else batch
         )
-        inputs = model_inputs(batch)
+        inputs = model_inputs(batch, student)
         s_out = student(**inputs)
         parts: dict[str, torch.Tensor] = {}
         if self.uses_teacher:
@@ -261,6 +278,11 @@ def _check_task(task: str | None, student: nn.Module, mask_token_id, has_labels:
     if task is None:
         raise DlncError(
             f"{name} has no task head (causal LM, masked LM or classification); "
+            "use --objective distill with --teacher"
+        )
+    if task == "seq2seq_lm":
+        raise DlncError(
+            f"{name}: a seq2seq task loss needs target text, which dlnc's data does not carry; "
             "use --objective distill with --teacher"
         )
     if task == "classification" and not has_labels:

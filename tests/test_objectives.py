@@ -109,3 +109,23 @@ def test_what_applies_and_what_does_not(kind, student, teacher, labels, message)
         return
     with pytest.raises(DlncError, match=message):
         build_objective(kind, make(student), teacher_model, has_labels=labels)
+
+
+def test_seq2seq_distills_on_teacher_forced_logits():
+    import transformers as tf
+
+    from compressor.errors import DlncError
+    from compressor.objectives import build_objective, model_inputs
+
+    torch.manual_seed(0)
+    config = tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, vocab_size=50,
+                         decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    teacher = tf.T5ForConditionalGeneration(config).eval()
+    batch = {"input_ids": torch.randint(1, 50, (2, 7)), "attention_mask": torch.ones(2, 7).long()}
+    inputs = model_inputs(batch, teacher)
+    assert torch.equal(inputs["decoder_input_ids"][:, 1:], batch["input_ids"][:, :-1])
+    objective = build_objective("distill", teacher, teacher)
+    assert objective.task == "seq2seq_lm" and objective.distill_on == "logits"
+    assert float(objective(teacher, batch, teacher).loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(DlncError, match="seq2seq task loss"):
+        build_objective("task", teacher, teacher)
