@@ -32,10 +32,14 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from compressor.errors import DlncError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "DataOptions",
@@ -250,7 +254,7 @@ def _read_tensors(path: Path, label_field: str) -> Samples:
 
 def load_tokenizer(
     model_folder: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None
-):
+) -> PreTrainedTokenizerBase:
     """The tokenizer of `tokenizer` (a folder), else of the model folder; local files only.
 
     A tokenizer without a padding token (GPT-2, Llama) pads with its end-of-text token.

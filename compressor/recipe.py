@@ -32,7 +32,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -47,6 +47,12 @@ from pydantic import (
 )
 
 from compressor.errors import DlncError
+
+if TYPE_CHECKING:  # imported lazily at run time: keeps `import compressor.recipe` light
+    from compressor.data import DataOptions
+    from compressor.finetune import FinetuneConfig
+    from compressor.pipeline import CompressOptions
+    from compressor.ranks import RankPolicy
 
 __all__ = [
     "FLAG_NAMES",
@@ -427,7 +433,7 @@ def compress_options(
     source: RecipeSource | None = None,
     from_flags: Collection[str] = (),
     **runtime: Any,
-):
+) -> CompressOptions:
     """`CompressOptions` from an (overridden) recipe. `from_flags` lists the keys the command
     line supplied (named in errors instead of the recipe); `runtime` passes the options a
     recipe does not hold (config, merge, overwrite, the data-aware `aware` options: see
@@ -455,7 +461,7 @@ def compress_options(
     )
 
 
-def rank_policy(ranks: Ranks):
+def rank_policy(ranks: Ranks) -> RankPolicy:
     """The `RankPolicy` of a recipe's `ranks` section (override keys are still patterns)."""
     from compressor.ranks import RankPolicy
 
@@ -477,7 +483,7 @@ def rank_method(recipe: Recipe, flag: str | None = None) -> str | None:
     return None if recipe.ranks.method == "auto" else recipe.ranks.method
 
 
-def finetune_config(recipe: Recipe, **extra: Any):
+def finetune_config(recipe: Recipe, **extra: Any) -> FinetuneConfig:
     """The `FinetuneConfig` of a recipe: its `finetune` section plus the chain's depth and
     discrepant learning rate; `extra` sets other fields (seed, save_every) and wins over the
     recipe, as a command-line flag does."""
@@ -494,7 +500,7 @@ def finetune_config(recipe: Recipe, **extra: Any):
     return FinetuneConfig(**{**values, **extra})
 
 
-def data_options(recipe: Recipe, path: str | Path, **extra: Any):
+def data_options(recipe: Recipe, path: str | Path, **extra: Any) -> DataOptions:
     """The `DataOptions` for fine-tuning data: the recipe's batch size and max length."""
     from compressor.data import DataOptions
 

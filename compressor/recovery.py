@@ -74,7 +74,9 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     return loaded.model
 
 
-def split_batches(options: RecoveryOptions, model_folder: Path):
+def split_batches(
+    options: RecoveryOptions, model_folder: Path
+) -> tuple[list[dict], list[dict], int | None]:
     """(train batches, held-out batches, [MASK] token id) from the data options."""
     data = options.data
     samples = load_samples(data.path, data.text_field, data.label_field, data.samples, data.seed)
