@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.errors import DlncError
+from compressor.errors import DlncError, first_line
+from compressor.surgery import tied_keys
 from compressor.tensor_model import TensorModel
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "read_state_dict"]
@@ -122,7 +123,7 @@ def _validate(files: list[Path]) -> None:
             with safe_open(f, framework="pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError, ValueError) as e:
-            raise DlncError(f"{f.name}: not a valid safetensors file ({_first_line(e)})") from e
+            raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
 
 
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -140,7 +141,7 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(f))
         except (SafetensorError, OSError, ValueError) as e:
-            raise DlncError(f"{f.name}: not a valid safetensors file ({_first_line(e)})") from e
+            raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
     if not state:
         raise DlncError(f"{files[0]}: holds no tensors")
     return state
@@ -197,7 +198,7 @@ def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn
                 use_safetensors=files[0].suffix == ".safetensors",
             )
         except (RuntimeError, ValueError, OSError) as e:
-            raise DlncError(f"weights do not match the config: {_first_line(e)}") from e
+            raise DlncError(f"weights do not match the config: {first_line(e)}") from e
     _check_loading_info(model, info)
     model.eval()
     return model
@@ -224,7 +225,7 @@ def _link_all(staging: Path, config_file: Path, files: list[Path]) -> Path:
 
 
 def _check_loading_info(model: nn.Module, info: dict) -> None:
-    tied = set(_tied_keys(model))
+    tied = set(tied_keys(model))
     missing = [k for k in info.get("missing_keys", ()) if k not in tied]
     mismatched = list(info.get("mismatched_keys", ()))
     if missing:
@@ -233,13 +234,3 @@ def _check_loading_info(model: nn.Module, info: dict) -> None:
         )
     if mismatched:
         raise DlncError(f"weights do not match the config: shape mismatch at {mismatched[0]}")
-
-
-def _tied_keys(model: nn.Module) -> list[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or ()
-    return list(keys.keys()) if isinstance(keys, dict) else list(keys)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

@@ -27,6 +27,7 @@ __all__ = [
     "FactorFn",
     "LayerReport",
     "ProgressFn",
+    "check_finite",
     "compress_",
     "layer_decompositions",
     "layer_spectra",
@@ -81,6 +82,12 @@ class CompressionReport:
         }
 
 
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """A NaN/Inf weight is a broken checkpoint: a `DlncError` naming the layer."""
+    if not torch.isfinite(weight).all():
+        raise DlncError(f"{name}: the weight holds NaN or Inf values")
+
+
 def layer_spectra(
     targets: dict[str, nn.Module], progress: ProgressFn | None = None
 ) -> dict[str, torch.Tensor]:
@@ -88,8 +95,7 @@ def layer_spectra(
     spectra = {}
     for i, (name, module) in enumerate(targets.items()):
         weight = dense_weight_of(module)
-        if not torch.isfinite(weight).all():
-            raise DlncError(f"{name}: the weight holds NaN or Inf values")
+        check_finite(name, weight)
         spectra[name] = singular_values(weight)
         if progress:
             progress("spectra", i + 1, len(targets))
@@ -104,8 +110,7 @@ def layer_decompositions(
     decomps = {}
     for i, (name, module) in enumerate(targets.items()):
         weight = dense_weight_of(module)
-        if not torch.isfinite(weight).all():
-            raise DlncError(f"{name}: the weight holds NaN or Inf values")
+        check_finite(name, weight)
         keep = max(1, floor_breakeven(*weight.shape))
         decomps[name] = decompose(weight, keep)
         if progress:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compressor.errors import DlncError
+from compressor.errors import DlncError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -271,7 +271,7 @@ def load_tokenizer(
     try:
         tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise DlncError(f"{where}: no tokenizer found{hint} ({_first_line(e)})") from e
+        raise DlncError(f"{where}: no tokenizer found{hint} ({first_line(e)})") from e
     if len(tok) == 0:
         raise DlncError(f"{where}: the tokenizer has an empty vocabulary{hint}")
     if tok.pad_token is None:
@@ -335,8 +335,3 @@ def load_batches(
     )
     tokenizer = load_tokenizer(model_folder, options.tokenizer) if samples.is_text else None
     return make_batches(samples, tokenizer, options.max_length, options.batch_size)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["DlncError"]
+__all__ = ["DlncError", "first_line"]
 
 
 class DlncError(ValueError):
     """A problem with the user's input (a path, a file, an option), not a bug in dlnc."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.errors import DlncError
+from compressor.errors import DlncError, first_line
 from compressor.layers import FactorizedLinear
-from compressor.surgery import factorized_layers, replace_module
+from compressor.surgery import factorized_layers, replace_module, tied_keys
 
 __all__ = [
     "FORMAT_VERSION",
@@ -142,7 +142,7 @@ def _write_weights(model: nn.Module, folder: Path, merge: bool, max_shard_size) 
         folder,
         max_shard_size=max_shard_size,
         metadata={"format": "pt"},
-        shared_tensors_to_discard=_tied_keys(model),
+        shared_tensors_to_discard=tied_keys(model),
     )
 
 
@@ -183,11 +183,6 @@ def disk_size(paths: list[Path] | Path) -> int:
     return sum(p.stat().st_size for p in items)
 
 
-def _tied_keys(model: nn.Module) -> list[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or ()
-    return list(keys.keys()) if isinstance(keys, dict) else list(keys)
-
-
 def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a dlnc export: the model with its factorized layers, outputs identical to the
     model that was exported.
@@ -196,7 +191,7 @@ def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> 
     (weights only) unless `model`, an instance of the original torch module, is given: its
     layers are then swapped for the exported factors and its weights loaded.
     """
-    from compressor.checkpoint import _first_line, read_state_dict
+    from compressor.checkpoint import read_state_dict
 
     folder = Path(path)
     config_file = folder / "config.json"
@@ -215,7 +210,7 @@ def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> 
         model = _skeleton(config_file, section, state, model)
         _load_state(model, state)
     except (RuntimeError, KeyError, AttributeError) as e:
-        raise DlncError(f"{folder}: weights do not match its config ({_first_line(e)})") from e
+        raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
     return model.eval()
 
 
@@ -258,7 +253,7 @@ def _hf_skeleton(config_file: Path) -> nn.Module:
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     result = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(_tied_keys(model))
+    tied = set(tied_keys(model))
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]

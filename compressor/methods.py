@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from compressor.calibration import LayerStats
-from compressor.compress import FactorFn, ProgressFn
+from compressor.compress import FactorFn, ProgressFn, check_finite
 from compressor.dynamics import joint_subspace, update_rank
 from compressor.errors import DlncError
 from compressor.layers import dense_weight_of
@@ -69,8 +69,7 @@ def build_plan(
     weights = {n: dense_weight_of(m) for n, m in targets.items()}
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     for name, w in weights.items():
-        if not torch.isfinite(w).all():
-            raise DlncError(f"{name}: the weight holds NaN or Inf values")
+        check_finite(name, w)
     weight_spectra = _each(weights, singular_values, "spectra", progress)
     factor_fn = _svd_factor_fn(weights, weight_spectra)
     plan = Plan(method, weight_spectra, factor_fn, shapes, weight_spectra)

@@ -9,7 +9,14 @@ from torch import nn
 
 from compressor.layers import FactorizedLinear
 
-__all__ = ["collapse_", "deepen_", "factorized_layers", "merge_", "replace_module"]
+__all__ = [
+    "collapse_",
+    "deepen_",
+    "factorized_layers",
+    "merge_",
+    "replace_module",
+    "tied_keys",
+]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None:
@@ -66,3 +73,10 @@ def _deepen(layer: FactorizedLinear, depth: int) -> FactorizedLinear:
         if layer.up.bias is not None:
             new.up.bias.copy_(layer.up.bias)
     return new.train(layer.training)
+
+
+def tied_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that are tied to another tensor (e.g. an LM head tied to the input
+    embedding): not stored in an export, re-tied when loading."""
+    keys = getattr(model, "_tied_weights_keys", None) or ()
+    return list(keys.keys()) if isinstance(keys, dict) else list(keys)

@@ -157,3 +157,24 @@ def test_tensor_mode_export_loads_into_the_users_own_module(tiny_mlp, tmp_path):
     with torch.no_grad():
         expected = t.head(torch.relu(t.fc2(torch.relu(t.fc1(x)))))
         torch.testing.assert_close(mine(x), expected)
+
+
+@pytest.mark.parametrize("damage", ["no-config", "no-section", "wrong-rank"])
+def test_load_pretrained_refuses_a_damaged_export(damage, tiny_model, tmp_path):
+    from compressor.errors import DlncError
+
+    _, folder = tiny_model("bert")
+    loaded, _ = compressed(folder, RankPolicy(rank=4))
+    out = export(loaded.model, tmp_path / "out", config=loaded.config)
+    config = json.loads((out / "config.json").read_text())
+    if damage == "no-config":
+        (out / "config.json").unlink()
+    elif damage == "no-section":
+        del config["dlnc"]
+        (out / "config.json").write_text(json.dumps(config))
+    else:
+        first = next(iter(config["dlnc"]["layers"]))
+        config["dlnc"]["layers"][first]["rank"] = 5
+        (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DlncError, match=r"config|dlnc"):
+        load_pretrained(out)
