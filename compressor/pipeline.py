@@ -23,7 +23,7 @@ from compressor.export import check_output_dir, default_output_dir, disk_size, e
 from compressor.planning import AwareOptions, make_plan
 from compressor.ranks import RankPolicy
 from compressor.recovery import RecoveryOptions, finetune_compressed, teacher_copy
-from compressor.targets import find_targets, matches
+from compressor.targets import find_targets, matches, weight_readers
 from compressor.tensor_model import TENSOR_MODE_EXCLUDE
 
 __all__ = [
@@ -81,6 +81,9 @@ def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[s
     if loaded.tensor_mode:
         exclude += TENSOR_MODE_EXCLUDE
     targets = find_targets(loaded.model, options.include, exclude)
+    for name in weight_readers(loaded.model, targets):
+        del targets[name]
+        loaded.notices.append(f"{name} stays dense: its parent reads its .weight directly")
     if not targets:
         raise DlncError("no layer to compress: the include/exclude patterns matched nothing")
     _check_overrides(options, targets)

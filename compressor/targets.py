@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable, Sequence
+from functools import cache
 
 from torch import nn
 
@@ -13,6 +15,7 @@ __all__ = [
     "find_targets",
     "is_dense",
     "matches",
+    "weight_readers",
 ]
 
 DENSE_TYPES = ("Linear", "Conv1D")
@@ -76,3 +79,23 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
         return getter() if getter is not None else None
     except (AttributeError, NotImplementedError):
         return None
+
+
+def weight_readers(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """The layers whose parent reads `self.<layer>.weight` in its forward pass (T5's `wo`
+    checks its dtype): a factorized layer has no single weight, so they must stay dense."""
+    found = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if f"self.{child}.weight" in _forward_source(type(parent)):
+            found.append(name)
+    return found
+
+
+@cache
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""

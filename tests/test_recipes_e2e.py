@@ -161,3 +161,20 @@ def test_compress_finetune_steps_takes_the_recipes_finetune_section(tmp_path):
     assert values["finetune"]["steps"] == 2 and values["finetune"]["lr"] == 3e-4  # flag won
     assert {r["name"].rsplit(".", 1)[-1] for r in report["layers"]} == {"c_fc"}
     load_pretrained(tmp_path / "out")
+
+
+def test_t5_wo_stays_dense_even_when_asked_for(tmp_path):
+    """T5's feed-forward reads `self.wo.weight`; compressing it would break the model, so it
+    is skipped with a notice even under the generic recipe (every Linear)."""
+    original = build("t5")
+    original.save_pretrained(tmp_path / "in")
+    recipe, source = choose_recipe("generic", tmp_path / "in")
+    result = compress_checkpoint(
+        tmp_path / "in", tmp_path / "out", compress_options(recipe, source)
+    )
+    compressed = {r["name"] for r in result.report["layers"]}
+    assert compressed and not any(n.endswith(".wo") for n in compressed)
+    assert any(".wo stays dense" in n for n in result.notices)
+    reloaded = load_pretrained(tmp_path / "out")
+    inputs = inputs_of("t5")
+    assert logits(reloaded, inputs).shape == logits(original, inputs).shape
