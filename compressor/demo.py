@@ -28,7 +28,7 @@ from compressor.finetune import FinetuneConfig, StepInfo, finetune
 from compressor.linalg import effective_rank, energy_rank
 from compressor.methods import build_plan
 from compressor.ranks import RankPolicy
-from compressor.surgery import collapse_
+from compressor.surgery import collapse_, count_params
 from compressor.targets import find_targets
 
 __all__ = ["DemoResult", "DemoSettings", "WideMLP", "run_demo"]
@@ -136,8 +136,8 @@ def run_demo(
         out_dir=out,
         wide_accuracy=accs[0],
         compressed_accuracy=accs[1],
-        wide_params=_params(wide),
-        compressed_params=_params(reloaded),
+        wide_params=count_params(wide),
+        compressed_params=count_params(reloaded),
         layers=layers,
     )
 
@@ -248,7 +248,7 @@ def _table(wide, compressed, before_ft: float, out: Path, test: dict):
     lat = latency(wide, x), latency(compressed, x)
     size = disk_size(out / "wide" / "model.safetensors"), _weights(out / "compressed")
     rows = [
-        ("parameters", f"{_params(wide):,}", f"{_params(compressed):,}"),
+        ("parameters", f"{count_params(wide):,}", f"{count_params(compressed):,}"),
         ("bytes on disk", f"{size[0] / 1e6:.2f} MB", f"{size[1] / 1e6:.2f} MB"),
         ("test accuracy", f"{acc[0]:.3f}", f"{acc[1]:.3f} (before fine-tuning {before_ft:.3f})"),
         ("CPU latency, 2048 digits", f"{lat[0] * 1e3:.2f} ms", f"{lat[1] * 1e3:.2f} ms"),
@@ -258,10 +258,6 @@ def _table(wide, compressed, before_ft: float, out: Path, test: dict):
 
 def _weights(folder: Path) -> int:
     return disk_size(sorted(folder.glob("*.safetensors")))
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _fresh_folder(out: Path) -> Path:

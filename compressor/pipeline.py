@@ -23,6 +23,7 @@ from compressor.export import check_output_dir, default_output_dir, disk_size, e
 from compressor.planning import AwareOptions, make_plan
 from compressor.ranks import RankPolicy
 from compressor.recovery import RecoveryOptions, finetune_compressed, teacher_copy
+from compressor.surgery import count_params
 from compressor.targets import find_targets, matches, weight_readers
 from compressor.tensor_model import TENSOR_MODE_EXCLUDE
 
@@ -129,7 +130,7 @@ def compress_checkpoint(
     loaded = load_checkpoint(
         path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
     )
-    total_before = _count_params(loaded.model)
+    total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
     spectra, method_kwargs = _method_inputs(loaded, targets, options, progress)
     policy = expand_overrides(options.policy, list(targets))
@@ -208,10 +209,6 @@ def _policy_dict(policy: RankPolicy) -> dict:
         "multiple": policy.multiple,
         "dense_at_breakeven": policy.dense_at_breakeven,
     }
-
-
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _rewrite_json(path: Path, data: dict) -> None:

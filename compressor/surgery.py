@@ -11,6 +11,7 @@ from compressor.layers import FactorizedLinear
 
 __all__ = [
     "collapse_",
+    "count_params",
     "deepen_",
     "factorized_layers",
     "merge_",
@@ -80,3 +81,8 @@ def tied_keys(model: nn.Module) -> list[str]:
     embedding): not stored in an export, re-tied when loading."""
     keys = getattr(model, "_tied_weights_keys", None) or ()
     return list(keys.keys()) if isinstance(keys, dict) else list(keys)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of a model, a tied tensor counted once."""
+    return sum(p.numel() for p in model.parameters())

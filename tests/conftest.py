@@ -68,6 +68,15 @@ def outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny matrices: thread start-up costs more than it saves, worst on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_model(tmp_path: Path) -> Callable[[str], tuple[nn.Module, Path]]:
     def make(family: str) -> tuple[nn.Module, Path]:
         model = build_tiny(family)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli.bench import app
@@ -15,12 +14,7 @@ TINY = ["--d", "12", "--r", "2", "--eta", "5", "--alpha", "2", "--max-iters", "3
 TINY += ["--log-every", "50", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("task", ["factorization", "completion", "sensing"])

@@ -14,14 +14,7 @@ from compressor.dln.networks import compressed_network, end_to_end, prefix_produ
 from compressor.dln.problems import ProblemConfig, make_problem
 from compressor.dln.train import TrainConfig, chain_gradients, gd_step, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: thread start-up costs more than it saves, worst on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _problem(task: str, d: int = 12, r: int = 2, **kw):
