@@ -36,8 +36,9 @@ def build(folder: Path, layers: int) -> int:
 def compress_in_child(src: Path, out: Path, keep: float) -> tuple[float, float]:
     """Run the compression in a fresh process; returns (seconds, peak RSS in bytes)."""
     code = (
-        "import sys, time; from compressor.pipeline import CompressOptions, compress_checkpoint;"
-        "from compressor.ranks import RankPolicy; t = time.perf_counter();"
+        "import sys, time;"
+        "from compressor.workflows.compress import CompressOptions, compress_checkpoint;"
+        "from compressor.core.ranks import RankPolicy; t = time.perf_counter();"
         f"opts = CompressOptions(policy=RankPolicy(keep={keep}));"
         "compress_checkpoint(sys.argv[1], sys.argv[2], opts);"
         "print(time.perf_counter() - t)"
@@ -92,7 +93,7 @@ def main() -> None:
 
     from transformers import BertModel
 
-    from compressor.export import disk_size, load_pretrained
+    from compressor.io.export import disk_size, load_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "bert-base", Path(tmp) / "bert-base-dlnc"

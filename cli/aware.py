@@ -59,9 +59,9 @@ def aware_options(
     warmup_lr: float,
 ):
     """`AwareOptions` from the command line; a `DlncError` for a bad combination."""
-    from compressor.data import DataOptions
     from compressor.errors import DlncError
-    from compressor.planning import AwareOptions
+    from compressor.training.data import DataOptions
+    from compressor.workflows.plan import AwareOptions
 
     if method is not None and method not in METHOD_NAMES:
         raise DlncError(f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}")
@@ -85,7 +85,7 @@ def apply_ranks_file(options, path: Path) -> None:
     """`--ranks FILE`: its ranks override the policy's, its `dense` layers are left alone."""
     from dataclasses import replace
 
-    from compressor.rankfile import load_ranks, split_ranks
+    from compressor.io.rankfile import load_ranks, split_ranks
 
     overrides, dense = split_ranks(load_ranks(path))
     options.policy = replace(options.policy, overrides={**options.policy.overrides, **overrides})

@@ -111,8 +111,13 @@ def compress(
     Ratios: --keep is a fraction of the weight parameters of the *targeted* layers only
     (embeddings, heads and norms are untouched); --energy is per layer.
     """
-    from compressor.pipeline import compress_checkpoint
-    from compressor.recipe import apply_overrides, choose_recipe, compress_options, rank_method
+    from compressor.recipes.schema import (
+        apply_overrides,
+        choose_recipe,
+        compress_options,
+        rank_method,
+    )
+    from compressor.workflows.compress import compress_checkpoint
 
     quiet_libraries()
     with user_errors():
@@ -151,7 +156,7 @@ def compress(
         with progress_bars(not json_out) as progress:
             result = compress_checkpoint(model, out, options, progress)
         if plot is not None:
-            from compressor.plots import plot_spectra
+            from cli.plots import plot_spectra
 
             ranks = {r["name"]: r["rank"] for r in result.report["layers"]}
             plot_spectra(result.spectra, plot, ranks)

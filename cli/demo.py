@@ -20,8 +20,8 @@ def demo(
 ) -> None:
     """Train a wide network on handwritten digits, then inspect, estimate ranks from a warm-up
     run, compress, fine-tune, export, reload and evaluate it: the whole product, offline."""
-    from compressor.demo import DemoSettings, run_demo
-    from compressor.plots import plot_report
+    from cli.plots import plot_report
+    from compressor.workflows.demo import DemoSettings, run_demo
 
     quiet_libraries()
     console = Console()

@@ -53,13 +53,13 @@ def estimate_ranks(
 
     Save the chosen ranks with --save ranks.yaml and use them with `dlnc compress --ranks`.
     """
-    from compressor.checkpoint import load_checkpoint
+    from compressor.core.ranks import RankPolicy
     from compressor.errors import DlncError
-    from compressor.methods import estimate_layers
-    from compressor.pipeline import CompressOptions, select_targets
-    from compressor.planning import make_plan
-    from compressor.rankfile import save_ranks
-    from compressor.ranks import RankPolicy
+    from compressor.io.checkpoint import load_checkpoint
+    from compressor.io.rankfile import save_ranks
+    from compressor.methods.plan import estimate_layers
+    from compressor.workflows.compress import CompressOptions, select_targets
+    from compressor.workflows.plan import make_plan
 
     quiet_libraries()
     with user_errors():
@@ -78,7 +78,7 @@ def estimate_ranks(
         rows = estimate_layers(plan, policy, tau)
         chosen = {r.name: r.chosen for r in rows}
         if plot is not None:
-            from compressor.plots import plot_spectra
+            from cli.plots import plot_spectra
 
             plot_spectra(plan.spectra, plot, chosen, title=f"{plan.method} spectra (s_i / s_1)")
         if save is not None:

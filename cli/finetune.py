@@ -77,8 +77,13 @@ def finetune(
     on the task, then exports (chains collapse to two factors). Ctrl-C saves a resumable
     state; --resume continues it. Many GPUs: accelerate launch -m cli.main finetune ...
     """
-    from compressor.recipe import apply_overrides, choose_recipe, data_options, finetune_config
-    from compressor.recovery import RecoveryOptions, finetune_checkpoint
+    from compressor.recipes.schema import (
+        apply_overrides,
+        choose_recipe,
+        data_options,
+        finetune_config,
+    )
+    from compressor.workflows.finetune import RecoveryOptions, finetune_checkpoint
 
     quiet_libraries()
     out = out or model.parent / f"{model.name}-ft"
@@ -150,9 +155,9 @@ def evaluate(
     With --teacher, also the original's numbers and the distance from it (distillation loss;
     embedding cosine for encoders).
     """
-    from compressor.data import load_samples, load_tokenizer, make_batches
-    from compressor.evaluate import evaluate as run_eval
-    from compressor.recovery import load_model
+    from compressor.training.data import load_samples, load_tokenizer, make_batches
+    from compressor.training.evaluate import evaluate as run_eval
+    from compressor.workflows.finetune import load_model
 
     quiet_libraries()
     with user_errors():
@@ -179,8 +184,8 @@ def evaluate(
 def recovery_options(recipe, data: Path | None):
     """`dlnc compress --finetune-steps`: the recipe's fine-tuning settings on `data`."""
     from compressor.errors import DlncError
-    from compressor.recipe import data_options, finetune_config
-    from compressor.recovery import RecoveryOptions
+    from compressor.recipes.schema import data_options, finetune_config
+    from compressor.workflows.finetune import RecoveryOptions
 
     if data is None:
         raise DlncError("--finetune-steps needs --finetune-data FILE")

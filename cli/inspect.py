@@ -27,11 +27,11 @@ def inspect(
 ) -> None:
     """Per-layer spectrum statistics: energy ranks at 0.9/0.99, effective, stable and
     numerical rank, and the break-even rank above which factorizing saves nothing."""
-    from compressor.checkpoint import load_checkpoint
-    from compressor.compress import layer_spectra
-    from compressor.layers import dense_weight_of
-    from compressor.pipeline import CompressOptions, select_targets
-    from compressor.stats import spectrum_stats
+    from compressor.core.compress import layer_spectra
+    from compressor.core.layers import dense_weight_of
+    from compressor.core.stats import spectrum_stats
+    from compressor.io.checkpoint import load_checkpoint
+    from compressor.workflows.compress import CompressOptions, select_targets
 
     quiet_libraries()
     with user_errors():
@@ -45,7 +45,7 @@ def inspect(
             for n, s in spectra.items()
         ]
         if plot is not None:
-            from compressor.plots import plot_spectra
+            from cli.plots import plot_spectra
 
             plot_spectra(spectra, plot)
     if json_out:

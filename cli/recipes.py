@@ -20,7 +20,7 @@ app = typer.Typer(
 @app.command("list")
 def list_recipes() -> None:
     """The shipped recipes: name, the model_types `--recipe auto` picks them for, and budget."""
-    from compressor.recipe import load_recipe, recipe_names, recipes_dir
+    from compressor.recipes.schema import load_recipe, recipe_names, recipes_dir
 
     with user_errors():
         recipes = [load_recipe(name) for name in recipe_names()]
@@ -46,7 +46,7 @@ def show(
     ] = False,
 ) -> None:
     """Print a recipe's YAML (validated first, so a broken file is an error, not a listing)."""
-    from compressor.recipe import find_recipe, load_recipe, recipe_to_yaml
+    from compressor.recipes.schema import find_recipe, load_recipe, recipe_to_yaml
 
     with user_errors():
         path = find_recipe(name)

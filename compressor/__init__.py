@@ -1,9 +1,9 @@
 """dlnc: low-rank compression of pretrained networks (deep linear network compression)."""
 
-from compressor.export import export, load_pretrained
-from compressor.layers import FactorizedLinear
-from compressor.surgery import collapse_, factorized_layers, merge_
-from compressor.targets import find_targets
+from compressor.core.layers import FactorizedLinear
+from compressor.core.surgery import collapse_, factorized_layers, merge_
+from compressor.core.targets import find_targets
+from compressor.io.export import export, load_pretrained
 
 __version__ = "0.1.0"
 

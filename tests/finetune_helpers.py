@@ -7,9 +7,9 @@ import copy
 import torch
 from torch import nn
 
-from compressor.compress import compress_
-from compressor.ranks import RankPolicy
-from compressor.targets import find_targets
+from compressor.core.compress import compress_
+from compressor.core.ranks import RankPolicy
+from compressor.core.targets import find_targets
 
 
 def compressed(teacher: nn.Module, keep: float = 0.3, depth: int = 2) -> nn.Module:

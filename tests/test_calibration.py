@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.calibration import collect_grams
+from compressor.core.targets import find_targets
 from compressor.errors import DlncError
-from compressor.targets import find_targets
+from compressor.methods.calibration import collect_grams
 from tests.conftest import MLP, build_tiny
 
 

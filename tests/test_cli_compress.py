@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from compressor.export import load_pretrained
-from compressor.surgery import factorized_layers
-from compressor.targets import find_targets
+from compressor.core.surgery import factorized_layers
+from compressor.core.targets import find_targets
+from compressor.io.export import load_pretrained
 
 runner = CliRunner()
 

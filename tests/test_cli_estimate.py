@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from compressor.errors import DlncError
-from compressor.rankfile import load_ranks
+from compressor.io.rankfile import load_ranks
 
 runner = CliRunner()
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compressor.data import (
+from compressor.errors import DlncError
+from compressor.training.data import (
     DataOptions,
     load_batches,
     load_samples,
@@ -16,7 +17,6 @@ from compressor.data import (
     make_batches,
     with_lm_labels,
 )
-from compressor.errors import DlncError
 
 
 @pytest.fixture(scope="module")

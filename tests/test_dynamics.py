@@ -8,17 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.checkpoint import load_checkpoint
-from compressor.dynamics import (
+from compressor.core.linalg import singular_values
+from compressor.core.targets import find_targets
+from compressor.errors import DlncError
+from compressor.io.checkpoint import load_checkpoint
+from compressor.methods.dynamics import (
     joint_subspace,
     reference_updates,
     update_rank,
     warmup_loss,
     warmup_updates,
 )
-from compressor.errors import DlncError
-from compressor.linalg import singular_values
-from compressor.targets import find_targets
 from tests.conftest import build_tiny
 
 

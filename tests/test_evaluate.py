@@ -10,7 +10,7 @@ from conftest import build_tiny
 from finetune_helpers import compressed, token_batches
 
 from compressor.errors import DlncError
-from compressor.evaluate import evaluate
+from compressor.training.evaluate import evaluate
 
 
 def test_causal_lm_loss_and_perplexity_match_transformers():

@@ -7,13 +7,13 @@ import torch
 from conftest import FAMILIES, example_inputs, outputs
 from safetensors.torch import load_file
 
-from compressor.checkpoint import load_checkpoint
-from compressor.compress import compress_
-from compressor.export import default_output_dir, export, load_pretrained
-from compressor.layers import FactorizedLinear
-from compressor.ranks import RankPolicy
-from compressor.surgery import factorized_layers
-from compressor.targets import find_targets
+from compressor.core.compress import compress_
+from compressor.core.layers import FactorizedLinear
+from compressor.core.ranks import RankPolicy
+from compressor.core.surgery import factorized_layers
+from compressor.core.targets import find_targets
+from compressor.io.checkpoint import load_checkpoint
+from compressor.io.export import default_output_dir, export, load_pretrained
 
 
 def compressed(folder, policy, depth=2):

@@ -12,16 +12,16 @@ import torch
 from conftest import build_tiny
 from finetune_helpers import compressed, token_batches
 
+from compressor.core.surgery import deepen_, factorized_layers
 from compressor.errors import DlncError
-from compressor.export import export, load_pretrained
-from compressor.finetune import (
+from compressor.io.export import export, load_pretrained
+from compressor.training.loop import (
     FinetuneConfig,
     FinetuneInterrupted,
     NonFiniteLoss,
     finetune,
     latest_checkpoint,
 )
-from compressor.surgery import deepen_, factorized_layers
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_depth3_with_outer_lr_exports_two_factors_with_identical_logits(gpt2_pai
 
 
 def test_outer_factors_get_the_discrepant_learning_rate(gpt2_pair):
-    from compressor.finetune import _param_groups
+    from compressor.training.loop import _param_groups
 
     _, student = gpt2_pair
     model = deepen_(copy.deepcopy(student), 3)

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from compressor.layers import FactorizedLinear
-from compressor.linalg import singular_values, truncation_error
+from compressor.core.layers import FactorizedLinear
+from compressor.core.linalg import singular_values, truncation_error
 
 
 def linear(out_f=24, in_f=16, dtype=torch.float32, bias=True) -> nn.Linear:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from compressor import linalg
+from compressor.core import linalg
 
 
 def low_rank(out_f: int, in_f: int, rank: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ from conftest import build_tiny
 from finetune_helpers import compressed, token_batches
 
 from compressor.errors import DlncError
-from compressor.objectives import (
+from compressor.training.objectives import (
     build_objective,
     hidden_mse,
     kl_logits,
@@ -115,7 +115,7 @@ def test_seq2seq_distills_on_teacher_forced_logits():
     import transformers as tf
 
     from compressor.errors import DlncError
-    from compressor.objectives import build_objective, model_inputs
+    from compressor.training.objectives import build_objective, model_inputs
 
     torch.manual_seed(0)
     config = tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, vocab_size=50,

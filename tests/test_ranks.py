@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from compressor.core.ranks import RankPolicy, allocate_ranks, factor_params
 from compressor.errors import DlncError
-from compressor.ranks import RankPolicy, allocate_ranks, factor_params
 
 
 def spectra_and_shapes():

@@ -14,10 +14,9 @@ from conftest import build_tiny
 from typer.testing import CliRunner
 
 from cli.main import app
-from compressor.checkpoint import LoadedCheckpoint
 from compressor.errors import DlncError
-from compressor.pipeline import select_targets
-from compressor.recipe import (
+from compressor.io.checkpoint import LoadedCheckpoint
+from compressor.recipes.schema import (
     FLAG_NAMES,
     GENERIC,
     METHODS,
@@ -37,6 +36,7 @@ from compressor.recipe import (
     recipes_dir,
     select_recipe,
 )
+from compressor.workflows.compress import select_targets
 
 runner = CliRunner()
 SHIPPED = recipe_names()
@@ -52,10 +52,10 @@ def test_the_issue_families_ship():
 
 
 def test_the_package_data_copy_is_the_same_files():
-    """An installed (non-editable) dlnc reads compressor/recipes, a link to recipes/."""
+    """An installed (non-editable) dlnc reads compressor/recipes/shipped, a link to recipes/."""
     import compressor
 
-    packaged = Path(compressor.__file__).parent / "recipes"
+    packaged = Path(compressor.__file__).parent / "recipes" / "shipped"
     assert sorted(p.name for p in packaged.glob("*.yaml")) == [f"{n}.yaml" for n in SHIPPED]
     assert all((packaged / f"{n}.yaml").read_text() == find_recipe(n).read_text() for n in SHIPPED)
 
@@ -82,8 +82,8 @@ def test_no_two_recipes_claim_a_model_type():
 
 
 def test_schema_choices_match_the_library():
-    from compressor.methods import METHODS as LIBRARY_METHODS
-    from compressor.objectives import OBJECTIVES as LIBRARY_OBJECTIVES
+    from compressor.methods.plan import METHODS as LIBRARY_METHODS
+    from compressor.training.objectives import OBJECTIVES as LIBRARY_OBJECTIVES
 
     assert tuple(METHODS) == tuple(LIBRARY_METHODS)
     assert tuple(OBJECTIVES) == tuple(LIBRARY_OBJECTIVES)
@@ -388,7 +388,7 @@ def test_recipes_show_of_a_bad_file_is_one_error_line(tmp_path):
 
 def test_import_compressor_stays_light():
     code = (
-        "import sys, compressor, compressor.pipeline; "
+        "import sys, compressor, compressor.workflows.compress; "
         "print(sorted(m for m in ('pydantic', 'yaml', 'rich', 'accelerate') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

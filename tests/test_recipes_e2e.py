@@ -12,11 +12,11 @@ import torch
 from conftest import MLP, build_tiny, example_inputs
 from torch import nn
 
-from compressor.compress import compress_
-from compressor.export import export, load_pretrained
-from compressor.pipeline import compress_checkpoint
-from compressor.recipe import choose_recipe, compress_options, finetune_config, recipe_names
-from compressor.surgery import factorized_layers
+from compressor.core.compress import compress_
+from compressor.core.surgery import factorized_layers
+from compressor.io.export import export, load_pretrained
+from compressor.recipes.schema import choose_recipe, compress_options, finetune_config, recipe_names
+from compressor.workflows.compress import compress_checkpoint
 
 FAMILIES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "vit": "vit", "t5": "t5"}
 
@@ -56,7 +56,7 @@ def train_batches(family: str, n: int = 3) -> list[dict[str, torch.Tensor]]:
 
 def finetune_steps(recipe, student: nn.Module, teacher: nn.Module, family: str) -> nn.Module:
     """Two optimizer steps with the recipe's fine-tuning settings, distilling from `teacher`."""
-    from compressor.finetune import finetune
+    from compressor.training.loop import finetune
 
     config = finetune_config(recipe, steps=2, warmup=0.0)
     return finetune(student, train_batches(family), teacher=teacher, config=config).model

@@ -1,7 +1,7 @@
 import pytest
 from conftest import build_tiny
 
-from compressor.targets import find_targets, matches
+from compressor.core.targets import find_targets, matches
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.linalg import spectral_factors
-from compressor.whiten import Whitener, whitened_factors, whitened_spectrum
+from compressor.core.linalg import spectral_factors
+from compressor.methods.whiten import Whitener, whitened_factors, whitened_spectrum
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from conftest import build_tiny
 from finetune_helpers import compressed, token_batches
 
-from compressor.export import export
-from compressor.finetune import FinetuneConfig, finetune
+from compressor.io.export import export
+from compressor.training.loop import FinetuneConfig, finetune
 
 
 def main(out: Path) -> None:

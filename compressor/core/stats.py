@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compressor.linalg import (
+from compressor.core.linalg import (
     breakeven_rank,
     effective_rank,
     energy_rank,

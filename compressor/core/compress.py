@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from compressor.errors import DlncError
-from compressor.layers import FactorizedLinear, dense_weight_of
-from compressor.linalg import (
+from compressor.core.layers import FactorizedLinear, dense_weight_of
+from compressor.core.linalg import (
     Decomposition,
     breakeven_rank,
     decompose,
@@ -19,8 +18,9 @@ from compressor.linalg import (
     singular_values,
     truncation_error,
 )
-from compressor.ranks import LayerRank, RankPolicy, allocate_ranks, factor_params
-from compressor.surgery import replace_module
+from compressor.core.ranks import LayerRank, RankPolicy, allocate_ranks, factor_params
+from compressor.core.surgery import replace_module
+from compressor.errors import DlncError
 
 __all__ = [
     "CompressionReport",

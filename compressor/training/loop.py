@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from compressor.core.layers import FactorizedLinear
+from compressor.core.surgery import deepen_, factorized_layers
 from compressor.errors import DlncError
-from compressor.evaluate import EvalResult, batch_loader, cpu_launch, evaluate
-from compressor.layers import FactorizedLinear
-from compressor.objectives import OBJECTIVES, build_objective
-from compressor.surgery import deepen_, factorized_layers
+from compressor.training.evaluate import EvalResult, batch_loader, cpu_launch, evaluate
+from compressor.training.objectives import OBJECTIVES, build_objective
 
 __all__ = [
     "FinetuneConfig",
@@ -57,7 +57,7 @@ SCHEDULE_FIELDS = ("steps", "lr", "outer_lr_scale", "depth", "warmup", "grad_acc
 @dataclass
 class FinetuneConfig:
     """How to fine-tune (a recipe's `finetune` section). Batch size and data live in the data
-    options (`compressor.data.DataOptions`)."""
+    options (`compressor.training.data.DataOptions`)."""
 
     steps: int = 200  # optimizer steps (each: grad_accum batches on every process)
     lr: float = 1e-4  # peak learning rate (inner factors and every other trained weight)

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.core.surgery import tied_keys
 from compressor.errors import DlncError, first_line
-from compressor.surgery import tied_keys
-from compressor.tensor_model import TensorModel
+from compressor.io.tensor_model import TensorModel
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "read_state_dict"]
 

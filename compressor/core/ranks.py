@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compressor.core.linalg import breakeven_rank, energy_rank
 from compressor.errors import DlncError
-from compressor.linalg import breakeven_rank, energy_rank
 
 __all__ = ["LayerRank", "RankPolicy", "allocate_ranks", "factor_params"]
 

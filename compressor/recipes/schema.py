@@ -48,11 +48,11 @@ from pydantic import (
 
 from compressor.errors import DlncError
 
-if TYPE_CHECKING:  # imported lazily at run time: keeps `import compressor.recipe` light
-    from compressor.data import DataOptions
-    from compressor.finetune import FinetuneConfig
-    from compressor.pipeline import CompressOptions
-    from compressor.ranks import RankPolicy
+if TYPE_CHECKING:  # imported lazily at run time: keeps `import compressor.recipes.schema` light
+    from compressor.core.ranks import RankPolicy
+    from compressor.training.data import DataOptions
+    from compressor.training.loop import FinetuneConfig
+    from compressor.workflows.compress import CompressOptions
 
 __all__ = [
     "FLAG_NAMES",
@@ -289,13 +289,13 @@ def _allowed_keys(loc: list[str]) -> list[str]:
 
 def recipes_dir() -> Path:
     """The shipped recipes: the repository's `recipes/` beside the package (a checkout or an
-    editable install), else the copy installed as package data (`compressor/recipes`)."""
-    beside = Path(__file__).resolve().parent.parent / "recipes"
+    editable install), else the copy installed as package data (`compressor/recipes/shipped`)."""
+    beside = Path(__file__).resolve().parents[2] / "recipes"
     if beside.is_dir():
         return beside
     from importlib.resources import files
 
-    return Path(str(files("compressor") / "recipes"))
+    return Path(str(files("compressor") / "recipes" / "shipped"))
 
 
 def recipe_names() -> list[str]:
@@ -438,7 +438,7 @@ def compress_options(
     line supplied (named in errors instead of the recipe); `runtime` passes the options a
     recipe does not hold (config, merge, overwrite, the data-aware `aware` options: see
     `rank_method` for the recipe's part in them)."""
-    from compressor.pipeline import CompressOptions
+    from compressor.workflows.compress import CompressOptions
 
     origins = {
         key: FLAG_NAMES[path] if path in from_flags else f"recipe {recipe.name}: {path}"
@@ -463,7 +463,7 @@ def compress_options(
 
 def rank_policy(ranks: Ranks) -> RankPolicy:
     """The `RankPolicy` of a recipe's `ranks` section (override keys are still patterns)."""
-    from compressor.ranks import RankPolicy
+    from compressor.core.ranks import RankPolicy
 
     return RankPolicy(
         rank=ranks.rank,
@@ -487,7 +487,7 @@ def finetune_config(recipe: Recipe, **extra: Any) -> FinetuneConfig:
     """The `FinetuneConfig` of a recipe: its `finetune` section plus the chain's depth and
     discrepant learning rate; `extra` sets other fields (seed, save_every) and wins over the
     recipe, as a command-line flag does."""
-    from compressor.finetune import FinetuneConfig
+    from compressor.training.loop import FinetuneConfig
 
     f = recipe.finetune
     values = {
@@ -502,7 +502,7 @@ def finetune_config(recipe: Recipe, **extra: Any) -> FinetuneConfig:
 
 def data_options(recipe: Recipe, path: str | Path, **extra: Any) -> DataOptions:
     """The `DataOptions` for fine-tuning data: the recipe's batch size and max length."""
-    from compressor.data import DataOptions
+    from compressor.training.data import DataOptions
 
     lengths = (
         {} if recipe.finetune.max_length is None else {"max_length": recipe.finetune.max_length}

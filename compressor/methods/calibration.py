@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.compress import ProgressFn
+from compressor.core.compress import ProgressFn
+from compressor.core.layers import dense_weight_of
 from compressor.errors import DlncError
-from compressor.layers import dense_weight_of
 
 __all__ = ["NOT_MODEL_INPUTS", "LayerStats", "collect_grams", "forward_inputs"]
 

@@ -1,12 +1,12 @@
 """From folders on disk to a fine-tuned export: what `dlnc finetune` and
-`dlnc compress --finetune-steps` run around the training loop of `compressor.finetune`.
+`dlnc compress --finetune-steps` run around the training loop of `compressor.training.loop`.
 
     options = RecoveryOptions(data=DataOptions("train.txt"), config=FinetuneConfig(steps=300))
     run = finetune_checkpoint("model-dlnc", "model-dlnc-ft", teacher="model", options=options)
 
-Data comes from `compressor.data`; the held-out part is `eval_data`, or the last
+Data comes from `compressor.training.data`; the held-out part is `eval_data`, or the last
 `eval_fraction` of the samples. Under `accelerate launch` every process runs this; only the
-main process exports (atomically, through `compressor.export.export`).
+main process exports (atomically, through `compressor.io.export.export`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from torch import nn
 
-from compressor.data import DataOptions, load_samples, load_tokenizer, make_batches
 from compressor.errors import DlncError
-from compressor.export import check_output_dir, export, load_pretrained
-from compressor.finetune import FinetuneConfig, FinetuneResult, ProgressFn, finetune
+from compressor.io.export import check_output_dir, export, load_pretrained
+from compressor.training.data import DataOptions, load_samples, load_tokenizer, make_batches
+from compressor.training.loop import FinetuneConfig, FinetuneResult, ProgressFn, finetune
 
 __all__ = [
     "RecoveryOptions",
@@ -66,7 +66,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     config = folder / "config.json"
     if config.is_file() and "dlnc" in json.loads(config.read_text()):
         return load_pretrained(folder)
-    from compressor.checkpoint import load_checkpoint
+    from compressor.io.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(folder)
     if loaded.tensor_mode:
@@ -178,7 +178,7 @@ def teacher_copy(model: nn.Module) -> nn.Module:
 
 
 def _factorized(model: nn.Module):
-    from compressor.surgery import factorized_layers
+    from compressor.core.surgery import factorized_layers
 
     return factorized_layers(model).values()
 

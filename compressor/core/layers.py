@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.linalg import spectral_factors
+from compressor.core.linalg import spectral_factors
 
 __all__ = ["FactorizedLinear", "dense_weight_of", "layout_of"]
 

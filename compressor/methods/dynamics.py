@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressor.calibration import forward_inputs
-from compressor.compress import ProgressFn
-from compressor.data import IGNORE_INDEX, with_lm_labels
+from compressor.core.compress import ProgressFn
+from compressor.core.layers import dense_weight_of
+from compressor.core.linalg import energy_rank
 from compressor.errors import DlncError
-from compressor.layers import dense_weight_of
-from compressor.linalg import energy_rank
+from compressor.methods.calibration import forward_inputs
+from compressor.training.data import IGNORE_INDEX, with_lm_labels
 
 __all__ = [
     "LossFn",

@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.compress import compress_, layer_spectra
-from compressor.dynamics import warmup_updates
+from compressor.core.compress import compress_, layer_spectra
+from compressor.core.linalg import effective_rank, energy_rank
+from compressor.core.ranks import RankPolicy
+from compressor.core.surgery import collapse_, count_params
+from compressor.core.targets import find_targets
 from compressor.errors import DlncError
-from compressor.export import disk_size, export, load_pretrained
-from compressor.finetune import FinetuneConfig, StepInfo, finetune
-from compressor.linalg import effective_rank, energy_rank
-from compressor.methods import build_plan
-from compressor.ranks import RankPolicy
-from compressor.surgery import collapse_, count_params
-from compressor.targets import find_targets
+from compressor.io.export import disk_size, export, load_pretrained
+from compressor.methods.dynamics import warmup_updates
+from compressor.methods.plan import build_plan
+from compressor.training.loop import FinetuneConfig, StepInfo, finetune
 
 __all__ = ["DemoResult", "DemoSettings", "WideMLP", "run_demo"]
 

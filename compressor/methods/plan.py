@@ -18,20 +18,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.calibration import LayerStats
-from compressor.compress import FactorFn, ProgressFn, check_finite
-from compressor.dynamics import joint_subspace, update_rank
-from compressor.errors import DlncError
-from compressor.layers import dense_weight_of
-from compressor.linalg import (
+from compressor.core.compress import FactorFn, ProgressFn, check_finite
+from compressor.core.layers import dense_weight_of
+from compressor.core.linalg import (
     breakeven_rank,
     energy_rank,
     singular_values,
     spectral_factors,
     truncation_error,
 )
-from compressor.ranks import RankPolicy, allocate_ranks
-from compressor.whiten import DEFAULT_DAMPING, Whitener, whitened_factors, whitened_spectrum
+from compressor.core.ranks import RankPolicy, allocate_ranks
+from compressor.errors import DlncError
+from compressor.methods.calibration import LayerStats
+from compressor.methods.dynamics import joint_subspace, update_rank
+from compressor.methods.whiten import DEFAULT_DAMPING, Whitener, whitened_factors, whitened_spectrum
 
 __all__ = ["METHODS", "LayerEstimate", "Plan", "build_plan", "estimate_layers"]
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from torch import nn
 
-from compressor.checkpoint import LoadedCheckpoint, load_checkpoint
-from compressor.compress import ProgressFn
-from compressor.data import DataOptions, load_samples, load_tokenizer, make_batches
+from compressor.core.compress import ProgressFn
 from compressor.errors import DlncError
-from compressor.methods import METHODS, Plan, build_plan
-from compressor.whiten import DEFAULT_DAMPING
+from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
+from compressor.methods.plan import METHODS, Plan, build_plan
+from compressor.methods.whiten import DEFAULT_DAMPING
+from compressor.training.data import DataOptions, load_samples, load_tokenizer, make_batches
 
 __all__ = ["AwareOptions", "PlanInfo", "make_plan"]
 
@@ -99,7 +99,7 @@ def _batches(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo):
 
 
 def _grams(model, targets, batches, info: PlanInfo, progress):
-    from compressor.calibration import collect_grams
+    from compressor.methods.calibration import collect_grams
 
     started = time.perf_counter()
     stats = collect_grams(model, targets, batches, progress)
@@ -110,7 +110,7 @@ def _grams(model, targets, batches, info: PlanInfo, progress):
 
 
 def _updates(loaded, targets, options: AwareOptions, batches, tokenizer, info, progress):
-    from compressor.dynamics import reference_updates, warmup_updates
+    from compressor.methods.dynamics import reference_updates, warmup_updates
 
     if options.reference is not None:
         reference = load_checkpoint(options.reference, allow_pickle=False).model

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from compressor.errors import DlncError
-from compressor.objectives import (
+from compressor.training.objectives import (
     hidden_mse,
     kl_logits,
     mask_tokens,
@@ -84,7 +84,7 @@ def _first(items: list[Batch]) -> Batch:
 def batch_loader(
     batches: Sequence[Batch] | Dataset, generator: torch.Generator | None = None
 ) -> DataLoader:
-    """A DataLoader that yields the premade batches (from `compressor.data.make_batches`)."""
+    """A DataLoader that yields premade batches (from `compressor.training.data.make_batches`)."""
     dataset = batches if isinstance(batches, Dataset) else _Batches(batches)
     return DataLoader(dataset, batch_size=1, collate_fn=_first, generator=generator)
 

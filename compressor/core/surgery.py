@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from compressor.layers import FactorizedLinear
+from compressor.core.layers import FactorizedLinear
 
 __all__ = [
     "collapse_",

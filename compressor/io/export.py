@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.core.layers import FactorizedLinear
+from compressor.core.surgery import factorized_layers, replace_module, tied_keys
 from compressor.errors import DlncError, first_line
-from compressor.layers import FactorizedLinear
-from compressor.surgery import factorized_layers, replace_module, tied_keys
 
 __all__ = [
     "FORMAT_VERSION",
@@ -191,7 +191,7 @@ def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> 
     (weights only) unless `model`, an instance of the original torch module, is given: its
     layers are then swapped for the exported factors and its weights loaded.
     """
-    from compressor.checkpoint import read_state_dict
+    from compressor.io.checkpoint import read_state_dict
 
     folder = Path(path)
     config_file = folder / "config.json"
@@ -218,7 +218,7 @@ def _skeleton(
     config_file: Path, section: dict, state: dict[str, torch.Tensor], model: nn.Module | None
 ) -> nn.Module:
     """The model's module tree with factorized layers where the export has them."""
-    from compressor.tensor_model import TensorModel, container
+    from compressor.io.tensor_model import TensorModel, container
 
     layers = section.get("layers", {})
     tensor_mode = bool(section.get("tensor_mode")) and model is None

@@ -10,22 +10,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.checkpoint import LoadedCheckpoint, load_checkpoint
-from compressor.compress import (
+from compressor.core.compress import (
     CompressionReport,
     ProgressFn,
     compress_,
     layer_decompositions,
     svd_factor_fn,
 )
+from compressor.core.ranks import RankPolicy
+from compressor.core.surgery import count_params
+from compressor.core.targets import find_targets, matches, weight_readers
 from compressor.errors import DlncError
-from compressor.export import check_output_dir, default_output_dir, disk_size, export
-from compressor.planning import AwareOptions, make_plan
-from compressor.ranks import RankPolicy
-from compressor.recovery import RecoveryOptions, finetune_compressed, teacher_copy
-from compressor.surgery import count_params
-from compressor.targets import find_targets, matches, weight_readers
-from compressor.tensor_model import TENSOR_MODE_EXCLUDE
+from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
+from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
+from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
+from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
+from compressor.workflows.plan import AwareOptions, make_plan
 
 __all__ = [
     "CompressOptions",
