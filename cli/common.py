@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,30 +49,51 @@ def user_errors() -> Iterator[None]:
 
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator:
-    """A rich Progress and a `progress(stage, done, total)` callback that drives it."""
+    """A rich Progress and the library's `progress(stage, done, total, **metrics)` callback
+    that drives it: one bar per stage, its metrics (loss, steps/s, time left) beside it.
+    Only the main process of a multi-process launch draws."""
     progress = Progress(
         TextColumn("{task.description:<12}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
         console=err_console,
         transient=True,
-        disable=not enabled,
+        disable=not (enabled and is_main_process()),
     )
     tasks: dict[str, int] = {}
 
-    def callback(stage: str, done: int, total: int) -> None:
+    def callback(stage: str, done: int, total: int, /, **metrics: float) -> None:
         if not tasks:
             progress.start()  # lazily, so an early error prints nothing but its line
         if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total)
-        progress.update(tasks[stage], completed=done, total=total)
+            tasks[stage] = progress.add_task(stage, total=total, info="")
+        progress.update(tasks[stage], completed=done, total=total, info=_metrics(metrics))
 
     try:
         yield callback
     finally:
         if tasks:
             progress.stop()
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    parts = []
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4g}")
+    if "steps_per_s" in metrics:
+        parts.append(f"{metrics['steps_per_s']:.2f} steps/s")
+    if "eta_s" in metrics and metrics["eta_s"] != float("inf"):
+        minutes, seconds = divmod(int(metrics["eta_s"]), 60)
+        hours, minutes = divmod(minutes, 60)
+        parts.append(f"{hours}:{minutes:02d}:{seconds:02d} left")
+    return "  ".join(parts)
+
+
+def is_main_process() -> bool:
+    """False on the other processes of a `torchrun` / `accelerate launch` run."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def print_json(data: object) -> None:

@@ -5,9 +5,6 @@ Both run unchanged on CPU, one GPU, or many processes: `accelerate launch -m cli
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import err_console, print_json, quiet_libraries, user_errors
+from cli.common import (
+    is_main_process,
+    print_json,
+    progress_bars,
+    quiet_libraries,
+    user_errors,
+)
 
 DataPath = Annotated[
     Path,
@@ -116,7 +119,7 @@ def finetune(
             state_dir=state_dir,
             resume=resume,
         )
-        with step_progress(not json_out) as progress:
+        with progress_bars(not json_out) as progress:
             run = finetune_checkpoint(model, out, teacher=teacher, options=options,
                                       overwrite=overwrite, progress=progress)  # fmt: skip
     if run.out_dir is None:  # not the main process
@@ -172,7 +175,7 @@ def evaluate(
                                            seed=seed)  # fmt: skip
         metrics["model"] = run_eval(load_model(model), batches, original, mask_token_id=mask_id,
                                     seed=seed)  # fmt: skip
-    if not _is_main():
+    if not is_main_process():
         return
     rows = {k: v.to_dict() for k, v in metrics.items()}
     if json_out:
@@ -205,40 +208,3 @@ def eval_table(rows: dict[str, dict]) -> Table:
         cells = ["-" if r.get(n) is None else f"{r[n]:.4g}" for n in shown]
         table.add_row(label, *cells, str(r["samples"]))
     return table
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@contextmanager
-def step_progress(enabled: bool = True) -> Iterator:
-    """A rich bar for training steps: loss, steps/s and time left; drawn by the main process."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    progress = Progress(
-        TextColumn("finetune"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} steps/s"),
-        TextColumn("{task.fields[eta]} left"),
-        console=err_console,
-        transient=True,
-        disable=not (enabled and _is_main()),
-    )
-    task = progress.add_task("finetune", total=None, loss="-", rate="-", eta="-")
-
-    def callback(info) -> None:
-        eta = "-" if info.eta_s == float("inf") else _clock(info.eta_s)
-        progress.update(task, completed=info.step, total=info.steps, loss=f"{info.loss:.4g}",
-                        rate=f"{info.steps_per_s:.2f}", eta=eta)  # fmt: skip
-
-    with progress:
-        yield callback
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"

@@ -94,8 +94,8 @@ def test_resume_after_interrupt_ends_with_the_same_weights(gpt2_pair, tmp_path):
     full = finetune(copy.deepcopy(student), batches, teacher=teacher, config=config,
                     state_dir=tmp_path / "a")  # fmt: skip
 
-    def ctrl_c_at_step_3(info):
-        if info.step == 3:
+    def ctrl_c_at_step_3(stage, done, total, **metrics):
+        if done == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(FinetuneInterrupted, match="--resume"):

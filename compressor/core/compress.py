@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from compressor.core.layers import FactorizedLinear, dense_weight_of
+from compressor.core.layers import FactorizedLinear, check_depth, dense_weight_of
 from compressor.core.linalg import (
     Decomposition,
     breakeven_rank,
@@ -18,6 +18,7 @@ from compressor.core.linalg import (
     singular_values,
     truncation_error,
 )
+from compressor.core.progress import ProgressFn
 from compressor.core.ranks import LayerRank, RankPolicy, allocate_ranks, factor_params
 from compressor.core.surgery import replace_module
 from compressor.errors import DlncError
@@ -26,16 +27,12 @@ __all__ = [
     "CompressionReport",
     "FactorFn",
     "LayerReport",
-    "ProgressFn",
     "check_finite",
     "compress_",
     "layer_decompositions",
     "layer_spectra",
     "svd_factor_fn",
 ]
-
-ProgressFn = Callable[[str, int, int], None]
-"""progress(stage, done, total): called as work advances; the library never prints."""
 
 FactorFn = Callable[[str, nn.Module, int], tuple[torch.Tensor, torch.Tensor, float]]
 """factor_fn(name, module, rank) -> (up, down, relative error): the spectral initialization."""
@@ -145,8 +142,7 @@ def compress_(
     (default: truncated SVD, one decomposition per layer) gives the factors. Layers at or
     above break-even stay dense.
     """
-    if depth < 2:
-        raise DlncError(f"`depth` must be >= 2, got {depth}")
+    check_depth(depth)
     if not targets:
         raise DlncError("no layer to compress: the targets matched no Linear/Conv1D module")
     if factor_fn is None:

@@ -12,8 +12,19 @@ import torch
 from torch import nn
 
 from compressor.core.linalg import spectral_factors
+from compressor.errors import DlncError
 
-__all__ = ["FactorizedLinear", "dense_weight_of", "layout_of"]
+__all__ = ["MIN_DEPTH", "FactorizedLinear", "check_depth", "dense_weight_of", "layout_of"]
+
+MIN_DEPTH = 2
+"""A chain has at least two factors (down, up); deeper ones add square inner factors."""
+
+
+def check_depth(depth: int) -> int:
+    """`depth` if it is a valid chain depth, else a `DlncError` naming the parameter."""
+    if depth < MIN_DEPTH:
+        raise DlncError(f"`depth` must be >= {MIN_DEPTH}, got {depth}")
+    return depth
 
 
 def dense_weight_of(module: nn.Module) -> torch.Tensor:
@@ -43,8 +54,7 @@ class FactorizedLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if depth < 2:
-            raise ValueError(f"`depth` must be >= 2, got {depth}")
+        check_depth(depth)
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(
                 f"`rank` must be in [1, {min(in_features, out_features)}] for a "

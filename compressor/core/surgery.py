@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from compressor.core.layers import FactorizedLinear
+from compressor.core.layers import FactorizedLinear, check_depth
 
 __all__ = [
     "collapse_",
@@ -53,8 +53,7 @@ def merge_(model: nn.Module) -> nn.Module:
 def deepen_(model: nn.Module, depth: int) -> nn.Module:
     """In place: every factorized chain of depth < `depth` gains identity inner factors
     (up . I ... I . down), so it computes the same map with `depth` factors (METHOD.md 3)."""
-    if depth < 2:
-        raise ValueError(f"`depth` must be >= 2, got {depth}")
+    check_depth(depth)
     return _swap_all(model, lambda layer: _deepen(layer, depth))
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.core.compress import ProgressFn
 from compressor.core.layers import dense_weight_of
+from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 
 __all__ = ["NOT_MODEL_INPUTS", "LayerStats", "collect_grams", "forward_inputs"]

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressor.core.compress import ProgressFn
 from compressor.core.layers import dense_weight_of
 from compressor.core.linalg import energy_rank
+from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.methods.calibration import forward_inputs
 from compressor.training.data import IGNORE_INDEX, with_lm_labels

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.core.compress import FactorFn, ProgressFn, check_finite
+from compressor.core.compress import FactorFn, check_finite
 from compressor.core.layers import dense_weight_of
 from compressor.core.linalg import (
     breakeven_rank,
@@ -27,6 +27,7 @@ from compressor.core.linalg import (
     spectral_factors,
     truncation_error,
 )
+from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy, allocate_ranks
 from compressor.errors import DlncError
 from compressor.methods.calibration import LayerStats

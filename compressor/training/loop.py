@@ -14,16 +14,12 @@ Checkpoints are written to a temp folder and renamed when complete, so none is e
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,109 +27,30 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from compressor.core.layers import FactorizedLinear
+from compressor.core.progress import ProgressFn
 from compressor.core.surgery import deepen_, factorized_layers
 from compressor.errors import DlncError
+from compressor.training.config import TEACHER_DTYPES, FinetuneConfig
 from compressor.training.evaluate import EvalResult, batch_loader, cpu_launch, evaluate
-from compressor.training.objectives import OBJECTIVES, build_objective
+from compressor.training.objectives import build_objective
+from compressor.training.state import (
+    FinetuneInterrupted,
+    NonFiniteLoss,
+    RunState,
+    latest_checkpoint,
+    stop_requests,
+)
 
 __all__ = [
     "FinetuneConfig",
     "FinetuneInterrupted",
     "FinetuneResult",
     "NonFiniteLoss",
-    "StepInfo",
     "finetune",
     "latest_checkpoint",
 ]
 
 Batch = dict[str, torch.Tensor]
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                  "float16": torch.float16}  # fmt: skip
-SCHEDULE_FIELDS = ("steps", "lr", "outer_lr_scale", "depth", "warmup", "grad_accum", "seed")
-"""Fields a resumed run must share with the saved one, or it would not end where it would have."""
-
-
-@dataclass
-class FinetuneConfig:
-    """How to fine-tune (a recipe's `finetune` section). Batch size and data live in the data
-    options (`compressor.training.data.DataOptions`)."""
-
-    steps: int = 200  # optimizer steps (each: grad_accum batches on every process)
-    lr: float = 1e-4  # peak learning rate (inner factors and every other trained weight)
-    outer_lr_scale: float = 1.0  # alpha: the chains' outer factors (up, down) train at alpha * lr
-    depth: int | None = None  # deepen every chain to this depth L >= 2 first (None: as loaded)
-    warmup: float = 0.05  # fraction of the steps spent in linear warm-up, then cosine decay to 0
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_accum: int = 1  # batches per optimizer step on each process
-    clip: float | None = 1.0  # max gradient norm (None: no clipping)
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (auto: bf16/fp16 on GPU, no on CPU)
-    teacher_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a bf16 GPU)
-    objective: str = "distill"  # distill | task | mix
-    temperature: float = 2.0  # distillation temperature on logits
-    mix_weight: float = 0.5  # "mix": weight of the distillation term (task gets 1 - it)
-    trainable: str = "all"  # all | factors (train only the factorized chains)
-    save_every: int = 0  # checkpoint the training state every K steps (0: only on interrupt)
-    keep_checkpoints: int = 2  # how many recent checkpoints to keep
-    shuffle: bool = True  # reshuffle the batches every epoch (seeded)
-    seed: int = 0  # seeds the shuffle, dropout and masking
-
-    def __post_init__(self) -> None:
-        _at_least("steps", self.steps, 1)
-        _at_least("grad_accum", self.grad_accum, 1)
-        _at_least("save_every", self.save_every, 0)
-        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
-        if self.depth is not None:
-            _at_least("depth", self.depth, 2)
-        for name in ("lr", "outer_lr_scale", "temperature"):
-            if not getattr(self, name) > 0:
-                raise DlncError(f"`{name}` must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.warmup < 1:
-            raise DlncError(f"`warmup` must be in [0, 1), got {self.warmup}")
-        if not 0 <= self.mix_weight <= 1:
-            raise DlncError(f"`mix_weight` must be in [0, 1], got {self.mix_weight}")
-        if self.weight_decay < 0:
-            raise DlncError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
-        if self.clip is not None and not self.clip > 0:
-            raise DlncError(f"`clip` must be > 0 (or None), got {self.clip}")
-        _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
-        _one_of("teacher_dtype", self.teacher_dtype, tuple(TEACHER_DTYPES))
-        _one_of("objective", self.objective, OBJECTIVES)
-        _one_of("trainable", self.trainable, ("all", "factors"))
-
-
-def _at_least(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise DlncError(f"`{name}` must be >= {low}, got {value}")
-
-
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise DlncError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
-
-
-@dataclass
-class StepInfo:
-    """What the progress callback hears after every optimizer step (main process only)."""
-
-    step: int
-    steps: int
-    loss: float  # this step's training loss, averaged over processes
-    lr: float
-    steps_per_s: float
-    eta_s: float  # seconds left at the current pace
-    elapsed_s: float
-
-
-ProgressFn = Callable[[StepInfo], None]
-
-
-class NonFiniteLoss(DlncError):
-    """The loss became NaN/Inf; the run stopped before the update."""
-
-
-class FinetuneInterrupted(DlncError):
-    """Ctrl-C / SIGTERM: the run stopped at a step boundary and saved a resumable state."""
 
 
 @dataclass
@@ -235,7 +152,7 @@ def finetune(
     # RNG (dropout, masking) differently in a resumed run than in an uninterrupted one
     loader = batch_loader(data, generator=torch.Generator().manual_seed(config.seed))
     model, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
-    state = _RunState(Path(state_dir) if state_dir is not None else None)
+    state = RunState(Path(state_dir) if state_dir is not None else None)
     if resume:
         state.restore(accelerator, config)
     evals = dict(state.evals)
@@ -356,74 +273,6 @@ def _schedule(optimizer, config: FinetuneConfig, num_processes: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class _RunState:
-    """Where checkpoints go and what travels with them besides accelerate's state."""
-
-    def __init__(self, state_dir: Path | None) -> None:
-        self.dir = state_dir
-        self.step = 0
-        self.resumed_from = 0
-        self.losses: list[float] = []
-        self.evals: dict[str, EvalResult] = {}
-        self.last_saved: Path | None = None
-
-    def restore(self, accelerator, config: FinetuneConfig) -> None:
-        found = latest_checkpoint(self.dir)
-        if found is None:
-            raise DlncError(f"{self.dir}: no checkpoint to resume from")
-        saved = json.loads((found / "trainer_state.json").read_text())
-        for name in SCHEDULE_FIELDS:
-            if saved["config"].get(name) != getattr(config, name):
-                raise DlncError(
-                    f"cannot resume: `{name}` was {saved['config'].get(name)} in the saved run, "
-                    f"now {getattr(config, name)}"
-                )
-        accelerator.load_state(str(found))
-        self.step = self.resumed_from = saved["step"]
-        self.losses = saved["losses"]
-        self.evals = {k: EvalResult(**v) for k, v in saved["evals"].items()}
-        self.last_saved = found
-
-    def save(self, accelerator, config: FinetuneConfig) -> Path:
-        """Write checkpoint-<step> through a temp folder renamed when every process is done."""
-        final = self.dir / f"checkpoint-{self.step:07d}"
-        tmp = self.dir / f".checkpoint-{self.step:07d}.tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            extra = {
-                "step": self.step,
-                "losses": self.losses,
-                "evals": {k: v.to_dict() for k, v in self.evals.items()},
-                "config": asdict(config),
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(extra, indent=1) + "\n")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in _checkpoints(self.dir)[: -config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        self.last_saved = final
-        return final
-
-
-def _checkpoints(state_dir: Path | None) -> list[Path]:
-    if state_dir is None or not state_dir.is_dir():
-        return []
-    found = [p for p in state_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def latest_checkpoint(state_dir: str | os.PathLike | None) -> Path | None:
-    """The newest complete checkpoint folder under `state_dir`, or None."""
-    found = _checkpoints(Path(state_dir) if state_dir is not None else None)
-    return found[-1] if found else None
-
-
 class _Evaluator:
     """Held-out metrics of the original (teacher), the student before and after training."""
 
@@ -459,7 +308,7 @@ class _Loop:
 
     def train(self) -> float:
         start = time.perf_counter()
-        with _stop_requests() as stop:
+        with stop_requests() as stop:
             while self.state.step < self.config.steps:
                 self._epoch(stop, start)
         self.accelerator.wait_for_everyone()
@@ -517,11 +366,11 @@ class _Loop:
         state, elapsed = self.state, time.perf_counter() - start
         rate = (state.step - state.resumed_from) / elapsed if elapsed > 0 else 0.0
         left = self.config.steps - state.step
-        self.progress(StepInfo(
-            step=state.step, steps=self.config.steps, loss=state.losses[-1],
-            lr=self.optimizer.param_groups[-1]["lr"],
-            steps_per_s=rate, eta_s=left / rate if rate > 0 else float("inf"), elapsed_s=elapsed,
-        ))  # fmt: skip
+        self.progress(
+            "finetune", state.step, self.config.steps, loss=state.losses[-1],
+            lr=self.optimizer.param_groups[-1]["lr"], steps_per_s=rate,
+            eta_s=left / rate if rate > 0 else float("inf"), elapsed_s=elapsed,
+        )  # fmt: skip
 
     def _diverged(self, parts: dict[str, float]) -> None:
         state = self.state
@@ -542,25 +391,3 @@ class _Loop:
             f"interrupted after step {state.step}/{self.config.steps}; state saved to {saved}; "
             "run again with --resume to continue"
         )
-
-
-@contextmanager
-def _stop_requests() -> Iterator[threading.Event]:
-    """Ctrl-C / SIGTERM set an event the loop checks at step boundaries; a second Ctrl-C
-    interrupts at once. Handlers are only installed from the main thread."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -12,11 +12,12 @@ from torch import nn
 
 from compressor.core.compress import (
     CompressionReport,
-    ProgressFn,
     compress_,
     layer_decompositions,
     svd_factor_fn,
 )
+from compressor.core.layers import check_depth
+from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import count_params
 from compressor.core.targets import find_targets, matches, weight_readers
@@ -58,8 +59,7 @@ class CompressOptions:
     finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
 
     def __post_init__(self) -> None:
-        if self.depth < 2:
-            raise DlncError(f"`depth` must be >= 2, got {self.depth}")
+        check_depth(self.depth)
 
 
 @dataclass

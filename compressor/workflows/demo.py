@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,14 +21,16 @@ from torch import nn
 
 from compressor.core.compress import compress_, layer_spectra
 from compressor.core.linalg import effective_rank, energy_rank
+from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import collapse_, count_params
 from compressor.core.targets import find_targets
+from compressor.dln.mlp import load_digits_split
 from compressor.errors import DlncError
 from compressor.io.export import disk_size, export, load_pretrained
 from compressor.methods.dynamics import warmup_updates
 from compressor.methods.plan import build_plan
-from compressor.training.loop import FinetuneConfig, StepInfo, finetune
+from compressor.training.loop import FinetuneConfig, finetune
 
 __all__ = ["DemoResult", "DemoSettings", "WideMLP", "run_demo"]
 
@@ -88,16 +89,13 @@ class DemoResult:
     layers: list[dict] = field(default_factory=list)  # per layer: ranks seen and chosen
 
 
-Progress = Callable[[str, int, int], None]
-
-
 def run_demo(
-    out_dir: str | Path, settings: DemoSettings | None = None, progress: Progress | None = None
+    out_dir: str | Path, settings: DemoSettings | None = None, progress: ProgressFn | None = None
 ) -> DemoResult:
     """Run the whole pipeline; writes `out_dir/{wide,compressed}` and returns the numbers."""
     settings = settings or DemoSettings()
     out = _fresh_folder(Path(out_dir))
-    progress = progress or (lambda stage, done, total: None)
+    progress = progress or _silent
     torch.manual_seed(settings.seed)
     train, test = digits(settings.seed)
     # 1) a "pretrained" wide network, saved as a checkpoint
@@ -142,17 +140,15 @@ def run_demo(
     )
 
 
-def digits(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """scikit-learn's 8x8 handwritten digits, scaled to [0, 1], split 75/25."""
-    from sklearn.datasets import load_digits
+def _silent(stage: str, done: int, total: int, /, **metrics: float) -> None:
+    """The progress callback of a caller that does not listen."""
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.75 * len(x))
-    train, test = order[:cut], order[cut:]
-    return {"x": x[train], "labels": y[train]}, {"x": x[test], "labels": y[test]}
+
+def digits(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """scikit-learn's handwritten digits (the research core's loader), split 75/25, as
+    `{"x", "labels"}` dicts."""
+    x_train, y_train, x_test, y_test = load_digits_split(0.25, seed)
+    return {"x": x_train, "labels": y_train}, {"x": x_test, "labels": y_test}
 
 
 def make_batches(data: dict[str, torch.Tensor], size: int, seed: int) -> list[dict]:
@@ -162,7 +158,7 @@ def make_batches(data: dict[str, torch.Tensor], size: int, seed: int) -> list[di
     ]
 
 
-def train_wide(train: dict, settings: DemoSettings, progress: Progress) -> WideMLP:
+def train_wide(train: dict, settings: DemoSettings, progress: ProgressFn) -> WideMLP:
     model = WideMLP(settings.width)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for epoch in range(settings.epochs):
@@ -184,16 +180,13 @@ def export_wide(model: nn.Module, folder: Path) -> None:
     )
 
 
-def recover(student, teacher, batches, settings: DemoSettings, progress: Progress) -> list[float]:
+def recover(student, teacher, batches, settings: DemoSettings, progress: ProgressFn) -> list[float]:
     config = FinetuneConfig(
         steps=settings.finetune_steps, lr=1e-3, outer_lr_scale=settings.outer_lr_scale,
         objective="mix", mix_weight=0.5, temperature=2.0, warmup=0.05, seed=settings.seed,
     )  # fmt: skip
 
-    def on_step(info: StepInfo) -> None:
-        progress("fine-tune", info.step, info.steps)
-
-    result = finetune(student, batches, teacher=teacher, config=config, progress=on_step)
+    result = finetune(student, batches, teacher=teacher, config=config, progress=progress)
     student.eval()
     return result.losses
 

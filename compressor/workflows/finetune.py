@@ -19,10 +19,11 @@ from pathlib import Path
 
 from torch import nn
 
+from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.io.export import check_output_dir, export, load_pretrained
 from compressor.training.data import DataOptions, load_samples, load_tokenizer, make_batches
-from compressor.training.loop import FinetuneConfig, FinetuneResult, ProgressFn, finetune
+from compressor.training.loop import FinetuneConfig, FinetuneResult, finetune
 
 __all__ = [
     "RecoveryOptions",
@@ -160,14 +161,10 @@ def finetune_compressed(
     loaded, teacher: nn.Module, out_dir: Path, options: RecoveryOptions, progress=None
 ) -> FinetuneResult:
     """`compress_checkpoint`'s fine-tuning step: train `loaded.model` (just compressed, in
-    memory) against `teacher`; `progress(stage, done, total)` hears the steps."""
-
-    def steps(info) -> None:
-        if progress is not None:
-            progress("finetune", info.step, info.steps)
+    memory) against `teacher`; `progress` hears the steps."""
 
     state_dir = options.state_dir or out_dir.parent / f"{out_dir.name}.state"
-    result = recover(loaded.model, teacher, loaded.source, options, state_dir, steps)
+    result = recover(loaded.model, teacher, loaded.source, options, state_dir, progress)
     loaded.model = result.model
     return result
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from compressor.core.compress import ProgressFn
+from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
 from compressor.methods.plan import METHODS, Plan, build_plan
