@@ -37,9 +37,9 @@ from compressor.core.linalg import floor_breakeven
 from compressor.core.ranks import RankPolicy
 from compressor.core.targets import find_targets
 from compressor.errors import DlncError
+from compressor.methods import build_plan
 from compressor.methods.calibration import collect_grams
 from compressor.methods.dynamics import reference_updates, warmup_updates
-from compressor.methods.plan import build_plan
 from compressor.training.data import Samples, load_tokenizer, make_batches
 
 ROOT = Path(__file__).resolve().parent

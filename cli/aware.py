@@ -8,14 +8,12 @@ from typing import Annotated
 
 import typer
 
-METHOD_NAMES = ("svd", "spectrum", "whiten", "dynamics")  # spectrum: an alias of svd
-
 Method = Annotated[
     str | None,
     typer.Option(
         help="Rank method: svd (data-free), whiten (activation-aware, needs --data), dynamics "
-        "(needs --reference, or --warmup-steps with --data). [default: whiten with --data, "
-        "dynamics with --reference, else svd]"
+        "(needs --reference, or --warmup-steps with --data), or auto. [default: the recipe's; "
+        "auto: whiten with --data, dynamics with --reference, else svd]"
     ),
 ]
 Data = Annotated[
@@ -45,6 +43,7 @@ WarmupLr = Annotated[float, typer.Option(help="Learning rate of the warm-up run 
 
 
 def aware_options(
+    recipe,
     method: str | None,
     data: Path | None,
     text_field: str,
@@ -58,38 +57,16 @@ def aware_options(
     warmup_steps: int,
     warmup_lr: float,
 ):
-    """`AwareOptions` from the command line; a `DlncError` for a bad combination."""
-    from compressor.errors import DlncError
+    """`AwareOptions` from the command line (through `compressor.workflows.options`)."""
     from compressor.training.data import DataOptions
-    from compressor.workflows.plan import AwareOptions
+    from compressor.workflows.options import aware_options as build
 
-    if method is not None and method not in METHOD_NAMES:
-        raise DlncError(f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}")
-    if method is None:
-        method = "dynamics" if (reference or warmup_steps) else "whiten" if data else "svd"
     data_options = None
     if data is not None:
         data_options = DataOptions(
             data, text_field, label_field, tokenizer, max_length, samples, seed, batch_size
         )
-    return AwareOptions(
-        method="svd" if method == "spectrum" else method,
-        data=data_options,
-        reference=reference,
-        warmup_steps=warmup_steps,
-        warmup_lr=warmup_lr,
-    )
-
-
-def apply_ranks_file(options, path: Path) -> None:
-    """`--ranks FILE`: its ranks override the policy's, its `dense` layers are left alone."""
-    from dataclasses import replace
-
-    from compressor.io.rankfile import load_ranks, split_ranks
-
-    overrides, dense = split_ranks(load_ranks(path))
-    options.policy = replace(options.policy, overrides={**options.policy.overrides, **overrides})
-    options.exclude = [*options.exclude, *dense]
-    options.origins = {**options.origins, "overrides": f"--ranks {path}"}
-    if dense:
-        options.origins["exclude"] = f"--exclude / --ranks {path}"
+    return build(
+        recipe, method, data_options,
+        reference=reference, warmup_steps=warmup_steps, warmup_lr=warmup_lr,
+    )  # fmt: skip

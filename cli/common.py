@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,21 +26,109 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
-def fail(message: str) -> None:
-    """One clear line on stderr and exit code 1, no traceback."""
-    typer.echo(f"error: {message}", err=True)
+def fail(message: str, command: str | None = None) -> None:
+    """One clear line on stderr and exit code 1, no traceback; the library's `parameter`
+    names become the flags of `command`."""
+    typer.echo(f"error: {as_flags(message, command)}", err=True)
     raise typer.Exit(code=1)
 
 
+FLAG_PARAMETERS = frozenset(
+    {
+        "allow_pickle",
+        "batch_size",
+        "config",
+        "data",
+        "depth",
+        "energy",
+        "eval_data",
+        "exclude",
+        "finetune_data",
+        "finetune_steps",
+        "include",
+        "keep",
+        "label_field",
+        "lr",
+        "max_length",
+        "max_shard_size",
+        "merge",
+        "method",
+        "multiple",
+        "objective",
+        "out",
+        "outer_lr_scale",
+        "overwrite",
+        "plot",
+        "rank",
+        "ranks",
+        "recipe",
+        "reference",
+        "resume",
+        "samples",
+        "seed",
+        "state_dir",
+        "steps",
+        "tau",
+        "teacher",
+        "tensor_mode",
+        "text_field",
+        "tokenizer",
+        "trust_remote_code",
+        "warmup_lr",
+        "warmup_steps",
+    }
+)
+"""Library parameters that a command sets with the flag of the same name (`warmup_steps` is
+--warmup-steps)."""
+
+RECIPE_FLAGS = {
+    "targets.include": "--include",
+    "targets.exclude": "--exclude",
+    "ranks.keep": "--keep",
+    "ranks.energy": "--energy",
+    "ranks.rank": "--rank",
+    "ranks.multiple": "--multiple",
+    "chain.depth": "--depth",
+    "chain.outer_lr_scale": "--outer-lr-scale",
+    "finetune.objective": "--objective",
+    "finetune.lr": "--lr",
+    "finetune.steps": "--finetune-steps",
+    "finetune.batch_size": "--batch-size",
+    "finetune.max_length": "--max-length",
+}
+"""The flag that overrides each recipe key, for messages about a value given on the command line."""
+
+ALIASES = {"compress": {"steps": "--finetune-steps"}}
+"""Where a command's flag for a parameter has another name."""
+
+
+def as_flags(message: str, command: str | None = None) -> str:
+    """Replace each backticked library parameter (`keep`, `warmup_steps`) by its flag
+    (--keep, --warmup-steps): the one place where parameter names become flags. A message
+    that already names its flag ("--rank: `rank` must be >= 1", a recipe value given on the
+    command line) and any message outside a command (bench, recipes) stay as they are."""
+    if command is None or re.match(r"--[a-z-]+: ", message):
+        return message
+    aliases = ALIASES.get(command or "", {})
+
+    def swap(match: re.Match) -> str:
+        name = match.group(1)
+        if name in aliases:
+            return aliases[name]
+        return "--" + name.replace("_", "-") if name in FLAG_PARAMETERS else match.group(0)
+
+    return re.sub(r"`([a-z_]+)`", swap, message)
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the library's user errors (and a missing file) into `fail`."""
+def user_errors(command: str | None = None) -> Iterator[None]:
+    """Turn the library's user errors (and a missing file) into `fail`; Ctrl-C exits 130."""
     from compressor.errors import DlncError
 
     try:
         yield
     except DlncError as e:
-        fail(str(e))
+        fail(str(e), command)
     except FileNotFoundError as e:
         fail(f"{e.filename}: no such file or folder")
     except KeyboardInterrupt:

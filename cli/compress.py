@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cli import aware as opt
 from cli.common import (
+    RECIPE_FLAGS,
     human_bytes,
     human_count,
     print_json,
@@ -18,7 +19,6 @@ from cli.common import (
     quiet_libraries,
     user_errors,
 )
-from cli.finetune import recovery_options
 
 
 def compress(
@@ -111,17 +111,11 @@ def compress(
     Ratios: --keep is a fraction of the weight parameters of the *targeted* layers only
     (embeddings, heads and norms are untouched); --energy is per layer.
     """
-    from compressor.recipes.schema import (
-        apply_overrides,
-        choose_recipe,
-        compress_options,
-        rank_method,
-    )
     from compressor.workflows.compress import compress_checkpoint
+    from compressor.workflows.options import apply_ranks_file, recipe_options, recovery_options
 
     quiet_libraries()
-    with user_errors():
-        chosen, source = choose_recipe(recipe, model, config, tensor_mode)
+    with user_errors("compress"):
         flags = {
             "ranks.keep": keep,
             "ranks.energy": energy,
@@ -132,25 +126,25 @@ def compress(
             "targets.exclude": exclude or None,
             "finetune.steps": finetune_steps,
         }
-        chosen = apply_overrides(chosen, flags)
-        options = compress_options(
-            chosen,
-            source,
-            from_flags=[k for k, v in flags.items() if v is not None],
+        options, chosen = recipe_options(
+            recipe,
+            model,
+            flags,
+            RECIPE_FLAGS,
             config=config,
+            tensor_mode=tensor_mode,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
-            tensor_mode=tensor_mode,
             merge=merge,
             overwrite=overwrite,
             max_shard_size=max_shard_size,
         )
         options.aware = opt.aware_options(
-            rank_method(chosen, method), data, text_field, label_field, tokenizer, max_length,
+            chosen, method, data, text_field, label_field, tokenizer, max_length,
             samples, seed, batch_size, reference, warmup_steps, warmup_lr,
         )  # fmt: skip
         if ranks is not None:
-            opt.apply_ranks_file(options, ranks)
+            apply_ranks_file(options, ranks)
         if finetune_steps is not None:
             options.finetune = recovery_options(chosen, finetune_data)
         with progress_bars(not json_out) as progress:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cli import aware as opt
-from cli.common import print_json, progress_bars, quiet_libraries, user_errors
+from cli.common import RECIPE_FLAGS, print_json, progress_bars, quiet_libraries, user_errors
 
 
 def estimate_ranks(
@@ -17,8 +17,18 @@ def estimate_ranks(
     data: opt.Data = None,
     method: opt.Method = None,
     keep: Annotated[
-        float, typer.Option(help="Global budget for the chosen ranks: fraction of weights kept.")
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            help="Fraction of the targeted weights the chosen ranks keep. [default: the recipe's]"
+        ),
+    ] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="Targets and budget as `dlnc compress` uses them: auto (by model_type), a "
+            "shipped name or a .yaml file."
+        ),
+    ] = "auto",
     tau: Annotated[float, typer.Option(help="Energy fraction of the per-spectrum ranks.")] = 0.9,
     text_field: opt.TextField = "text",
     label_field: opt.LabelField = None,
@@ -53,64 +63,63 @@ def estimate_ranks(
 
     Save the chosen ranks with --save ranks.yaml and use them with `dlnc compress --ranks`.
     """
-    from compressor.core.ranks import RankPolicy
-    from compressor.errors import DlncError
-    from compressor.io.checkpoint import load_checkpoint
     from compressor.io.rankfile import save_ranks
-    from compressor.methods.plan import estimate_layers
-    from compressor.workflows.compress import CompressOptions, select_targets
-    from compressor.workflows.plan import make_plan
+    from compressor.workflows.estimate import estimate_checkpoint
+    from compressor.workflows.options import recipe_options
 
     quiet_libraries()
-    with user_errors():
-        if not 0.0 < tau <= 1.0:
-            raise DlncError(f"--tau must be in (0, 1], got {tau}")
-        policy = RankPolicy(keep=keep)
-        aware = opt.aware_options(
-            method, data, text_field, label_field, tokenizer, max_length, samples, seed,
+    with user_errors("estimate-ranks"):
+        flags = {
+            "ranks.keep": keep,
+            "targets.include": include or None,
+            "targets.exclude": exclude or None,
+        }
+        options, chosen = recipe_options(recipe, model, flags, RECIPE_FLAGS, config=config)
+        options.aware = opt.aware_options(
+            chosen, method, data, text_field, label_field, tokenizer, max_length, samples, seed,
             batch_size, reference, warmup_steps, warmup_lr,
         )  # fmt: skip
-        options = CompressOptions(policy=policy, include=include or None, exclude=exclude or [])
-        loaded = load_checkpoint(model, config)
-        targets = select_targets(loaded, options)
         with progress_bars(not json_out) as progress:
-            plan, info = make_plan(loaded, targets, aware, progress, everything=True)
-        rows = estimate_layers(plan, policy, tau)
-        chosen = {r.name: r.chosen for r in rows}
+            est = estimate_checkpoint(model, options, tau, progress)
         if plot is not None:
             from cli.plots import plot_spectra
 
-            plot_spectra(plan.spectra, plot, chosen, title=f"{plan.method} spectra (s_i / s_1)")
+            title = f"{est.method} spectra (s_i / s_1)"
+            plot_spectra(est.spectra, plot, est.chosen, title=title)
         if save is not None:
-            save_ranks(save, chosen, method=plan.method, keep=keep, model=str(model))
+            save_ranks(save, est.chosen, method=est.method, keep=est.policy.keep, model=str(model))
     if json_out:
-        print_json({"method": plan.method, "keep": keep, "tau": tau,
-                    "info": asdict(info), "layers": [asdict(r) for r in rows]})  # fmt: skip
+        print_json({"method": est.method, "keep": est.policy.keep, "tau": tau,
+                    "recipe": chosen.name, "info": asdict(est.info),
+                    "layers": [r.to_dict() for r in est.layers]})  # fmt: skip
         return
-    _print(rows, plan.method, keep, tau, info, [p for p in (plot, save) if p])
+    _print(est, [p for p in (plot, save) if p])
 
 
-def _print(rows, method: str, keep: float, tau: float, info, written: list[Path]) -> None:
+def _print(est, written: list[Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dlnc estimate-ranks ({method}, keep {keep:g}, energy ranks at {tau:g})")
+    from compressor import methods
+
+    budget = f"keep {est.policy.keep:g}" if est.policy.keep is not None else "recipe budget"
+    title = f"dlnc estimate-ranks ({est.method}, {budget}, energy ranks at {est.tau:g})"
+    table = Table(title=title)
     table.add_column("layer", overflow="fold", min_width=24)
-    heads = ("shape", "spectrum", "act-aware", "dynamics", "chosen", "break-even")
-    for col in heads:
+    columns = [methods.get(n).column for n in methods.names()]
+    for col in ("shape", *columns, "chosen", "break-even"):
         table.add_column(col, justify="right")
-    for r in rows:
+    for r in est.layers:
         table.add_row(
             r.name,
             "x".join(map(str, r.shape)),
-            str(r.spectrum_rank),
-            "-" if r.whiten_rank is None else str(r.whiten_rank),
-            "-" if r.dynamics_rank is None else str(r.dynamics_rank),
+            *("-" if r.readings.get(c) is None else str(r.readings[c]) for c in columns),
             "dense" if r.chosen is None else str(r.chosen),
             f"{r.breakeven:.0f}",
         )
     console = Console()
     console.print(table)
+    info = est.info
     if info.samples:
         console.print(
             f"statistics: {info.samples} samples in {info.calibration_seconds:.1f} s, "

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import (
+    RECIPE_FLAGS,
     is_main_process,
     print_json,
     progress_bars,
@@ -80,45 +81,36 @@ def finetune(
     on the task, then exports (chains collapse to two factors). Ctrl-C saves a resumable
     state; --resume continues it. Many GPUs: accelerate launch -m cli.main finetune ...
     """
-    from compressor.recipes.schema import (
-        apply_overrides,
-        choose_recipe,
-        data_options,
-        finetune_config,
-    )
-    from compressor.workflows.finetune import RecoveryOptions, finetune_checkpoint
+    from compressor.recipes.schema import apply_overrides, choose_recipe
+    from compressor.workflows.finetune import finetune_checkpoint
+    from compressor.workflows.options import recovery_options
 
     quiet_libraries()
     out = out or model.parent / f"{model.name}-ft"
-    with user_errors():
+    with user_errors("finetune"):
         chosen, _ = choose_recipe(recipe, model)
         flags = {
             "finetune.steps": steps, "finetune.objective": objective, "finetune.lr": lr,
             "chain.outer_lr_scale": outer_lr_scale, "chain.depth": depth,
             "finetune.batch_size": batch_size, "finetune.max_length": max_length,
         }  # fmt: skip
-        chosen = apply_overrides(chosen, flags, {"finetune.steps": "--steps"})
+        chosen = apply_overrides(chosen, flags, {**RECIPE_FLAGS, "finetune.steps": "--steps"})
         data_kw = {"text_field": text_field, "label_field": label_field, "tokenizer": tokenizer,
                    "samples": samples, "seed": seed}  # fmt: skip
-        options = RecoveryOptions(
-            data=data_options(chosen, data, **data_kw),
-            eval_data=data_options(chosen, eval_data, **data_kw) if eval_data else None,
+        options = recovery_options(
+            chosen,
+            data,
+            config={
+                "grad_accum": grad_accum, "warmup": warmup, "clip": clip or None,
+                "temperature": temperature, "mix_weight": mix_weight, "trainable": trainable,
+                "mixed_precision": mixed_precision, "save_every": save_every, "seed": seed,
+            },
+            data_kw=data_kw,
+            eval_data=eval_data,
             eval_fraction=eval_fraction,
-            config=finetune_config(
-                chosen,
-                grad_accum=grad_accum,
-                warmup=warmup,
-                clip=clip or None,
-                temperature=temperature,
-                mix_weight=mix_weight,
-                trainable=trainable,
-                mixed_precision=mixed_precision,
-                save_every=save_every,
-                seed=seed,
-            ),
             state_dir=state_dir,
             resume=resume,
-        )
+        )  # fmt: skip
         with progress_bars(not json_out) as progress:
             run = finetune_checkpoint(model, out, teacher=teacher, options=options,
                                       overwrite=overwrite, progress=progress)  # fmt: skip
@@ -163,7 +155,7 @@ def evaluate(
     from compressor.workflows.finetune import load_model
 
     quiet_libraries()
-    with user_errors():
+    with user_errors("eval"):
         loaded = load_samples(data, text_field, label_field, samples, seed)
         tok = load_tokenizer(model, tokenizer) if loaded.is_text else None
         batches = make_batches(loaded, tok, max_length, batch_size)
@@ -182,17 +174,6 @@ def evaluate(
         print_json(rows)
         return
     Console().print(eval_table(rows))
-
-
-def recovery_options(recipe, data: Path | None):
-    """`dlnc compress --finetune-steps`: the recipe's fine-tuning settings on `data`."""
-    from compressor.errors import DlncError
-    from compressor.recipes.schema import data_options, finetune_config
-    from compressor.workflows.finetune import RecoveryOptions
-
-    if data is None:
-        raise DlncError("--finetune-steps needs --finetune-data FILE")
-    return RecoveryOptions(data=data_options(recipe, data), config=finetune_config(recipe))
 
 
 def eval_table(rows: dict[str, dict]) -> Table:

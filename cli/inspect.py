@@ -34,7 +34,7 @@ def inspect(
     from compressor.workflows.compress import CompressOptions, select_targets
 
     quiet_libraries()
-    with user_errors():
+    with user_errors("inspect"):
         loaded = load_checkpoint(model, config, allow_pickle)
         options = CompressOptions(include=include or None, exclude=exclude or [])
         targets = select_targets(loaded, options)

@@ -1,19 +1,69 @@
-"""dlnc: low-rank compression of pretrained networks (deep linear network compression)."""
+"""dlnc: low-rank compression of pretrained networks (deep linear network compression).
+
+The verbs a Python user needs:
+
+    from compressor import compress_checkpoint, CompressOptions, RankPolicy
+    result = compress_checkpoint("model", "model-dlnc", CompressOptions(RankPolicy(keep=0.5)))
+    model = load_pretrained("model-dlnc")
+
+In memory: `compress_(model, find_targets(model), RankPolicy(keep=0.5))`, `finetune(...)`,
+`export(model, folder)`. The heavier verbs are imported on first use, so `import compressor`
+stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 from compressor.core.layers import FactorizedLinear
+from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import collapse_, factorized_layers, merge_
 from compressor.core.targets import find_targets
-from compressor.io.export import export, load_pretrained
+
+if TYPE_CHECKING:
+    from compressor.core.compress import compress_
+    from compressor.io.export import export, load_pretrained
+    from compressor.training.loop import FinetuneConfig, finetune
+    from compressor.workflows.compress import CompressOptions, compress_checkpoint
+    from compressor.workflows.estimate import estimate_checkpoint
+    from compressor.workflows.finetune import finetune_checkpoint
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "compress_": "compressor.core.compress",
+    "export": "compressor.io.export",
+    "load_pretrained": "compressor.io.export",
+    "finetune": "compressor.training.loop",
+    "FinetuneConfig": "compressor.training.loop",
+    "CompressOptions": "compressor.workflows.compress",
+    "compress_checkpoint": "compressor.workflows.compress",
+    "estimate_checkpoint": "compressor.workflows.estimate",
+    "finetune_checkpoint": "compressor.workflows.finetune",
+}
+
 __all__ = [
+    "CompressOptions",
     "FactorizedLinear",
+    "FinetuneConfig",
+    "RankPolicy",
     "__version__",
     "collapse_",
+    "compress_",
+    "compress_checkpoint",
+    "estimate_checkpoint",
     "export",
     "factorized_layers",
     "find_targets",
+    "finetune",
+    "finetune_checkpoint",
     "load_pretrained",
     "merge_",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")

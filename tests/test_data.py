@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from compressor.core.tasks import with_lm_labels
 from compressor.errors import DlncError
 from compressor.training.data import (
     DataOptions,
-    load_batches,
+    load_data,
     load_samples,
     load_tokenizer,
     make_batches,
-    with_lm_labels,
 )
 
 
@@ -92,9 +92,9 @@ def test_seeded_subset_is_reproducible_and_in_order(tmp_path):
 
 def test_text_batches(tmp_path, minilm_folder):
     f = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world " * 40, "label": 1}] * 3)
-    batches = load_batches(
+    batches = load_data(
         DataOptions(f, label_field="label", max_length=16, batch_size=2), minilm_folder
-    )
+    ).train
     assert [b["input_ids"].shape for b in batches] == [(2, 16), (1, 16)]
     assert batches[0]["labels"].tolist() == [1, 1]
     lm = with_lm_labels(
@@ -121,7 +121,7 @@ def bad_inputs(tmp_path):
         ("missing.txt", {}, "no such data file"),
         ("empty.txt", {}, "holds no samples"),
         ("nofield.jsonl", {}, r"nofield.jsonl:2: no field `text` \(fields: body\)"),
-        ("nolabel.jsonl", {"label_field": "y"}, r"no field `y`.*--label-field"),
+        ("nolabel.jsonl", {"label_field": "y"}, r"no field `y`.*`label_field`"),
         ("broken.jsonl", {}, "broken.jsonl:2: not a JSON object per line"),
         ("nottext.jsonl", {}, "field `text` is int, not text"),
         ("binary.txt", {}, "not UTF-8 text"),
@@ -142,7 +142,7 @@ def test_text_without_tokenizer(tmp_path):
     f.write_text("some text\n")
     with pytest.raises(DlncError, match="needs a tokenizer"):
         make_batches(load_samples(f), None)
-    with pytest.raises(DlncError, match="no tokenizer found; pass --tokenizer"):
+    with pytest.raises(DlncError, match="no tokenizer found; pass `tokenizer`"):
         load_tokenizer(tmp_path)
 
 

@@ -105,7 +105,7 @@ def test_no_objective_is_a_clear_error():
 
     encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=64, vocab_size=64))  # fmt: skip
-    with pytest.raises(DlncError, match=r"BertModel has no training objective.*--method whiten"):
+    with pytest.raises(DlncError, match=r"BertModel has no training objective.*`method` whiten"):
         warmup_loss(encoder, has_labels=False)
 
 

@@ -72,5 +72,5 @@ def test_classification_accuracy():
 
 
 def test_nothing_to_score_is_a_clear_error():
-    with pytest.raises(DlncError, match="give --teacher"):
+    with pytest.raises(DlncError, match="give `teacher`"):
         evaluate(build_tiny("bert").bert, token_batches(1))

@@ -98,7 +98,7 @@ def test_resume_after_interrupt_ends_with_the_same_weights(gpt2_pair, tmp_path):
         if done == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(FinetuneInterrupted, match="--resume"):
+    with pytest.raises(FinetuneInterrupted, match="`resume`"):
         finetune(copy.deepcopy(student), batches, teacher=teacher, config=config,
                  state_dir=tmp_path / "b", progress=ctrl_c_at_step_3)  # fmt: skip
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-0000003"

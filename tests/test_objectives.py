@@ -8,14 +8,9 @@ import torch.nn.functional as F
 from conftest import build_tiny
 from finetune_helpers import compressed, token_batches
 
+from compressor.core.tasks import mask_tokens, task_of
 from compressor.errors import DlncError
-from compressor.training.objectives import (
-    build_objective,
-    hidden_mse,
-    kl_logits,
-    mask_tokens,
-    task_of,
-)
+from compressor.training.objectives import build_objective, hidden_mse, kl_logits
 
 
 @pytest.mark.parametrize(
@@ -91,7 +86,7 @@ def test_encoder_without_head_distils_hidden_states():
 @pytest.mark.parametrize(
     ("kind", "student", "teacher", "labels", "message"),
     [
-        ("distill", "gpt2", None, False, "give --teacher"),
+        ("distill", "gpt2", None, False, "give `teacher`"),
         ("task", "encoder", None, False, "has no task head"),
         ("task", "vit", None, False, "needs labels"),
         ("distill", "gpt2", "encoder", False, "the teacher needs the same head"),
@@ -114,8 +109,9 @@ def test_what_applies_and_what_does_not(kind, student, teacher, labels, message)
 def test_seq2seq_distills_on_teacher_forced_logits():
     import transformers as tf
 
+    from compressor.core.tasks import model_inputs
     from compressor.errors import DlncError
-    from compressor.training.objectives import build_objective, model_inputs
+    from compressor.training.objectives import build_objective
 
     torch.manual_seed(0)
     config = tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, vocab_size=50,

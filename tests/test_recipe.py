@@ -13,30 +13,32 @@ import yaml
 from conftest import build_tiny
 from typer.testing import CliRunner
 
+from cli.common import RECIPE_FLAGS as FLAG_NAMES
 from cli.main import app
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint
+from compressor.methods import names as method_names
 from compressor.recipes.schema import (
-    FLAG_NAMES,
     GENERIC,
-    METHODS,
-    OBJECTIVES,
     Recipe,
     _Loader,
     apply_overrides,
-    compress_options,
-    data_options,
     find_recipe,
-    finetune_config,
     load_recipe,
     parse_recipe,
-    rank_method,
     recipe_names,
     recipe_to_yaml,
     recipes_dir,
     select_recipe,
 )
+from compressor.training.objectives import OBJECTIVES
 from compressor.workflows.compress import select_targets
+from compressor.workflows.options import (
+    compress_options,
+    data_options,
+    finetune_config,
+    rank_method,
+)
 
 runner = CliRunner()
 SHIPPED = recipe_names()
@@ -82,13 +84,13 @@ def test_no_two_recipes_claim_a_model_type():
 
 
 def test_schema_choices_match_the_library():
-    from compressor.methods.plan import METHODS as LIBRARY_METHODS
-    from compressor.training.objectives import OBJECTIVES as LIBRARY_OBJECTIVES
-
-    assert tuple(METHODS) == tuple(LIBRARY_METHODS)
-    assert tuple(OBJECTIVES) == tuple(LIBRARY_OBJECTIVES)
-    assert set(Recipe.model_fields["ranks"].annotation.model_fields["method"].annotation.__args__) \
-        == {"auto", *METHODS}  # fmt: skip
+    """The recipe accepts exactly the registered rank methods (and auto) and objectives."""
+    for method in ("auto", *method_names()):
+        assert parse_recipe(f"ranks: {{method: {method}, keep: 0.5}}").ranks.method == method
+    with pytest.raises(DlncError, match=r"ranks\.method"):
+        parse_recipe("ranks: {method: nonsense, keep: 0.5}")
+    assert set(Recipe.model_fields["finetune"].annotation.model_fields["objective"].annotation
+               .__args__) == set(OBJECTIVES)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -100,7 +102,7 @@ def test_rank_method_flag_wins_and_auto_leaves_the_choice_to_the_data_options(
     recipe_method, flag, expected
 ):
     recipe = parse_recipe(f"ranks: {{method: {recipe_method}, keep: 0.5}}")
-    assert rank_method(recipe, flag) == expected
+    assert rank_method(recipe, flag) == (expected or "auto")
 
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -252,8 +254,9 @@ PRECEDENCE = [
 
 @pytest.mark.parametrize(("name", "flags", "expected"), PRECEDENCE)
 def test_given_flags_override_recipe_values(name, flags, expected):
-    recipe = apply_overrides(load_recipe(name), flags)
-    options = compress_options(recipe, from_flags=[k for k, v in flags.items() if v is not None])
+    recipe = apply_overrides(load_recipe(name), flags, FLAG_NAMES)
+    given = [k for k, v in flags.items() if v is not None]
+    options = compress_options(recipe, from_flags=given, flags=FLAG_NAMES)
     p = options.policy
     keep, energy, rank, multiple, depth, include = expected
     assert (p.keep, p.energy, p.rank, p.multiple, options.depth) == (
@@ -288,7 +291,7 @@ def test_recipe_values_override_built_in_defaults(tmp_path):
 )
 def test_a_bad_flag_value_names_the_flag(flags, message):
     with pytest.raises(DlncError) as info:
-        apply_overrides(load_recipe("gpt2"), flags)
+        apply_overrides(load_recipe("gpt2"), flags, FLAG_NAMES)
     assert str(info.value).startswith(message)
     assert set(FLAG_NAMES) >= set(flags)
 

@@ -15,8 +15,9 @@ from torch import nn
 from compressor.core.compress import compress_
 from compressor.core.surgery import factorized_layers
 from compressor.io.export import export, load_pretrained
-from compressor.recipes.schema import choose_recipe, compress_options, finetune_config, recipe_names
+from compressor.recipes.schema import choose_recipe, recipe_names
 from compressor.workflows.compress import compress_checkpoint
+from compressor.workflows.options import compress_options, finetune_config
 
 FAMILIES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "vit": "vit", "t5": "t5"}
 

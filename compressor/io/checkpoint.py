@@ -105,7 +105,7 @@ def _check_format(path: Path, allow_pickle: bool) -> None:
             return
         raise DlncError(
             f"{path.name} is a pickle file, which can run arbitrary code when loaded; "
-            "convert it to safetensors, or pass --allow-pickle if you trust its source"
+            "convert it to safetensors, or pass `allow_pickle` if you trust its source"
         )
     raise DlncError(f"{path.name}: not a safetensors file (give a .safetensors file or a folder)")
 
@@ -160,10 +160,10 @@ def _read_config(config_file: Path, trust_remote_code: bool):
         )
     except (ValueError, KeyError, OSError) as e:
         kind = raw.get("model_type") if isinstance(raw, dict) else None
-        hint = " or --trust-remote-code" if isinstance(raw, dict) and "auto_map" in raw else ""
+        hint = " or `trust_remote_code`" if isinstance(raw, dict) and "auto_map" in raw else ""
         raise DlncError(
             f"{config_file.name}: unknown architecture (model_type {kind!r}); "
-            f"pass --tensor-mode{hint} to compress its 2-D weights directly"
+            f"pass `tensor_mode`{hint} to compress its 2-D weights directly"
         ) from e
 
 

@@ -60,7 +60,7 @@ def check_output_dir(out_dir: Path, overwrite: bool, input_path: Path | None = N
         if src == out_dir or out_dir in src.parents:
             raise DlncError(f"{out_dir}: the output folder would replace the input; pick another")
     if out_dir.exists() and not overwrite:
-        raise DlncError(f"{out_dir} already exists; pass --overwrite to replace it")
+        raise DlncError(f"{out_dir} already exists; pass `overwrite` to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise DlncError(f"{out_dir} exists and is not a folder")
 

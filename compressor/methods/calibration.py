@@ -23,12 +23,10 @@ from torch import nn
 
 from compressor.core.layers import dense_weight_of
 from compressor.core.progress import ProgressFn
+from compressor.core.tasks import model_inputs
 from compressor.errors import DlncError
 
-__all__ = ["NOT_MODEL_INPUTS", "LayerStats", "collect_grams", "forward_inputs"]
-
-NOT_MODEL_INPUTS = ("labels",)
-"""Batch keys that are not given to the model's forward pass during calibration."""
+__all__ = ["LayerStats", "collect_grams"]
 
 
 @dataclass
@@ -43,11 +41,6 @@ class LayerStats:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         self.gram.addmm_(x.T, x)
         self.rows += x.shape[0]
-
-
-def forward_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch without its labels: what calibration passes to `model(**inputs)`."""
-    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 class _Collector:
@@ -105,7 +98,7 @@ def collect_grams(
     if type(model).__name__ == "TensorModel":
         raise DlncError(
             "this checkpoint has no architecture (tensor mode), so it cannot run on data; "
-            "use --method svd, or give its config.json with --config"
+            "use `method` svd, or give its config.json with `config`"
         )
     batches = list(batches)
     collector = _Collector()
@@ -133,7 +126,7 @@ def collect_grams(
 
 def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
     try:
-        model(**forward_inputs(batch))
+        model(**model_inputs(batch, model))
     except TypeError as e:
-        keys = ", ".join(forward_inputs(batch))
+        keys = ", ".join(model_inputs(batch, model))
         raise DlncError(f"the model does not take the data's inputs ({keys}): {e}") from e

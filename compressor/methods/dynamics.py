@@ -21,17 +21,18 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from compressor.core.compress import FactorFn
 from compressor.core.layers import dense_weight_of
-from compressor.core.linalg import energy_rank
+from compressor.core.linalg import energy_rank, singular_values
 from compressor.core.progress import ProgressFn
+from compressor.core.tasks import mask_tokens, model_inputs, task_of, with_lm_labels
 from compressor.errors import DlncError
-from compressor.methods.calibration import forward_inputs
-from compressor.training.data import IGNORE_INDEX, with_lm_labels
+from compressor.methods.registry import MethodInputs, RankMethod, Weights, register
 
 __all__ = [
+    "Dynamics",
     "LossFn",
     "joint_subspace",
-    "mask_for_mlm",
     "reference_updates",
     "update_rank",
     "warmup_loss",
@@ -40,9 +41,6 @@ __all__ = [
 
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 """loss_fn(model, batch) -> scalar loss: one step's objective in a warm-up run."""
-
-CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
-MASKED_LM = ("ForMaskedLM",)
 
 
 def reference_updates(
@@ -68,27 +66,33 @@ def reference_updates(
 
 def warmup_loss(model: nn.Module, has_labels: bool, mask_token_id: int | None = None) -> LossFn:
     """The model's own objective: its loss on the data's labels when there are labels, else
-    causal LM (`...ForCausalLM`, `...LMHeadModel`) or masked LM (`...ForMaskedLM`).
+    causal LM or masked LM by its task (`compressor.core.tasks.task_of`).
 
     A `DlncError` when none applies (e.g. a bare encoder and no labels).
     """
     name = type(model).__name__
+    task = task_of(model)
     if has_labels:
         return _own_loss
-    if name.endswith(CAUSAL_LM):
+    if task == "causal_lm":
         return lambda m, batch: _own_loss(m, with_lm_labels(batch))
-    if name.endswith(MASKED_LM):
+    if task == "masked_lm":
         mask_id = mask_token_id
         if mask_id is None:
             mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
         if mask_id is None:
             raise DlncError(f"{name}: a masked-LM warm-up needs the tokenizer's [MASK] token")
         generator = torch.Generator().manual_seed(0)
-        return lambda m, batch: _own_loss(m, mask_for_mlm(batch, mask_id, generator))
+        return lambda m, batch: _own_loss(m, _mlm_batch(batch, mask_id, generator))
     raise DlncError(
         f"{name} has no training objective for a warm-up run (no causal-LM or masked-LM head, "
-        "and the data has no labels); use --method whiten, or --reference with a base checkpoint"
+        "and the data has no labels); use `method` whiten, or a `reference` base checkpoint"
     )
+
+
+def _mlm_batch(batch, mask_id: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    masked = mask_tokens(batch, mask_id, generator=generator)
+    return {**model_inputs(masked), "labels": masked["mlm_labels"]}
 
 
 def _own_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -97,29 +101,6 @@ def _own_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tens
     if loss is None:
         raise DlncError(f"{type(model).__name__} returned no loss for the data's labels")
     return loss
-
-
-def mask_for_mlm(
-    batch: Mapping[str, torch.Tensor],
-    mask_token_id: int,
-    generator: torch.Generator,
-    probability: float = 0.15,
-) -> dict[str, torch.Tensor]:
-    """A copy of a text batch with `probability` of its real tokens (not the first and last,
-    i.e. [CLS]/[SEP]) replaced by `mask_token_id`; the originals become `labels`."""
-    ids = batch["input_ids"]
-    real = batch.get("attention_mask", torch.ones_like(ids)).bool().clone()
-    last = real.long().cumsum(1).argmax(1)
-    real[:, 0] = False
-    real[torch.arange(len(ids)), last] = False
-    chosen = real & (torch.rand(ids.shape, generator=generator) < probability)
-    if not chosen.any():  # never a batch with nothing to predict
-        chosen = real
-    return {
-        **batch,
-        "input_ids": ids.masked_fill(chosen, mask_token_id),
-        "labels": ids.masked_fill(~chosen, IGNORE_INDEX),
-    }
 
 
 def warmup_updates(
@@ -142,7 +123,7 @@ def warmup_updates(
     if steps < 1:
         raise DlncError(f"`warmup_steps` must be >= 1, got {steps}")
     if not batches:
-        raise DlncError("a warm-up run needs data: give --data")
+        raise DlncError("a warm-up run needs `data`")
     has_labels = "labels" in batches[0]
     loss_fn = loss_fn or warmup_loss(model, has_labels, mask_token_id)
     names = dict(model.named_modules())
@@ -153,9 +134,11 @@ def warmup_updates(
         torch.manual_seed(seed)
         for step in range(steps):
             batch = batches[step % len(batches)]
-            loss = loss_fn(work, batch if has_labels else forward_inputs(batch))
+            loss = loss_fn(work, batch if has_labels else model_inputs(batch, work))
             if not torch.isfinite(loss):
-                raise DlncError(f"the warm-up loss is {float(loss)} at step {step}; lower --lr")
+                raise DlncError(
+                    f"the warm-up loss is {float(loss)} at step {step}; lower `warmup_lr`"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(work.parameters(), 1.0)
@@ -213,3 +196,53 @@ def joint_subspace(
         parts.append(u64 / float(u64.norm()))
     _, s, vh = torch.linalg.svd(torch.cat(parts), full_matrices=False)
     return s, vh
+
+
+def subspace_factor_fn(weights: Mapping[str, torch.Tensor], joint: Mapping) -> FactorFn:
+    """W Q Q^T with Q the top-k joint input directions, split into balanced factors."""
+
+    def factor(name: str, module: nn.Module, rank: int):
+        w = weights[name].detach().double()
+        q = joint[name][1][:rank].T  # in x k, orthonormal columns
+        u, s, vh = torch.linalg.svd(w @ q, full_matrices=False)
+        root = s.sqrt()
+        up, down = u * root, root[:, None] * (vh @ q.T)
+        rel = float((w - up @ down).norm()) / max(float(w.norm()), 1e-30)
+        return up, down, rel
+
+    return factor
+
+
+class Dynamics(RankMethod):
+    """Learning dynamics (METHOD.md 5): ranks from the spectra of [W; dW] (weight and update,
+    each normalised), factors that keep W on the input directions the update moves in."""
+
+    name = "dynamics"
+    column = "dynamics"
+    needs = frozenset({"updates"})
+    priority = 2
+    requirement = "`method` dynamics needs `reference` CKPT, or `warmup_steps` K with `data`"
+
+    def spectra(
+        self, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None
+    ) -> dict[str, torch.Tensor]:
+        return {n: s for n, (s, _) in self._joint(weights, inputs).items()}
+
+    def factor_fn(self, weights: Weights, inputs: MethodInputs, spectra: dict) -> FactorFn:
+        return subspace_factor_fn(weights.tensors, self._joint(weights, inputs))
+
+    def reading(
+        self, name: str, spectrum: torch.Tensor, weights: Weights, inputs: MethodInputs, tau: float
+    ) -> int:
+        """The update's own rank (`update_rank`), not the joint spectrum's."""
+        return update_rank(singular_values(inputs.updates[name]), weights.decomps[name].s, tau)
+
+    @staticmethod
+    def _joint(weights: Weights, inputs: MethodInputs) -> dict:
+        def make() -> dict:
+            return {n: joint_subspace(w, inputs.updates[n]) for n, w in weights.tensors.items()}
+
+        return inputs.once("joint_subspaces", make)
+
+
+register(Dynamics())

@@ -1,4 +1,4 @@
-"""Activation-aware (whitened) truncation: pure tensor maths, no modules.
+"""Activation-aware (whitened) truncation: the maths on bare tensors, then the `whiten` method.
 
 With X the calibration inputs of a layer (rows are samples) and G = X^T X = L L^T, the
 rank-k W' minimising ||(W - W') X^T||_F is W' = trunc_k(W L) L^+, and its error is exactly
@@ -13,11 +13,26 @@ damping * mean(diag G) * ||W - W'||_F^2 to the objective); `damping=0` is the ex
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-__all__ = ["DEFAULT_DAMPING", "Whitener", "whitened_factors", "whitened_spectrum"]
+from compressor.core.compress import FactorFn
+from compressor.core.linalg import energy_rank
+from compressor.core.progress import ProgressFn, report
+from compressor.methods.calibration import LayerStats
+from compressor.methods.registry import MethodInputs, RankMethod, Weights, register
+
+__all__ = [
+    "DEFAULT_DAMPING",
+    "Whiten",
+    "Whitener",
+    "whitened_factors",
+    "whitened_spectrum",
+    "whiteners",
+]
 
 DEFAULT_DAMPING = 1e-2
 """Relative damping: a multiple of the Gram matrix's mean diagonal added to its diagonal."""
@@ -83,3 +98,57 @@ def whitened_factors(
     error = float(s[rank:].square().sum().sqrt())
     total = float(s.square().sum().sqrt())
     return up, down, error, error / total if total > 0 else 0.0
+
+
+def whiteners(stats: Mapping[str, LayerStats], damping: float) -> dict[str, Whitener | None]:
+    """One whitener per distinct Gram matrix (q/k/v share theirs, so one decomposition)."""
+    by_id: dict[int, Whitener | None] = {}
+    out = {}
+    for name, st in stats.items():
+        if id(st) not in by_id:
+            by_id[id(st)] = Whitener.from_gram(st.gram / max(st.rows, 1), damping)
+        out[name] = by_id[id(st)]
+    return out
+
+
+class Whiten(RankMethod):
+    """Activation-aware: spectra of W L and the truncation of W L, L L^T each layer's input
+    Gram (METHOD.md 4), so the error is measured on the layer's outputs."""
+
+    name = "whiten"
+    column = "whiten"
+    needs = frozenset({"grams"})
+    priority = 1
+    requirement = "`method` whiten needs calibration data: give `data`"
+
+    def spectra(
+        self, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None
+    ) -> dict[str, torch.Tensor]:
+        roots = self._roots(inputs)
+        out = {}
+        for i, (name, w) in enumerate(weights.tensors.items()):
+            out[name] = whitened_spectrum(w, roots[name])
+            report(progress, "whiten", i + 1, len(weights.tensors))
+        return out
+
+    def factor_fn(self, weights: Weights, inputs: MethodInputs, spectra: dict) -> FactorFn:
+        """rel error: the relative output error on calibration inputs, ||(W - W')L|| / ||WL||."""
+        roots = self._roots(inputs)
+
+        def factor(name: str, module: nn.Module, rank: int):
+            up, down, _, rel = whitened_factors(weights.tensors[name], roots[name], rank)
+            return up, down, rel
+
+        return factor
+
+    def reading(
+        self, name: str, spectrum: torch.Tensor, weights: Weights, inputs: MethodInputs, tau: float
+    ) -> int:
+        return energy_rank(spectrum, tau)
+
+    @staticmethod
+    def _roots(inputs: MethodInputs) -> dict[str, Whitener | None]:
+        return inputs.once("whiteners", lambda: whiteners(inputs.grams, inputs.damping))
+
+
+register(Whiten())

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -47,15 +47,9 @@ from pydantic import (
 )
 
 from compressor.errors import DlncError
-
-if TYPE_CHECKING:  # imported lazily at run time: keeps `import compressor.recipes.schema` light
-    from compressor.core.ranks import RankPolicy
-    from compressor.training.data import DataOptions
-    from compressor.training.loop import FinetuneConfig
-    from compressor.workflows.compress import CompressOptions
+from compressor.training.objectives import OBJECTIVES
 
 __all__ = [
-    "FLAG_NAMES",
     "GENERIC",
     "Chain",
     "Finetune",
@@ -66,14 +60,9 @@ __all__ = [
     "apply_overrides",
     "checkpoint_model_type",
     "choose_recipe",
-    "compress_options",
-    "data_options",
     "find_recipe",
-    "finetune_config",
     "load_recipe",
     "parse_recipe",
-    "rank_method",
-    "rank_policy",
     "recipe_names",
     "recipe_record",
     "recipe_to_yaml",
@@ -84,25 +73,6 @@ __all__ = [
 GENERIC = "generic"
 """The fallback recipe: every dense layer but embeddings and heads."""
 
-METHODS = ("svd", "whiten", "dynamics")  # plus "auto" in a recipe
-OBJECTIVES = ("distill", "task", "mix")
-
-FLAG_NAMES = {
-    "targets.include": "--include",
-    "targets.exclude": "--exclude",
-    "ranks.keep": "--keep",
-    "ranks.energy": "--energy",
-    "ranks.rank": "--rank",
-    "ranks.multiple": "--multiple",
-    "chain.depth": "--depth",
-    "chain.outer_lr_scale": "--outer-lr-scale",
-    "finetune.objective": "--objective",
-    "finetune.lr": "--lr",
-    "finetune.steps": "--finetune-steps",
-    "finetune.batch_size": "--batch-size",
-    "finetune.max_length": "--max-length",
-}
-"""The command-line flag that overrides each recipe key (named in error messages)."""
 
 BUDGET_KEYS = ("keep", "energy", "rank")
 
@@ -141,6 +111,17 @@ def _in(low: float, high: float, close: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _rank_method(name: str) -> str:
+    """`auto` or a registered rank method (`compressor.methods`)."""
+    from compressor import methods
+
+    choices = ("auto", *methods.names())
+    if name not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1])
+        raise ValueError(f"Input should be {listed} or {choices[-1]!r}")
+    return name
+
+
 def _check_pattern(pattern: str) -> str:
     if not pattern:
         raise ValueError("empty pattern")
@@ -168,7 +149,7 @@ class Ranks(_Section):
     """How ranks are chosen: exactly one of `keep`, `energy`, `rank`."""
 
     # the spectral initialization; auto: whiten with --data, dynamics with --reference, else svd
-    method: Literal["auto", "svd", "whiten", "dynamics"] = "auto"
+    method: Annotated[str, AfterValidator(_rank_method)] = "auto"
     keep: Annotated[float, _in(0, 1, ")")] | None = None  # fraction of targeted weights kept
     energy: Annotated[float, _in(0, 1, "]")] | None = None  # per-layer spectral energy kept
     rank: Annotated[int, _at_least(1)] | None = None  # one rank for every layer
@@ -202,7 +183,7 @@ class Chain(_Section):
 class Finetune(_Section):
     """Fine-tuning defaults, used when fine-tuning runs (`--finetune-steps`, `dlnc finetune`)."""
 
-    objective: Literal["distill", "task", "mix"] = "distill"  # loss against the original model
+    objective: Literal[OBJECTIVES] = "distill"  # loss against the original model
     lr: Annotated[float, _positive()] = 1e-4  # learning rate of the inner factors
     steps: Annotated[int, _at_least(1)] = 200  # optimizer steps when fine-tuning runs
     batch_size: Annotated[int, _at_least(1)] = 8  # samples per step
@@ -345,7 +326,7 @@ def select_recipe(model_type: str | None) -> tuple[Recipe, str | None]:
         return generic, None
     return generic, (
         f"no recipe for model_type {model_type!r}: using the generic recipe "
-        "(every Linear but embeddings and heads); pass --recipe to choose another"
+        "(every Linear but embeddings and heads); pass `recipe` to choose another"
     )
 
 
@@ -372,9 +353,10 @@ def apply_overrides(
 
     `None` means "not given" and keeps the recipe's value. Giving any of `ranks.keep`,
     `ranks.energy`, `ranks.rank` clears the other two; `ranks.rank` without `ranks.multiple`
-    also drops the recipe's rounding. Errors name the flag (`FLAG_NAMES`).
+    also drops the recipe's rounding. Errors name the recipe key, or the flag that `flags`
+    maps it to (a command line passes its own names).
     """
-    flags = {**FLAG_NAMES, **(flags or {})}
+    flags = dict(flags or {})
     data = recipe.model_dump()
     given = {k: v for k, v in overrides.items() if v is not None}
     if any(k in given for k in (f"ranks.{b}" for b in BUDGET_KEYS)):
@@ -426,85 +408,3 @@ def recipe_record(recipe: Recipe, source: RecipeSource) -> dict:
         "warning": source.warning,
         "values": recipe.model_dump(mode="json"),
     }
-
-
-def compress_options(
-    recipe: Recipe,
-    source: RecipeSource | None = None,
-    from_flags: Collection[str] = (),
-    **runtime: Any,
-) -> CompressOptions:
-    """`CompressOptions` from an (overridden) recipe. `from_flags` lists the keys the command
-    line supplied (named in errors instead of the recipe); `runtime` passes the options a
-    recipe does not hold (config, merge, overwrite, the data-aware `aware` options: see
-    `rank_method` for the recipe's part in them)."""
-    from compressor.workflows.compress import CompressOptions
-
-    origins = {
-        key: FLAG_NAMES[path] if path in from_flags else f"recipe {recipe.name}: {path}"
-        for key, path in (
-            ("include", "targets.include"),
-            ("exclude", "targets.exclude"),
-            ("overrides", "ranks.overrides"),
-        )
-    }
-    record = recipe_record(recipe, source) if source else {"name": recipe.name}
-    include = recipe.targets.include
-    return CompressOptions(
-        policy=rank_policy(recipe.ranks),
-        depth=recipe.chain.depth,
-        include=list(include) if include is not None else None,
-        exclude=list(recipe.targets.exclude),
-        origins=origins,
-        recipe=record,
-        **runtime,
-    )
-
-
-def rank_policy(ranks: Ranks) -> RankPolicy:
-    """The `RankPolicy` of a recipe's `ranks` section (override keys are still patterns)."""
-    from compressor.core.ranks import RankPolicy
-
-    return RankPolicy(
-        rank=ranks.rank,
-        energy=ranks.energy,
-        keep=ranks.keep,
-        multiple=ranks.multiple,
-        overrides=dict(ranks.overrides),
-        dense_at_breakeven=ranks.dense_at_breakeven,
-    )
-
-
-def rank_method(recipe: Recipe, flag: str | None = None) -> str | None:
-    """The rank method: the `--method` flag if given, else the recipe's; None for `auto`
-    (the data-aware options then pick: whiten with data, dynamics with a reference, else svd)."""
-    if flag is not None:
-        return flag
-    return None if recipe.ranks.method == "auto" else recipe.ranks.method
-
-
-def finetune_config(recipe: Recipe, **extra: Any) -> FinetuneConfig:
-    """The `FinetuneConfig` of a recipe: its `finetune` section plus the chain's depth and
-    discrepant learning rate; `extra` sets other fields (seed, save_every) and wins over the
-    recipe, as a command-line flag does."""
-    from compressor.training.loop import FinetuneConfig
-
-    f = recipe.finetune
-    values = {
-        "steps": f.steps,
-        "lr": f.lr,
-        "objective": f.objective,
-        "outer_lr_scale": recipe.chain.outer_lr_scale,
-        "depth": recipe.chain.depth,
-    }
-    return FinetuneConfig(**{**values, **extra})
-
-
-def data_options(recipe: Recipe, path: str | Path, **extra: Any) -> DataOptions:
-    """The `DataOptions` for fine-tuning data: the recipe's batch size and max length."""
-    from compressor.training.data import DataOptions
-
-    lengths = (
-        {} if recipe.finetune.max_length is None else {"max_length": recipe.finetune.max_length}
-    )
-    return DataOptions(Path(path), batch_size=recipe.finetune.batch_size, **{**lengths, **extra})

@@ -21,7 +21,8 @@ Supported inputs (`load_samples`):
     for batch in batches:
         model(**batch)
 
-`load_batches(DataOptions(...), model_folder)` does the three steps at once. Every user
+`load_data(DataOptions(...), model_folder)` does the three steps at once (and holds out a
+share for evaluation when asked). Every user
 error (a missing file or field, an empty file, text without a tokenizer) is a `DlncError`.
 """
 
@@ -42,17 +43,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "Batches",
     "DataOptions",
     "Samples",
-    "load_batches",
+    "load_data",
     "load_samples",
     "load_tokenizer",
     "make_batches",
-    "with_lm_labels",
 ]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-IGNORE_INDEX = -100  # the label value transformers' losses skip
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "merges.txt", "*.model")
 
 
@@ -174,10 +174,10 @@ def _read_jsonl(path: Path, text_field: str, label_field: str | None) -> Samples
                     f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
                 )
             rows.append((number, row))
-    texts = [_field(row, text_field, f"{path}:{n}", "--text-field") for n, row in rows]
+    texts = [_field(row, text_field, f"{path}:{n}", "`text_field`") for n, row in rows]
     labels = None
     if label_field:
-        labels = [_field(row, label_field, f"{path}:{n}", "--label-field") for n, row in rows]
+        labels = [_field(row, label_field, f"{path}:{n}", "`label_field`") for n, row in rows]
     return _text_samples(texts, labels)
 
 
@@ -186,7 +186,7 @@ def _field(row: dict, name: str, where: str, option: str):
         known = ", ".join(sorted(row)) or "none"
         raise DlncError(f"{where}: no field `{name}` (fields: {known}); pick one with {option}")
     value = row[name]
-    if option == "--text-field" and not isinstance(value, str):
+    if option == "`text_field`" and not isinstance(value, str):
         raise DlncError(f"{where}: field `{name}` is {type(value).__name__}, not text")
     return value
 
@@ -202,7 +202,7 @@ def _read_saved_dataset(path: Path, text_field: str, label_field: str | None) ->
     if isinstance(data, DatasetDict):
         data = data["train"] if "train" in data else data[next(iter(data))]
     columns = list(data.column_names)
-    for name, option in ((text_field, "--text-field"), (label_field, "--label-field")):
+    for name, option in ((text_field, "`text_field`"), (label_field, "`label_field`")):
         if name is not None and name not in columns:
             raise DlncError(
                 f"{path}: no field `{name}` (fields: {', '.join(columns)}); pick one with {option}"
@@ -261,8 +261,8 @@ def load_tokenizer(
     """
     where = Path(tokenizer) if tokenizer is not None else model_folder
     if where is None:
-        raise DlncError("text data needs a tokenizer: pass --tokenizer FOLDER")
-    hint = "" if tokenizer is not None else "; pass --tokenizer FOLDER"
+        raise DlncError("text data needs a tokenizer: pass `tokenizer` FOLDER")
+    hint = "" if tokenizer is not None else "; pass `tokenizer` FOLDER"
     where = Path(where)
     if where.is_dir() and not any(any(where.glob(p)) for p in TOKENIZER_FILES):
         raise DlncError(f"{where}: no tokenizer found{hint}")
@@ -296,7 +296,7 @@ def make_batches(
     if batch_size < 1:
         raise DlncError(f"`batch_size` must be >= 1, got {batch_size}")
     if samples.is_text and tokenizer is None:
-        raise DlncError("text data needs a tokenizer, and this model has none: pass --tokenizer")
+        raise DlncError("text data needs a tokenizer, and this model has none: pass `tokenizer`")
     batches = []
     for start in range(0, len(samples), batch_size):
         stop = min(start + batch_size, len(samples))
@@ -318,20 +318,55 @@ def make_batches(
     return batches
 
 
-def with_lm_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of a text batch with causal-LM `labels`: the input ids, padding set to -100."""
-    labels = batch["input_ids"].clone()
-    if "attention_mask" in batch:
-        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-    return {**batch, "labels": labels}
+@dataclass
+class Batches:
+    """Model-ready batches from the data options: for training (or calibration) and held out."""
+
+    train: list[dict[str, torch.Tensor]]
+    held_out: list[dict[str, torch.Tensor]] | None  # None: nothing held out
+    tokenizer: PreTrainedTokenizerBase | None  # None for tensor data
+    samples: int  # samples read (train + held out)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return getattr(self.tokenizer, "mask_token_id", None)
 
 
-def load_batches(
-    options: DataOptions, model_folder: str | os.PathLike | None
-) -> list[dict[str, torch.Tensor]]:
-    """`load_samples` + `load_tokenizer` (text data only) + `make_batches`, from options."""
+def load_data(
+    options: DataOptions,
+    model_folder: str | os.PathLike | None,
+    *,
+    eval_data: DataOptions | None = None,
+    eval_fraction: float = 0.0,
+) -> Batches:
+    """The one way data is read: samples, the tokenizer (text only; from `options.tokenizer`,
+    else the model's folder) and batches. The held-out part is `eval_data`, else the last
+    `eval_fraction` of the samples (none when 0)."""
     samples = load_samples(
         options.path, options.text_field, options.label_field, options.samples, options.seed
     )
     tokenizer = load_tokenizer(model_folder, options.tokenizer) if samples.is_text else None
-    return make_batches(samples, tokenizer, options.max_length, options.batch_size)
+    train, held = _split(samples, options, eval_data, eval_fraction)
+    return Batches(
+        train=make_batches(train, tokenizer, options.max_length, options.batch_size),
+        held_out=make_batches(held, tokenizer, options.max_length, options.batch_size)
+        if held is not None
+        else None,
+        tokenizer=tokenizer,
+        samples=len(train) + (len(held) if held is not None else 0),
+    )
+
+
+def _split(
+    samples: Samples, options: DataOptions, eval_data: DataOptions | None, eval_fraction: float
+) -> tuple[Samples, Samples | None]:
+    if eval_data is not None:
+        ev = eval_data
+        return samples, load_samples(ev.path, ev.text_field, ev.label_field, ev.samples, ev.seed)
+    n_eval = round(len(samples) * eval_fraction)
+    if not n_eval:
+        return samples, None
+    if len(samples) - n_eval < 1:
+        raise DlncError(f"{options.path}: too few samples to hold {n_eval} out for evaluation")
+    cut = len(samples) - n_eval
+    return samples.subset(list(range(cut))), samples.subset(list(range(cut, len(samples))))

@@ -17,15 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from compressor.core.tasks import mask_tokens, model_inputs, task_of, token_mask
 from compressor.errors import DlncError
-from compressor.training.objectives import (
-    hidden_mse,
-    kl_logits,
-    mask_tokens,
-    model_inputs,
-    task_of,
-    token_mask,
-)
+from compressor.training.objectives import hidden_mse, kl_logits
 
 __all__ = ["EvalResult", "batch_loader", "cpu_launch", "evaluate"]
 
@@ -109,7 +103,7 @@ def evaluate(
     task = _usable_task(model, batches[0], mask_token_id)
     if task is None and teacher is None:
         raise DlncError(
-            f"{type(model).__name__} has no task head to score; give --teacher to compare it "
+            f"{type(model).__name__} has no task head to score; give `teacher` to compare it "
             "with the original model"
         )
     if accelerator is None:

@@ -130,7 +130,7 @@ def finetune(
     if not batches:
         raise DlncError("no training batches")
     if resume and state_dir is None:
-        raise DlncError("--resume needs the state folder of the interrupted run")
+        raise DlncError("`resume` needs the `state_dir` of the interrupted run")
     accelerator = _accelerator(config)
     set_seed(config.seed)
     if config.depth is not None:
@@ -379,7 +379,7 @@ class _Loop:
         terms = ", ".join(f"{k}={v}" for k, v in parts.items())
         raise NonFiniteLoss(
             f"the loss became NaN/Inf at step {state.step + 1} ({terms}); stopped before the "
-            f"update, {where}; try a lower --lr or check the data"
+            f"update, {where}; try a lower `lr` or check the data"
         )
 
     def _interrupt(self) -> None:
@@ -389,5 +389,5 @@ class _Loop:
         saved = state.save(self.accelerator, self.config)
         raise FinetuneInterrupted(
             f"interrupted after step {state.step}/{self.config.steps}; state saved to {saved}; "
-            "run again with --resume to continue"
+            "run again with `resume` to continue"
         )

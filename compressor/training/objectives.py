@@ -17,78 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.core.tasks import mask_tokens, model_inputs, task_of, token_mask
 from compressor.errors import DlncError
 
 __all__ = [
     "OBJECTIVES",
-    "TASKS",
     "LossParts",
     "Objective",
     "build_objective",
     "hidden_mse",
     "kl_logits",
-    "mask_tokens",
-    "model_inputs",
-    "task_of",
-    "token_mask",
 ]
 
 OBJECTIVES = ("distill", "task", "mix")
-TASKS = ("causal_lm", "masked_lm", "classification", "seq2seq_lm")
-NOT_INPUTS = ("labels", "mlm_labels", "special_tokens_mask")  # batch keys the model is not given
-_TASK_SUFFIXES = {
-    "causal_lm": ("ForCausalLM", "LMHeadModel"),
-    "masked_lm": ("ForMaskedLM",),
-    "classification": (
-        "ForSequenceClassification",
-        "ForImageClassification",
-        "ForAudioClassification",
-    ),
-}
-
-
-def task_of(model: nn.Module) -> str | None:
-    """The model's task from its class (`GPT2LMHeadModel` -> causal_lm) or a `dlnc_task`
-    attribute (a plain torch module returning logits), None for a bare encoder."""
-    model = getattr(model, "module", model)  # a DDP wrapper
-    declared = getattr(model, "dlnc_task", None)  # a plain torch module may declare its task
-    if declared in TASKS:
-        return declared
-    name = type(model).__name__
-    if name.endswith("ForConditionalGeneration") and _is_encoder_decoder(model):
-        return "seq2seq_lm"
-    for task, suffixes in _TASK_SUFFIXES.items():
-        if name.endswith(suffixes):
-            return task
-    return None
-
-
-def _is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-def model_inputs(
-    batch: Mapping[str, torch.Tensor], model: nn.Module | None = None
-) -> dict[str, torch.Tensor]:
-    """The keyword arguments for `model(**inputs)`: the batch without labels and bookkeeping.
-
-    An encoder-decoder (T5) given text alone gets the text as its decoder input too (shifted
-    right, teacher forcing), so student and teacher are compared token by token."""
-    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
-    if model is not None and "input_ids" in inputs and "decoder_input_ids" not in inputs:
-        inner = getattr(model, "module", model)
-        if task_of(inner) == "seq2seq_lm":
-            shift = inner.prepare_decoder_input_ids_from_labels
-            inputs["decoder_input_ids"] = shift(labels=inputs["input_ids"])
-    return inputs
-
-
-def token_mask(batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The real (non-padding) positions of a [batch, seq, ...] output `like`."""
-    mask = batch.get("attention_mask")
-    if mask is None or mask.shape != like.shape[:2]:
-        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
-    return mask.bool()
 
 
 def kl_logits(
@@ -217,27 +158,6 @@ def _rows(batch: Mapping[str, torch.Tensor]) -> int:
     return len(next(iter(batch.values())))
 
 
-def mask_tokens(
-    batch: Mapping[str, torch.Tensor],
-    mask_token_id: int,
-    probability: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """Masked LM: a copy of the batch with `probability` of the real tokens (not the first and
-    last, i.e. [CLS] and [SEP]) replaced by [MASK]; the originals become `mlm_labels`."""
-    ids = batch["input_ids"]
-    real = token_mask(batch, ids).clone()
-    real[:, 0] = False
-    last = real.long().cumsum(1).argmax(1)
-    real[torch.arange(len(ids), device=ids.device), last] = False
-    draw = torch.rand(ids.shape, generator=generator).to(ids.device)
-    chosen = real & (draw < probability)
-    out = dict(batch)
-    out["input_ids"] = ids.masked_fill(chosen, mask_token_id)
-    out["mlm_labels"] = ids.masked_fill(~chosen, -100)
-    return out
-
-
 def build_objective(
     kind: str,
     student: nn.Module,
@@ -256,7 +176,7 @@ def build_objective(
     distill_on = None
     if kind in ("distill", "mix"):
         if teacher is None:
-            raise DlncError(f"objective {kind!r} distils from the original model: give --teacher")
+            raise DlncError(f"objective {kind!r} distils from the original model: give `teacher`")
         distill_on = _distill_target(student, teacher)
     if kind in ("task", "mix"):
         _check_task(task, student, mask_token_id, has_labels)
@@ -278,15 +198,15 @@ def _check_task(task: str | None, student: nn.Module, mask_token_id, has_labels:
     if task is None:
         raise DlncError(
             f"{name} has no task head (causal LM, masked LM or classification); "
-            "use --objective distill with --teacher"
+            "use `objective` distill with `teacher`"
         )
     if task == "seq2seq_lm":
         raise DlncError(
             f"{name}: a seq2seq task loss needs target text, which dlnc's data does not carry; "
-            "use --objective distill with --teacher"
+            "use `objective` distill with `teacher`"
         )
     if task == "classification" and not has_labels:
-        raise DlncError("a classification task loss needs labels in the data (--label-field)")
+        raise DlncError("a classification task loss needs labels in the data (`label_field`)")
     if task == "masked_lm" and mask_token_id is None and _config_mask_id(student) is None:
         raise DlncError("a masked-LM task loss needs the [MASK] token id: give the tokenizer")
 

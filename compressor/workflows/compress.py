@@ -10,12 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.core.compress import (
-    CompressionReport,
-    compress_,
-    layer_decompositions,
-    svd_factor_fn,
-)
+from compressor.core.compress import CompressionReport, compress_
 from compressor.core.layers import check_depth
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
@@ -26,7 +21,7 @@ from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
 from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
 from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
 from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
-from compressor.workflows.plan import AwareOptions, make_plan
+from compressor.workflows.plan import AwareOptions, make_plans
 
 __all__ = [
     "CompressOptions",
@@ -161,13 +156,11 @@ def compress_checkpoint(
 
 
 def _method_inputs(loaded, targets, options: CompressOptions, progress) -> tuple[dict, dict]:
-    """The weights' spectra, and `compress_`'s spectra/factor_fn/method: plain SVD, or a
-    data-aware plan (whiten, dynamics) built from `options.aware`."""
-    if options.aware is None or options.aware.method == "svd":
-        decomps = layer_decompositions(targets, progress)
-        spectra = {n: d.s for n, d in decomps.items()}
-        return spectra, {"spectra": spectra, "factor_fn": svd_factor_fn(decomps)}
-    plan, _ = make_plan(loaded, targets, options.aware, progress)
+    """The weights' spectra, and `compress_`'s spectra/factor_fn/method from the plan of the
+    chosen rank method (`options.aware`; plain SVD when there are none)."""
+    aware = options.aware or AwareOptions()
+    plans, _ = make_plans(loaded, targets, aware, progress)
+    plan = plans[aware.resolved]
     kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method}
     return plan.weight_spectra, kwargs
 

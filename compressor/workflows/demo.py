@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.core.compress import compress_, layer_spectra
-from compressor.core.linalg import effective_rank, energy_rank
+from compressor.core.linalg import effective_rank, energy_rank, singular_values
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import collapse_, count_params
@@ -28,8 +28,8 @@ from compressor.core.targets import find_targets
 from compressor.dln.mlp import load_digits_split
 from compressor.errors import DlncError
 from compressor.io.export import disk_size, export, load_pretrained
+from compressor.methods import build_plan
 from compressor.methods.dynamics import warmup_updates
-from compressor.methods.plan import build_plan
 from compressor.training.loop import FinetuneConfig, finetune
 
 __all__ = ["DemoResult", "DemoSettings", "WideMLP", "run_demo"]
@@ -117,7 +117,7 @@ def run_demo(
         "dynamics", spectra=plan.spectra, factor_fn=plan.factor_fn, progress=progress,
     )  # fmt: skip
     before_ft = accuracy(student, test)
-    layers = layer_rows(plan, report)
+    layers = layer_rows(plan, updates, report)
     # 5) recover: distillation from the wide network plus the task loss
     losses = recover(student, wide, batches, settings, progress)
     # 6) export (the chains collapse to two factors), reload, evaluate
@@ -191,7 +191,7 @@ def recover(student, teacher, batches, settings: DemoSettings, progress: Progres
     return result.losses
 
 
-def layer_rows(plan, report) -> list[dict]:
+def layer_rows(plan, updates, report) -> list[dict]:
     """What the demo shows per layer: the weight's ranks, the update's, and the choice."""
     return [
         {
@@ -199,7 +199,7 @@ def layer_rows(plan, report) -> list[dict]:
             "shape": r.shape,
             "weight_effective_rank": effective_rank(plan.weight_spectra[r.name]),
             "weight_r90": energy_rank(plan.weight_spectra[r.name], 0.9),
-            "update_r90": energy_rank(plan.update_spectra[r.name], 0.9),
+            "update_r90": energy_rank(singular_values(updates[r.name]), 0.9),
             "rank": r.rank,
             "breakeven": r.breakeven,
         }
@@ -259,7 +259,7 @@ def _fresh_folder(out: Path) -> Path:
 
     if out.exists():
         if not (out / MARKER).exists():
-            raise DlncError(f"{out} exists and was not written by dlnc demo; pick --out")
+            raise DlncError(f"{out} exists and was not written by dlnc demo; pick another `out`")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("written by dlnc demo; a new run replaces this folder\n")

@@ -22,7 +22,7 @@ from torch import nn
 from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.io.export import check_output_dir, export, load_pretrained
-from compressor.training.data import DataOptions, load_samples, load_tokenizer, make_batches
+from compressor.training.data import DataOptions, load_data
 from compressor.training.loop import FinetuneConfig, FinetuneResult, finetune
 
 __all__ = [
@@ -75,29 +75,6 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     return loaded.model
 
 
-def split_batches(
-    options: RecoveryOptions, model_folder: Path
-) -> tuple[list[dict], list[dict], int | None]:
-    """(train batches, held-out batches, [MASK] token id) from the data options."""
-    data = options.data
-    samples = load_samples(data.path, data.text_field, data.label_field, data.samples, data.seed)
-    tokenizer = load_tokenizer(model_folder, data.tokenizer) if samples.is_text else None
-    if options.eval_data is not None:
-        ev = options.eval_data
-        held = load_samples(ev.path, ev.text_field, ev.label_field, ev.samples, ev.seed)
-        train = samples
-    else:
-        n_eval = round(len(samples) * options.eval_fraction)
-        if n_eval and len(samples) - n_eval < 1:
-            raise DlncError(f"{data.path}: too few samples to hold {n_eval} out for evaluation")
-        train = samples.subset(list(range(len(samples) - n_eval)))
-        held = samples.subset(list(range(len(samples) - n_eval, len(samples)))) if n_eval else None
-    train_batches = make_batches(train, tokenizer, data.max_length, data.batch_size)
-    eval_batches = make_batches(held, tokenizer, data.max_length, data.batch_size) if held else None
-    mask_id = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
-    return train_batches, eval_batches, mask_id
-
-
 def recover(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -107,16 +84,18 @@ def recover(
     progress: ProgressFn | None = None,
 ) -> FinetuneResult:
     """Load the data (tokenizer from `model_folder`) and fine-tune `student` in place."""
-    train, held, mask_id = split_batches(options, model_folder)
+    data = load_data(
+        options.data, model_folder, eval_data=options.eval_data, eval_fraction=options.eval_fraction
+    )
     return finetune(
         student,
-        train,
+        data.train,
         teacher=teacher,
         config=options.config,
-        eval_batches=held,
+        eval_batches=data.held_out,
         state_dir=state_dir,
         resume=options.resume,
-        mask_token_id=mask_id,
+        mask_token_id=data.mask_token_id,
         progress=progress,
     )
 

@@ -1,8 +1,8 @@
-"""From data-aware options to a rank-method `Plan`: read the data, collect the statistics the
-method needs (calibration Grams, a reference diff, a warm-up run), and build the plan.
+"""From data-aware options to rank-method plans: read the data, collect what the methods need
+(calibration Grams, a reference diff, a warm-up run), and build each method's `Plan`.
 
-Used by `compress_checkpoint` (only what the chosen method needs) and by
-`dlnc estimate-ranks` (everything the options make available, to compare the methods).
+Used by `compress_checkpoint` (the chosen method only) and by `estimate_checkpoint` (every
+method the options make possible, to compare them side by side).
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ from pathlib import Path
 
 from torch import nn
 
+from compressor import methods
 from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
-from compressor.methods.plan import METHODS, Plan, build_plan
 from compressor.methods.whiten import DEFAULT_DAMPING
-from compressor.training.data import DataOptions, load_samples, load_tokenizer, make_batches
+from compressor.training.data import Batches, DataOptions, load_data
 
-__all__ = ["AwareOptions", "PlanInfo", "make_plan"]
+__all__ = ["AwareOptions", "PlanInfo", "make_plans"]
 
 
 @dataclass(frozen=True)
 class AwareOptions:
-    """The rank method and what feeds it (the CLI's --method, --data ... options)."""
+    """The rank method and what feeds it (data, a reference checkpoint, a warm-up run)."""
 
-    method: str = "svd"  # svd | whiten | dynamics
+    method: str = "auto"  # a registered method (methods.names()), or auto: by what is given
     data: DataOptions | None = None  # calibration / warm-up data
     reference: Path | None = None  # the checkpoint this one was trained or fine-tuned from
     warmup_steps: int = 0  # dynamics: steps of a warm-up run on the data (0: none)
@@ -36,20 +36,30 @@ class AwareOptions:
     damping: float = DEFAULT_DAMPING  # whiten: relative damping of the Gram matrices
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise DlncError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "auto":
+            methods.get(self.method)  # an unknown name is an error listing the known ones
         if self.warmup_steps < 0:
             raise DlncError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
         if self.warmup_steps and self.data is None:
-            raise DlncError("--warmup-steps trains on data: give --data")
+            raise DlncError("`warmup_steps` trains on data: give `data`")
         if self.damping < 0:
             raise DlncError(f"`damping` must be >= 0, got {self.damping}")
-        if self.method == "whiten" and self.data is None:
-            raise DlncError("--method whiten needs calibration data: give --data")
-        if self.method == "dynamics" and not (self.reference or self.warmup_steps):
-            raise DlncError(
-                "--method dynamics needs --reference CKPT, or --warmup-steps K with --data"
-            )
+        methods.check_inputs(self.resolved, self.available)
+
+    @property
+    def available(self) -> frozenset[str]:
+        """The method inputs these options can provide."""
+        found = {"grams"} if self.data is not None else set()
+        if self.reference is not None or self.warmup_steps:
+            found.add("updates")
+        return frozenset(found)
+
+    @property
+    def resolved(self) -> str:
+        """The method that runs: the named one, or the "auto" rule's choice."""
+        if self.method == "auto":
+            return methods.auto_method(self.available)
+        return methods.get(self.method).name
 
 
 @dataclass
@@ -63,68 +73,70 @@ class PlanInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def make_plan(
+def make_plans(
     loaded: LoadedCheckpoint,
     targets: Mapping[str, nn.Module],
     options: AwareOptions,
     progress: ProgressFn | None = None,
     everything: bool = False,
-) -> tuple[Plan, PlanInfo]:
-    """The plan of `options.method`; with `everything`, also the statistics of the other
-    methods that the options allow (for side-by-side rank estimates)."""
+) -> tuple[dict[str, methods.Plan], PlanInfo]:
+    """The plan of the chosen method (`options.resolved`); with `everything`, also the plans of
+    every other method the options can feed (for side-by-side rank estimates)."""
     info = PlanInfo()
-    need_grams = options.data is not None and (options.method == "whiten" or everything)
-    need_updates = options.method == "dynamics" or (
-        everything and (options.reference or options.warmup_steps)
+    chosen = options.resolved
+    wanted = [m for m in methods.names() if methods.get(m).needs <= options.available]
+    wanted = wanted if everything else [chosen]
+    needs = frozenset().union(*(methods.get(m).needs for m in wanted))
+    data = _data(loaded, options.data, info) if options.data is not None else None
+    inputs = methods.MethodInputs(
+        grams=_grams(loaded.model, targets, data, info, progress) if "grams" in needs else None,
+        updates=_updates(loaded, targets, options, data, info, progress)
+        if "updates" in needs
+        else None,
+        damping=options.damping,
     )
-    batches, tokenizer = _batches(loaded, options.data, info) if options.data else ([], None)
-    stats = _grams(loaded.model, targets, batches, info, progress) if need_grams else None
-    updates = None
-    if need_updates:
-        updates = _updates(loaded, targets, options, batches, tokenizer, info, progress)
-    plan = build_plan(options.method, targets, stats, updates, options.damping, progress)
-    return plan, info
+    weights = methods.registry.decompose_weights(targets, progress)
+    plans = {m: methods.registry.plan_of(m, weights, inputs, progress) for m in wanted}
+    return plans, info
 
 
-def _batches(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo):
+def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batches:
     if loaded.tensor_mode:
         raise DlncError(
             "this checkpoint has no architecture (tensor mode), so it cannot run on data; "
-            "use --method svd, or give its config.json with --config"
+            "use `method` svd, or give its config.json with `config`"
         )
-    samples = load_samples(data.path, data.text_field, data.label_field, data.samples, data.seed)
-    tokenizer = load_tokenizer(loaded.source, data.tokenizer) if samples.is_text else None
-    info.samples = len(samples)
-    return make_batches(samples, tokenizer, data.max_length, data.batch_size), tokenizer
+    batches = load_data(data, loaded.source)
+    info.samples = batches.samples
+    return batches
 
 
-def _grams(model, targets, batches, info: PlanInfo, progress):
+def _grams(model, targets, data: Batches, info: PlanInfo, progress):
     from compressor.methods.calibration import collect_grams
 
     started = time.perf_counter()
-    stats = collect_grams(model, targets, batches, progress)
+    stats = collect_grams(model, targets, data.train, progress)
     info.calibration_seconds = time.perf_counter() - started
     distinct = {id(st): st.gram for st in stats.values()}
     info.statistics_bytes = sum(g.numel() * g.element_size() for g in distinct.values())
     return stats
 
 
-def _updates(loaded, targets, options: AwareOptions, batches, tokenizer, info, progress):
+def _updates(loaded, targets, options: AwareOptions, data: Batches | None, info, progress):
     from compressor.methods.dynamics import reference_updates, warmup_updates
 
     if options.reference is not None:
         reference = load_checkpoint(options.reference, allow_pickle=False).model
         return reference_updates(targets, reference)
     started = time.perf_counter()
-    mask_id = getattr(tokenizer, "mask_token_id", None)
     updates = warmup_updates(
         loaded.model,
         targets,
-        batches,
+        data.train,
         options.warmup_steps,
         lr=options.warmup_lr,
-        mask_token_id=mask_id,
-        seed=options.data.seed if options.data else 0,
+        mask_token_id=data.mask_token_id,
+        seed=options.data.seed,
         progress=progress,
     )
     info.warmup_seconds = time.perf_counter() - started

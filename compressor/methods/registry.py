@@ -1,0 +1,243 @@
+"""The rank-method registry: each method lives in its own file and registers itself here.
+
+A method turns the targeted weights (and, if it needs them, calibration statistics or weight
+updates) into a `Plan`: the spectra that drive the rank allocation under `keep`, and the factor
+function that gives each layer's spectral initialization. Adding a method is one new file that
+subclasses `RankMethod` and calls `register`; the recipe schema, the CLI's `method` choices,
+the "auto" rule, the input checks and `dlnc estimate-ranks`' columns all read the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressor.core.compress import FactorFn, check_finite
+from compressor.core.layers import dense_weight_of
+from compressor.core.linalg import Decomposition, breakeven_rank, decompose, floor_breakeven
+from compressor.core.progress import ProgressFn, report
+from compressor.core.ranks import RankPolicy, allocate_ranks
+from compressor.errors import DlncError
+
+__all__ = [
+    "INPUTS",
+    "LayerEstimate",
+    "MethodInputs",
+    "Plan",
+    "RankMethod",
+    "Weights",
+    "auto_method",
+    "build_plan",
+    "check_inputs",
+    "decompose_weights",
+    "estimate_layers",
+    "get",
+    "names",
+    "plan_of",
+    "register",
+]
+
+INPUTS = ("grams", "updates")
+"""What a method may need besides the weights: calibration Gram matrices, weight updates."""
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What was measured for the methods: calibration statistics and weight updates by layer."""
+
+    grams: Mapping[str, object] | None = None  # layer -> calibration.LayerStats
+    updates: Mapping[str, torch.Tensor] | None = None  # layer -> dW (out x in)
+    damping: float = 1e-2  # whitening: relative damping of the Gram matrices
+    derived: dict = field(default_factory=dict, compare=False)  # what methods derive, once
+
+    def once(self, key: str, make: Callable[[], object]) -> object:
+        """`make()` the first time `key` is asked for, the same object afterwards: a method's
+        spectra and factors share one whitening or one joint decomposition per layer."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
+
+    @property
+    def available(self) -> frozenset[str]:
+        return frozenset(n for n in INPUTS if getattr(self, n) is not None)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The targeted weights (out x in, Linear layout) and one decomposition of each: its
+    singular values and the singular vectors up to break-even (higher ranks stay dense)."""
+
+    tensors: Mapping[str, torch.Tensor]
+    decomps: Mapping[str, Decomposition]
+
+    @property
+    def spectra(self) -> dict[str, torch.Tensor]:
+        return {n: d.s for n, d in self.decomps.items()}
+
+
+@dataclass
+class Plan:
+    """What `compress_` needs for one method, plus what `estimate-ranks` reads from it."""
+
+    method: str
+    spectra: dict[str, torch.Tensor]  # drive the rank allocation
+    factor_fn: FactorFn
+    shapes: dict[str, tuple[int, int]]  # (out, in) of each target
+    weight_spectra: dict[str, torch.Tensor]  # singular values of W
+    reading: Callable[[str, float], int]  # (layer, tau) -> the rank this method reads
+
+
+class RankMethod:
+    """One rank method. Subclasses set the class attributes and implement `spectra`,
+    `factor_fn` and `reading`."""
+
+    name: ClassVar[str]
+    column: ClassVar[str]  # its column in `estimate-ranks` (and `<column>_rank` in JSON)
+    needs: ClassVar[frozenset[str]] = frozenset()  # from INPUTS
+    priority: ClassVar[int] = 0  # "auto" picks the highest-priority method whose needs are met
+    requirement: ClassVar[str] = ""  # the one-line error when its needs are not met
+
+    def spectra(
+        self, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None
+    ) -> dict[str, torch.Tensor]:
+        """The spectrum of each layer that the rank allocation reads."""
+        raise NotImplementedError
+
+    def factor_fn(self, weights: Weights, inputs: MethodInputs, spectra: dict) -> FactorFn:
+        """factor(name, module, rank) -> (up, down, relative error)."""
+        raise NotImplementedError
+
+    def reading(
+        self, name: str, spectrum: torch.Tensor, weights: Weights, inputs: MethodInputs, tau: float
+    ) -> int:
+        """The rank this method reads for layer `name` at energy `tau` (`spectrum`: the one
+        its `spectra` gave)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, RankMethod] = {}
+_ALIASES = {"spectrum": "svd"}
+
+
+def register(method: RankMethod) -> RankMethod:
+    """Add a method (an instance) under its name; a second method of the same name is an error."""
+    if method.name in _REGISTRY or method.name in _ALIASES or method.name == "auto":
+        raise ValueError(f"a rank method named {method.name!r} is already registered")
+    unknown = set(method.needs) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"{method.name}: unknown needs {sorted(unknown)} (known: {INPUTS})")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method (for tests that register a toy one)."""
+    _REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """The registered methods, from the least to the most informed (by priority)."""
+    return tuple(sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].priority, n)))
+
+
+def get(name: str) -> RankMethod:
+    """The method called `name` (or an alias such as `spectrum`); a `DlncError` listing the
+    known names otherwise."""
+    method = _REGISTRY.get(_ALIASES.get(name, name))
+    if method is None:
+        raise DlncError(f"`method` must be one of {', '.join(names())}, got {name!r}")
+    return method
+
+
+def auto_method(available: frozenset[str]) -> str:
+    """The "auto" rule: the highest-priority method whose needs the available inputs meet
+    (dynamics with updates, whiten with calibration data, else svd)."""
+    usable = [m for m in _REGISTRY.values() if m.needs <= available]
+    return max(usable, key=lambda m: m.priority).name
+
+
+def check_inputs(name: str, available: frozenset[str]) -> None:
+    """A `DlncError` (the method's own message) when `available` lacks what it needs."""
+    method = get(name)
+    if not method.needs <= available:
+        raise DlncError(method.requirement)
+
+
+def build_plan(
+    method: str,
+    targets: Mapping[str, nn.Module],
+    stats: Mapping[str, object] | None = None,
+    updates: Mapping[str, torch.Tensor] | None = None,
+    damping: float = 1e-2,
+    progress: ProgressFn | None = None,
+) -> Plan:
+    """The plan of `method` for `targets`; whiten needs `stats`, dynamics needs `updates`."""
+    inputs = MethodInputs(stats, updates, damping)
+    return plan_of(method, decompose_weights(targets, progress), inputs, progress)
+
+
+def plan_of(
+    method: str, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None = None
+) -> Plan:
+    """The plan of `method` from already decomposed weights (shared by several plans)."""
+    m = get(method)
+    check_inputs(m.name, inputs.available)
+    shapes = {n: tuple(w.shape) for n, w in weights.tensors.items()}
+    spectra = m.spectra(weights, inputs, progress)
+
+    def reading(name: str, tau: float) -> int:
+        return m.reading(name, spectra[name], weights, inputs, tau)
+
+    factor_fn = m.factor_fn(weights, inputs, spectra)
+    return Plan(m.name, spectra, factor_fn, shapes, weights.spectra, reading)
+
+
+def decompose_weights(targets: Mapping[str, nn.Module], progress: ProgressFn | None) -> Weights:
+    """Each target's weight and its decomposition; a NaN/Inf weight is a `DlncError`."""
+    tensors = {n: dense_weight_of(m) for n, m in targets.items()}
+    decomps = {}
+    for i, (name, w) in enumerate(tensors.items()):
+        check_finite(name, w)
+        decomps[name] = decompose(w, max(1, floor_breakeven(*w.shape)))
+        report(progress, "spectra", i + 1, len(tensors))
+    return Weights(tensors, decomps)
+
+
+@dataclass
+class LayerEstimate:
+    """One layer's rank readings (energy ranks at `tau`, one per method that could run) and
+    the rank chosen for it."""
+
+    name: str
+    shape: tuple[int, int]
+    readings: dict[str, int]  # method column -> rank (only the methods whose inputs exist)
+    chosen: int | None  # None: kept dense
+    breakeven: float
+
+    def to_dict(self) -> dict:
+        """JSON form: `<column>_rank` for every registered method (None where it did not run)."""
+        ranks = {f"{get(n).column}_rank": self.readings.get(get(n).column) for n in names()}
+        return {"name": self.name, "shape": list(self.shape), **ranks,
+                "chosen": self.chosen, "breakeven": self.breakeven}  # fmt: skip
+
+
+def estimate_layers(
+    plans: Mapping[str, Plan], chosen: str, policy: RankPolicy, tau: float = 0.9
+) -> list[LayerEstimate]:
+    """Per layer: each plan's rank reading at `tau`, and the allocation of plan `chosen`."""
+    plan = plans[chosen]
+    allocated = allocate_ranks(plan.spectra, plan.shapes, policy)
+    return [
+        LayerEstimate(
+            name=name,
+            shape=plan.shapes[name],
+            readings={get(m).column: p.reading(name, tau) for m, p in plans.items()},
+            chosen=allocated[name].rank,
+            breakeven=breakeven_rank(*plan.shapes[name]),
+        )
+        for name in plan.weight_spectra
+    ]

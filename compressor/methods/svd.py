@@ -1,0 +1,36 @@
+"""The data-free method: ranks and factors from the singular values and vectors of W."""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.core.compress import FactorFn, svd_factor_fn
+from compressor.core.linalg import energy_rank
+from compressor.core.progress import ProgressFn
+from compressor.methods.registry import MethodInputs, RankMethod, Weights, register
+
+__all__ = ["SVD"]
+
+
+class SVD(RankMethod):
+    """Truncated SVD of each weight (Eckart-Young optimal in the weights' Frobenius norm)."""
+
+    name = "svd"
+    column = "spectrum"
+    priority = 0
+
+    def spectra(
+        self, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None
+    ) -> dict[str, torch.Tensor]:
+        return weights.spectra
+
+    def factor_fn(self, weights: Weights, inputs: MethodInputs, spectra: dict) -> FactorFn:
+        return svd_factor_fn(dict(weights.decomps))
+
+    def reading(
+        self, name: str, spectrum: torch.Tensor, weights: Weights, inputs: MethodInputs, tau: float
+    ) -> int:
+        return energy_rank(spectrum, tau)
+
+
+register(SVD())

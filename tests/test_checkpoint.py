@@ -1,0 +1,85 @@
+"""Loading the user's checkpoint: folders, bare files, shards, tensor mode, and clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MLP, build_tiny, example_inputs, outputs
+from safetensors.torch import save_file
+
+from compressor.errors import DlncError
+from compressor.io.checkpoint import load_checkpoint, read_state_dict
+from compressor.io.tensor_model import TensorModel
+
+
+def test_a_folder_loads_the_same_model(tmp_path):
+    model = build_tiny("llama")
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_checkpoint(tmp_path / "m")
+    assert loaded.model_type == "llama" and not loaded.tensor_mode
+    inputs = example_inputs("llama")
+    torch.testing.assert_close(outputs(loaded.model, inputs), outputs(model, inputs))
+
+
+def test_sharded_weights_load_like_one_file(tmp_path):
+    model = build_tiny("gpt2")
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
+    one, shards = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "shards")
+    assert len(shards.weight_files) > 1
+    inputs = example_inputs("gpt2")
+    torch.testing.assert_close(outputs(one.model, inputs), outputs(shards.model, inputs))
+
+
+def test_a_bare_file_without_config_is_tensor_mode(tmp_path):
+    torch.manual_seed(0)
+    state = MLP().state_dict()
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = load_checkpoint(tmp_path / "model.safetensors")
+    assert loaded.tensor_mode and isinstance(loaded.model, TensorModel)
+    assert any("tensor mode" in n for n in loaded.notices)
+    torch.testing.assert_close(loaded.model.fc1.weight, state["fc1.weight"])
+
+
+def test_a_bare_file_with_a_given_config(tmp_path):
+    model = build_tiny("bert")
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "w.safetensors"
+    (tmp_path / "m" / "model.safetensors").rename(weights)
+    loaded = load_checkpoint(weights, config=tmp_path / "m" / "config.json")
+    assert loaded.model_type == "bert"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing", None, "no such file or folder"),
+        ("x.txt", b"x", "not a safetensors file"),
+        ("m.bin", b"x", "is a pickle file"),
+        ("b.safetensors", b"junk", "not a valid safetensors file"),
+    ],
+)
+def test_bad_inputs_are_one_error(tmp_path, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(DlncError, match=message):
+        load_checkpoint(tmp_path / name)
+
+
+def test_an_unknown_architecture_suggests_tensor_mode(tmp_path):
+    torch.manual_seed(0)
+    save_file(MLP().state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
+    with pytest.raises(DlncError, match=r"unknown architecture.*`tensor_mode`"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path, tensor_mode=True).tensor_mode
+
+
+def test_read_state_dict_reads_every_file(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "1.safetensors")
+    save_file({"b": torch.zeros(3)}, tmp_path / "2.safetensors")
+    state = read_state_dict([tmp_path / "1.safetensors", tmp_path / "2.safetensors"])
+    assert set(state) == {"a", "b"}

@@ -1,0 +1,44 @@
+"""ranks.yaml: written and read back exactly; every malformed file is one DlncError."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressor.errors import DlncError
+from compressor.io.rankfile import load_ranks, save_ranks, split_ranks
+
+
+def test_save_then_load_gives_the_same_ranks(tmp_path):
+    ranks = {"a.q": 8, "a.k": None, "b.fc": 32}
+    path = save_ranks(tmp_path / "r.yaml", ranks, method="whiten", keep=0.5, model="m")
+    assert load_ranks(path) == ranks
+    assert split_ranks(ranks) == ({"a.q": 8, "b.fc": 32}, ["a.k"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ranks: [1, 2]\n", "expected a mapping with a `ranks:` section"),
+        ("ranks: {a: 0}\n", "rank of a must be an integer >= 1 or `dense`"),
+        ("ranks: {a: 2.5}\n", "rank of a must be an integer"),
+        ("ranks: {a: true}\n", "rank of a must be an integer"),
+        ("ranks: {a: 2}\nextra: 1\n", "unknown key `extra`"),
+        ("dlnc_ranks: 99\nranks: {a: 2}\n", "written by a newer dlnc"),
+        ("ranks: {a: [\n", "not valid YAML"),
+    ],
+)
+def test_a_bad_ranks_file_is_one_error(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(DlncError, match=message):
+        load_ranks(path)
+
+
+def test_a_missing_file_is_one_error(tmp_path):
+    with pytest.raises(DlncError, match="no such ranks file"):
+        load_ranks(tmp_path / "nope.yaml")
+
+
+def test_unknown_informational_keys_are_refused_when_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown ranks-file keys"):
+        save_ranks(tmp_path / "r.yaml", {"a": 1}, colour="red")
