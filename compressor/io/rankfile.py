@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from compressor.errors import DlncError
+from compressor.errors import DlncError, first_line
 
 __all__ = ["RANKS_FORMAT", "load_ranks", "save_ranks", "split_ranks"]
 
@@ -48,9 +48,11 @@ def load_ranks(path: str | os.PathLike) -> dict[str, int | None]:
     if not path.is_file():
         raise DlncError(f"{path}: no such ranks file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DlncError(f"{path}: not a UTF-8 text file (byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise DlncError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise DlncError(f"{path}: not valid YAML ({first_line(e)})") from e
     if not isinstance(data, dict) or not isinstance(data.get("ranks"), dict):
         raise DlncError(f"{path}: expected a mapping with a `ranks:` section")
     unknown = set(data) - _KEYS
