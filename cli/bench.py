@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import print_json, progress_bars, user_errors
+from cli.common import check_outputs, print_json, progress_bars, user_errors
 
 app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_show_locals=False, help="Research benchmarks."
@@ -94,6 +94,7 @@ def dln(
     from compressor.dln.train import TrainConfig
 
     with user_errors():
+        check_outputs(plot=plot)
         _set_threads(threads)
         problem = ProblemConfig(task, d, r, observed, measurements, seed)
         config = DLNBenchConfig(

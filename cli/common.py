@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -44,6 +45,30 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         raise typer.Exit(code=130) from None
+
+
+def check_outputs(**files: Path | None) -> None:
+    """Before any work: every file a command will write (by option name: plot, save) goes
+    into an existing, writable folder, and a plot has a type matplotlib writes."""
+    from compressor.errors import DlncError, first_line
+    from compressor.io.export import check_writable
+
+    for option, path in files.items():
+        if path is None:
+            continue
+        flag = "--" + option.replace("_", "-")
+        if not path.parent.resolve().is_dir():
+            raise DlncError(f"{flag} {path}: no such folder {path.parent}")
+        if path.is_dir():
+            raise DlncError(f"{flag} {path}: is a folder; give a file name")
+        try:
+            check_writable(path)
+        except DlncError as e:
+            raise DlncError(f"{flag} {first_line(e)}") from e
+        if option == "plot":
+            from cli.plots import check_plot_path
+
+            check_plot_path(path)
 
 
 @contextmanager

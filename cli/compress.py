@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cli import aware as opt
 from cli.common import (
+    check_outputs,
     human_bytes,
     human_count,
     print_json,
@@ -121,6 +122,7 @@ def compress(
 
     quiet_libraries()
     with user_errors():
+        check_outputs(plot=plot)
         chosen, source = choose_recipe(recipe, model, config, tensor_mode)
         flags = {
             "ranks.keep": keep,

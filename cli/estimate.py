@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cli import aware as opt
-from cli.common import print_json, progress_bars, quiet_libraries, user_errors
+from cli.common import check_outputs, print_json, progress_bars, quiet_libraries, user_errors
 
 
 def estimate_ranks(
@@ -63,6 +63,7 @@ def estimate_ranks(
 
     quiet_libraries()
     with user_errors():
+        check_outputs(plot=plot, save=save)
         if not 0.0 < tau <= 1.0:
             raise DlncError(f"--tau must be in (0, 1], got {tau}")
         policy = RankPolicy(keep=keep)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import print_json, progress_bars, quiet_libraries, user_errors
+from cli.common import check_outputs, print_json, progress_bars, quiet_libraries, user_errors
 
 
 def inspect(
@@ -35,6 +35,7 @@ def inspect(
 
     quiet_libraries()
     with user_errors():
+        check_outputs(plot=plot)
         loaded = load_checkpoint(model, config, allow_pickle)
         options = CompressOptions(include=include or None, exclude=exclude or [])
         targets = select_targets(loaded, options)

@@ -7,7 +7,25 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["plot_report", "plot_spectra"]
+__all__ = ["check_plot_path", "plot_report", "plot_spectra"]
+
+
+def check_plot_path(path: str | os.PathLike) -> None:
+    """Raise a `DlncError` naming `--plot` unless matplotlib can write `path` (by its
+    extension) into an existing, writable folder: checked before any work starts."""
+    from pathlib import Path
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from compressor.errors import DlncError
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    kind = Path(path).suffix.lstrip(".").lower()
+    if kind not in formats:
+        raise DlncError(
+            f"--plot {path}: unsupported image type {kind or '(none)'!r}; "
+            f"use one of {', '.join(sorted(formats))}"
+        )
 
 
 def plot_spectra(
