@@ -24,11 +24,9 @@ from torch import nn
 from compressor.core.compress import ProgressFn
 from compressor.core.layers import dense_weight_of
 from compressor.errors import DlncError
+from compressor.training.objectives import model_inputs
 
-__all__ = ["NOT_MODEL_INPUTS", "LayerStats", "collect_grams", "forward_inputs"]
-
-NOT_MODEL_INPUTS = ("labels",)
-"""Batch keys that are not given to the model's forward pass during calibration."""
+__all__ = ["LayerStats", "collect_grams"]
 
 
 @dataclass
@@ -43,11 +41,6 @@ class LayerStats:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         self.gram.addmm_(x.T, x)
         self.rows += x.shape[0]
-
-
-def forward_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch without its labels: what calibration passes to `model(**inputs)`."""
-    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 class _Collector:
@@ -132,8 +125,11 @@ def collect_grams(
 
 
 def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    """One inference pass; an encoder-decoder reads the text as its decoder input too
+    (teacher forcing, as in fine-tuning), so its decoder layers are calibrated."""
+    inputs = model_inputs(batch, model)
     try:
-        model(**forward_inputs(batch))
+        model(**inputs)
     except TypeError as e:
-        keys = ", ".join(forward_inputs(batch))
+        keys = ", ".join(inputs)
         raise DlncError(f"the model does not take the data's inputs ({keys}): {e}") from e

@@ -25,8 +25,8 @@ from compressor.core.compress import ProgressFn
 from compressor.core.layers import dense_weight_of
 from compressor.core.linalg import energy_rank
 from compressor.errors import DlncError
-from compressor.methods.calibration import forward_inputs
 from compressor.training.data import IGNORE_INDEX, with_lm_labels
+from compressor.training.objectives import model_inputs
 
 __all__ = [
     "LossFn",
@@ -153,7 +153,7 @@ def warmup_updates(
         torch.manual_seed(seed)
         for step in range(steps):
             batch = batches[step % len(batches)]
-            loss = loss_fn(work, batch if has_labels else forward_inputs(batch))
+            loss = loss_fn(work, batch if has_labels else model_inputs(batch))
             if not torch.isfinite(loss):
                 raise DlncError(f"the warm-up loss is {float(loss)} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
