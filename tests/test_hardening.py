@@ -288,7 +288,7 @@ def first_layer(config) -> dict:
 
 EDITS = {
     "shape": (lambda c: first_layer(c).update(shape=[7, 5]), r"expected .*found"),
-    "rank": (lambda c: first_layer(c).update(rank=5), r"rank 5 .*found"),
+    "rank": (lambda c: first_layer(c).update(rank=5), r"rank 5\b.*found"),
     "string": (lambda c: c.update(dlnc="hello"), r"`dlnc` section"),
     "layers-list": (lambda c: c["dlnc"].update(layers=[1, 2]), r"`layers`"),
     "no-shape": (lambda c: first_layer(c).pop("shape"), r"shape"),

@@ -24,6 +24,7 @@ from torch import nn
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers, replace_module, tied_keys
 from compressor.errors import DlncError, first_line
+from compressor.io.section import FORMAT_VERSION, check_factors, read_section
 
 __all__ = [
     "FORMAT_VERSION",
@@ -34,7 +35,6 @@ __all__ = [
     "load_pretrained",
 ]
 
-FORMAT_VERSION = 1
 COPIED = re.compile(
     r"^(tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|.*\.model"
     r"|preprocessor_config\.json|processor_config\.json|image_processor.*|feature_extractor.*"
@@ -293,21 +293,16 @@ def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> 
 
     folder = Path(path)
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise DlncError(f"{folder}: no config.json; is this a dlnc export?")
-    section = json.loads(config_file.read_text()).get("dlnc")
-    if section is None:
-        raise DlncError(f"{folder}: config.json has no `dlnc` section; not a dlnc export")
-    if section.get("format_version", 0) > FORMAT_VERSION:
-        raise DlncError(f"{folder}: written by a newer dlnc (format {section['format_version']})")
+    section = read_section(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise DlncError(f"{folder}: no .safetensors weights")
     state = read_state_dict(files)
+    check_factors(folder, section, state)
     try:
         model = _skeleton(config_file, section, state, model)
         _load_state(model, state)
-    except (RuntimeError, KeyError, AttributeError) as e:
+    except (RuntimeError, KeyError, AttributeError, ValueError, TypeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
     return model.eval()
 
