@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import check_outputs, print_json, progress_bars, user_errors
+from cli.common import check_outputs, print_json, progress_bars, stdout_console, user_errors
 
 app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_show_locals=False, help="Research benchmarks."
@@ -112,7 +111,7 @@ def dln(
     if as_json:
         print_json(summary)
         return
-    Console().print(dln_table(summary))
+    stdout_console().print(dln_table(summary))
     if plot is not None:
         typer.echo(f"plot: {plot}")
 
@@ -167,4 +166,4 @@ def mlp(
     if as_json:
         print_json({**asdict(result), "speedup_seconds": result.speedup_seconds})
         return
-    Console().print(mlp_table(result))
+    stdout_console().print(mlp_table(result))

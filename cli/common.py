@@ -14,6 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 err_console = Console(stderr=True)
+PIPED_WIDTH = 4096  # columns of a table written to a file or a pipe: never cut, never folded
+
+
+def stdout_console() -> Console:
+    """The console for a command's output on stdout: the terminal's width, or when stdout
+    is piped or redirected, wide enough that every column and layer name stays whole."""
+    out = Console()
+    return out if out.is_terminal else Console(width=PIPED_WIDTH)
 
 
 def quiet_libraries() -> None:

@@ -17,6 +17,7 @@ from cli.common import (
     print_json,
     progress_bars,
     quiet_libraries,
+    stdout_console,
     user_errors,
 )
 from cli.finetune import recovery_options
@@ -166,7 +167,7 @@ def compress(
         print_json({"out_dir": str(result.out_dir), **result.report})
         return
     print_recipe(result.report["recipe"])
-    console = Console()
+    console = stdout_console()
     for notice in result.notices:
         console.print(f"[yellow]note:[/] {notice}")
     console.print(layer_table(result.report))

@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 
 from cli import aware as opt
-from cli.common import check_outputs, print_json, progress_bars, quiet_libraries, user_errors
+from cli.common import (
+    check_outputs,
+    print_json,
+    progress_bars,
+    quiet_libraries,
+    stdout_console,
+    user_errors,
+)
 
 
 def estimate_ranks(
@@ -92,7 +99,6 @@ def estimate_ranks(
 
 
 def _print(rows, method: str, keep: float, tau: float, info, written: list[Path]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"dlnc estimate-ranks ({method}, keep {keep:g}, energy ranks at {tau:g})")
@@ -110,7 +116,7 @@ def _print(rows, method: str, keep: float, tau: float, info, written: list[Path]
             "dense" if r.chosen is None else str(r.chosen),
             f"{r.breakeven:.0f}",
         )
-    console = Console()
+    console = stdout_console()
     console.print(table)
     if info.samples:
         console.print(

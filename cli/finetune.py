@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import err_console, print_json, quiet_libraries, user_errors
+from cli.common import err_console, print_json, quiet_libraries, stdout_console, user_errors
 
 DataPath = Annotated[
     Path,
@@ -124,7 +123,7 @@ def finetune(
     if json_out:
         print_json({"out_dir": str(run.out_dir), **run.report})
         return
-    console = Console()
+    console = stdout_console()
     section = run.report["finetune"]
     console.print(f"objective: {section['objective']}")
     if section["eval"]:
@@ -178,7 +177,7 @@ def evaluate(
     if json_out:
         print_json(rows)
         return
-    Console().print(eval_table(rows))
+    stdout_console().print(eval_table(rows))
 
 
 def recovery_options(recipe, data: Path | None):

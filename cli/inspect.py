@@ -6,10 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import check_outputs, print_json, progress_bars, quiet_libraries, user_errors
+from cli.common import (
+    check_outputs,
+    print_json,
+    progress_bars,
+    quiet_libraries,
+    stdout_console,
+    user_errors,
+)
 
 
 def inspect(
@@ -55,7 +61,7 @@ def inspect(
     if json_out:
         print_json({"notices": notices, "layers": rows})
         return
-    console = Console()
+    console = stdout_console()
     for notice in notices:
         console.print(f"[yellow]note:[/] {notice}")
     console.print(stats_table(rows))
