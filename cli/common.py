@@ -39,20 +39,29 @@ def fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's user errors (and a missing file) into `fail`."""
-    from compressor.errors import DlncError
+    """Turn the library's user errors (and a file that cannot be read or written) into
+    `fail`; Ctrl-C exits 130 with one line, whichever command it stops."""
+    from compressor.errors import DlncError, Interrupted, first_line
 
     try:
         yield
+    except Interrupted as e:
+        typer.echo(first_line(e), err=True)
+        raise typer.Exit(code=INTERRUPTED) from None
     except DlncError as e:
-        fail(str(e))
+        fail(first_line(e))
     except FileNotFoundError as e:
         fail(f"{e.filename}: no such file or folder")
+    except OSError as e:
+        fail(f"{e.filename or 'a file'}: {e.strerror or first_line(e)}")
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=INTERRUPTED) from None
 
 
 def check_outputs(**files: Path | None) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["DlncError", "first_line"]
+__all__ = ["DlncError", "Interrupted", "first_line"]
 
 
 class DlncError(ValueError):
     """A problem with the user's input (a path, a file, an option), not a bug in dlnc."""
+
+
+class Interrupted(DlncError):
+    """The user stopped the run (Ctrl-C, SIGTERM); the message says what was kept. The CLI
+    exits 130, as for any Ctrl-C."""
 
 
 def first_line(e: BaseException) -> str:

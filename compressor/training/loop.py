@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import deepen_, factorized_layers
-from compressor.errors import DlncError
+from compressor.errors import DlncError, Interrupted
 from compressor.training.evaluate import EvalResult, batch_loader, cpu_launch, evaluate
 from compressor.training.objectives import OBJECTIVES, build_objective
 
@@ -132,7 +132,7 @@ class NonFiniteLoss(DlncError):
     """The loss became NaN/Inf; the run stopped before the update."""
 
 
-class FinetuneInterrupted(DlncError):
+class FinetuneInterrupted(Interrupted):
     """Ctrl-C / SIGTERM: the run stopped at a step boundary and saved a resumable state."""
 
 
