@@ -27,7 +27,9 @@ def compress(
     model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder [default: <input>-dlnc beside the input]."),
+        typer.Option(
+            "--out", "-o", help="Output folder \\[default: <input>-dlnc beside the input]."
+        ),
     ] = None,
     recipe: Annotated[
         str,
@@ -40,7 +42,7 @@ def compress(
         float | None,
         typer.Option(
             help="Fraction of the targeted layers' weight parameters to keep, in (0, 1); "
-            "allocated across layers by their spectra. [default: from the recipe]"
+            "allocated across layers by their spectra. \\[default: from the recipe]"
         ),
     ] = None,
     energy: Annotated[
@@ -50,11 +52,13 @@ def compress(
     rank: Annotated[int | None, typer.Option(help="One rank for every targeted layer.")] = None,
     depth: Annotated[
         int | None,
-        typer.Option(help="Chain depth L >= 2 (export collapses to 2). [default: from the recipe]"),
+        typer.Option(
+            help="Chain depth L >= 2 (export collapses to 2). \\[default: from the recipe]"
+        ),
     ] = None,
     multiple: Annotated[
         int | None,
-        typer.Option(help="Round ranks to a multiple of this. [default: from the recipe]"),
+        typer.Option(help="Round ranks to a multiple of this. \\[default: from the recipe]"),
     ] = None,
     include: Annotated[
         list[str] | None,
