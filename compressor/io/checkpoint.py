@@ -162,19 +162,25 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_config(config_file: Path, trust_remote_code: bool):
-    from transformers import AutoConfig
+    """The transformers config; a known architecture with a bad value (`n_layer: null`) and
+    an unknown one are both one-line errors (transformers raises many kinds for the first)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     try:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DlncError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise DlncError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
     try:
         return AutoConfig.from_pretrained(
             str(config_file), trust_remote_code=trust_remote_code, local_files_only=True
         )
-    except (ValueError, KeyError, OSError) as e:
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
-        hint = " or --trust-remote-code" if isinstance(raw, dict) and "auto_map" in raw else ""
+    except Exception as e:
+        kind = raw.get("model_type")
+        if isinstance(kind, str) and kind in CONFIG_MAPPING:
+            raise DlncError(f"{config_file}: not a valid {kind} config ({first_line(e)})") from e
+        hint = " or --trust-remote-code" if "auto_map" in raw else ""
         raise DlncError(
             f"{config_file.name}: unknown architecture (model_type {kind!r}); "
             f"pass --tensor-mode{hint} to compress its 2-D weights directly"
@@ -182,11 +188,17 @@ def _read_config(config_file: Path, trust_remote_code: bool):
 
 
 def _model_class(config, trust_remote_code: bool):
+    """The first class of config.json's `architectures` that transformers has."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or ():
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise DlncError(
+            f"config.json: `architectures` must be a list of class names, got {archs!r}"
+        )
+    for arch in archs:
         cls = getattr(transformers, arch, None)
-        if cls is not None:
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     if trust_remote_code and getattr(config, "auto_map", None):
         return transformers.AutoModel
@@ -216,6 +228,11 @@ def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn
             raise DlncError(f"{files[0].name}: {NOT_WEIGHTS} ({first_line(e)})") from e
         except (RuntimeError, ValueError, OSError) as e:
             raise DlncError(f"weights do not match the config: {first_line(e)}") from e
+        except Exception as e:  # the architecture's own code fails on a value of the config
+            raise DlncError(
+                f"{config_file}: {cls.__name__} cannot be built from this config "
+                f"({type(e).__name__}: {first_line(e)})"
+            ) from e
     _check_loading_info(model, info, notices)
     model.eval()
     return model

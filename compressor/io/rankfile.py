@@ -60,8 +60,11 @@ def load_ranks(path: str | os.PathLike) -> dict[str, int | None]:
         raise DlncError(
             f"{path}: unknown key `{sorted(unknown)[0]}` (known: {', '.join(sorted(_KEYS))})"
         )
-    if data.get("dlnc_ranks", RANKS_FORMAT) > RANKS_FORMAT:
-        raise DlncError(f"{path}: written by a newer dlnc (format {data['dlnc_ranks']})")
+    version = data.get("dlnc_ranks", RANKS_FORMAT)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DlncError(f"{path}: `dlnc_ranks` must be the format number, got {version!r}")
+    if version > RANKS_FORMAT:
+        raise DlncError(f"{path}: written by a newer dlnc (format {version})")
     ranks: dict[str, int | None] = {}
     for name, rank in data["ranks"].items():
         if rank == "dense":
