@@ -106,8 +106,10 @@ def dln(
     summary = result.to_dict()
     if plot is not None:
         from compressor.dln.plots import plot_recovery
+        from compressor.io.files import atomic_path
 
-        plot_recovery(result, plot, title=f"{task}, d={d}, r={r}, L={depth}")
+        with user_errors(), atomic_path(plot) as tmp:
+            plot_recovery(result, tmp, title=f"{task}, d={d}, r={r}, L={depth}")
     if as_json:
         print_json(summary)
         return

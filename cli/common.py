@@ -68,7 +68,7 @@ def check_outputs(**files: Path | None) -> None:
     """Before any work: every file a command will write (by option name: plot, save) goes
     into an existing, writable folder, and a plot has a type matplotlib writes."""
     from compressor.errors import DlncError, first_line
-    from compressor.io.export import check_writable
+    from compressor.io.files import check_writable
 
     for option, path in files.items():
         if path is None:

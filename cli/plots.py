@@ -54,8 +54,21 @@ def plot_spectra(
     if len(spectra) <= 12:
         bx.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write (and close) the figure through a temp file: a full disk leaves no
+    half-written image."""
+    import matplotlib.pyplot as plt
+
+    from compressor.io.files import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _short(name: str, width: int = 32) -> str:
@@ -92,5 +105,4 @@ def plot_report(
     bx.set(title="Recovery fine-tuning loss", xlabel="step", ylabel="loss")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -24,6 +24,7 @@ from torch import nn
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers, replace_module, tied_keys
 from compressor.errors import DlncError, first_line
+from compressor.io.files import check_writable, write_error
 from compressor.io.section import FORMAT_VERSION, check_factors, read_section
 
 __all__ = [
@@ -76,19 +77,6 @@ def _refuse_replacing(out_dir: Path, source: Path) -> None:
         raise DlncError(f"{out_dir}: the output folder would replace the input; pick another")
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Raise a `DlncError` unless `path` can be created: its nearest existing ancestor is a
-    folder this process may write in (a read-only mount counts as not writable)."""
-    path = Path(path).resolve()
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DlncError(f"{path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DlncError(f"{path}: {folder} is not writable")
-
-
 def check_shard_size(size: int | str) -> None:
     """`max_shard_size`: bytes (an int >= 1) or a size such as "2GB", "500MB" (KB/MB/GB/TB)."""
     if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
@@ -97,13 +85,6 @@ def check_shard_size(size: int | str) -> None:
     if isinstance(size, str) and re.fullmatch(form, size, re.I) and float(size.strip()[:-2]) > 0:
         return
     raise DlncError(f"`max_shard_size` must be a size such as 2GB or 500MB, got {size!r}")
-
-
-def write_error(path: Path, e: BaseException) -> DlncError:
-    """One line for a failed write (permission, read-only mount, full disk): the path and
-    the cause, whether it came from Python (OSError) or from safetensors' writer."""
-    cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-    return DlncError(f"{path}: cannot write ({cause})")
 
 
 def export_state_dict(model: nn.Module, merge: bool = False) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from compressor.errors import DlncError, first_line
+from compressor.io.files import atomic_path
 
 __all__ = ["RANKS_FORMAT", "load_ranks", "save_ranks", "split_ranks"]
 
@@ -36,7 +37,8 @@ def save_ranks(
     data = {"dlnc_ranks": RANKS_FORMAT, **{k: v for k, v in info.items() if v is not None}}
     data["ranks"] = {name: "dense" if r is None else int(r) for name, r in ranks.items()}
     path = Path(path)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 

@@ -14,6 +14,7 @@ Checkpoints are written to a temp folder and renamed when complete, so none is e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from torch.utils.data import Dataset
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import deepen_, factorized_layers
 from compressor.errors import DlncError, Interrupted
+from compressor.io.files import write_error
 from compressor.training.evaluate import EvalResult, batch_loader, cpu_launch, evaluate
 from compressor.training.objectives import OBJECTIVES, build_objective
 
@@ -385,9 +387,22 @@ class _RunState:
         self.last_saved = found
 
     def save(self, accelerator, config: FinetuneConfig) -> Path:
-        """Write checkpoint-<step> through a temp folder renamed when every process is done."""
-        final = self.dir / f"checkpoint-{self.step:07d}"
+        """Write checkpoint-<step> through a temp folder renamed when every process is done;
+        a failed write (a full disk) removes the temp folder and is a one-line error."""
+        from safetensors import SafetensorError
+
         tmp = self.dir / f".checkpoint-{self.step:07d}.tmp"
+        try:
+            return self._save(accelerator, config, tmp)
+        except (OSError, SafetensorError) as e:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()  # only when this run made it and nothing else is in it
+            raise write_error(self.dir, e) from e
+
+    def _save(self, accelerator, config: FinetuneConfig, tmp: Path) -> Path:
+        final = self.dir / f"checkpoint-{self.step:07d}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
