@@ -118,6 +118,13 @@ def test_a_bad_option_fails_before_any_work(args, needles, gpt2, tmp_path, no_lo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
 
+def test_warmup_lr_is_checked_by_the_options(gpt2, tmp_path, no_loading):
+    data = token_file(tmp_path / "t.safetensors")
+    result = dlnc("compress", gpt2, "--out", tmp_path / "out", "--data", data,
+                  "--warmup-steps", 2, "--warmup-lr", -1)  # fmt: skip
+    one_line_error(result, "warmup_lr")
+
+
 def test_max_shard_size_is_checked_by_the_options():
     from compressor.workflows.compress import CompressOptions
 
