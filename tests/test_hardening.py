@@ -368,11 +368,13 @@ def test_a_stale_temp_folder_of_a_dead_process_is_removed(gpt2, tmp_path):
     stale = tmp_path / f".old-out.tmp-{int(dead.stdout)}"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
+    stale_plot = tmp_path / f".spectra.tmp-{int(dead.stdout)}.png"
+    stale_plot.write_bytes(b"partial")
     alive = tmp_path / f".other.tmp-{os.getppid()}"  # a running process's: left alone
     alive.mkdir()
     result = dlnc("compress", gpt2, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert not stale.exists() and alive.exists()
+    assert not stale.exists() and not stale_plot.exists() and alive.exists()
 
 
 def test_ctrl_c_in_finetune_exits_130(monkeypatch):

@@ -185,18 +185,23 @@ def _make_parents(out_dir: Path) -> Path | None:
     return missing[-1] if missing else None
 
 
-_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
+_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)(\.\w+)?$")  # folders, and atomic_path's files
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove the `.NAME.tmp-PID` / `.NAME.old-PID` folders in `folder` left by an export
-    whose process is gone (killed mid-write); those of running processes stay."""
+    """Remove the `.NAME.tmp-PID` / `.NAME.old-PID` folders (and `.NAME.tmp-PID.png` files)
+    in `folder` left by a dlnc process that is gone (killed mid-write); those of running
+    processes stay."""
     removed = []
     for entry in folder.iterdir() if folder.is_dir() else ():
         match = _TEMP.match(entry.name)
-        if match and entry.is_dir() and not _alive(int(match.group(2))):
+        if not match or _alive(int(match.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
     return removed
 
 
