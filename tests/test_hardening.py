@@ -436,3 +436,26 @@ def test_no_help_text_loses_text_to_rich_markup():
     for where, text in all_params():
         shown = Text.from_markup(text).plain
         assert shown == text.replace("\\[", "["), where
+
+
+def test_t5_without_a_start_token_fine_tunes():
+    """Distillation of a T5 whose config has no decoder_start_token_id (ValueError from
+    T5's _shift_right before): the decoder reads the text shifted right after the pad."""
+    import copy
+
+    from finetune_helpers import token_batches
+
+    from compressor.core.compress import compress_
+    from compressor.core.ranks import RankPolicy
+    from compressor.core.targets import find_targets, weight_readers
+    from compressor.training.loop import FinetuneConfig, finetune
+
+    teacher = tiny_t5(decoder_start_token_id=None)
+    student = copy.deepcopy(teacher)
+    targets = find_targets(student)
+    for name in weight_readers(student, targets):  # T5's wo reads its .weight: stays dense
+        del targets[name]
+    compress_(student, targets, RankPolicy(keep=0.5), 2)
+    config = FinetuneConfig(steps=2, lr=1e-3, objective="distill", mixed_precision="no")
+    result = finetune(student, token_batches(2, length=8), teacher=teacher, config=config)
+    assert result.steps == 2
