@@ -12,7 +12,7 @@ Method = Annotated[
     str | None,
     typer.Option(
         help="Rank method: svd (data-free), whiten (activation-aware, needs --data), dynamics "
-        "(needs --reference, or --warmup-steps with --data), or auto. [default: the recipe's; "
+        "(needs --reference, or --warmup-steps with --data), or auto. \\[default: the recipe's; "
         "auto: whiten with --data, dynamics with --reference, else svd]"
     ),
 ]
@@ -26,7 +26,7 @@ Data = Annotated[
 TextField = Annotated[str, typer.Option(help="JSONL / dataset field holding the text.")]
 LabelField = Annotated[str | None, typer.Option(help="Field holding a label (classification).")]
 Tokenizer = Annotated[
-    Path | None, typer.Option(help="Tokenizer folder [default: the model's folder].")
+    Path | None, typer.Option(help="Tokenizer folder \\[default: the model's folder].")
 ]
 MaxLength = Annotated[int, typer.Option(help="Tokens per sample (longer ones are truncated).")]
 Samples = Annotated[int | None, typer.Option(help="Use at most N samples (a seeded subset).")]

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import print_json, progress_bars, user_errors
+from cli.common import check_outputs, print_json, progress_bars, stdout_console, user_errors
 
 app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_show_locals=False, help="Research benchmarks."
@@ -94,6 +93,7 @@ def dln(
     from compressor.dln.train import TrainConfig
 
     with user_errors():
+        check_outputs(plot=plot)
         _set_threads(threads)
         problem = ProblemConfig(task, d, r, observed, measurements, seed)
         config = DLNBenchConfig(
@@ -106,12 +106,14 @@ def dln(
     summary = result.to_dict()
     if plot is not None:
         from compressor.dln.plots import plot_recovery
+        from compressor.io.files import atomic_path
 
-        plot_recovery(result, plot, title=f"{task}, d={d}, r={r}, L={depth}")
+        with user_errors(), atomic_path(plot) as tmp:
+            plot_recovery(result, tmp, title=f"{task}, d={d}, r={r}, L={depth}")
     if as_json:
         print_json(summary)
         return
-    Console().print(dln_table(summary))
+    stdout_console().print(dln_table(summary))
     if plot is not None:
         typer.echo(f"plot: {plot}")
 
@@ -166,4 +168,4 @@ def mlp(
     if as_json:
         print_json({**asdict(result), "speedup_seconds": result.speedup_seconds})
         return
-    Console().print(mlp_table(result))
+    stdout_console().print(mlp_table(result))

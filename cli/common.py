@@ -9,12 +9,21 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 err_console = Console(stderr=True)
+PIPED_WIDTH = 4096  # columns of a table written to a file or a pipe: never cut, never folded
+
+
+def stdout_console() -> Console:
+    """The console for a command's output on stdout: the terminal's width, or when stdout
+    is piped or redirected, wide enough that every column and layer name stays whole."""
+    out = Console()
+    return out if out.is_terminal else Console(width=PIPED_WIDTH)
 
 
 def quiet_libraries() -> None:
@@ -120,20 +129,54 @@ def as_flags(message: str, command: str | None = None) -> str:
     return re.sub(r"`([a-z_]+)`", swap, message)
 
 
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
+
+
 @contextmanager
 def user_errors(command: str | None = None) -> Iterator[None]:
-    """Turn the library's user errors (and a missing file) into `fail`; Ctrl-C exits 130."""
-    from compressor.errors import DlncError
+    """Turn the library's user errors (and a file that cannot be read or written) into
+    `fail`, naming `command`'s flags; Ctrl-C exits 130 with one line, whichever command it
+    stops."""
+    from compressor.errors import DlncError, Interrupted, first_line
 
     try:
         yield
+    except Interrupted as e:
+        typer.echo(first_line(e), err=True)
+        raise typer.Exit(code=INTERRUPTED) from None
     except DlncError as e:
-        fail(str(e), command)
+        fail(first_line(e), command)
     except FileNotFoundError as e:
         fail(f"{e.filename}: no such file or folder")
+    except OSError as e:
+        fail(f"{e.filename or 'a file'}: {e.strerror or first_line(e)}")
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=INTERRUPTED) from None
+
+
+def check_outputs(**files: Path | None) -> None:
+    """Before any work: every file a command will write (by option name: plot, save) goes
+    into an existing, writable folder, and a plot has a type matplotlib writes."""
+    from compressor.errors import DlncError, first_line
+    from compressor.io.files import check_writable
+
+    for option, path in files.items():
+        if path is None:
+            continue
+        flag = "--" + option.replace("_", "-")
+        if not path.parent.resolve().is_dir():
+            raise DlncError(f"{flag} {path}: no such folder {path.parent}")
+        if path.is_dir():
+            raise DlncError(f"{flag} {path}: is a folder; give a file name")
+        try:
+            check_writable(path)
+        except DlncError as e:
+            raise DlncError(f"{flag} {first_line(e)}") from e
+        if option == "plot":
+            from cli.plots import check_plot_path
+
+            check_plot_path(path)
 
 
 @contextmanager

@@ -12,11 +12,13 @@ from rich.table import Table
 from cli import aware as opt
 from cli.common import (
     RECIPE_FLAGS,
+    check_outputs,
     human_bytes,
     human_count,
     print_json,
     progress_bars,
     quiet_libraries,
+    stdout_console,
     user_errors,
 )
 
@@ -25,7 +27,9 @@ def compress(
     model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder [default: <input>-dlnc beside the input]."),
+        typer.Option(
+            "--out", "-o", help="Output folder \\[default: <input>-dlnc beside the input]."
+        ),
     ] = None,
     recipe: Annotated[
         str,
@@ -38,7 +42,7 @@ def compress(
         float | None,
         typer.Option(
             help="Fraction of the targeted layers' weight parameters to keep, in (0, 1); "
-            "allocated across layers by their spectra. [default: from the recipe]"
+            "allocated across layers by their spectra. \\[default: from the recipe]"
         ),
     ] = None,
     energy: Annotated[
@@ -48,11 +52,13 @@ def compress(
     rank: Annotated[int | None, typer.Option(help="One rank for every targeted layer.")] = None,
     depth: Annotated[
         int | None,
-        typer.Option(help="Chain depth L >= 2 (export collapses to 2). [default: from the recipe]"),
+        typer.Option(
+            help="Chain depth L >= 2 (export collapses to 2). \\[default: from the recipe]"
+        ),
     ] = None,
     multiple: Annotated[
         int | None,
-        typer.Option(help="Round ranks to a multiple of this. [default: from the recipe]"),
+        typer.Option(help="Round ranks to a multiple of this. \\[default: from the recipe]"),
     ] = None,
     include: Annotated[
         list[str] | None,
@@ -116,6 +122,7 @@ def compress(
 
     quiet_libraries()
     with user_errors("compress"):
+        check_outputs(plot=plot)
         flags = {
             "ranks.keep": keep,
             "ranks.energy": energy,
@@ -158,7 +165,7 @@ def compress(
         print_json({"out_dir": str(result.out_dir), **result.report})
         return
     print_recipe(result.report["recipe"])
-    console = Console()
+    console = stdout_console()
     for notice in result.notices:
         console.print(f"[yellow]note:[/] {notice}")
     console.print(layer_table(result.report))

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import progress_bars, quiet_libraries, user_errors
+from cli.common import progress_bars, quiet_libraries, stdout_console, user_errors
 
 
 def demo(
@@ -24,7 +23,7 @@ def demo(
     from compressor.workflows.demo import DemoSettings, run_demo
 
     quiet_libraries()
-    console = Console()
+    console = stdout_console()
     settings = DemoSettings.fast() if fast else DemoSettings()
     console.print(
         f"dlnc demo: a {settings.width}-wide MLP on scikit-learn's digits, compressed to "

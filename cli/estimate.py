@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from cli import aware as opt
-from cli.common import RECIPE_FLAGS, print_json, progress_bars, quiet_libraries, user_errors
+from cli.common import (
+    RECIPE_FLAGS,
+    check_outputs,
+    print_json,
+    progress_bars,
+    quiet_libraries,
+    stdout_console,
+    user_errors,
+)
 
 
 def estimate_ranks(
@@ -69,6 +77,7 @@ def estimate_ranks(
 
     quiet_libraries()
     with user_errors("estimate-ranks"):
+        check_outputs(plot=plot, save=save)
         flags = {
             "ranks.keep": keep,
             "targets.include": include or None,
@@ -97,7 +106,6 @@ def estimate_ranks(
 
 
 def _print(est, written: list[Path]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from compressor import methods
@@ -117,7 +125,7 @@ def _print(est, written: list[Path]) -> None:
             "dense" if r.chosen is None else str(r.chosen),
             f"{r.breakeven:.0f}",
         )
-    console = Console()
+    console = stdout_console()
     console.print(table)
     info = est.info
     if info.samples:

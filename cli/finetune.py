@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cli.common import (
@@ -18,6 +17,7 @@ from cli.common import (
     print_json,
     progress_bars,
     quiet_libraries,
+    stdout_console,
     user_errors,
 )
 
@@ -31,26 +31,26 @@ def finetune(
     model: Annotated[Path, typer.Argument(help="A `dlnc compress` output folder.")],
     data: DataPath,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output folder [default: <model>-ft].")
+        Path | None, typer.Option("--out", "-o", help="Output folder \\[default: <model>-ft].")
     ] = None,
     teacher: Annotated[
         Path | None,
         typer.Option(exists=True, help="The original model folder, to distil from."),
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps [recipe].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps \\[recipe].")] = None,
     recipe: Annotated[
         str, typer.Option(help="auto (by model_type), a recipe name, or a .yaml file.")
     ] = "auto",
-    objective: Annotated[str | None, typer.Option(help="distill | task | mix [recipe].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [recipe].")] = None,
+    objective: Annotated[str | None, typer.Option(help="distill | task | mix \\[recipe].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate \\[recipe].")] = None,
     outer_lr_scale: Annotated[
         float | None, typer.Option(help="Outer factors train at this x lr (discrepant lr).")
     ] = None,
     depth: Annotated[
-        int | None, typer.Option(help="Train chains of this depth L >= 2 [recipe].")
+        int | None, typer.Option(help="Train chains of this depth L >= 2 \\[recipe].")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per batch [recipe].")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Tokens per sample [recipe].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per batch \\[recipe].")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per sample \\[recipe].")] = None,
     grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
     warmup: Annotated[float, typer.Option(help="Warm-up share of the steps.")] = 0.05,
     clip: Annotated[float, typer.Option(help="Max gradient norm (0: off).")] = 1.0,
@@ -59,7 +59,7 @@ def finetune(
     trainable: Annotated[str, typer.Option(help="all | factors (only the chains).")] = "all",
     mixed_precision: Annotated[str, typer.Option(help="auto | no | fp16 | bf16.")] = "auto",
     eval_data: Annotated[
-        Path | None, typer.Option(exists=True, help="Held-out data [default: split of --data].")
+        Path | None, typer.Option(exists=True, help="Held-out data \\[default: split of --data].")
     ] = None,
     eval_fraction: Annotated[float, typer.Option(help="Held-out share of --data.")] = 0.1,
     samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
@@ -68,7 +68,7 @@ def finetune(
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder.")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint the state every K steps.")] = 0,
     state_dir: Annotated[
-        Path | None, typer.Option(help="Training-state folder [default: <out>.state].")
+        Path | None, typer.Option(help="Training-state folder \\[default: <out>.state].")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of shuffling, dropout, masking.")] = 0,
@@ -119,7 +119,7 @@ def finetune(
     if json_out:
         print_json({"out_dir": str(run.out_dir), **run.report})
         return
-    console = Console()
+    console = stdout_console()
     section = run.report["finetune"]
     console.print(f"objective: {section['objective']}")
     if section["eval"]:
@@ -173,7 +173,7 @@ def evaluate(
     if json_out:
         print_json(rows)
         return
-    Console().print(eval_table(rows))
+    stdout_console().print(eval_table(rows))
 
 
 def eval_table(rows: dict[str, dict]) -> Table:

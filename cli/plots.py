@@ -7,7 +7,25 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["plot_report", "plot_spectra"]
+__all__ = ["check_plot_path", "plot_report", "plot_spectra"]
+
+
+def check_plot_path(path: str | os.PathLike) -> None:
+    """Raise a `DlncError` naming `--plot` unless matplotlib can write `path` (by its
+    extension) into an existing, writable folder: checked before any work starts."""
+    from pathlib import Path
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from compressor.errors import DlncError
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    kind = Path(path).suffix.lstrip(".").lower()
+    if kind not in formats:
+        raise DlncError(
+            f"--plot {path}: unsupported image type {kind or '(none)'!r}; "
+            f"use one of {', '.join(sorted(formats))}"
+        )
 
 
 def plot_spectra(
@@ -36,8 +54,21 @@ def plot_spectra(
     if len(spectra) <= 12:
         bx.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write (and close) the figure through a temp file: a full disk leaves no
+    half-written image."""
+    import matplotlib.pyplot as plt
+
+    from compressor.io.files import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _short(name: str, width: int = 32) -> str:
@@ -74,5 +105,4 @@ def plot_report(
     bx.set(title="Recovery fine-tuning loss", xlabel="step", ylabel="loss")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

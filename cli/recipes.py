@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import user_errors
+from cli.common import stdout_console, user_errors
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -35,7 +34,7 @@ def list_recipes() -> None:
             str(r.chain.depth),
             r.description,
         )
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @app.command("show")

@@ -30,8 +30,11 @@ def check_depth(depth: int) -> int:
 def dense_weight_of(module: nn.Module) -> torch.Tensor:
     """The weight of a dense layer in `nn.Linear` layout (out x in).
 
-    transformers' `Conv1D` (GPT-2) stores its weight transposed (in x out).
+    transformers' `Conv1D` (GPT-2) stores its weight transposed (in x out); a
+    `FactorizedLinear` gives its end-to-end weight, the product of its factors.
     """
+    if isinstance(module, FactorizedLinear):
+        return module.dense_weight()
     return module.weight.t() if layout_of(module) == "conv1d" else module.weight
 
 

@@ -11,12 +11,15 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from compressor.errors import DlncError
+
 __all__ = [
     "IGNORE_INDEX",
     "NOT_INPUTS",
     "TASKS",
     "mask_tokens",
     "model_inputs",
+    "shift_right",
     "task_of",
     "token_mask",
     "with_lm_labels",
@@ -67,9 +70,24 @@ def model_inputs(
     if model is not None and "input_ids" in inputs and "decoder_input_ids" not in inputs:
         inner = getattr(model, "module", model)
         if task_of(inner) == "seq2seq_lm":
-            shift = inner.prepare_decoder_input_ids_from_labels
-            inputs["decoder_input_ids"] = shift(labels=inputs["input_ids"])
+            inputs["decoder_input_ids"] = shift_right(inputs["input_ids"], inner.config)
     return inputs
+
+
+def shift_right(ids: torch.Tensor, config) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: the start token, then `ids` less its last token.
+    A config without `decoder_start_token_id` starts with the pad token, as T5 does."""
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "pad_token_id", None)
+    if start is None:
+        raise DlncError(
+            "this encoder-decoder's config has neither `decoder_start_token_id` nor "
+            "`pad_token_id`; add one to its config.json"
+        )
+    shifted = ids.new_full(ids.shape, start)
+    shifted[..., 1:] = ids[..., :-1]
+    return shifted
 
 
 def token_mask(batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:

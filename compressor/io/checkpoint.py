@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ __all__ = ["LoadedCheckpoint", "load_checkpoint", "read_state_dict"]
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+NOT_WEIGHTS = "not a weights file torch can load safely; nothing in it was run"
 
 
 @dataclass
@@ -136,7 +139,7 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
         if not f.is_file():
             raise DlncError(f"{f}: weight file listed in the index is missing")
         if f.suffix in PICKLE_SUFFIXES:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            state.update(_load_pickle(f))
             continue
         try:
             state.update(load_file(f))
@@ -147,20 +150,37 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, read with `weights_only=True` (no code of the file runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise DlncError(f"{path.name}: {NOT_WEIGHTS} ({first_line(e)})") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise DlncError(f"{path.name}: {NOT_WEIGHTS} (it holds a {type(state).__name__})")
+    return state
+
+
 def _read_config(config_file: Path, trust_remote_code: bool):
-    from transformers import AutoConfig
+    """The transformers config; a known architecture with a bad value (`n_layer: null`) and
+    an unknown one are both one-line errors (transformers raises many kinds for the first)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     try:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DlncError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise DlncError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
     try:
         return AutoConfig.from_pretrained(
             str(config_file), trust_remote_code=trust_remote_code, local_files_only=True
         )
-    except (ValueError, KeyError, OSError) as e:
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
-        hint = " or `trust_remote_code`" if isinstance(raw, dict) and "auto_map" in raw else ""
+    except Exception as e:
+        kind = raw.get("model_type")
+        if isinstance(kind, str) and kind in CONFIG_MAPPING:
+            raise DlncError(f"{config_file}: not a valid {kind} config ({first_line(e)})") from e
+        hint = " or `trust_remote_code`" if "auto_map" in raw else ""
         raise DlncError(
             f"{config_file.name}: unknown architecture (model_type {kind!r}); "
             f"pass `tensor_mode`{hint} to compress its 2-D weights directly"
@@ -168,11 +188,17 @@ def _read_config(config_file: Path, trust_remote_code: bool):
 
 
 def _model_class(config, trust_remote_code: bool):
+    """The first class of config.json's `architectures` that transformers has."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or ():
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise DlncError(
+            f"config.json: `architectures` must be a list of class names, got {archs!r}"
+        )
+    for arch in archs:
         cls = getattr(transformers, arch, None)
-        if cls is not None:
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     if trust_remote_code and getattr(config, "auto_map", None):
         return transformers.AutoModel
@@ -196,10 +222,18 @@ def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn
                 local_files_only=True,
                 trust_remote_code=trust_remote_code,
                 use_safetensors=files[0].suffix == ".safetensors",
+                ignore_mismatched_sizes=True,  # reported below, naming the tensor and shapes
             )
+        except pickle.UnpicklingError as e:
+            raise DlncError(f"{files[0].name}: {NOT_WEIGHTS} ({first_line(e)})") from e
         except (RuntimeError, ValueError, OSError) as e:
             raise DlncError(f"weights do not match the config: {first_line(e)}") from e
-    _check_loading_info(model, info)
+        except Exception as e:  # the architecture's own code fails on a value of the config
+            raise DlncError(
+                f"{config_file}: {cls.__name__} cannot be built from this config "
+                f"({type(e).__name__}: {first_line(e)})"
+            ) from e
+    _check_loading_info(model, info, notices)
     model.eval()
     return model
 
@@ -224,13 +258,39 @@ def _link_all(staging: Path, config_file: Path, files: list[Path]) -> Path:
     return staging
 
 
-def _check_loading_info(model: nn.Module, info: dict) -> None:
+def _check_loading_info(model: nn.Module, info: dict, notices: list[str]) -> None:
+    """Missing tensors, tensors of the wrong shape, and tensors of a layer the config does
+    not have (more layers in the weights than in the config) are errors; other unused
+    tensors (a head the class has no place for, as bert-base's next-sentence head) a notice."""
     tied = set(tied_keys(model))
-    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
-    mismatched = list(info.get("mismatched_keys", ()))
+    missing = sorted(k for k in info.get("missing_keys", ()) if k not in tied)
     if missing:
         raise DlncError(
             f"weights do not match the config: {len(missing)} missing, e.g. {missing[0]}"
         )
+    mismatched = sorted(info.get("mismatched_keys", ()), key=lambda m: m[0])
     if mismatched:
-        raise DlncError(f"weights do not match the config: shape mismatch at {mismatched[0]}")
+        key, found, expected = mismatched[0]
+        raise DlncError(
+            f"weights do not match the config: shape of {key} is {list(found)} in the weights, "
+            f"{list(expected)} by the config ({len(mismatched)} tensors differ)"
+        )
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    own = {_layer_pattern(k) for k in model.state_dict()}
+    extra = [k for k in unexpected if _layer_pattern(k) in own]
+    if extra:
+        raise DlncError(
+            f"weights do not match the config: {len(extra)} tensors not used by the config, "
+            f"e.g. {extra[0]} (does the config have fewer layers than the weights?)"
+        )
+    if unexpected:
+        notices.append(
+            f"{len(unexpected)} tensors of the weights have no place in "
+            f"{type(model).__name__} and are left out, e.g. {unexpected[0]}"
+        )
+
+
+def _layer_pattern(key: str) -> str:
+    """`transformer.h.7.attn.weight` -> `transformer.h.*.attn.weight`: a tensor of the
+    model's own kind of layer, whatever its index."""
+    return re.sub(r"\.\d+(?=\.)", ".*", key)

@@ -24,6 +24,8 @@ from torch import nn
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers, replace_module, tied_keys
 from compressor.errors import DlncError, first_line
+from compressor.io.files import check_writable, write_error
+from compressor.io.section import FORMAT_VERSION, check_factors, read_section
 
 __all__ = [
     "FORMAT_VERSION",
@@ -34,7 +36,6 @@ __all__ = [
     "load_pretrained",
 ]
 
-FORMAT_VERSION = 1
 COPIED = re.compile(
     r"^(tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|.*\.model"
     r"|preprocessor_config\.json|processor_config\.json|image_processor.*|feature_extractor.*"
@@ -53,16 +54,37 @@ def default_output_dir(input_path: str | os.PathLike) -> Path:
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, input_path: Path | None = None) -> None:
-    """Refuse an existing output (unless `overwrite`) and an output that would hold the input."""
+    """Refuse an existing output (unless `overwrite`), an output that would hold or sit
+    inside the input (the input is never written to), and one that cannot be created."""
     out_dir = out_dir.resolve()
     if input_path is not None:
         src = input_path.resolve()
-        if src == out_dir or out_dir in src.parents:
-            raise DlncError(f"{out_dir}: the output folder would replace the input; pick another")
+        _refuse_replacing(out_dir, src)
+        if src.is_dir() and src in out_dir.parents:
+            raise DlncError(
+                f"{out_dir}: inside the input folder {src}, which dlnc never writes to; "
+                "pick an output outside it"
+            )
     if out_dir.exists() and not overwrite:
         raise DlncError(f"{out_dir} already exists; pass `overwrite` to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise DlncError(f"{out_dir} exists and is not a folder")
+    check_writable(out_dir)
+
+
+def _refuse_replacing(out_dir: Path, source: Path) -> None:
+    if source == out_dir or out_dir in source.parents:
+        raise DlncError(f"{out_dir}: the output folder would replace the input; pick another")
+
+
+def check_shard_size(size: int | str) -> None:
+    """`max_shard_size`: bytes (an int >= 1) or a size such as "2GB", "500MB" (KB/MB/GB/TB)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+        return
+    form = r"\s*\d+(\.\d*)?\s*[KMGT]B\s*"
+    if isinstance(size, str) and re.fullmatch(form, size, re.I) and float(size.strip()[:-2]) > 0:
+        return
+    raise DlncError(f"`max_shard_size` must be a size such as 2GB or 500MB, got {size!r}")
 
 
 def export_state_dict(model: nn.Module, merge: bool = False) -> dict[str, torch.Tensor]:
@@ -111,26 +133,88 @@ def export(
     """Write the model to `out_dir` atomically: a hidden temp folder, renamed when complete.
 
     `config` is the transformers config (None in tensor mode); `source` the input folder whose
-    tokenizer and processor files are copied.
+    tokenizer and processor files are copied; `report` is written as report.json, its
+    `bytes_after` (when present) set to the size of the weights written. A failed write
+    (permission, read-only mount, full disk) is a one-line `DlncError` and leaves nothing;
+    temp folders of earlier exports killed mid-write are removed.
     """
+    from safetensors import SafetensorError
+
     out_dir = Path(out_dir).resolve()
-    check_output_dir(out_dir, overwrite, Path(source) if source else None)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, overwrite)
+    if source is not None:  # the folder of the input's side files (the input may sit in it)
+        _refuse_replacing(out_dir, Path(source).resolve())
+    check_shard_size(max_shard_size)
+    remove_stale_temps(out_dir.parent)
+    created = _make_parents(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    done = False
     try:
         tmp.mkdir()
         _write_weights(model, tmp, merge, max_shard_size)
         section = dlnc_section(model, method, merge, config is None)
         _write_json(tmp / "config.json", _config_dict(config, section))
         if report is not None:
-            _write_json(tmp / "report.json", report)
+            _write_json(tmp / "report.json", _with_size(report, tmp))
         if source is not None:
             _copy_side_files(Path(source), tmp)
         _replace(tmp, out_dir)
+        done = True
+    except (OSError, SafetensorError) as e:
+        raise write_error(out_dir, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not done and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
     return out_dir
+
+
+def _with_size(report: dict, folder: Path) -> dict:
+    """The report with `bytes_after` (when it has that key) set to the weights written."""
+    if "bytes_after" not in report:
+        return report
+    return {**report, "bytes_after": disk_size(sorted(folder.glob("*.safetensors")))}
+
+
+def _make_parents(out_dir: Path) -> Path | None:
+    """Create `out_dir`'s missing parent folders; the outermost one created (to remove if
+    the export fails), or None."""
+    missing = [p for p in out_dir.parents if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)(\.\w+)?$")  # folders, and atomic_path's files
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-PID` / `.NAME.old-PID` folders (and `.NAME.tmp-PID.png` files)
+    in `folder` left by a dlnc process that is gone (killed mid-write); those of running
+    processes stay."""
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = _TEMP.match(entry.name)
+        if not match or _alive(int(match.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or not a pid we can ask about): leave it
+    return True
 
 
 def _write_weights(model: nn.Module, folder: Path, merge: bool, max_shard_size) -> None:
@@ -195,21 +279,16 @@ def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> 
 
     folder = Path(path)
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise DlncError(f"{folder}: no config.json; is this a dlnc export?")
-    section = json.loads(config_file.read_text()).get("dlnc")
-    if section is None:
-        raise DlncError(f"{folder}: config.json has no `dlnc` section; not a dlnc export")
-    if section.get("format_version", 0) > FORMAT_VERSION:
-        raise DlncError(f"{folder}: written by a newer dlnc (format {section['format_version']})")
+    section = read_section(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise DlncError(f"{folder}: no .safetensors weights")
     state = read_state_dict(files)
+    check_factors(folder, section, state)
     try:
         model = _skeleton(config_file, section, state, model)
         _load_state(model, state)
-    except (RuntimeError, KeyError, AttributeError) as e:
+    except (RuntimeError, KeyError, AttributeError, ValueError, TypeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
     return model.eval()
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from compressor.errors import DlncError
+from compressor.errors import DlncError, first_line
+from compressor.io.files import atomic_path
 
 __all__ = ["RANKS_FORMAT", "load_ranks", "save_ranks", "split_ranks"]
 
@@ -36,7 +37,8 @@ def save_ranks(
     data = {"dlnc_ranks": RANKS_FORMAT, **{k: v for k, v in info.items() if v is not None}}
     data["ranks"] = {name: "dense" if r is None else int(r) for name, r in ranks.items()}
     path = Path(path)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -48,9 +50,11 @@ def load_ranks(path: str | os.PathLike) -> dict[str, int | None]:
     if not path.is_file():
         raise DlncError(f"{path}: no such ranks file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DlncError(f"{path}: not a UTF-8 text file (byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise DlncError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise DlncError(f"{path}: not valid YAML ({first_line(e)})") from e
     if not isinstance(data, dict) or not isinstance(data.get("ranks"), dict):
         raise DlncError(f"{path}: expected a mapping with a `ranks:` section")
     unknown = set(data) - _KEYS
@@ -58,8 +62,11 @@ def load_ranks(path: str | os.PathLike) -> dict[str, int | None]:
         raise DlncError(
             f"{path}: unknown key `{sorted(unknown)[0]}` (known: {', '.join(sorted(_KEYS))})"
         )
-    if data.get("dlnc_ranks", RANKS_FORMAT) > RANKS_FORMAT:
-        raise DlncError(f"{path}: written by a newer dlnc (format {data['dlnc_ranks']})")
+    version = data.get("dlnc_ranks", RANKS_FORMAT)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DlncError(f"{path}: `dlnc_ranks` must be the format number, got {version!r}")
+    if version > RANKS_FORMAT:
+        raise DlncError(f"{path}: written by a newer dlnc (format {version})")
     ranks: dict[str, int | None] = {}
     for name, rank in data["ranks"].items():
         if rank == "dense":

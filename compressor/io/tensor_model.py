@@ -11,6 +11,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from compressor.errors import DlncError
+
 __all__ = ["TENSOR_MODE_EXCLUDE", "TensorModel", "container"]
 
 TENSOR_MODE_EXCLUDE = (r"re:(embed|wte|wpe|tok_emb|pos_emb|position|token_type)",)
@@ -24,6 +26,11 @@ class TensorModel(nn.Module):
         super().__init__()
         groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, tensor in state_dict.items():
+            if not all(key.split(".")):
+                raise DlncError(
+                    f"tensor name {key!r} is not a dotted module path (like `layer.weight`), "
+                    "so tensor mode cannot place it"
+                )
             prefix, _, leaf = key.rpartition(".")
             groups[prefix][leaf] = tensor
         for prefix in sorted(groups, key=lambda p: p.count(".")):

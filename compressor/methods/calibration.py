@@ -125,8 +125,11 @@ def collect_grams(
 
 
 def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    """One inference pass; an encoder-decoder reads the text as its decoder input too
+    (teacher forcing, as in fine-tuning), so its decoder layers are calibrated."""
+    inputs = model_inputs(batch, model)
     try:
-        model(**model_inputs(batch, model))
+        model(**inputs)
     except TypeError as e:
-        keys = ", ".join(model_inputs(batch, model))
+        keys = ", ".join(inputs)
         raise DlncError(f"the model does not take the data's inputs ({keys}): {e}") from e

@@ -6,6 +6,7 @@ Checkpoints are written to a temp folder and renamed when complete, so none is e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from compressor.errors import DlncError
+from compressor.errors import DlncError, Interrupted
+from compressor.io.files import write_error
 from compressor.training.config import SCHEDULE_FIELDS, FinetuneConfig
 from compressor.training.evaluate import EvalResult
 
@@ -33,7 +35,7 @@ class NonFiniteLoss(DlncError):
     """The loss became NaN/Inf; the run stopped before the update."""
 
 
-class FinetuneInterrupted(DlncError):
+class FinetuneInterrupted(Interrupted):
     """Ctrl-C / SIGTERM: the run stopped at a step boundary and saved a resumable state."""
 
 
@@ -66,9 +68,22 @@ class RunState:
         self.last_saved = found
 
     def save(self, accelerator, config: FinetuneConfig) -> Path:
-        """Write checkpoint-<step> through a temp folder renamed when every process is done."""
-        final = self.dir / f"checkpoint-{self.step:07d}"
+        """Write checkpoint-<step> through a temp folder renamed when every process is done;
+        a failed write (a full disk) removes the temp folder and is a one-line error."""
+        from safetensors import SafetensorError
+
         tmp = self.dir / f".checkpoint-{self.step:07d}.tmp"
+        try:
+            return self._save(accelerator, config, tmp)
+        except (OSError, SafetensorError) as e:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()  # only when this run made it and nothing else is in it
+            raise write_error(self.dir, e) from e
+
+    def _save(self, accelerator, config: FinetuneConfig, tmp: Path) -> Path:
+        final = self.dir / f"checkpoint-{self.step:07d}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +17,13 @@ from compressor.core.surgery import count_params
 from compressor.core.targets import find_targets, matches, weight_readers
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
-from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
+from compressor.io.export import (
+    check_output_dir,
+    check_shard_size,
+    default_output_dir,
+    disk_size,
+    export,
+)
 from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
 from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
 from compressor.workflows.plan import AwareOptions, make_plans
@@ -55,6 +60,7 @@ class CompressOptions:
 
     def __post_init__(self) -> None:
         check_depth(self.depth)
+        check_shard_size(self.max_shard_size)
 
 
 @dataclass
@@ -150,8 +156,7 @@ def compress_checkpoint(
         overwrite=options.overwrite,
         max_shard_size=options.max_shard_size,
     )
-    summary["bytes_after"] = weights_size(written)
-    _rewrite_json(written / "report.json", summary)
+    summary["bytes_after"] = weights_size(written)  # export wrote it into report.json
     return CompressResult(written, summary, loaded.notices, spectra)
 
 
@@ -202,10 +207,3 @@ def _policy_dict(policy: RankPolicy) -> dict:
         "multiple": policy.multiple,
         "dense_at_breakeven": policy.dense_at_breakeven,
     }
-
-
-def _rewrite_json(path: Path, data: dict) -> None:
-    """Replace a small JSON file atomically (write beside it, then rename over it)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

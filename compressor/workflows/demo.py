@@ -11,12 +11,14 @@ reload, and compare before/after. The library reports progress through a callbac
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from compressor.core.compress import compress_, layer_spectra
@@ -28,6 +30,7 @@ from compressor.core.targets import find_targets
 from compressor.dln.mlp import load_digits_split
 from compressor.errors import DlncError
 from compressor.io.export import disk_size, export, load_pretrained
+from compressor.io.files import check_writable, write_error
 from compressor.methods import build_plan
 from compressor.methods.dynamics import warmup_updates
 from compressor.training.loop import FinetuneConfig, finetune
@@ -94,8 +97,19 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole pipeline; writes `out_dir/{wide,compressed}` and returns the numbers."""
     settings = settings or DemoSettings()
-    out = _fresh_folder(Path(out_dir))
-    progress = progress or _silent
+    out = Path(out_dir)
+    _fresh_folder(out)
+    try:  # a failed demo leaves no half-written folder
+        return _run(out, settings, progress or _silent)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(out, ignore_errors=True)
+        raise write_error(out, e) from e
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(out: Path, settings: DemoSettings, progress: ProgressFn) -> DemoResult:
     torch.manual_seed(settings.seed)
     train, test = digits(settings.seed)
     # 1) a "pretrained" wide network, saved as a checkpoint
@@ -255,12 +269,15 @@ def _weights(folder: Path) -> int:
 
 def _fresh_folder(out: Path) -> Path:
     """The demo's own folder: created, or replaced when an earlier demo wrote it."""
-    import shutil
-
     if out.exists():
         if not (out / MARKER).exists():
             raise DlncError(f"{out} exists and was not written by dlnc demo; pick another `out`")
         shutil.rmtree(out)
+    check_writable(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("written by dlnc demo; a new run replaces this folder\n")
+    try:
+        (out / MARKER).write_text("written by dlnc demo; a new run replaces this folder\n")
+    except OSError as e:
+        shutil.rmtree(out, ignore_errors=True)
+        raise write_error(out, e) from e
     return out

@@ -22,6 +22,7 @@ from torch import nn
 from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.io.export import check_output_dir, export, load_pretrained
+from compressor.io.section import is_export
 from compressor.training.data import DataOptions, load_data
 from compressor.training.loop import FinetuneConfig, FinetuneResult, finetune
 
@@ -64,8 +65,7 @@ class RecoveryRun:
 def load_model(path: str | os.PathLike) -> nn.Module:
     """A dlnc export (with its factorized layers) or an ordinary checkpoint folder."""
     folder = Path(path)
-    config = folder / "config.json"
-    if config.is_file() and "dlnc" in json.loads(config.read_text()):
+    if is_export(folder):
         return load_pretrained(folder)
     from compressor.io.checkpoint import load_checkpoint
 

@@ -42,6 +42,8 @@ class AwareOptions:
             raise DlncError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
         if self.warmup_steps and self.data is None:
             raise DlncError("`warmup_steps` trains on data: give `data`")
+        if not self.warmup_lr > 0:
+            raise DlncError(f"`warmup_lr` must be > 0, got {self.warmup_lr}")
         if self.damping < 0:
             raise DlncError(f"`damping` must be >= 0, got {self.damping}")
         methods.check_inputs(self.resolved, self.available)

@@ -1,0 +1,107 @@
+"""The `dlnc` section of an export's config.json, read and checked before anything is built.
+
+    "dlnc": {"format_version": 1, "method": "svd", "merged": false, "tensor_mode": false,
+             "layers": {"<name>": {"rank": 4, "shape": [out, in], "layout": "linear",
+                                   "bias": true}}}
+
+A hand-edited or damaged section is a one-line `DlncError` that names the key, or the tensor
+with the shape the section expects and the one the weights hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from compressor.errors import DlncError
+
+__all__ = ["FORMAT_VERSION", "check_factors", "is_export", "read_config", "read_section"]
+
+FORMAT_VERSION = 1
+LAYOUTS = ("linear", "conv1d")
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """config.json of `folder` as a mapping; invalid JSON is a `DlncError`."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise DlncError(f"{folder}: no config.json; is this a dlnc export?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DlncError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DlncError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a config.json with a `dlnc` section (a dlnc export)."""
+    return (Path(folder) / "config.json").is_file() and "dlnc" in read_config(folder)
+
+
+def read_section(folder: str | os.PathLike) -> dict:
+    """The checked `dlnc` section of the export at `folder`."""
+    section = read_config(folder).get("dlnc")
+    where = f"{folder}: config.json's `dlnc` section"
+    if section is None:
+        raise DlncError(f"{folder}: config.json has no `dlnc` section; not a dlnc export")
+    if not isinstance(section, dict):
+        raise DlncError(f"{where} must be a mapping, got {type(section).__name__}")
+    version = section.get("format_version", 0)
+    if not _is_int(version) or version < 0:
+        raise DlncError(f"{where}: `format_version` must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise DlncError(f"{folder}: written by a newer dlnc (format {version})")
+    for key in ("merged", "tensor_mode"):
+        if not isinstance(section.get(key, False), bool):
+            raise DlncError(f"{where}: `{key}` must be true or false, got {section[key]!r}")
+    layers = section.get("layers", {})
+    if not isinstance(layers, dict):
+        raise DlncError(f"{where}: `layers` must be a mapping, got {type(layers).__name__}")
+    for name, spec in layers.items():
+        _check_layer(where, name, spec)
+    return section
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_layer(where: str, name: str, spec: object) -> None:
+    if not isinstance(spec, dict):
+        raise DlncError(f"{where}: layer {name} must be a mapping, got {type(spec).__name__}")
+    rank, shape = spec.get("rank"), spec.get("shape")
+    if not _is_int(rank) or rank < 1:
+        raise DlncError(f"{where}: rank of {name} must be an integer >= 1, got {rank!r}")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) for d in shape)):
+        raise DlncError(f"{where}: shape of {name} must be [out, in], got {shape!r}")
+    if min(shape) < 1:
+        raise DlncError(f"{where}: shape of {name} must be positive, got {shape}")
+    if spec.get("layout", "linear") not in LAYOUTS:
+        raise DlncError(
+            f"{where}: layout of {name} must be one of {LAYOUTS}, got {spec['layout']!r}"
+        )
+    if not isinstance(spec.get("bias", False), bool):
+        raise DlncError(f"{where}: bias of {name} must be true or false, got {spec['bias']!r}")
+
+
+def check_factors(folder: str | os.PathLike, section: dict, state: dict[str, torch.Tensor]) -> None:
+    """Every layer of the section has its factors in `state`, of the shapes it implies."""
+    for name, spec in section.get("layers", {}).items():
+        (out_f, in_f), rank = spec["shape"], spec["rank"]
+        expected = {f"{name}.up.weight": [out_f, rank], f"{name}.down.weight": [rank, in_f]}
+        if spec.get("bias", False):
+            expected[f"{name}.up.bias"] = [out_f]
+        for key, shape in expected.items():
+            tensor = state.get(key)
+            if tensor is None:
+                raise DlncError(f"{folder}: the `dlnc` section lists {name}, but there is no {key}")
+            if list(tensor.shape) != shape:
+                raise DlncError(
+                    f"{folder}: {name} (rank {rank}, shape {[out_f, in_f]} in the `dlnc` "
+                    f"section): expected {key} of shape {shape}, found {list(tensor.shape)}"
+                )
