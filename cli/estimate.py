@@ -27,7 +27,7 @@ def estimate_ranks(
     keep: Annotated[
         float | None,
         typer.Option(
-            help="Fraction of the targeted weights the chosen ranks keep. [default: the recipe's]"
+            help="Fraction of the targeted weights the chosen ranks keep. \\[default: the recipe's]"
         ),
     ] = None,
     recipe: Annotated[

@@ -122,7 +122,7 @@ def test_warmup_lr_is_checked_by_the_options(gpt2, tmp_path, no_loading):
     data = token_file(tmp_path / "t.safetensors")
     result = dlnc("compress", gpt2, "--out", tmp_path / "out", "--data", data,
                   "--warmup-steps", 2, "--warmup-lr", -1)  # fmt: skip
-    one_line_error(result, "warmup_lr")
+    one_line_error(result, "--warmup-lr must be > 0")
 
 
 def test_max_shard_size_is_checked_by_the_options():
