@@ -181,3 +181,29 @@ def test_dense_source_is_untouched_by_the_quantizer(tmp_path):
     build("bert").save_pretrained(tmp_path / "plain")
     model = tf.AutoModelForMaskedLM.from_pretrained(tmp_path / "plain")
     assert not factorized_layers(model) and not getattr(model, "is_quantized", False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_generation_with_kv_cache_matches_the_exported_model(
+    family, tmp_path, one_torch_thread
+):
+    compressed, out = compressed_export(family, tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out)
+    prompt = inputs(family)["input_ids"][:, :5]
+    settings = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    cached = reloaded.generate(prompt, use_cache=True, **settings)
+    assert cached.shape == (2, 17)
+    assert torch.equal(cached, compressed.generate(prompt, use_cache=True, **settings))
+    assert torch.equal(cached, reloaded.generate(prompt, use_cache=False, **settings))
+
+
+def test_compile_fullgraph_runs_through_factorized_layers(tmp_path, one_torch_thread):
+    """fullgraph=True raises at the first graph break, so this proves there is none (the eager
+    backend: dynamo's tracing is what breaks graphs; code generation is not under test)."""
+    _, out = compressed_export("llama", tmp_path)
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    batch = {"input_ids": inputs("llama")["input_ids"], "use_cache": False}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(**batch).logits, model(**batch).logits)
