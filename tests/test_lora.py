@@ -24,7 +24,10 @@ def test_targets_name_the_factors_of_factorized_layers(tmp_path):
     _, out = compressed_export("llama", tmp_path)
     model = tf.AutoModelForCausalLM.from_pretrained(out)
     targets = lora_targets(model, ["q_proj", "v_proj"])
-    assert targets[:2] == ["model.layers.0.self_attn.q_proj.down", "model.layers.0.self_attn.q_proj.up"]
+    assert targets[:2] == [
+        "model.layers.0.self_attn.q_proj.down",
+        "model.layers.0.self_attn.q_proj.up",
+    ]
     assert all(isinstance(model.get_submodule(t), torch.nn.Linear) for t in targets)
     # GQA's v_proj (32 -> 16) stays dense at keep 0.5: LoRA goes on the layer itself
     assert "model.layers.1.self_attn.v_proj" in targets
