@@ -6,6 +6,7 @@ Layout of an export folder:
                     factorized: `quantization_config` (quant_method dlnc) for from_pretrained
                     and the `transformers_weights` guard (LOAD_GUARD)
   report.json       the compression report
+  README.md         the model card (compressor/io/model_card.py)
   tokenizer / processor files copied from the input folder
 A factorized layer `<name>` is stored as `<name>.down.weight` (k x in), `<name>.up.weight`
 (out x k) and `<name>.up.bias`; with `merge=True` it is stored dense under its original name
@@ -26,6 +27,7 @@ from torch import nn
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers, replace_module, tied_keys
 from compressor.errors import DlncError, first_line
+from compressor.io.model_card import write_model_card
 
 __all__ = [
     "FORMAT_VERSION",
@@ -143,6 +145,9 @@ def export(
             _write_json(tmp / "report.json", report)
         if source is not None:
             _copy_side_files(Path(source), tmp)
+        write_model_card(
+            tmp, model, config=config, source=source, report=report, method=method, merged=merge
+        )
         _replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
