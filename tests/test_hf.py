@@ -207,3 +207,25 @@ def test_compile_fullgraph_runs_through_factorized_layers(tmp_path, one_torch_th
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert torch.equal(compiled(**batch).logits, model(**batch).logits)
+
+
+def test_a_loaded_model_exports_merged_as_a_plain_checkpoint(tmp_path, one_torch_thread):
+    """No stale quantization_config: the merged export of a from_pretrained model is plain."""
+    from compressor.io.export import export
+
+    compressed, out = compressed_export("llama", tmp_path)
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    merged = export(model, tmp_path / "merged", config=model.config, merge=True)
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config and "transformers_weights" not in config
+    plain = tf.AutoModelForCausalLM.from_pretrained(merged)
+    assert not factorized_layers(plain) and not getattr(plain, "is_quantized", False)
+    batch = inputs("llama")
+    torch.testing.assert_close(logits(plain, batch), logits(compressed, batch))
+
+
+def test_trainer_accepts_a_dlnc_model_for_full_training(tmp_path):
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    _, out = compressed_export("llama", tmp_path)
+    validate_quantization_for_training(tf.AutoModelForCausalLM.from_pretrained(out))

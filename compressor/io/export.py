@@ -169,6 +169,8 @@ def _write_weights(model: nn.Module, folder: Path, merge: bool, max_shard_size) 
 
 def _config_dict(config: object | None, section: dict) -> dict:
     data = config.to_dict() if config is not None else {}
+    if (data.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+        del data["quantization_config"]  # a model loaded by the dlnc quantizer: written afresh
     data["dlnc"] = section
     if config is not None and section["layers"]:
         data.update(quantization_fields())

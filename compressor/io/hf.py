@@ -101,6 +101,11 @@ class DlncHfQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_qat_trainable(self) -> bool:
+        """The factors are ordinary float weights: `Trainer` may train them without adapters."""
+        return True
+
+    @property
     def is_compileable(self) -> bool:
         return True
 

@@ -51,6 +51,9 @@ class _RegisteringLoader(importlib.abc.Loader):
     def __init__(self, loader: importlib.abc.Loader) -> None:
         self.loader = loader
 
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)  # get_source, is_package, ... of the real loader
+
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
