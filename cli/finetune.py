@@ -132,7 +132,9 @@ def finetune(
 
 def evaluate(
     model: Annotated[Path, typer.Argument(help="A dlnc export or an ordinary model folder.")],
-    data: DataPath,
+    data: Annotated[
+        Path | None, typer.Option("--data", exists=True, help="Held-out data (text for --seq-len).")
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(exists=True, help="The original model, to compare with.")
     ] = None,
@@ -144,12 +146,29 @@ def evaluate(
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample subset and masking.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Papers' perplexity: windows of this many tokens of --data.")
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="lm-eval tasks, comma-separated (names or task YAMLs).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="lm-eval: at most this many docs.")] = None,
 ) -> None:
     """Held-out loss of a model (perplexity for LMs, accuracy for classifiers).
 
     With --teacher, also the original's numbers and the distance from it (distillation loss;
-    embedding cosine for encoders).
+    embedding cosine for encoders). With --seq-len, perplexity as papers report it (the whole
+    --data text in non-overlapping windows); with --tasks, lm-evaluation-harness tasks.
     """
+    if seq_len is not None or tasks:
+        from cli.standard_eval import standard_eval
+
+        standard_eval(model, data, seq_len, tasks, limit, batch_size, tokenizer, json_out)
+        return
+    if data is None:
+        from cli.common import fail
+
+        fail("--data is needed (or --seq-len with --data, or --tasks)")
     from compressor.training.data import load_samples, load_tokenizer, make_batches
     from compressor.training.evaluate import evaluate as run_eval
     from compressor.workflows.finetune import load_model

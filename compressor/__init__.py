@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from compressor.workflows.compress import CompressOptions, compress_checkpoint
     from compressor.workflows.estimate import estimate_checkpoint
     from compressor.workflows.finetune import finetune_checkpoint
+from compressor.io.hf_register import register_when_imported
+
+register_when_imported()  # `from_pretrained` loads dlnc exports (transformers stays unimported)
 
 __version__ = "0.1.0"
 

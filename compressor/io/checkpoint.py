@@ -22,7 +22,7 @@ from compressor.core.surgery import tied_keys
 from compressor.errors import DlncError, first_line
 from compressor.io.tensor_model import TensorModel
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint", "read_state_dict"]
+__all__ = ["LoadedCheckpoint", "load_checkpoint", "read_shapes", "read_state_dict"]
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -127,6 +127,20 @@ def _validate(files: list[Path]) -> None:
                 handle.keys()
         except (SafetensorError, OSError, ValueError) as e:
             raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
+
+
+def read_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """The shape of every tensor of the given safetensors files, from their headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
+    return shapes
 
 
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:

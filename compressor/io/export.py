@@ -2,8 +2,11 @@
 
 Layout of an export folder:
   model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
-  config.json       the original config plus a `dlnc` section (format, method, layer ranks)
+  config.json       the original config plus a `dlnc` section (format, method, layer ranks);
+                    factorized: `quantization_config` (quant_method dlnc) for from_pretrained
+                    and the `transformers_weights` guard (LOAD_GUARD)
   report.json       the compression report
+  README.md         the model card (compressor/io/model_card.py)
   tokenizer / processor files copied from the input folder
 A factorized layer `<name>` is stored as `<name>.down.weight` (k x in), `<name>.up.weight`
 (out x k) and `<name>.up.bias`; with `merge=True` it is stored dense under its original name
@@ -25,17 +28,32 @@ from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers, replace_module, tied_keys
 from compressor.errors import DlncError, first_line
 from compressor.io.files import check_writable, write_error
+from compressor.io.model_card import write_model_card
 from compressor.io.section import FORMAT_VERSION, check_factors, read_section
 
 __all__ = [
     "FORMAT_VERSION",
+    "LOAD_GUARD",
+    "QUANT_METHOD",
     "default_output_dir",
     "disk_size",
     "export",
     "export_state_dict",
+    "install_factorized",
     "load_pretrained",
+    "read_section",
 ]
 
+QUANT_METHOD = "dlnc"
+"""`quantization_config.quant_method` of a factorized export: routes `from_pretrained` to the
+dlnc quantizer (compressor/io/hf.py)."""
+LOAD_GUARD = (
+    "a dlnc factorized export: `pip install dlnc` and `import compressor` before loading it, "
+    "or its factorized layers would load as random weights"
+)
+"""config.json's `transformers_weights` in a factorized export. transformers refuses a value
+that is not a .safetensors name, with this text in its error, so loading without dlnc fails
+loudly; the dlnc quantizer removes it before transformers looks for the weights."""
 COPIED = re.compile(
     r"^(tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|.*\.model"
     r"|preprocessor_config\.json|processor_config\.json|image_processor.*|feature_extractor.*"
@@ -159,6 +177,9 @@ def export(
             _write_json(tmp / "report.json", _with_size(report, tmp))
         if source is not None:
             _copy_side_files(Path(source), tmp)
+        write_model_card(
+            tmp, model, config=config, source=source, report=report, method=method, merged=merge
+        )
         _replace(tmp, out_dir)
         done = True
     except (OSError, SafetensorError) as e:
@@ -232,8 +253,18 @@ def _write_weights(model: nn.Module, folder: Path, merge: bool, max_shard_size) 
 
 def _config_dict(config: object | None, section: dict) -> dict:
     data = config.to_dict() if config is not None else {}
+    if (data.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+        del data["quantization_config"]  # a model loaded by the dlnc quantizer: written afresh
     data["dlnc"] = section
+    if config is not None and section["layers"]:
+        data.update(quantization_fields())
     return data
+
+
+def quantization_fields() -> dict:
+    """What a factorized transformers export adds to config.json for `from_pretrained`."""
+    quant = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+    return {"quantization_config": quant, "transformers_weights": LOAD_GUARD}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -267,67 +298,134 @@ def disk_size(paths: list[Path] | Path) -> int:
     return sum(p.stat().st_size for p in items)
 
 
-def load_pretrained(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_pretrained(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict | None = None,
+) -> nn.Module:
     """Load a dlnc export: the model with its factorized layers, outputs identical to the
     model that was exported.
 
-    The architecture comes from config.json; a tensor-mode export loads as a `TensorModel`
-    (weights only) unless `model`, an instance of the original torch module, is given: its
-    layers are then swapped for the exported factors and its weights loaded.
+    A transformers export goes through `from_pretrained` with the dlnc quantizer (the skeleton
+    is built on the meta device, the dense weights are never allocated); `dtype` and
+    `device_map` are passed to it. A tensor-mode export loads as a `TensorModel` (weights only)
+    unless `model`, an instance of the original torch module, is given: its layers are then
+    swapped for the exported factors and its weights loaded.
     """
-    from compressor.io.checkpoint import read_state_dict
+    from compressor.io.checkpoint import read_shapes, read_state_dict
 
     folder = Path(path)
-    config_file = folder / "config.json"
     section = read_section(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise DlncError(f"{folder}: no .safetensors weights")
+    check_factors(folder, section, read_shapes(files))
+    if model is None and not section.get("tensor_mode"):
+        return _from_pretrained(folder, section, dtype, device_map)
     state = read_state_dict(files)
-    check_factors(folder, section, state)
     try:
-        model = _skeleton(config_file, section, state, model)
+        model = _module_skeleton(section, state, model)
         _load_state(model, state)
     except (RuntimeError, KeyError, AttributeError, ValueError, TypeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
     return model.eval()
 
 
-def _skeleton(
-    config_file: Path, section: dict, state: dict[str, torch.Tensor], model: nn.Module | None
+def install_factorized(
+    model: nn.Module,
+    layers: dict[str, dict],
+    *,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype | None = None,
+    create_parents: bool = False,
 ) -> nn.Module:
-    """The model's module tree with factorized layers where the export has them."""
-    from compressor.io.tensor_model import TensorModel, container
+    """Swap in an empty `FactorizedLinear` (on `device`, meta by default: no memory) for each
+    entry of an export's layer table; loading the state dict with `assign=True` fills them.
 
-    layers = section.get("layers", {})
-    tensor_mode = bool(section.get("tensor_mode")) and model is None
-    if tensor_mode:
-        owned = tuple(f"{n}." for n in layers)
-        model = TensorModel({k: v for k, v in state.items() if not k.startswith(owned)})
-    elif model is None:
-        model = _hf_skeleton(config_file)
+    `dtype` None takes the dtype of the module being replaced. A layer of a head the model
+    lacks (a base model loaded from a head model's export) is skipped, as transformers skips
+    its weights; `create_parents` builds missing containers (tensor mode).
+    """
     for name, spec in layers.items():
+        local = name if create_parents else _local_name(model, name)
+        if local is None:
+            continue
         out_f, in_f = spec["shape"]
-        dtype = state[f"{name}.up.weight"].dtype
-        layer = FactorizedLinear(in_f, out_f, spec["rank"], 2, spec["bias"], dtype=dtype)
+        if create_parents:
+            from compressor.io.tensor_model import container
+
+            container(model, local.rpartition(".")[0])
+            kind = dtype
+        else:
+            kind = dtype or next(model.get_submodule(local).parameters()).dtype
+        layer = FactorizedLinear(
+            in_f, out_f, spec["rank"], 2, spec["bias"], dtype=kind, device=device
+        )  # fmt: skip
         layer.layout = spec.get("layout", "linear")
-        parent = name.rpartition(".")[0]
-        if tensor_mode:
-            container(model, parent)
-        elif not isinstance(model.get_submodule(name), nn.Module):
-            raise KeyError(f"no module at {name}")
-        replace_module(model, name, layer)
+        replace_module(model, local, layer)
     return model
 
 
-def _hf_skeleton(config_file: Path) -> nn.Module:
-    import transformers
-    from transformers import AutoConfig
+def _local_name(model: nn.Module, name: str) -> str | None:
+    """`name` as a path in `model`, across the base-model prefix (`transformer.`, `bert.`)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = [name, f"{prefix}.{name}"] if prefix else [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1 :])
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+            return candidate
+        except AttributeError:
+            continue
+    if prefix and not hasattr(model, prefix) and not name.startswith(prefix + "."):
+        return None  # a head layer; this model is the base alone
+    raise KeyError(f"no module at {name}")
 
-    config = AutoConfig.from_pretrained(str(config_file), local_files_only=True)
-    arch = next((a for a in (config.architectures or ()) if hasattr(transformers, a)), "AutoModel")
-    cls = getattr(transformers, arch)
-    return cls.from_config(config) if arch == "AutoModel" else cls(config)
+
+def _module_skeleton(
+    section: dict, state: dict[str, torch.Tensor], model: nn.Module | None
+) -> nn.Module:
+    """Tensor mode: a `TensorModel` (or the user's `model`) with the exported factorized layers."""
+    from compressor.io.tensor_model import TensorModel
+
+    layers = section.get("layers", {})
+    tensor_mode = model is None
+    if tensor_mode:
+        owned = tuple(f"{n}." for n in layers)
+        model = TensorModel({k: v for k, v in state.items() if not k.startswith(owned)})
+    for name, spec in layers.items():
+        dtype = state[f"{name}.up.weight"].dtype
+        install_factorized(model, {name: spec}, dtype=dtype, create_parents=tensor_mode)
+    return model
+
+
+def _from_pretrained(
+    folder: Path, section: dict, dtype: str | torch.dtype, device_map: str | dict | None
+) -> nn.Module:
+    """A transformers export through `from_pretrained` and the dlnc quantizer."""
+    from transformers import AutoConfig, AutoModel
+
+    from compressor.io.checkpoint import _check_loading_info, _model_class
+    from compressor.io.hf import DlncQuantizationConfig, register
+
+    register()
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    cls = _model_class(config, trust_remote_code=False) or AutoModel
+    extra = {}
+    if section.get("layers") and getattr(config, "quantization_config", None) is None:
+        extra["quantization_config"] = DlncQuantizationConfig()  # written before it was stored
+    try:
+        model, info = cls.from_pretrained(
+            str(folder), config=config, dtype=dtype, device_map=device_map,
+            output_loading_info=True, local_files_only=True, **extra,
+        )  # fmt: skip
+    except (RuntimeError, ValueError, OSError, KeyError, AttributeError) as e:
+        raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
+    _check_loading_info(model, info)
+    return model.eval()
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

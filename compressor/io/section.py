@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import torch
 
 from compressor.errors import DlncError
 
@@ -89,19 +88,22 @@ def _check_layer(where: str, name: str, spec: object) -> None:
         raise DlncError(f"{where}: bias of {name} must be true or false, got {spec['bias']!r}")
 
 
-def check_factors(folder: str | os.PathLike, section: dict, state: dict[str, torch.Tensor]) -> None:
-    """Every layer of the section has its factors in `state`, of the shapes it implies."""
+def check_factors(
+    folder: str | os.PathLike, section: dict, shapes: Mapping[str, Sequence[int]]
+) -> None:
+    """Every layer of the section has its factors in `shapes` (tensor name -> shape, e.g.
+    from the safetensors headers), of the shapes the section implies."""
     for name, spec in section.get("layers", {}).items():
         (out_f, in_f), rank = spec["shape"], spec["rank"]
         expected = {f"{name}.up.weight": [out_f, rank], f"{name}.down.weight": [rank, in_f]}
         if spec.get("bias", False):
             expected[f"{name}.up.bias"] = [out_f]
         for key, shape in expected.items():
-            tensor = state.get(key)
-            if tensor is None:
+            found = shapes.get(key)
+            if found is None:
                 raise DlncError(f"{folder}: the `dlnc` section lists {name}, but there is no {key}")
-            if list(tensor.shape) != shape:
+            if list(found) != shape:
                 raise DlncError(
                     f"{folder}: {name} (rank {rank}, shape {[out_f, in_f]} in the `dlnc` "
-                    f"section): expected {key} of shape {shape}, found {list(tensor.shape)}"
+                    f"section): expected {key} of shape {shape}, found {list(found)}"
                 )

@@ -1,0 +1,145 @@
+"""`from_pretrained` for dlnc exports: a transformers quantizer that builds the factorized layers.
+
+A factorized export's config.json carries `quantization_config: {"quant_method": "dlnc"}` and
+the `dlnc` section (the layer table, its one source of truth). transformers builds the model on
+the meta device, hands it to `DlncHfQuantizer`, which swaps the exported layers for
+`FactorizedLinear` skeletons (still on meta), and then loads the stored factors into them: the
+dense weights are never allocated. `import compressor` registers the quantizer lazily
+(compressor/io/hf_register.py); this module imports transformers' quantizer machinery.
+
+Without dlnc, the config's `transformers_weights` field (LOAD_GUARD) makes `from_pretrained` stop
+with a message naming `pip install dlnc` / `import compressor`; the quantizer removes it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import MethodType
+
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from compressor.core.surgery import factorized_layers, merge_
+from compressor.io.export import (
+    FORMAT_VERSION,
+    LOAD_GUARD,
+    QUANT_METHOD,
+    dlnc_section,
+    export_state_dict,
+    install_factorized,
+)
+
+__all__ = ["DlncHfQuantizer", "DlncQuantizationConfig", "register"]
+
+
+@dataclass
+class DlncQuantizationConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a factorized export; the layers are in the `dlnc` section."""
+
+    quant_method: str = QUANT_METHOD  # what routes transformers to DlncHfQuantizer
+    format_version: int = FORMAT_VERSION  # the export format that wrote it
+
+    def __post_init__(self) -> None:
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"`quant_method` must be {QUANT_METHOD!r}, got {self.quant_method!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"`format_version` {self.format_version}: written by a newer dlnc "
+                f"(this one reads up to {FORMAT_VERSION}); upgrade with `pip install -U dlnc`"
+            )
+
+
+class DlncHfQuantizer(HfQuantizer):
+    """Builds the export's `FactorizedLinear` layers before transformers loads the weights."""
+
+    requires_calibration = False
+
+    def update_attn_implementation(self, config):
+        """The one hook that sees the config before the weights are looked up: drop the guard."""
+        if getattr(config, "transformers_weights", None) == LOAD_GUARD:
+            del config.transformers_weights
+        return config
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        section = getattr(model.config, "dlnc", None)
+        if not isinstance(section, dict) or "layers" not in section:
+            raise ValueError("config.json has `quant_method: dlnc` but no `dlnc` layer table")
+        install_factorized(model, section["layers"], device="meta")
+        _skip_parent_init(model)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        model.save_pretrained = MethodType(_save_pretrained, model)
+        return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict, dict]:
+        """Chains deepened after loading are saved collapsed to two factors, as `export` does."""
+        return export_state_dict(model), {}
+
+    def _dequantize(self, model: nn.Module, dtype=None) -> nn.Module:
+        """`model.dequantize()`: every chain becomes a dense layer of its original kind."""
+        merge_(model)
+        model.__dict__.pop("save_pretrained", None)
+        if isinstance(getattr(model.config, "dlnc", None), dict):
+            model.config.dlnc = {**model.config.dlnc, "merged": True, "layers": {}}
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """The factors are ordinary float weights: `Trainer` may train them without adapters."""
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _skip_parent_init(model: nn.Module) -> None:
+    """Mark the parents of factorized layers as initialised when they hold no tensors of their
+    own: their `_init_weights` (run on modules transformers thinks incomplete) may read a child's
+    `.weight` (GPT-2's `c_proj.weight`), which a `FactorizedLinear` does not have. The factors
+    themselves come from the checkpoint."""
+    for name in factorized_layers(model):
+        parent = model.get_submodule(name.rpartition(".")[0])
+        own = [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]
+        if not own:
+            parent._is_hf_initialized = True
+
+
+def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs) -> None:
+    """`save_pretrained`, then the dlnc fields transformers does not keep: the layer table as
+    the model has it now, and the guard (transformers drops `transformers_weights` on save)."""
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    path = Path(save_directory) / "config.json"
+    if not path.is_file():  # not the main process
+        return
+    data = json.loads(path.read_text())
+    method = (data.get("dlnc") or {}).get("method", "svd")
+    if factorized_layers(self):
+        data["dlnc"] = dlnc_section(self, method, merged=False, tensor_mode=False)
+        data["transformers_weights"] = LOAD_GUARD
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def register() -> None:
+    """Register the `dlnc` quantization method with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(DlncQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(DlncHfQuantizer)

@@ -1,0 +1,78 @@
+"""Helpers for the Hugging Face integration tests: a word-level tokenizer over a tiny vocabulary
+(so pipelines, generation and lm-eval run offline), T5 beside the conftest families, and a
+compressed export of any family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import build_tiny, example_inputs
+from torch import nn
+
+WORDS = [f"w{i}" for i in range(60)]
+"""The tiny models' vocabulary (64 ids): 4 special tokens, then w0 ... w59."""
+
+
+def tiny_tokenizer():
+    """A fast tokenizer over `WORDS`: ids 0-3 are <eos>, <unk>, <pad>, <mask>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<eos>", "<unk>", "<pad>", "<mask>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        mask_token="<mask>", bos_token="<eos>",
+    )  # fmt: skip
+
+
+def build(family: str) -> nn.Module:
+    """A tiny model of `family`: the conftest ones and T5."""
+    if family != "t5":
+        return build_tiny(family)
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64,
+        decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return tf.T5ForConditionalGeneration(config).eval()
+
+
+def inputs(family: str) -> dict[str, torch.Tensor]:
+    if family != "t5":
+        return example_inputs(family)
+    g = torch.Generator().manual_seed(1)
+    return {
+        "input_ids": torch.randint(1, 64, (2, 12), generator=g),
+        "decoder_input_ids": torch.randint(1, 64, (2, 6), generator=g),
+    }
+
+
+def compressed_export(
+    family: str, tmp_path: Path, keep: float = 0.5, tokenizer: bool = False
+) -> tuple[nn.Module, Path]:
+    """(the compressed model in memory, its export folder), compressed at `keep`."""
+    from compressor.core.compress import compress_
+    from compressor.core.ranks import RankPolicy
+    from compressor.core.targets import find_targets, weight_readers
+    from compressor.io.checkpoint import load_checkpoint
+    from compressor.io.export import export
+
+    source = tmp_path / f"{family}-dense"
+    build(family).save_pretrained(source)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(source)
+    loaded = load_checkpoint(source)
+    targets = find_targets(loaded.model)
+    for name in weight_readers(loaded.model, targets):  # T5's wo
+        del targets[name]
+    report = compress_(loaded.model, targets, RankPolicy(keep=keep))
+    out = export(
+        loaded.model, tmp_path / f"{family}-dlnc", config=loaded.config, source=source,
+        report=report.to_dict(),
+    )  # fmt: skip
+    return loaded.model, out
