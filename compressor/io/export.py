@@ -424,7 +424,7 @@ def _from_pretrained(
         )  # fmt: skip
     except (RuntimeError, ValueError, OSError, KeyError, AttributeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
-    _check_loading_info(model, info)
+    _check_loading_info(model, info, [])
     return model.eval()
 
 
