@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "export",
     "export_state_dict",
     "load_pretrained",
+    "write_folder",
 ]
 
 FORMAT_VERSION = 1
@@ -113,6 +115,31 @@ def export(
     `config` is the transformers config (None in tensor mode); `source` the input folder whose
     tokenizer and processor files are copied.
     """
+    section = dlnc_section(model, method, merge, config is None)
+    return write_folder(
+        out_dir,
+        lambda folder: _write_weights(model, folder, merge, max_shard_size),
+        config=config,
+        section=section,
+        source=source,
+        report=report,
+        overwrite=overwrite,
+    )
+
+
+def write_folder(
+    out_dir: str | os.PathLike,
+    write_weights: Callable[[Path], None],
+    *,
+    config: object | None,
+    section: dict,
+    source: str | os.PathLike | None = None,
+    report: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """The export folder, atomically: `write_weights(tmp)` writes the weights into a hidden
+    temp folder, then config.json (with the `dlnc` section), report.json and the side files
+    join them, and the folder is renamed into place. Nothing is left behind on an error."""
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite, Path(source) if source else None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +147,7 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_weights(model, tmp, merge, max_shard_size)
-        section = dlnc_section(model, method, merge, config is None)
+        write_weights(tmp)
         _write_json(tmp / "config.json", _config_dict(config, section))
         if report is not None:
             _write_json(tmp / "report.json", report)

@@ -56,10 +56,23 @@ class CompressOptions:
     recipe: dict | None = None  # the recipe these options came from, recorded in report.json
     aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
     finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
+    stream: bool | None = None  # one tensor at a time (None: whenever data-free, no fine-tuning)
+    solver: str = "auto"  # SVD of the streamed path: auto, exact or randomized
+    device: str | None = None  # linear algebra of the streamed path (None: GPU if there is one)
 
     def __post_init__(self) -> None:
         if self.depth < 2:
             raise DlncError(f"`depth` must be >= 2, got {self.depth}")
+        if self.solver not in ("auto", "exact", "randomized"):
+            raise DlncError(f"`solver` must be auto, exact or randomized, got {self.solver!r}")
+        if self.stream and not self.data_free:
+            raise DlncError("`stream` compresses data-free only: no data method, no fine-tuning")
+
+    @property
+    def data_free(self) -> bool:
+        """Plain SVD without fine-tuning: what the streamed path can do."""
+        no_data = self.aware is None or self.aware.method == "svd"
+        return no_data and self.finetune is None
 
 
 @dataclass
@@ -127,6 +140,14 @@ def compress_checkpoint(
     options = options or CompressOptions()
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
     check_output_dir(out, options.overwrite, Path(path))
+    if options.stream is not False and options.data_free:
+        from compressor.workflows.stream import NotStreamable, stream_compress
+
+        try:
+            return stream_compress(path, out, options, progress)
+        except NotStreamable as e:
+            if options.stream:
+                raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
     loaded = load_checkpoint(
         path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
     )
