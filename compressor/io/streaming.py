@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor.errors import DlncError, first_line
 
-__all__ = ["TensorSource", "TensorSpec", "file_order", "meta_model", "write_safetensors"]
+__all__ = ["TensorSource", "TensorSpec", "file_order", "meta_model", "module_loader", "write_safetensors"]
 
 _DTYPES = {
     "F64": torch.float64,
@@ -92,6 +92,21 @@ class TensorSource:
     def meta_state(self) -> dict[str, torch.Tensor]:
         """Every tensor as a meta tensor of its shape and dtype (tensor mode's module tree)."""
         return {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in self.specs.items()}
+
+
+def module_loader(source: TensorSource, keys: Mapping[str, str | None]):
+    """load(prefix, module): assign `module`'s parameters and stored buffers (recursively)
+    from the checkpoint; `keys` maps model state-dict keys to checkpoint keys."""
+
+    def load(prefix: str, module: nn.Module) -> None:
+        state = {}
+        for name in module.state_dict(keep_vars=True):
+            src = keys.get(f"{prefix}.{name}" if prefix else name)
+            if src is not None:
+                state[name] = source.get(src)
+        module.load_state_dict(state, strict=False, assign=True)
+
+    return load
 
 
 def meta_model(cls: type, config: object) -> nn.Module:

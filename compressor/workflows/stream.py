@@ -44,7 +44,7 @@ from compressor.io.export import dlnc_section, export_state_dict, write_folder
 from compressor.io.streaming import TensorSource, file_order, meta_model, write_safetensors
 from compressor.io.tensor_model import TensorModel
 
-__all__ = ["SOLVERS", "NotStreamable", "stream_compress"]
+__all__ = ["SOLVERS", "NotStreamable", "open_streamed", "stream_compress"]
 
 SOLVERS = ("auto", "exact", "randomized")
 """auto: randomized SVD where the rank is well below the layer's size, exact elsewhere."""
@@ -81,8 +81,7 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         weights_size,
     )
 
-    loaded, source = _open(Path(path), options)
-    keys = _key_map(loaded.model, source)
+    loaded, source, keys = open_streamed(path, options)
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
     layers = {n: _target(n, m, keys, source) for n, m in targets.items()}
@@ -103,6 +102,15 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
     summary["bytes_after"] = weights_size(done)
     _rewrite_json(done / "report.json", summary)
     return CompressResult(done, summary, loaded.notices, spectra)
+
+
+def open_streamed(
+    path: str | os.PathLike, options
+) -> tuple[LoadedCheckpoint, TensorSource, dict[str, str | None]]:
+    """The checkpoint's module tree on the meta device, its tensors' index, and which
+    checkpoint key holds each state-dict key (`NotStreamable` when they do not match)."""
+    loaded, source = _open(Path(path), options)
+    return loaded, source, _key_map(loaded.model, source)
 
 
 def _open(path: Path, options) -> tuple[LoadedCheckpoint, TensorSource]:
