@@ -91,7 +91,9 @@ def main() -> None:
             t = time.perf_counter()
             build(src, layers)
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-            print(f"built {layers} layers ({gb(size)}) in {time.perf_counter() - t:.0f} s", flush=True)
+            print(
+                f"built {layers} layers ({gb(size)}) in {time.perf_counter() - t:.0f} s", flush=True
+            )
             base = run("baseline", src, out, args.device)
             rows.append((layers, "baseline (imports + meta model)", base, None))
             steps = ["stream", "reload"] + (["memory"] if args.memory else [])

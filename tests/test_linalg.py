@@ -100,7 +100,9 @@ def flat(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("shape", "rank"), [((768, 512), 100), ((512, 768), 200), ((640, 512), 64)])
+@pytest.mark.parametrize(
+    ("shape", "rank"), [((768, 512), 100), ((512, 768), 200), ((640, 512), 64)]
+)
 def test_randomized_factors_reach_the_optimum_within_tolerance_on_a_flat_spectrum(shape, rank):
     # Wherever `use_randomized` picks the randomized path, even a flat spectrum must come
     # within RANDOMIZED_TOL (1%) of the Eckart-Young optimum in Frobenius norm.

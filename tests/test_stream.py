@@ -21,7 +21,7 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
     return out
 
 
@@ -51,7 +51,9 @@ def same_files(memory: Path, streamed: Path) -> None:
     assert sorted(p.name for p in memory.iterdir()) == sorted(p.name for p in streamed.iterdir())
     for name in ("config.json", "model.safetensors.index.json"):
         if (memory / name).exists():
-            assert json.loads((memory / name).read_text()) == json.loads((streamed / name).read_text())
+            assert json.loads((memory / name).read_text()) == json.loads(
+                (streamed / name).read_text()
+            )
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (memory, streamed))
     assert ra == rb
 

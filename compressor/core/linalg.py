@@ -19,15 +19,15 @@ __all__ = [
     "energy_rank",
     "factors_from",
     "gram_singular_values",
-    "randomized_factors",
-    "resolve_device",
-    "use_randomized",
     "numerical_rank",
     "participation_ratio",
+    "randomized_factors",
+    "resolve_device",
     "singular_values",
     "spectral_factors",
     "stable_rank",
     "truncation_error",
+    "use_randomized",
 ]
 
 
@@ -155,9 +155,7 @@ def _oversample(rank: int) -> int:
     return max(16, rank // 2)
 
 
-def gram_singular_values(
-    w: torch.Tensor, device: str | torch.device | None = None
-) -> torch.Tensor:
+def gram_singular_values(w: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
     """All singular values of `w` (descending, float32) from the eigenvalues of the smaller
     side's Gram matrix, formed in float32 on `device` and decomposed in float64.
 

@@ -19,7 +19,14 @@ from torch import nn
 
 from compressor.errors import DlncError, first_line
 
-__all__ = ["TensorSource", "TensorSpec", "file_order", "meta_model", "module_loader", "write_safetensors"]
+__all__ = [
+    "TensorSource",
+    "TensorSpec",
+    "file_order",
+    "meta_model",
+    "module_loader",
+    "write_safetensors",
+]
 
 _DTYPES = {
     "F64": torch.float64,
@@ -70,7 +77,7 @@ class TensorSource:
         for f in files:
             try:
                 with safe_open(f, framework="pt") as handle:
-                    for key in handle.keys():
+                    for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                         part = handle.get_slice(key)
                         dtype = _DTYPES.get(part.get_dtype())
                         if dtype is None:
@@ -91,7 +98,9 @@ class TensorSource:
 
     def meta_state(self) -> dict[str, torch.Tensor]:
         """Every tensor as a meta tensor of its shape and dtype (tensor mode's module tree)."""
-        return {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in self.specs.items()}
+        return {
+            k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in self.specs.items()
+        }
 
 
 def module_loader(source: TensorSource, keys: Mapping[str, str | None]):

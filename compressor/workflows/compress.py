@@ -17,6 +17,7 @@ from compressor.core.compress import (
     layer_decompositions,
     svd_factor_fn,
 )
+from compressor.core.layers import dense_weight_of
 from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import count_params
 from compressor.core.targets import find_targets, matches, weight_readers
@@ -45,6 +46,7 @@ class CompressOptions:
     depth: int = 2  # chain depth while in memory (export always collapses to 2 factors)
     include: list[str] | None = None  # names or `re:` regexes to compress (None: every dense)
     exclude: list[str] = field(default_factory=list)  # names or `re:` regexes to leave alone
+    square_only: list[str] = field(default_factory=list)  # targeted only where in == out
     config: Path | None = None  # config.json for a bare weights file
     allow_pickle: bool = False  # accept .bin/.pt (pickle) weights
     trust_remote_code: bool = False  # allow a checkpoint's own Python code
@@ -98,10 +100,30 @@ def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[s
     for name in weight_readers(loaded.model, targets):
         del targets[name]
         loaded.notices.append(f"{name} stays dense: its parent reads its .weight directly")
+    _drop_narrow(targets, options.square_only, loaded.notices)
     if not targets:
         raise DlncError("no layer to compress: the include/exclude patterns matched nothing")
     _check_overrides(options, targets)
     return targets
+
+
+def _drop_narrow(targets: dict[str, nn.Module], patterns: list[str], notices: list[str]) -> None:
+    """Leave dense the targets matching `square_only` patterns whose weight is not square
+    (k_proj/v_proj under grouped-query attention), with one notice per pattern."""
+    for pattern in patterns:
+        narrow = {
+            n: tuple(dense_weight_of(m).shape)
+            for n, m in targets.items()
+            if matches(n, pattern) and len(set(dense_weight_of(m).shape)) > 1
+        }
+        for name in narrow:
+            del targets[name]
+        if narrow:
+            out_f, in_f = next(iter(narrow.values()))
+            notices.append(
+                f"{pattern}: {len(narrow)} layer(s) stay dense: {out_f}x{in_f} is not square "
+                "(grouped-query attention), and the recipe targets it only when square"
+            )
 
 
 def check_patterns(model: nn.Module, options: CompressOptions) -> None:

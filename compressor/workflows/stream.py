@@ -271,7 +271,10 @@ class _Writer:
             for filename, specs in files.items():
                 write_safetensors(folder / filename, specs, self._produce, per_file)
         if split.is_sharded:
-            index = {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename}
+            index = {
+                "metadata": {**split.metadata, **metadata},
+                "weight_map": split.tensor_to_filename,
+            }
             name = constants.SAFETENSORS_WEIGHTS_FILE_PATTERN.format(suffix="") + ".index.json"
             _write_index(folder / name, index)
 
