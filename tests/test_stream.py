@@ -132,3 +132,21 @@ def test_write_safetensors_round_trips_through_safetensors(tmp_path):
         assert torch.equal(back.get(key), value)
     with safe_open(tmp_path / "x.safetensors", framework="pt") as h:
         assert h.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path, one_torch_thread):
+    # calibration one block at a time gives the in-memory Grams bit for bit
+    # (tests/test_blocks.py), and the whitening maths is the same function on the same input
+    from safetensors.torch import save_file
+
+    from compressor.training.data import DataOptions
+    from compressor.workflows.plan import AwareOptions
+
+    src = sharded(family, tmp_path)
+    data = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.randint(1, 64, (12, 10), generator=torch.Generator())}, data)
+    aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4))
+    memory, streamed = both(src, tmp_path, aware=aware)
+    same_files(memory, streamed)
+    assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"

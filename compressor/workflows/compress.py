@@ -67,14 +67,20 @@ class CompressOptions:
             raise DlncError(f"`depth` must be >= 2, got {self.depth}")
         if self.solver not in ("auto", "exact", "randomized"):
             raise DlncError(f"`solver` must be auto, exact or randomized, got {self.solver!r}")
-        if self.stream and not self.data_free:
-            raise DlncError("`stream` compresses data-free only: no data method, no fine-tuning")
+        if self.stream and not (self.data_free or self.streamed_whiten):
+            raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
 
     @property
     def data_free(self) -> bool:
-        """Plain SVD without fine-tuning: what the streamed path can do."""
+        """Plain SVD without fine-tuning: streamed unless `stream=False`."""
         no_data = self.aware is None or self.aware.method == "svd"
         return no_data and self.finetune is None
+
+    @property
+    def streamed_whiten(self) -> bool:
+        """Whitened SVD without fine-tuning: streamed (block by block) with `stream=True`."""
+        whiten = self.aware is not None and self.aware.method == "whiten"
+        return whiten and self.finetune is None
 
 
 @dataclass
@@ -162,7 +168,7 @@ def compress_checkpoint(
     options = options or CompressOptions()
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
     check_output_dir(out, options.overwrite, Path(path))
-    if options.stream is not False and options.data_free:
+    if (options.stream is not False and options.data_free) or options.stream:
         from compressor.workflows.stream import NotStreamable, stream_compress
 
         try:

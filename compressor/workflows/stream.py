@@ -16,6 +16,8 @@ written) plus a fixed overhead, never the model. The export (tensors, shards, co
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from compressor.core.linalg import (
     factors_from,
     gram_singular_values,
     randomized_factors,
+    singular_values,
     truncation_error,
     use_randomized,
 )
@@ -41,7 +44,13 @@ from compressor.core.surgery import count_params, replace_module, tied_keys
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, _model_class, _read_config, _weight_files
 from compressor.io.export import dlnc_section, export_state_dict, write_folder
-from compressor.io.streaming import TensorSource, file_order, meta_model, write_safetensors
+from compressor.io.streaming import (
+    TensorSource,
+    file_order,
+    meta_model,
+    module_loader,
+    write_safetensors,
+)
 from compressor.io.tensor_model import TensorModel
 
 __all__ = ["SOLVERS", "NotStreamable", "open_streamed", "stream_compress"]
@@ -85,23 +94,96 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
     layers = {n: _target(n, m, keys, source) for n, m in targets.items()}
-    spectra = _spectra(layers, source, options, progress)
-    policy = expand_overrides(options.policy, list(layers))
-    shapes = {n: t.shape for n, t in layers.items()}
-    for name, decision in allocate_ranks(spectra, shapes, policy).items():
-        layers[name].decision = decision
-    _factorize_skeleton(loaded.model, layers)
-    writer = _Writer(loaded.model, layers, keys, source, spectra, options, progress)
-    section = dlnc_section(loaded.model, "svd", options.merge, loaded.tensor_mode)
-    done = write_folder(
-        out, writer.write, config=loaded.config, section=section, source=loaded.source,
-        report=None, overwrite=options.overwrite,
-    )  # fmt: skip
-    report = CompressionReport("svd", [writer.reports[n] for n in layers], options.depth)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.grams-", dir=_parent(out)) as tmp:
+        if options.data_free:
+            method, spectra = "svd", _spectra(layers, source, options, progress)
+            weight_spectra, factor = spectra, _svd_factor(spectra, options)
+        else:
+            method = "whiten"
+            grams = _whiten_pass(loaded, targets, source, keys, options, Path(tmp), progress)
+            spectra, weight_spectra, factor = grams
+        policy = expand_overrides(options.policy, list(layers))
+        shapes = {n: t.shape for n, t in layers.items()}
+        for name, decision in allocate_ranks(spectra, shapes, policy).items():
+            layers[name].decision = decision
+        _factorize_skeleton(loaded.model, layers)
+        writer = _Writer(loaded.model, layers, keys, source, factor, options, progress)
+        section = dlnc_section(loaded.model, method, options.merge, loaded.tensor_mode)
+        done = write_folder(
+            out, writer.write, config=loaded.config, section=section, source=loaded.source,
+            report=None, overwrite=options.overwrite,
+        )  # fmt: skip
+    report = CompressionReport(method, [writer.reports[n] for n in layers], options.depth)
     summary = build_report(loaded, report, total_before, options)
     summary["bytes_after"] = weights_size(done)
     _rewrite_json(done / "report.json", summary)
-    return CompressResult(done, summary, loaded.notices, spectra)
+    return CompressResult(done, summary, loaded.notices, weight_spectra)
+
+
+def _whitener_state(whitener) -> dict[str, torch.Tensor]:
+    return {} if whitener is None else {"root": whitener.root, "root_pinv": whitener.root_pinv}
+
+
+def _release(model: nn.Module) -> None:
+    """Send the parameters the block loop loaded back to the meta device, and re-tie."""
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and not p.is_meta:
+                module._parameters[key] = nn.Parameter(p.to("meta"), requires_grad=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _parent(out: Path) -> Path:
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+FactorOf = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, float]]
+"""factor(name, weight, rank) -> (up, down, relative error) of one streamed layer."""
+
+
+def _svd_factor(spectra: dict[str, torch.Tensor], options) -> FactorOf:
+    return lambda name, weight, rank: _factors(weight, rank, spectra[name], options)
+
+
+def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
+    """1) with data: block by block, each target's input Gram (saved to `tmp`, one file per
+    distinct Gram), its weight spectrum and whitened spectrum, as `build_plan` computes them."""
+    from compressor.methods.blocks import block_grams, stream_blocks
+    from compressor.methods.whiten import Whitener, whitened_factors, whitened_spectrum
+    from compressor.workflows.plan import PlanInfo, _batches
+
+    batches, _ = _batches(loaded, options.aware.data, PlanInfo())
+    damping = options.aware.damping
+    spectra, weight_spectra, files = {}, {}, {}
+    load = module_loader(source, keys)
+    for block in stream_blocks(loaded.model, batches, load, progress=progress):
+        whiteners: dict[int, Whitener | None] = {}
+        paths: dict[int, Path] = {}
+        for name, st in block_grams(block, targets).items():
+            if id(st) not in whiteners:  # q/k/v share one Gram, one whitener
+                whiteners[id(st)] = Whitener.from_gram(st.gram / max(st.rows, 1), damping)
+                paths[id(st)] = tmp / f"{block.index}-{len(paths)}.pt"
+                torch.save(_whitener_state(whiteners[id(st)]), paths[id(st)])
+            files[name] = paths[id(st)]
+            weight = _dense(targets[name].weight, layout_of(targets[name]))
+            check_finite(name, weight)
+            weight_spectra[name] = singular_values(weight)
+            spectra[name] = whitened_spectrum(weight, whiteners[id(st)])
+    missing = [n for n in targets if n not in spectra]
+    if missing:
+        raise NotStreamable(f"{missing[0]} is outside the model's block stack")
+    _release(loaded.model)
+
+    def factor(name: str, weight: torch.Tensor, rank: int):
+        state = torch.load(files[name], weights_only=True)
+        whitener = Whitener(**state) if state else None
+        up, down, _, rel = whitened_factors(weight, whitener, rank)
+        return up, down, rel
+
+    return spectra, weight_spectra, factor
 
 
 def open_streamed(
@@ -216,9 +298,9 @@ def _factorize_skeleton(model: nn.Module, layers: dict[str, _Target]) -> None:
 class _Writer:
     """2) the output shards, tensor by tensor, in the in-memory export's order and sharding."""
 
-    def __init__(self, model, layers, keys, source, spectra, options, progress) -> None:
+    def __init__(self, model, layers, keys, source, factor: FactorOf, options, progress) -> None:
         self.model, self.layers, self.keys, self.source = model, layers, keys, source
-        self.spectra, self.options, self.progress = spectra, options, progress
+        self.factor, self.options, self.progress = factor, options, progress
         self.reports: dict[str, LayerReport] = {}
         self.buffers = {k: v.detach() for k, v in model.named_buffers()}
         self.owner = self._owners()
@@ -307,7 +389,7 @@ class _Writer:
         t = self.layers[name]
         rank = t.decision.rank
         weight = _dense(self.source.get(t.weight_key), t.layout)
-        up, down, rel = _factors(weight, rank, self.spectra[name], self.options)
+        up, down, rel = self.factor(name, weight, rank)
         del weight
         up, down = up.to(t.dtype), down.to(t.dtype)
         bias = self.source.get(t.bias_key).to(t.dtype) if t.bias_key else None
