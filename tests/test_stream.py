@@ -150,3 +150,28 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     memory, streamed = both(src, tmp_path, aware=aware)
     same_files(memory, streamed)
     assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"
+
+
+def test_two_processes_split_the_layers_and_write_the_same_export(tmp_path, one_torch_thread):
+    # torchrun + gloo on CPU: accelerate's process state; each process decomposes every
+    # other layer, the main one writes the export
+    import os
+    import subprocess
+    import sys
+
+    src = sharded("llama", tmp_path)
+    script = Path(__file__).parent / "scripts" / "stream_ddp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(script), str(src), str(tmp_path / "out-dist")]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [
+        {"world": 2, "main": True, "report": True},
+        {"world": 2, "main": False, "report": False},
+    ]
+    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB")
+    single = compress_checkpoint(src, tmp_path / "out-single", opts).out_dir
+    same_files(single, tmp_path / "out-dist")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no parts left

@@ -16,10 +16,11 @@ written) plus a fixed overhead, never the model. The export (tensors, shards, co
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -95,8 +96,11 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
     targets = select_targets(loaded, options)
     layers = {n: _target(n, m, keys, source) for n, m in targets.items()}
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.grams-", dir=_parent(out)) as tmp:
+        world = _world() if options.data_free else None
+        if world is not None and options.device is None and world.device.type == "cuda":
+            options = replace(options, device=str(world.device))  # one GPU per process
         if options.data_free:
-            method, spectra = "svd", _spectra(layers, source, options, progress)
+            method, spectra = "svd", _spectra_shared(layers, source, options, progress, world)
             weight_spectra, factor = spectra, _svd_factor(spectra, options)
         else:
             method = "whiten"
@@ -107,17 +111,85 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         for name, decision in allocate_ranks(spectra, shapes, policy).items():
             layers[name].decision = decision
         _factorize_skeleton(loaded.model, layers)
+        if world is not None:  # each process factorizes its share; the main one writes
+            factor = _factor_shared(layers, source, factor, out, world)
+            if not world.is_main_process:
+                world.wait_for_everyone()
+                return CompressResult(Path(out).resolve(), {}, loaded.notices, weight_spectra)
         writer = _Writer(loaded.model, layers, keys, source, factor, options, progress)
         section = dlnc_section(loaded.model, method, options.merge, loaded.tensor_mode)
-        done = write_folder(
-            out, writer.write, config=loaded.config, section=section, source=loaded.source,
-            report=None, overwrite=options.overwrite,
-        )  # fmt: skip
+        try:
+            done = write_folder(
+                out, writer.write, config=loaded.config, section=section, source=loaded.source,
+                report=None, overwrite=options.overwrite,
+            )  # fmt: skip
+        finally:
+            if world is not None:
+                shutil.rmtree(_parts_dir(out), ignore_errors=True)
+                world.wait_for_everyone()
     report = CompressionReport(method, [writer.reports[n] for n in layers], options.depth)
     summary = build_report(loaded, report, total_before, options)
     summary["bytes_after"] = weights_size(done)
     _rewrite_json(done / "report.json", summary)
     return CompressResult(done, summary, loaded.notices, weight_spectra)
+
+
+def _world():
+    """accelerate's process state under torchrun / accelerate launch (several processes split
+    the layers between them); None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    from compressor.training.evaluate import cpu_launch
+
+    return PartialState(cpu=cpu_launch())
+
+
+def _spectra_shared(layers, source, options, progress, world) -> dict[str, torch.Tensor]:
+    """1) the spectra; with several processes each takes every n-th layer, then all gather."""
+    if world is None:
+        return _spectra(layers, source, options, progress)
+    from accelerate.utils import gather_object
+
+    names = list(layers)
+    mine = {n: layers[n] for n in names[world.process_index :: world.num_processes]}
+    merged = {
+        k: v
+        for part in gather_object([_spectra(mine, source, options, None)])
+        for k, v in part.items()
+    }
+    return {n: merged[n] for n in names}
+
+
+def _parts_dir(out: Path) -> Path:
+    return _parent(out) / f".{Path(out).name}.parts"
+
+
+def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> FactorOf:
+    """2) with several processes: each factorizes every n-th layer into a parts folder beside
+    the output; the main process's writer then reads the factors from there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    parts = _parts_dir(out)
+    if world.is_main_process:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir()
+    world.wait_for_everyone()
+    names = [n for n, t in layers.items() if not t.decision.dense]
+    for name in names[world.process_index :: world.num_processes]:
+        t = layers[name]
+        up, down, rel = factor(name, _dense(source.get(t.weight_key), t.layout), t.decision.rank)
+        tensors = {"up": up.contiguous(), "down": down.contiguous()}
+        save_file(tensors, parts / f"{name}.safetensors", metadata={"rel": repr(rel)})
+    world.wait_for_everyone()
+
+    def read(name: str, weight: torch.Tensor, rank: int):
+        with safe_open(parts / f"{name}.safetensors", framework="pt") as h:
+            return h.get_tensor("up"), h.get_tensor("down"), float(h.metadata()["rel"])
+
+    return read
 
 
 def _whitener_state(whitener) -> dict[str, torch.Tensor]:
