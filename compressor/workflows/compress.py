@@ -168,6 +168,8 @@ def compress_checkpoint(
     options = options or CompressOptions()
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
     check_output_dir(out, options.overwrite, Path(path))
+    if options.stream and not (options.data_free or options.streamed_whiten):
+        raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
     if (options.stream is not False and options.data_free) or options.stream:
         from compressor.workflows.stream import NotStreamable, stream_compress
 
