@@ -490,7 +490,7 @@ def _factors(weight: torch.Tensor, rank: int, s: torch.Tensor, options):
     )
     if randomized:
         up, down, top = randomized_factors(weight, rank, device=options.device)
-        total = float(weight.double().square().sum())
+        total = _squared_norm(weight)
         error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
         optimum = truncation_error(s, rank)
         if options.solver == "randomized" or error <= (1 + RANDOMIZED_TOL) * optimum:
@@ -498,6 +498,11 @@ def _factors(weight: torch.Tensor, rank: int, s: torch.Tensor, options):
     d = decompose(weight, rank)
     up, down = factors_from(weight, d, rank)
     return up, down, truncation_error(d.s, rank) / max(float(d.s.norm()), 1e-30)
+
+
+def _squared_norm(weight: torch.Tensor, rows: int = 1024) -> float:
+    """||W||_F^2 in float64, a block of rows at a time (no float64 copy of the layer)."""
+    return sum(float(part.double().square().sum()) for part in weight.split(rows))
 
 
 def _dense_report(name: str, t: _Target) -> LayerReport:
