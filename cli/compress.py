@@ -75,6 +75,18 @@ def compress(
         bool, typer.Option(help="Export dense weights, loadable by any tool.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            help="Read and write one tensor at a time (memory: a layer, not the model). "
+            "[default: on without data or fine-tuning; with --method whiten, --stream "
+            "calibrates block by block]"
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="Device of the streamed SVDs (cpu, cuda, cuda:1). [default: GPU if any]"),
+    ] = None,
     allow_pickle: Annotated[
         bool, typer.Option(help="Accept pickle weights (.bin/.pt); only from a trusted source.")
     ] = False,
@@ -145,6 +157,8 @@ def compress(
             merge=merge,
             overwrite=overwrite,
             max_shard_size=max_shard_size,
+            stream=stream,
+            device=device,
         )
         options.aware = opt.aware_options(
             chosen, method, data, text_field, label_field, tokenizer, max_length,

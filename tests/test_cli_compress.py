@@ -259,3 +259,22 @@ def test_bare_weights_file_with_config_given_elsewhere(tiny_model, tmp_path):
     reloaded = load_pretrained(out)
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
     assert outputs(reloaded, example_inputs("gpt2")).shape == (2, 12, 64)
+
+
+def test_stream_and_device_flags(tiny_model, tmp_path):
+    _, folder = tiny_model("llama")
+    streamed = dlnc("compress", folder, "-o", tmp_path / "a", "--rank", 4, "--device", "cpu")
+    memory = dlnc("compress", folder, "-o", tmp_path / "b", "--rank", 4, "--no-stream")
+    assert streamed.exit_code == 0 and memory.exit_code == 0, streamed.output + memory.output
+    a, b = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    bad = dlnc(
+        "compress", folder, "-o", tmp_path / "c", "--stream", "--method", "dynamics",
+        "--reference", folder,
+    )  # fmt: skip
+    assert bad.exit_code == 1
+    assert "error: `stream` works without fine-tuning, with method svd or whiten" in bad.output
+    assert not (tmp_path / "c").exists()

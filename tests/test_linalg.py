@@ -93,3 +93,55 @@ def test_factors_of_a_rank_deficient_matrix_have_no_nans():
     up, down = linalg.spectral_factors(w, 8)  # 5 zero singular values inside the rank
     assert torch.isfinite(up).all() and torch.isfinite(down).all()
     torch.testing.assert_close(up @ down, w, atol=1e-3, rtol=1e-4)
+
+
+def flat(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
+    """A Gaussian matrix: a flat (Marchenko-Pastur) spectrum, the randomized SVD's worst case."""
+    return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    ("shape", "rank"), [((768, 512), 100), ((512, 768), 200), ((640, 512), 64)]
+)
+def test_randomized_factors_reach_the_optimum_within_tolerance_on_a_flat_spectrum(shape, rank):
+    # Wherever `use_randomized` picks the randomized path, even a flat spectrum must come
+    # within RANDOMIZED_TOL (1%) of the Eckart-Young optimum in Frobenius norm.
+    assert linalg.use_randomized(shape, rank)
+    w = flat(*shape)
+    up, down, s = linalg.randomized_factors(w, rank)
+    exact = torch.linalg.svdvals(w.double())
+    optimum = linalg.truncation_error(exact, rank)
+    error = float(torch.linalg.norm(w.double() - (up @ down).double()))
+    assert optimum <= error <= (1 + linalg.RANDOMIZED_TOL) * optimum
+    # W' = up @ down is an orthogonal projection of W: its error follows from s alone
+    from_s = (float(w.double().square().sum()) - float(s.double().square().sum())) ** 0.5
+    assert from_s == pytest.approx(error, rel=1e-4)
+    torch.testing.assert_close(up.T @ up, down @ down.T, rtol=1e-3, atol=1e-3)  # balanced
+
+
+def test_randomized_factors_are_exact_on_a_decaying_spectrum():
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(600, 300, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    s = 0.9 ** torch.arange(300, dtype=torch.float64)
+    w = (u * s) @ v.T
+    up, down, top = linalg.randomized_factors(w, 40)
+    optimum = linalg.truncation_error(s, 40)
+    error = float(torch.linalg.norm(w - (up @ down).double()))
+    assert error == pytest.approx(optimum, rel=1e-4)
+    torch.testing.assert_close(top.double(), s[:40], rtol=1e-5, atol=0)
+
+
+def test_use_randomized_only_well_below_the_size_of_large_layers():
+    assert linalg.use_randomized((4096, 4096), 1024)
+    assert not linalg.use_randomized((4096, 4096), 2000)  # a sketch that wide costs more
+    assert not linalg.use_randomized((256, 4096), 8)  # small side: exact is cheap
+
+
+@pytest.mark.parametrize("shape", [(700, 300), (300, 700), (400, 400)])
+def test_gram_singular_values_are_within_float32_gram_precision(shape):
+    w = flat(*shape).to(torch.bfloat16)
+    exact = torch.linalg.svdvals(w.double())
+    fast = linalg.gram_singular_values(w).double()
+    assert fast.shape == exact.shape
+    assert float((fast.square() - exact.square()).abs().max()) <= 1e-5 * float(exact[0]) ** 2

@@ -179,3 +179,26 @@ def test_t5_wo_stays_dense_even_when_asked_for(tmp_path):
     reloaded = load_pretrained(tmp_path / "out")
     inputs = inputs_of("t5")
     assert logits(reloaded, inputs).shape == logits(original, inputs).shape
+
+
+@pytest.mark.parametrize(("kv_heads", "kv_targeted"), [(4, True), (2, False)])
+def test_llama_recipe_targets_k_and_v_only_where_square(kv_heads, kv_targeted, tmp_path):
+    # 4 of 4 heads: no GQA, k_proj/v_proj are 32x32 and compressed like q_proj; 2 of 4: GQA,
+    # they are 16x32 and stay dense with a notice naming the reason
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+        intermediate_size=64, vocab_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "in")
+    recipe, source = choose_recipe("auto", tmp_path / "in")
+    options = compress_options(recipe, source)
+    result = compress_checkpoint(tmp_path / "in", tmp_path / "out", options)
+    names = {r["name"].rsplit(".", 1)[-1] for r in result.report["layers"]}
+    assert {"k_proj", "v_proj"} <= names if kv_targeted else not {"k_proj", "v_proj"} & names
+    narrow = [n for n in result.notices if "not square" in n]
+    assert len(narrow) == (0 if kv_targeted else 2)
+    if not kv_targeted:
+        assert narrow[0].startswith("k_proj: 2 layer(s) stay dense: 16x32 is not square")

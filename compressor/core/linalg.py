@@ -18,12 +18,16 @@ __all__ = [
     "effective_rank",
     "energy_rank",
     "factors_from",
+    "gram_singular_values",
     "numerical_rank",
     "participation_ratio",
+    "randomized_factors",
+    "resolve_device",
     "singular_values",
     "spectral_factors",
     "stable_rank",
     "truncation_error",
+    "use_randomized",
 ]
 
 
@@ -116,6 +120,83 @@ def spectral_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     if not 1 <= rank <= min(w.shape):
         raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
     return factors_from(w, decompose(w, rank), rank)
+
+
+POWER_ITERS = 3
+"""Power iterations of the randomized range finder: enough for a flat (random-weight) spectrum
+at ranks up to half the smaller side (tests/test_linalg.py holds it to the optimum)."""
+
+RANDOMIZED_MIN_SIZE = 512
+"""Below this smaller side an exact decomposition is cheap: always use it."""
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device for the linear algebra: `device` as given, else the GPU when there is one."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+RANDOMIZED_TOL = 0.01
+"""A randomized factorization whose Frobenius error exceeds the Eckart-Young optimum by more
+than this fraction is redone exactly (callers that know the spectrum check it)."""
+
+
+def use_randomized(shape: tuple[int, int], rank: int) -> bool:
+    """True when `rank` is well below the layer's size: the sketch (rank + oversampling) is at
+    most 2/3 of the smaller side, on a layer large enough for the exact path to be slow.
+    Wider sketches cost about as much as the exact decomposition."""
+    small = min(shape)
+    return small >= RANDOMIZED_MIN_SIZE and 3 * (rank + _oversample(rank)) <= 2 * small
+
+
+def _oversample(rank: int) -> int:
+    """Generous oversampling: a flat spectrum (random weights) needs it to reach the optimum."""
+    return max(16, rank // 2)
+
+
+def gram_singular_values(w: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """All singular values of `w` (descending, float32) from the eigenvalues of the smaller
+    side's Gram matrix, formed in float32 on `device` and decomposed in float64.
+
+    Several times faster than `singular_values` on large layers; each s_i^2 is within about
+    min(shape) * eps_32 * s_1^2 of the exact value (tests hold it to 1e-5 * s_1^2), so the
+    values below ~1e-3 s_1, whose energy no rank allocation can see, lose their precision.
+    """
+    a = w.detach().to(resolve_device(device), torch.float32)
+    gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
+    values = torch.linalg.eigvalsh(gram.double())
+    return values.flip(0).clamp_min(0).sqrt().float().cpu()
+
+
+def randomized_factors(
+    w: torch.Tensor,
+    rank: int,
+    power_iters: int = POWER_ITERS,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Balanced rank-`rank` factors (up, down) of `w` and their singular values, by a
+    randomized range finder (Halko, Martinsson & Tropp 2011, algorithm 4.4): a Gaussian
+    sketch of the range, `power_iters` subspace iterations re-orthonormalised by QR, then the
+    exact SVD of the small projected matrix. float32 on `device`; results on the CPU.
+
+    W' = up @ down is an orthogonal projection of W, so ||W - W'||_F^2 = ||W||_F^2 - sum s^2.
+    """
+    if not 1 <= rank <= min(w.shape):
+        raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
+    dev = resolve_device(device)
+    a = w.detach().to(dev, torch.float32)
+    width = min(rank + _oversample(rank), min(a.shape))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    sketch = torch.randn(a.shape[1], width, generator=gen, device=dev)
+    q = torch.linalg.qr(a @ sketch).Q  # 1) an orthonormal basis of the sketched range
+    for _ in range(power_iters):  # 2) subspace iterations sharpen it towards the top
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
+    u, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)  # 3) exact SVD of Q^T W
+    u, s, vh = q @ u[:, :rank], s[:rank], vh[:rank]
+    root = s.sqrt()
+    return (u * root).cpu(), (root[:, None] * vh).cpu(), s.cpu()
 
 
 def truncation_error(s: torch.Tensor, rank: int) -> float:

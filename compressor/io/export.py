@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers, replace_module, tied_keys
 from compressor.errors import DlncError, first_line
 from compressor.io.files import check_writable, write_error
-from compressor.io.model_card import write_model_card
+from compressor.io.model_card import CardFacts
 from compressor.io.section import FORMAT_VERSION, check_factors, read_section
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "install_factorized",
     "load_pretrained",
     "read_section",
+    "write_folder",
 ]
 
 QUANT_METHOD = "dlnc"
@@ -156,13 +158,46 @@ def export(
     (permission, read-only mount, full disk) is a one-line `DlncError` and leaves nothing;
     temp folders of earlier exports killed mid-write are removed.
     """
+    from compressor.io.model_card import card_facts
+
+    section = dlnc_section(model, method, merge, config is None)
+    check_shard_size(max_shard_size)
+    return write_folder(
+        out_dir,
+        lambda folder: _write_weights(model, folder, merge, max_shard_size),
+        config=config,
+        section=section,
+        source=source,
+        report=report,
+        overwrite=overwrite,
+        facts=card_facts(model, method, merge, report),
+    )
+
+
+def write_folder(
+    out_dir: str | os.PathLike,
+    write_weights: Callable[[Path], None],
+    *,
+    config: object | None,
+    section: dict,
+    source: str | os.PathLike | None = None,
+    report: dict | None = None,
+    overwrite: bool = False,
+    facts: CardFacts | None = None,
+) -> Path:
+    """The export folder, atomically: `write_weights(tmp)` writes the weights into a hidden
+    temp folder, then config.json (with the `dlnc` section), report.json, the side files and
+    the model card (from `facts`, else from the report) join them, and the folder is renamed
+    into place. A failed write (permission, read-only mount, full disk) is a one-line
+    `DlncError` and leaves nothing; temp folders of earlier exports killed mid-write go."""
     from safetensors import SafetensorError
+
+    from compressor.io.model_card import report_facts, write_model_card
 
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite)
     if source is not None:  # the folder of the input's side files (the input may sit in it)
         _refuse_replacing(out_dir, Path(source).resolve())
-    check_shard_size(max_shard_size)
     remove_stale_temps(out_dir.parent)
     created = _make_parents(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -170,16 +205,17 @@ def export(
     done = False
     try:
         tmp.mkdir()
-        _write_weights(model, tmp, merge, max_shard_size)
-        section = dlnc_section(model, method, merge, config is None)
+        write_weights(tmp)
         _write_json(tmp / "config.json", _config_dict(config, section))
         if report is not None:
-            _write_json(tmp / "report.json", _with_size(report, tmp))
+            report = _with_size(report, tmp)
+            _write_json(tmp / "report.json", report)
         if source is not None:
             _copy_side_files(Path(source), tmp)
-        write_model_card(
-            tmp, model, config=config, source=source, report=report, method=method, merged=merge
-        )
+        if facts is None and report is not None:
+            facts = report_facts(report, section)
+        if facts is not None:
+            write_model_card(tmp, facts, config=config, source=source)
         _replace(tmp, out_dir)
         done = True
     except (OSError, SafetensorError) as e:

@@ -20,7 +20,7 @@ from torch import nn
 
 from compressor.core.surgery import count_params, factorized_layers
 
-__all__ = ["CardFacts", "card_facts", "model_card", "write_model_card"]
+__all__ = ["CardFacts", "card_facts", "model_card", "report_facts", "write_model_card"]
 
 TAGS = ["dlnc", "low-rank", "compressed"]
 FOLDER = "path/to/this/folder"
@@ -102,18 +102,30 @@ def model_card(
     return "\n".join(p for p in parts if p)
 
 
+def report_facts(report: dict, section: dict) -> CardFacts:
+    """The card's facts from an export's report.json and `dlnc` section, for exports written
+    without the model in memory (streamed): parameters from the report, bytes on disk."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, spec in section.get("layers", {}).items():
+        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        groups[pattern].append(spec["rank"])
+        shapes[pattern] = tuple(spec["shape"])
+    merged = bool(section.get("merged"))
+    return CardFacts(
+        method=section.get("method", "svd"), merged=merged,
+        keep=(report.get("policy") or {}).get("keep"),
+        params_before=report.get("model_params_before") or 0,
+        params_after=report.get("model_params_after") or 0,
+        bytes_before=report.get("bytes_before") or 0, bytes_after=report.get("bytes_after") or 0,
+        groups=dict(groups), shapes=shapes,
+    )  # fmt: skip
+
+
 def write_model_card(
-    folder: Path,
-    model: nn.Module,
-    *,
-    config: object | None,
-    source: str | Path | None,
-    report: dict | None,
-    method: str,
-    merged: bool,
+    folder: Path, facts: CardFacts, *, config: object | None, source: str | Path | None
 ) -> Path:
     """Write `folder/README.md` for an export (replacing a copied base-model card)."""
-    facts = card_facts(model, method, merged, report)
     path = folder / "README.md"
     path.write_text(model_card(facts, config=config, source=source), encoding="utf-8")
     return path

@@ -138,8 +138,11 @@ class Targets(_Section):
 
     include: list[str] | None = None  # names or `re:` regexes; None: every Linear/Conv1D
     exclude: list[str] = Field(default_factory=list)  # names or `re:` regexes to leave alone
+    # targeted only where the layer is square (k_proj/v_proj: square without grouped-query
+    # attention, narrow with it); where not square they stay dense
+    square_only: list[str] = Field(default_factory=list)
 
-    @field_validator("include", "exclude")
+    @field_validator("include", "exclude", "square_only")
     @classmethod
     def _patterns(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [_check_pattern(p) for p in value]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from compressor.core.compress import CompressionReport, compress_
-from compressor.core.layers import check_depth
+from compressor.core.layers import check_depth, dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import count_params
@@ -46,6 +46,7 @@ class CompressOptions:
     depth: int = 2  # chain depth while in memory (export always collapses to 2 factors)
     include: list[str] | None = None  # names or `re:` regexes to compress (None: every dense)
     exclude: list[str] = field(default_factory=list)  # names or `re:` regexes to leave alone
+    square_only: list[str] = field(default_factory=list)  # targeted only where in == out
     config: Path | None = None  # config.json for a bare weights file
     allow_pickle: bool = False  # accept .bin/.pt (pickle) weights
     trust_remote_code: bool = False  # allow a checkpoint's own Python code
@@ -57,10 +58,29 @@ class CompressOptions:
     recipe: dict | None = None  # the recipe these options came from, recorded in report.json
     aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
     finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
+    stream: bool | None = None  # one tensor at a time (None: whenever data-free, no fine-tuning)
+    solver: str = "auto"  # SVD of the streamed path: auto, exact or randomized
+    device: str | None = None  # linear algebra of the streamed path (None: GPU if there is one)
 
     def __post_init__(self) -> None:
         check_depth(self.depth)
         check_shard_size(self.max_shard_size)
+        if self.solver not in ("auto", "exact", "randomized"):
+            raise DlncError(f"`solver` must be auto, exact or randomized, got {self.solver!r}")
+        if self.stream and not (self.data_free or self.streamed_whiten):
+            raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
+
+    @property
+    def data_free(self) -> bool:
+        """Plain SVD without fine-tuning: streamed unless `stream=False`."""
+        no_data = self.aware is None or self.aware.resolved == "svd"
+        return no_data and self.finetune is None
+
+    @property
+    def streamed_whiten(self) -> bool:
+        """Whitened SVD without fine-tuning: streamed (block by block) with `stream=True`."""
+        whiten = self.aware is not None and self.aware.resolved == "whiten"
+        return whiten and self.finetune is None
 
 
 @dataclass
@@ -86,10 +106,30 @@ def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[s
     for name in weight_readers(loaded.model, targets):
         del targets[name]
         loaded.notices.append(f"{name} stays dense: its parent reads its .weight directly")
+    _drop_narrow(targets, options.square_only, loaded.notices)
     if not targets:
         raise DlncError("no layer to compress: the include/exclude patterns matched nothing")
     _check_overrides(options, targets)
     return targets
+
+
+def _drop_narrow(targets: dict[str, nn.Module], patterns: list[str], notices: list[str]) -> None:
+    """Leave dense the targets matching `square_only` patterns whose weight is not square
+    (k_proj/v_proj under grouped-query attention), with one notice per pattern."""
+    for pattern in patterns:
+        narrow = {
+            n: tuple(dense_weight_of(m).shape)
+            for n, m in targets.items()
+            if matches(n, pattern) and len(set(dense_weight_of(m).shape)) > 1
+        }
+        for name in narrow:
+            del targets[name]
+        if narrow:
+            out_f, in_f = next(iter(narrow.values()))
+            notices.append(
+                f"{pattern}: {len(narrow)} layer(s) stay dense: {out_f}x{in_f} is not square "
+                "(grouped-query attention), and the recipe targets it only when square"
+            )
 
 
 def check_patterns(model: nn.Module, options: CompressOptions) -> None:
@@ -128,6 +168,16 @@ def compress_checkpoint(
     options = options or CompressOptions()
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
     check_output_dir(out, options.overwrite, Path(path))
+    if options.stream and not (options.data_free or options.streamed_whiten):
+        raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
+    if (options.stream is not False and options.data_free) or options.stream:
+        from compressor.workflows.stream import NotStreamable, stream_compress
+
+        try:
+            return stream_compress(path, out, options, progress)
+        except NotStreamable as e:
+            if options.stream:
+                raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
     loaded = load_checkpoint(
         path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
     )

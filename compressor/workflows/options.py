@@ -100,6 +100,7 @@ def compress_options(
         depth=recipe.chain.depth,
         include=list(include) if include is not None else None,
         exclude=list(recipe.targets.exclude),
+        square_only=list(recipe.targets.square_only),
         origins=origins,
         recipe=record,
         **runtime,

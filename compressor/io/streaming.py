@@ -1,0 +1,177 @@
+"""Checkpoints larger than memory: read one tensor at a time, write shards tensor by tensor.
+
+`TensorSource` indexes a (sharded) safetensors checkpoint by its headers only and reads one
+tensor on demand (each read opens and closes its file, so no mapping of the whole checkpoint
+stays resident). `write_safetensors` writes a shard whose header is known in advance and
+whose tensors are produced one by one, so a shard never has to be held in memory whole.
+`meta_model` builds a transformers model's module tree without allocating its weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import DlncError, first_line
+
+__all__ = [
+    "TensorSource",
+    "TensorSpec",
+    "file_order",
+    "meta_model",
+    "module_loader",
+    "write_safetensors",
+]
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_ALIGNMENT = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+"""safetensors' dtype order: a file lists its tensors by this order (descending), then name."""
+
+
+def file_order(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> list[str]:
+    """The names in the order safetensors itself writes them, so a file written here is
+    byte for byte the one `safetensors.torch.save_file` writes."""
+    return sorted(specs, key=lambda n: (-_ALIGNMENT.index(_NAMES[specs[n][1]]), n))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where a tensor lives and what it is, from a safetensors header."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+class TensorSource:
+    """The tensors of safetensors files by name; nothing is read until `get`."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.specs: dict[str, TensorSpec] = {}
+        for f in files:
+            try:
+                with safe_open(f, framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                        part = handle.get_slice(key)
+                        dtype = _DTYPES.get(part.get_dtype())
+                        if dtype is None:
+                            raise DlncError(f"{f.name}: {key} has dtype {part.get_dtype()}")
+                        self.specs[key] = TensorSpec(f, tuple(part.get_shape()), dtype)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.specs
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read from disk into its own memory."""
+        from safetensors import safe_open
+
+        with safe_open(self.specs[key].file, framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def meta_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor of its shape and dtype (tensor mode's module tree)."""
+        return {
+            k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in self.specs.items()
+        }
+
+
+def module_loader(source: TensorSource, keys: Mapping[str, str | None]):
+    """load(prefix, module): assign `module`'s parameters and stored buffers (recursively)
+    from the checkpoint; `keys` maps model state-dict keys to checkpoint keys."""
+
+    def load(prefix: str, module: nn.Module) -> None:
+        state = {}
+        for name in module.state_dict(keep_vars=True):
+            src = keys.get(f"{prefix}.{name}" if prefix else name)
+            if src is not None:
+                state[name] = source.get(src)
+        module.load_state_dict(state, strict=False, assign=True)
+
+    return load
+
+
+def meta_model(cls: type, config: object) -> nn.Module:
+    """`cls(config)` with its parameters on the meta device and its buffers real (they are
+    small and some, like rotary frequencies, are computed rather than stored)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    if hasattr(model, "tie_weights"):  # the meta parameters are new objects: tie them again
+        model.tie_weights()
+    return model.eval()
+
+
+def write_safetensors(
+    path: Path,
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file tensor by tensor: the header from `specs` (name -> shape,
+    dtype), then `produce(name)` for each name in `file_order`, checked against its spec."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    order = file_order(specs)
+    offset = 0
+    for name in order:
+        shape, dtype = specs[name]
+        size = _numel(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            shape, dtype = specs[name]
+            tensor = produce(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}")
+            f.write(_bytes_of(tensor))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())

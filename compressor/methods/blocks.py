@@ -1,0 +1,202 @@
+"""Block-by-block calibration: run data through a model one decoder/encoder block at a time.
+
+The model's module tree lives on the meta device; `stream_blocks` materializes the modules
+outside the block stack (embeddings, rotary tables, ...) once, catches the inputs of the first
+block, then for each block in turn: loads its weights, yields it with its inputs, runs it on
+those inputs to make the next block's inputs, and sends it back to the meta device. Memory:
+one block's weights plus the activations of the calibration batches (kept on disk with
+`spill_dir`), never the model.
+
+The consumer may change the block while it holds it (e.g. compress it in place): the next
+block's inputs come from the block as it is when control returns to the loop, so
+error-correcting calibration (statistics of block i from the inputs the already-compressed
+blocks 0..i-1 produce) is the same loop.
+
+    for block in stream_blocks(model, batches, load):
+        stats.update(block_grams(block, targets))
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.core.compress import ProgressFn
+from compressor.errors import DlncError
+from compressor.methods.calibration import LayerStats, _Collector, forward_inputs
+
+__all__ = ["Activations", "Block", "LoadFn", "block_grams", "find_blocks", "stream_blocks"]
+
+LoadFn = Callable[[str, nn.Module], None]
+"""load(prefix, module): give the meta `module` (at dotted `prefix`) and its children their
+real weights (`compressor.io.streaming.module_loader` reads them from a checkpoint)."""
+
+
+class _Caught(Exception):
+    """Raised by the first block's stand-in once it has its inputs."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of repeated blocks: the `nn.ModuleList` of same-class modules that
+    holds the most parameters (Llama's `model.layers`, BERT's `encoder.layer`, GPT-2's `h`)."""
+    best, size = None, -1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        n = sum(p.numel() for p in module.parameters())
+        if n > size:
+            best, size = (name, module), n
+    if best is None:
+        raise DlncError("no stack of repeated blocks in this model: calibrate it in memory")
+    return best
+
+
+@dataclass
+class Activations:
+    """The hidden states entering a block, one tensor per batch; on disk under `spill_dir`."""
+
+    spill_dir: Path | None = None
+    _memory: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def put(self, i: int, x: torch.Tensor) -> None:
+        if self.spill_dir is None:
+            self._memory[i] = x
+        else:
+            torch.save(x, self.spill_dir / f"{i}.pt")
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.spill_dir is None:
+            return self._memory[i]
+        return torch.load(self.spill_dir / f"{i}.pt", mmap=True, weights_only=True)
+
+
+@dataclass
+class Block:
+    """One block of the stack, its weights loaded, and what enters it for each batch."""
+
+    index: int
+    name: str  # full dotted name, e.g. "model.layers.3"
+    module: nn.Module
+    hidden: Activations  # the hidden states entering the block, per batch
+    extras: list[tuple[tuple, dict]]  # the other positional / keyword arguments, per batch
+    masks: list[torch.Tensor | None]  # the batches' attention masks (padding is not counted)
+
+    def __len__(self) -> int:
+        return len(self.extras)
+
+    def run(self, i: int) -> torch.Tensor:
+        """The block's output hidden states for batch `i`."""
+        args, kwargs = self.extras[i]
+        out = self.module(self.hidden.get(i), *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def stream_blocks(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    load: LoadFn,
+    spill_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+) -> Iterator[Block]:
+    """Yield each block of `model` (a meta-device module tree) with its inputs, one at a time
+    (see the module docstring). `load(prefix, module)` materializes weights."""
+    stack_name, stack = find_blocks(model)
+    batches = list(batches)
+    _load_outside(model, stack_name, load)
+    with tempfile.TemporaryDirectory(prefix="dlnc-acts-", dir=spill_dir) as tmp:
+        spill = Path(tmp) if spill_dir is not None else None
+        hidden, extras = _first_inputs(model, stack, batches, Activations(spill))
+        masks = [_mask(b) for b in batches]
+        for index, module in enumerate(stack):
+            name = f"{stack_name}.{index}"
+            load(name, module)
+            block = Block(index, name, module.eval(), hidden, extras, masks)
+            yield block
+            hidden = Activations(spill / str(index) if spill else None)
+            if hidden.spill_dir is not None:
+                hidden.spill_dir.mkdir()
+            for i in range(len(batches)):
+                hidden.put(i, block.run(i))
+            block.module.to("meta")  # release its weights
+            if progress:
+                progress("blocks", index + 1, len(stack))
+
+
+def _mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    mask = batch.get("attention_mask")
+    return mask.bool() if mask is not None else None
+
+
+def _load_outside(model: nn.Module, stack_name: str, load: LoadFn) -> None:
+    """Load the modules outside the block stack when they first run: the embeddings are
+    loaded, the final norm and the LM head, never reached before the first block, are not."""
+    for name, module in model.named_modules():
+        if name == stack_name or name.startswith(stack_name + "."):
+            continue
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(_load_once(name, load))
+
+
+def _load_once(name: str, load: LoadFn):
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            load(name, module)
+
+    return pre_hook
+
+
+def _first_inputs(model, stack, batches, hidden: Activations):
+    """Run the model up to its first block for every batch and keep what enters it."""
+    first = stack[0]
+    extras = []
+
+    def catch(module, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        hidden.put(len(extras), x)
+        kwargs = dict(kwargs)
+        if "past_key_values" in kwargs:
+            kwargs["past_key_values"] = None  # no cache: each batch is one full forward pass
+        extras.append((tuple(args[1:]), kwargs))
+        raise _Caught
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**forward_inputs(batch))
+            except _Caught:
+                continue
+            raise DlncError("the model never reached its first block on the data")
+    finally:
+        handle.remove()
+    return hidden, extras
+
+
+@torch.no_grad()
+def block_grams(block: Block, targets: Mapping[str, nn.Module]) -> dict[str, LayerStats]:
+    """The input Gram of each target inside `block` (full names), exactly as `collect_grams`
+    counts them: padding left out, one shared matrix for layers fed the same tensor."""
+    inside = {n: m for n, m in targets.items() if n.startswith(block.name + ".")}
+    collector = _Collector()
+    handles = [m.register_forward_pre_hook(collector.hook(n)) for n, m in inside.items()]
+    try:
+        for i in range(len(block)):
+            collector.mask = block.masks[i]
+            collector.last = None
+            block.run(i)
+            collector.first_batch = False
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in inside if n not in collector.stats]
+    if missing:
+        raise DlncError(f"{missing[0]}: never reached by the forward pass; exclude it")
+    return {n: collector.stats[n] for n in inside}

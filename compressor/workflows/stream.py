@@ -1,0 +1,533 @@
+"""Data-free compression of a checkpoint larger than memory, one tensor at a time.
+
+The model's module tree is built on the meta device (no weights), so targets, recipes and
+rank overrides are chosen exactly as in memory. Then two passes over the targeted weights:
+  1) read each weight, take its spectrum, release it; allocate the ranks (a global `keep`
+     budget needs every spectrum first);
+  2) write the output shards tensor by tensor: untouched tensors are copied, each targeted
+     weight is read again and decomposed at its rank (randomized SVD when the rank is well
+     below the layer's size, exact otherwise) while a worker thread already reads and
+     decomposes the next one.
+Peak memory: about two layers' working sets (the one being decomposed, the factors being
+written) plus a fixed overhead, never the model. The export (tensors, shards, config.json's
+`dlnc` section, report.json) is the in-memory path's, bit for bit with `solver="exact"`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.core.compress import CompressionReport, LayerReport, ProgressFn, check_finite
+from compressor.core.layers import FactorizedLinear, layout_of
+from compressor.core.linalg import (
+    RANDOMIZED_MIN_SIZE,
+    RANDOMIZED_TOL,
+    breakeven_rank,
+    decompose,
+    factors_from,
+    gram_singular_values,
+    randomized_factors,
+    singular_values,
+    truncation_error,
+    use_randomized,
+)
+from compressor.core.ranks import LayerRank, allocate_ranks, factor_params
+from compressor.core.surgery import count_params, replace_module, tied_keys
+from compressor.errors import DlncError
+from compressor.io.checkpoint import LoadedCheckpoint, _model_class, _read_config, _weight_files
+from compressor.io.export import dlnc_section, export_state_dict, write_folder
+from compressor.io.streaming import (
+    TensorSource,
+    file_order,
+    meta_model,
+    module_loader,
+    write_safetensors,
+)
+from compressor.io.tensor_model import TensorModel
+
+__all__ = ["SOLVERS", "NotStreamable", "open_streamed", "stream_compress"]
+
+SOLVERS = ("auto", "exact", "randomized")
+"""auto: randomized SVD where the rank is well below the layer's size, exact elsewhere."""
+
+
+class NotStreamable(Exception):
+    """This checkpoint or these options need the in-memory path (the message says why)."""
+
+
+@dataclass
+class _Target:
+    """One targeted layer: where its tensors are and what was decided for it."""
+
+    weight_key: str
+    bias_key: str | None
+    shape: tuple[int, int]  # (out, in), the nn.Linear layout
+    layout: str
+    dtype: torch.dtype
+    bias: bool
+    decision: LayerRank | None = None
+
+
+def stream_compress(path: str | os.PathLike, out: Path, options, progress: ProgressFn | None):
+    """`compress_checkpoint` for data-free compression, streamed (see the module docstring).
+
+    Raises `NotStreamable` before writing anything when the checkpoint needs the in-memory
+    path (pickle weights, keys the model does not name, an architecture without a class)."""
+    from compressor.workflows.compress import (
+        CompressResult,
+        _rewrite_json,
+        build_report,
+        expand_overrides,
+        select_targets,
+        weights_size,
+    )
+
+    loaded, source, keys = open_streamed(path, options)
+    total_before = count_params(loaded.model)
+    targets = select_targets(loaded, options)
+    layers = {n: _target(n, m, keys, source) for n, m in targets.items()}
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.grams-", dir=_parent(out)) as tmp:
+        world = _world() if options.data_free else None
+        if world is not None and options.device is None and world.device.type == "cuda":
+            options = replace(options, device=str(world.device))  # one GPU per process
+        if options.data_free:
+            method, spectra = "svd", _spectra_shared(layers, source, options, progress, world)
+            weight_spectra, factor = spectra, _svd_factor(spectra, options)
+        else:
+            method = "whiten"
+            grams = _whiten_pass(loaded, targets, source, keys, options, Path(tmp), progress)
+            spectra, weight_spectra, factor = grams
+        policy = expand_overrides(options.policy, list(layers))
+        shapes = {n: t.shape for n, t in layers.items()}
+        for name, decision in allocate_ranks(spectra, shapes, policy).items():
+            layers[name].decision = decision
+        _factorize_skeleton(loaded.model, layers)
+        if world is not None:  # each process factorizes its share; the main one writes
+            factor = _factor_shared(layers, source, factor, out, world)
+            if not world.is_main_process:
+                world.wait_for_everyone()
+                return CompressResult(Path(out).resolve(), {}, loaded.notices, weight_spectra)
+        writer = _Writer(loaded.model, layers, keys, source, factor, options, progress)
+        section = dlnc_section(loaded.model, method, options.merge, loaded.tensor_mode)
+        try:
+            done = write_folder(
+                out, writer.write, config=loaded.config, section=section, source=loaded.source,
+                report=None, overwrite=options.overwrite,
+            )  # fmt: skip
+        finally:
+            if world is not None:
+                shutil.rmtree(_parts_dir(out), ignore_errors=True)
+                world.wait_for_everyone()
+    report = CompressionReport(method, [writer.reports[n] for n in layers], options.depth)
+    summary = build_report(loaded, report, total_before, options)
+    summary["bytes_after"] = weights_size(done)
+    _rewrite_json(done / "report.json", summary)
+    return CompressResult(done, summary, loaded.notices, weight_spectra)
+
+
+def _world():
+    """accelerate's process state under torchrun / accelerate launch (several processes split
+    the layers between them); None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    from compressor.training.evaluate import cpu_launch
+
+    return PartialState(cpu=cpu_launch())
+
+
+def _spectra_shared(layers, source, options, progress, world) -> dict[str, torch.Tensor]:
+    """1) the spectra; with several processes each takes every n-th layer, then all gather."""
+    if world is None:
+        return _spectra(layers, source, options, progress)
+    from accelerate.utils import gather_object
+
+    names = list(layers)
+    mine = {n: layers[n] for n in names[world.process_index :: world.num_processes]}
+    merged = {
+        k: v
+        for part in gather_object([_spectra(mine, source, options, None)])
+        for k, v in part.items()
+    }
+    return {n: merged[n] for n in names}
+
+
+def _parts_dir(out: Path) -> Path:
+    return _parent(out) / f".{Path(out).name}.parts"
+
+
+def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> FactorOf:
+    """2) with several processes: each factorizes every n-th layer into a parts folder beside
+    the output; the main process's writer then reads the factors from there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    parts = _parts_dir(out)
+    if world.is_main_process:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir()
+    world.wait_for_everyone()
+    names = [n for n, t in layers.items() if not t.decision.dense]
+    for name in names[world.process_index :: world.num_processes]:
+        t = layers[name]
+        up, down, rel = factor(name, _dense(source.get(t.weight_key), t.layout), t.decision.rank)
+        tensors = {"up": up.contiguous(), "down": down.contiguous()}
+        save_file(tensors, parts / f"{name}.safetensors", metadata={"rel": repr(rel)})
+    world.wait_for_everyone()
+
+    def read(name: str, weight: torch.Tensor, rank: int):
+        with safe_open(parts / f"{name}.safetensors", framework="pt") as h:
+            return h.get_tensor("up"), h.get_tensor("down"), float(h.metadata()["rel"])
+
+    return read
+
+
+def _whitener_state(whitener) -> dict[str, torch.Tensor]:
+    return {} if whitener is None else {"root": whitener.root, "root_pinv": whitener.root_pinv}
+
+
+def _release(model: nn.Module) -> None:
+    """Send the parameters the block loop loaded back to the meta device, and re-tie."""
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and not p.is_meta:
+                module._parameters[key] = nn.Parameter(p.to("meta"), requires_grad=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _parent(out: Path) -> Path:
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+FactorOf = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, float]]
+"""factor(name, weight, rank) -> (up, down, relative error) of one streamed layer."""
+
+
+def _svd_factor(spectra: dict[str, torch.Tensor], options) -> FactorOf:
+    return lambda name, weight, rank: _factors(weight, rank, spectra[name], options)
+
+
+def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
+    """1) with data: block by block, each target's input Gram (saved to `tmp`, one file per
+    distinct Gram), its weight spectrum and whitened spectrum, as `build_plan` computes them."""
+    from compressor.methods.blocks import block_grams, stream_blocks
+    from compressor.methods.whiten import Whitener, whitened_factors, whitened_spectrum
+    from compressor.workflows.plan import PlanInfo, _batches
+
+    batches, _ = _batches(loaded, options.aware.data, PlanInfo())
+    damping = options.aware.damping
+    spectra, weight_spectra, files = {}, {}, {}
+    load = module_loader(source, keys)
+    for block in stream_blocks(loaded.model, batches, load, progress=progress):
+        whiteners: dict[int, Whitener | None] = {}
+        paths: dict[int, Path] = {}
+        for name, st in block_grams(block, targets).items():
+            if id(st) not in whiteners:  # q/k/v share one Gram, one whitener
+                whiteners[id(st)] = Whitener.from_gram(st.gram / max(st.rows, 1), damping)
+                paths[id(st)] = tmp / f"{block.index}-{len(paths)}.pt"
+                torch.save(_whitener_state(whiteners[id(st)]), paths[id(st)])
+            files[name] = paths[id(st)]
+            weight = _dense(targets[name].weight, layout_of(targets[name]))
+            check_finite(name, weight)
+            weight_spectra[name] = singular_values(weight)
+            spectra[name] = whitened_spectrum(weight, whiteners[id(st)])
+    missing = [n for n in targets if n not in spectra]
+    if missing:
+        raise NotStreamable(f"{missing[0]} is outside the model's block stack")
+    _release(loaded.model)
+
+    def factor(name: str, weight: torch.Tensor, rank: int):
+        state = torch.load(files[name], weights_only=True)
+        whitener = Whitener(**state) if state else None
+        up, down, _, rel = whitened_factors(weight, whitener, rank)
+        return up, down, rel
+
+    return spectra, weight_spectra, factor
+
+
+def open_streamed(
+    path: str | os.PathLike, options
+) -> tuple[LoadedCheckpoint, TensorSource, dict[str, str | None]]:
+    """The checkpoint's module tree on the meta device, its tensors' index, and which
+    checkpoint key holds each state-dict key (`NotStreamable` when they do not match)."""
+    loaded, source = _open(Path(path), options)
+    return loaded, source, _key_map(loaded.model, source)
+
+
+def _open(path: Path, options) -> tuple[LoadedCheckpoint, TensorSource]:
+    """The checkpoint's module tree on the meta device and its tensors' index."""
+    if not path.exists():
+        raise DlncError(f"{path}: no such file or folder")
+    folder, files = _weight_files(path, options.allow_pickle)
+    if any(f.suffix != ".safetensors" for f in files):
+        raise NotStreamable("pickle weights are read whole")
+    source = TensorSource(files)
+    config_file = Path(options.config) if options.config else folder / "config.json"
+    if options.config and not config_file.is_file():
+        raise DlncError(f"{config_file}: no such config file")
+    if options.tensor_mode or not config_file.is_file():
+        notices = [] if options.tensor_mode else [_tensor_mode_notice(path)]
+        model = TensorModel(source.meta_state())
+        return LoadedCheckpoint(model, folder, files, None, notices), source
+    config = _read_config(config_file, options.trust_remote_code)
+    cls = _model_class(config, options.trust_remote_code)
+    if cls is None or not hasattr(cls, "config_class"):
+        raise NotStreamable("config.json names no model class")
+    return LoadedCheckpoint(meta_model(cls, config), folder, files, config, []), source
+
+
+def _tensor_mode_notice(path: Path) -> str:
+    return f"no config.json beside {path.name}: tensor mode (2-D weights only)"
+
+
+def _key_map(model: nn.Module, source: TensorSource) -> dict[str, str | None]:
+    """Model state-dict key -> checkpoint key (None: a buffer the model computes itself).
+
+    Checkpoints saved from the base model lack (or have extra) `base_model_prefix.`; any other
+    renaming is left to transformers' loader (the in-memory path)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    buffers = dict(model.named_buffers())
+    tied = set(tied_keys(model))
+    found: dict[str, str | None] = {}
+    for key in model.state_dict():
+        candidates = [key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")] if prefix else [key]
+        hit = next((c for c in candidates if c in source), None)
+        if hit is None and key not in buffers and key not in tied:
+            raise NotStreamable(f"the checkpoint has no tensor {key}")
+        found[key] = hit
+    return found
+
+
+def _target(name: str, module: nn.Module, keys, source: TensorSource) -> _Target:
+    layout = layout_of(module)
+    weight_key = keys[f"{name}.weight"]
+    spec = source.specs[weight_key]
+    stored = tuple(module.weight.shape)
+    if spec.shape != stored:
+        raise DlncError(f"weights do not match the config: shape mismatch at {weight_key}")
+    shape = (stored[1], stored[0]) if layout == "conv1d" else stored
+    has_bias = module.bias is not None
+    bias_key = keys.get(f"{name}.bias") if has_bias else None
+    return _Target(weight_key, bias_key, shape, layout, spec.dtype, has_bias)
+
+
+def _dense(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    return tensor.t() if layout == "conv1d" else tensor
+
+
+def _spectra(layers, source, options, progress) -> dict[str, torch.Tensor]:
+    """1) every target's singular values, reading the next weight while this one is done."""
+    names = list(layers)
+    spectra = {}
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(source.get, layers[names[0]].weight_key) if names else None
+        for i, name in enumerate(names):
+            weight = _dense(ahead.result(), layers[name].layout)
+            if i + 1 < len(names):
+                ahead = pool.submit(source.get, layers[names[i + 1]].weight_key)
+            check_finite(name, weight)
+            spectra[name] = _spectrum(weight, options)
+            del weight
+            if progress:
+                progress("spectra", i + 1, len(names))
+    return spectra
+
+
+def _spectrum(weight: torch.Tensor, options) -> torch.Tensor:
+    """Exact (the in-memory path's own decomposition) on small layers or `solver="exact"`."""
+    if options.solver == "exact" or min(weight.shape) < RANDOMIZED_MIN_SIZE:
+        return decompose(weight, 1).s
+    return gram_singular_values(weight, options.device)
+
+
+def _factorize_skeleton(model: nn.Module, layers: dict[str, _Target]) -> None:
+    """Put meta `FactorizedLinear`s of the chosen ranks in the tree: the export's keys,
+    shapes and `dlnc` section then come from the in-memory path's own functions."""
+    for name, t in layers.items():
+        if t.decision.dense:
+            continue
+        out_f, in_f = t.shape
+        layer = FactorizedLinear(
+            in_f, out_f, t.decision.rank, 2, t.bias, dtype=t.dtype, device="meta",
+        )  # fmt: skip
+        layer.layout = t.layout
+        replace_module(model, name, layer)
+
+
+class _Writer:
+    """2) the output shards, tensor by tensor, in the in-memory export's order and sharding."""
+
+    def __init__(self, model, layers, keys, source, factor: FactorOf, options, progress) -> None:
+        self.model, self.layers, self.keys, self.source = model, layers, keys, source
+        self.factor, self.options, self.progress = factor, options, progress
+        self.reports: dict[str, LayerReport] = {}
+        self.buffers = {k: v.detach() for k, v in model.named_buffers()}
+        self.owner = self._owners()
+        self.total = len(set(self.owner.values()))
+        self.pending: dict[str, Future] = {}
+        self.done = 0
+        self.threads = torch.get_num_threads()
+
+    def _owners(self) -> dict[str, str]:
+        """Output key -> the factorized layer that produces it."""
+        owner = {}
+        for name, t in self.layers.items():
+            if not t.decision.dense:
+                for leaf in ("weight", "bias", "down.weight", "up.weight", "up.bias"):
+                    owner[f"{name}.{leaf}"] = name
+        return owner
+
+    def plan(self, shared: dict[str, str]) -> dict[str, torch.Tensor]:
+        """The export's tensors as meta tensors (real shapes and dtypes), tied ones dropped."""
+        plan = {}
+        for key, meta in export_state_dict(self.model, self.options.merge).items():
+            if key in shared:
+                continue
+            src = self.keys.get(key)
+            dtype = self.source.specs[src].dtype if src in self.source else meta.dtype
+            if key in self.buffers and src is None:
+                dtype = self.buffers[key].dtype
+            plan[key] = torch.empty(meta.shape, dtype=dtype, device="meta")
+        return plan
+
+    def write(self, folder: Path) -> None:
+        from huggingface_hub import constants, split_torch_state_dict_into_shards
+
+        shared = _shared_keys(self.model)
+        plan = self.plan(shared)
+        split = split_torch_state_dict_into_shards(plan, max_shard_size=self.options.max_shard_size)
+        files = {
+            filename: {n: (tuple(plan[n].shape), plan[n].dtype) for n in names}
+            for filename, names in split.filename_to_tensors.items()
+        }
+        written = [n for specs in files.values() for n in file_order(specs)]
+        self.queue = iter(dict.fromkeys(self.owner[k] for k in written if k in self.owner))
+        for name, t in self.layers.items():
+            if t.decision.dense:
+                self.reports[name] = _dense_report(name, t)
+        metadata = {"format": "pt", **shared}
+        per_file = {"format": "pt"} if split.is_sharded else metadata
+        with ThreadPoolExecutor(1) as self.pool:
+            self._submit_next()
+            for filename, specs in files.items():
+                write_safetensors(folder / filename, specs, self._produce, per_file)
+        if split.is_sharded:
+            index = {
+                "metadata": {**split.metadata, **metadata},
+                "weight_map": split.tensor_to_filename,
+            }
+            name = constants.SAFETENSORS_WEIGHTS_FILE_PATTERN.format(suffix="") + ".index.json"
+            _write_index(folder / name, index)
+
+    def _submit_next(self) -> None:
+        name = next(self.queue, None)
+        if name is not None:
+            self.pending[name] = self.pool.submit(self._factor, name)
+
+    def _produce(self, key: str) -> torch.Tensor:
+        name = self.owner.get(key)
+        if name is None:
+            src = self.keys.get(key)
+            return self.source.get(src) if src is not None else self.buffers[key]
+        while name not in self.pending:
+            self._submit_next()
+        tensors = self.pending[name].result()
+        if len(self.pending) == 1:  # start the next layer while this one is written
+            self._submit_next()
+        out = tensors.pop(key)
+        if not tensors:
+            del self.pending[name]
+            self.done += 1
+            if self.progress:
+                self.progress("factorize", self.done, self.total)
+        return out
+
+    def _factor(self, name: str) -> dict[str, torch.Tensor]:
+        """The export tensors of one factorized layer, and its report."""
+        torch.set_num_threads(self.threads)  # a new thread starts with the default count
+        t = self.layers[name]
+        rank = t.decision.rank
+        weight = _dense(self.source.get(t.weight_key), t.layout)
+        up, down, rel = self.factor(name, weight, rank)
+        del weight
+        up, down = up.to(t.dtype), down.to(t.dtype)
+        bias = self.source.get(t.bias_key).to(t.dtype) if t.bias_key else None
+        self.reports[name] = LayerReport(
+            name, t.shape, rank, factor_params(t.shape, None), factor_params(t.shape, rank),
+            rel, breakeven_rank(*t.shape),
+        )  # fmt: skip
+        if not self.options.merge:
+            out = {f"{name}.down.weight": down, f"{name}.up.weight": up}
+            if bias is not None:
+                out[f"{name}.up.bias"] = bias
+            return out
+        wide = torch.promote_types(t.dtype, torch.float32)
+        dense = (up.to(wide) @ down.to(wide)).to(t.dtype)
+        out = {f"{name}.weight": _dense(dense, t.layout)}
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+
+def _factors(weight: torch.Tensor, rank: int, s: torch.Tensor, options):
+    """(up, down, relative error): randomized where it pays and reaches the optimum within
+    `RANDOMIZED_TOL`, else the in-memory path's exact factors."""
+    randomized = options.solver == "randomized" or (
+        options.solver == "auto" and use_randomized(tuple(weight.shape), rank)
+    )
+    if randomized:
+        up, down, top = randomized_factors(weight, rank, device=options.device)
+        total = _squared_norm(weight)
+        error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
+        optimum = truncation_error(s, rank)
+        if options.solver == "randomized" or error <= (1 + RANDOMIZED_TOL) * optimum:
+            return up, down, error / max(total**0.5, 1e-30)
+    d = decompose(weight, rank)
+    up, down = factors_from(weight, d, rank)
+    return up, down, truncation_error(d.s, rank) / max(float(d.s.norm()), 1e-30)
+
+
+def _squared_norm(weight: torch.Tensor, rows: int = 1024) -> float:
+    """||W||_F^2 in float64, a block of rows at a time (no float64 copy of the layer)."""
+    return sum(float(part.double().square().sum()) for part in weight.split(rows))
+
+
+def _dense_report(name: str, t: _Target) -> LayerReport:
+    before = factor_params(t.shape, None)
+    k_star = breakeven_rank(*t.shape)
+    return LayerReport(name, t.shape, None, before, before, 0.0, k_star, t.decision.reason)
+
+
+def _shared_keys(model: nn.Module) -> dict[str, str]:
+    """Keys whose parameter is shared with another key -> the key kept in their place, chosen
+    as huggingface_hub's save_torch_state_dict chooses (the first name not among the tied
+    keys); the in-memory export drops the same ones and records them in its metadata."""
+    groups: dict[int, list[str]] = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(key)
+    tied = set(tied_keys(model))
+    dropped = {}
+    for group in (sorted(g) for g in groups.values() if len(g) > 1):
+        keep = next((k for k in group if k not in tied), group[0])
+        dropped.update({k: keep for k in group if k != keep})
+    return dropped
+
+
+def _write_index(path: Path, index: dict) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(index, f, indent=2)

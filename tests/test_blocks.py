@@ -1,0 +1,79 @@
+"""Block-by-block calibration: the same statistics as running the whole model in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.core.targets import find_targets
+from compressor.io.streaming import module_loader
+from compressor.methods.blocks import block_grams, find_blocks, stream_blocks
+from compressor.methods.calibration import collect_grams
+from compressor.workflows.compress import CompressOptions
+from compressor.workflows.stream import open_streamed
+
+
+def padded_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for length in (7, 11):
+        ids = torch.randint(1, 64, (2, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, length - 3 :] = 0  # padding: left out of the Grams
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def streamed_grams(folder, batches, spill_dir=None):
+    loaded, source, keys = open_streamed(folder, CompressOptions())
+    targets = find_targets(loaded.model)
+    grams, names = {}, []
+    for block in stream_blocks(loaded.model, batches, module_loader(source, keys), spill_dir):
+        grams.update(block_grams(block, targets))
+        names.append(block.name)
+    return loaded.model, grams, names
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_block_by_block_grams_equal_the_in_memory_grams(family, tiny_model, one_torch_thread):
+    model, folder = tiny_model(family)
+    batches = padded_batches()
+    reference = collect_grams(model, find_targets(model), batches)
+    meta, grams, names = streamed_grams(folder, batches)
+    stack, _ = find_blocks(meta)
+    assert names == [f"{stack}.0", f"{stack}.1"]
+    assert sorted(grams) == sorted(reference)  # every target sits in a block here
+    for name, st in reference.items():
+        assert grams[name].rows == st.rows
+        # the very same float32 operations, one block at a time: equal bit for bit
+        assert torch.equal(grams[name].gram, st.gram), name
+    shared = {id(s) for s in grams.values()}
+    assert len(shared) == len({id(s) for s in reference.values()})  # q/k/v share one Gram
+    assert all(p.is_meta for p in meta.get_submodule(stack).parameters())  # all released
+
+
+def test_activations_spilled_to_disk_give_the_same_grams(tiny_model, tmp_path, one_torch_thread):
+    _, folder = tiny_model("llama")
+    batches = padded_batches()
+    _, in_memory, _ = streamed_grams(folder, batches)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    _, on_disk, _ = streamed_grams(folder, batches, spill)
+    for name, st in in_memory.items():
+        assert torch.equal(on_disk[name].gram, st.gram)
+    assert list(spill.iterdir()) == []  # the activations are removed afterwards
+
+
+def test_a_block_changed_by_the_consumer_feeds_the_next_block(tiny_model, one_torch_thread):
+    # error-correcting calibration: block 1 sees what the (here: zeroed) block 0 produces
+    _, folder = tiny_model("llama")
+    batches = padded_batches()
+    loaded, source, keys = open_streamed(folder, CompressOptions())
+    seen = []
+    for block in stream_blocks(loaded.model, batches, module_loader(source, keys)):
+        seen.append(block.hidden.get(0).clone())
+        if block.index == 0:
+            with torch.no_grad():
+                block.module.mlp.down_proj.weight.zero_()
+                block.module.self_attn.o_proj.weight.zero_()
+    torch.testing.assert_close(seen[1], seen[0])  # block 0 became the identity (residuals)

@@ -1,0 +1,177 @@
+"""Streaming compression: one tensor at a time, the same export as the in-memory path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny, example_inputs, outputs
+from safetensors import safe_open
+
+from compressor.core.ranks import RankPolicy
+from compressor.errors import DlncError
+from compressor.io.export import load_pretrained
+from compressor.io.streaming import TensorSource, write_safetensors
+from compressor.workflows.compress import CompressOptions, compress_checkpoint
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    return out
+
+
+def sharded(family: str, tmp_path: Path, dtype=torch.float32) -> Path:
+    model = build_tiny(family).to(dtype)
+    folder = tmp_path / f"{family}-src"
+    model.save_pretrained(folder, max_shard_size="20KB")  # several shards
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    return folder
+
+
+def both(src: Path, tmp_path: Path, **kw) -> tuple[Path, Path]:
+    runs = []
+    for stream in (False, True):
+        opts = CompressOptions(stream=stream, solver="exact", max_shard_size="30KB", **kw)
+        runs.append(compress_checkpoint(src, tmp_path / f"out-{stream}", opts).out_dir)
+    return runs[0], runs[1]
+
+
+def same_files(memory: Path, streamed: Path) -> None:
+    """Same tensors bit for bit, same shards, same config.json and report.json."""
+    a, b = tensors(memory), tensors(streamed)
+    assert list(a) and sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+    assert sorted(p.name for p in memory.iterdir()) == sorted(p.name for p in streamed.iterdir())
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (memory / name).exists():
+            assert json.loads((memory / name).read_text()) == json.loads(
+                (streamed / name).read_text()
+            )
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (memory, streamed))
+    assert ra == rb
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype", "kw"),
+    [
+        ("llama", torch.bfloat16, {}),
+        ("gpt2", torch.float32, {}),  # Conv1D layout, tied LM head
+        ("bert", torch.float32, {"merge": True}),
+        ("llama", torch.float32, {"policy": RankPolicy(energy=0.8)}),
+    ],
+)
+def test_streamed_export_is_the_in_memory_export_bit_for_bit(
+    family, dtype, kw, tmp_path, one_torch_thread
+):
+    # solver="exact": the streamed path runs the in-memory path's own decomposition, and the
+    # rest is copying, so every tensor must be equal, not merely close.
+    memory, streamed = both(sharded(family, tmp_path, dtype), tmp_path, **kw)
+    same_files(memory, streamed)
+
+
+def test_streamed_export_reloads_with_the_compressed_outputs(tmp_path, one_torch_thread):
+    src = sharded("llama", tmp_path)
+    opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=True)
+    out = compress_checkpoint(src, tmp_path / "out", opts).out_dir
+    memory = compress_checkpoint(src, tmp_path / "mem", CompressOptions(stream=False)).out_dir
+    inputs = example_inputs("llama")
+    a, b = load_pretrained(out), load_pretrained(memory)
+    torch.testing.assert_close(outputs(a, inputs), outputs(b, inputs), rtol=0, atol=0)
+
+
+def test_tensor_mode_streams_too(tiny_mlp, tmp_path, one_torch_thread):
+    _, path = tiny_mlp
+    memory, streamed = both(path, tmp_path)
+    same_files(memory, streamed)
+
+
+def test_pickle_weights_fall_back_to_memory_or_refuse_when_streaming_is_required(
+    tmp_path, one_torch_thread
+):
+    model = build_tiny("gpt2")
+    folder = tmp_path / "pickled"
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    base = {"allow_pickle": True, "policy": RankPolicy(rank=4)}
+    out = compress_checkpoint(folder, tmp_path / "out", CompressOptions(**base)).out_dir
+    assert (out / "config.json").is_file()
+    with pytest.raises(DlncError, match="`stream`: this checkpoint cannot be streamed"):
+        compress_checkpoint(folder, tmp_path / "out2", CompressOptions(stream=True, **base))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_nan_weight_is_a_clean_error_and_leaves_nothing(tmp_path, one_torch_thread):
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(DlncError, match="up_proj: the weight holds NaN"):
+        compress_checkpoint(tmp_path / "src", tmp_path / "out", CompressOptions(stream=True))
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_write_safetensors_round_trips_through_safetensors(tmp_path):
+    values = {
+        "a": torch.randn(3, 5, dtype=torch.bfloat16),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(4, 2).t(),  # not contiguous
+        "d": torch.zeros(0, 3),
+    }
+    specs = {k: (tuple(v.shape), v.dtype) for k, v in values.items()}
+    write_safetensors(tmp_path / "x.safetensors", specs, values.__getitem__, {"format": "pt"})
+    back = TensorSource([tmp_path / "x.safetensors"])
+    for key, value in values.items():
+        assert torch.equal(back.get(key), value)
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as h:
+        assert h.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path, one_torch_thread):
+    # calibration one block at a time gives the in-memory Grams bit for bit
+    # (tests/test_blocks.py), and the whitening maths is the same function on the same input
+    from safetensors.torch import save_file
+
+    from compressor.training.data import DataOptions
+    from compressor.workflows.plan import AwareOptions
+
+    src = sharded(family, tmp_path)
+    data = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.randint(1, 64, (12, 10), generator=torch.Generator())}, data)
+    aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4))
+    memory, streamed = both(src, tmp_path, aware=aware)
+    same_files(memory, streamed)
+    assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"
+
+
+def test_two_processes_split_the_layers_and_write_the_same_export(tmp_path, one_torch_thread):
+    # torchrun + gloo on CPU: accelerate's process state; each process decomposes every
+    # other layer, the main one writes the export
+    import os
+    import subprocess
+    import sys
+
+    src = sharded("llama", tmp_path)
+    script = Path(__file__).parent / "scripts" / "stream_ddp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(script), str(src), str(tmp_path / "out-dist")]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [
+        {"world": 2, "main": True, "report": True},
+        {"world": 2, "main": False, "report": False},
+    ]
+    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB")
+    single = compress_checkpoint(src, tmp_path / "out-single", opts).out_dir
+    same_files(single, tmp_path / "out-dist")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no parts left
