@@ -181,14 +181,15 @@ def write_folder(
     config: object | None,
     section: dict,
     source: str | os.PathLike | None = None,
-    report: dict | None = None,
+    report: dict | Callable[[], dict] | None = None,
     overwrite: bool = False,
     facts: CardFacts | None = None,
 ) -> Path:
     """The export folder, atomically: `write_weights(tmp)` writes the weights into a hidden
     temp folder, then config.json (with the `dlnc` section), report.json, the side files and
     the model card (from `facts`, else from the report) join them, and the folder is renamed
-    into place. A failed write (permission, read-only mount, full disk) is a one-line
+    into place. `report` may be a function, called once the weights are written (a streamed
+    export knows its per-layer errors only then). A failed write (permission, read-only mount, full disk) is a one-line
     `DlncError` and leaves nothing; temp folders of earlier exports killed mid-write go."""
     from safetensors import SafetensorError
 
@@ -206,6 +207,8 @@ def write_folder(
     try:
         tmp.mkdir()
         write_weights(tmp)
+        if callable(report):
+            report = report()
         _write_json(tmp / "config.json", _config_dict(config, section))
         if report is not None:
             report = _with_size(report, tmp)

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.core.compress import ProgressFn
+from compressor.core.progress import ProgressFn
+from compressor.core.tasks import model_inputs
 from compressor.errors import DlncError
-from compressor.methods.calibration import LayerStats, _Collector, forward_inputs
+from compressor.methods.calibration import LayerStats, _Collector
 
 __all__ = ["Activations", "Block", "LoadFn", "block_grams", "find_blocks", "stream_blocks"]
 
@@ -171,7 +172,7 @@ def _first_inputs(model, stack, batches, hidden: Activations):
     try:
         for batch in batches:
             try:
-                model(**forward_inputs(batch))
+                model(**model_inputs(batch, model))
             except _Caught:
                 continue
             raise DlncError("the model never reached its first block on the data")

@@ -15,6 +15,7 @@ written) plus a fixed overhead, never the model. The export (tensors, shards, co
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.core.compress import CompressionReport, LayerReport, ProgressFn, check_finite
+from compressor.core.compress import CompressionReport, LayerReport, check_finite
 from compressor.core.layers import FactorizedLinear, layout_of
 from compressor.core.linalg import (
     RANDOMIZED_MIN_SIZE,
@@ -40,6 +41,7 @@ from compressor.core.linalg import (
     truncation_error,
     use_randomized,
 )
+from compressor.core.progress import ProgressFn
 from compressor.core.ranks import LayerRank, allocate_ranks, factor_params
 from compressor.core.surgery import count_params, replace_module, tied_keys
 from compressor.errors import DlncError
@@ -84,11 +86,9 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
     path (pickle weights, keys the model does not name, an architecture without a class)."""
     from compressor.workflows.compress import (
         CompressResult,
-        _rewrite_json,
         build_report,
         expand_overrides,
         select_targets,
-        weights_size,
     )
 
     loaded, source, keys = open_streamed(path, options)
@@ -118,19 +118,23 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
                 return CompressResult(Path(out).resolve(), {}, loaded.notices, weight_spectra)
         writer = _Writer(loaded.model, layers, keys, source, factor, options, progress)
         section = dlnc_section(loaded.model, method, options.merge, loaded.tensor_mode)
+        summary: dict = {}
+
+        def report() -> dict:  # the per-layer errors are known once the factors are written
+            done = CompressionReport(method, [writer.reports[n] for n in layers], options.depth)
+            summary.update(build_report(loaded, done, total_before, options))
+            return summary
+
         try:
             done = write_folder(
                 out, writer.write, config=loaded.config, section=section, source=loaded.source,
-                report=None, overwrite=options.overwrite,
+                report=report, overwrite=options.overwrite,
             )  # fmt: skip
         finally:
             if world is not None:
                 shutil.rmtree(_parts_dir(out), ignore_errors=True)
                 world.wait_for_everyone()
-    report = CompressionReport(method, [writer.reports[n] for n in layers], options.depth)
-    summary = build_report(loaded, report, total_before, options)
-    summary["bytes_after"] = weights_size(done)
-    _rewrite_json(done / "report.json", summary)
+    summary = json.loads((done / "report.json").read_text())  # with bytes_after filled in
     return CompressResult(done, summary, loaded.notices, weight_spectra)
 
 
@@ -225,9 +229,9 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
     distinct Gram), its weight spectrum and whitened spectrum, as `build_plan` computes them."""
     from compressor.methods.blocks import block_grams, stream_blocks
     from compressor.methods.whiten import Whitener, whitened_factors, whitened_spectrum
-    from compressor.workflows.plan import PlanInfo, _batches
+    from compressor.training.data import load_data
 
-    batches, _ = _batches(loaded, options.aware.data, PlanInfo())
+    batches = load_data(options.aware.data, loaded.source).train
     damping = options.aware.damping
     spectra, weight_spectra, files = {}, {}, {}
     load = module_loader(source, keys)
