@@ -31,6 +31,12 @@ from compressor.core.ranks import RankPolicy, allocate_ranks
 from compressor.errors import DlncError
 from compressor.methods.calibration import LayerStats
 from compressor.methods.dynamics import joint_subspace, update_rank
+from compressor.methods.output_aware import (
+    channel_weights,
+    output_whitened_factor_fn,
+    output_whitened_spectrum,
+    projection_gains,
+)
 from compressor.methods.whiten import DEFAULT_DAMPING, Whitener, whitened_factors, whitened_spectrum
 
 __all__ = ["METHODS", "LayerEstimate", "Plan", "build_plan", "estimate_layers"]
@@ -49,6 +55,7 @@ class Plan:
     weight_spectra: dict[str, torch.Tensor]  # singular values of W
     whiten_spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # of W L
     update_spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # of dW
+    gains: dict[str, torch.Tensor] | None = None  # output-aware allocation (None: by spectra)
 
 
 def build_plan(
@@ -58,8 +65,11 @@ def build_plan(
     updates: Mapping[str, torch.Tensor] | None = None,
     damping: float = DEFAULT_DAMPING,
     progress: ProgressFn | None = None,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
 ) -> Plan:
-    """The plan of `method`; whiten needs `stats`, dynamics needs `updates`."""
+    """The plan of `method`; whiten needs `stats`, dynamics needs `updates`. With `stats`
+    and `sensitivity` (per-channel output sensitivity), ranks follow each layer's effect on
+    the model's output (`methods.output_aware`), and whiten's factors minimise it."""
     if method not in METHODS:
         raise DlncError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "whiten" and stats is None:
@@ -88,7 +98,26 @@ def build_plan(
         joint = {n: joint_subspace(weights[n], updates[n]) for n in targets}
         plan.spectra = {n: s for n, (s, _) in joint.items()}
         plan.factor_fn = _subspace_factor_fn(weights, joint)
+    if stats is not None and sensitivity is not None:
+        _make_output_aware(plan, weights, whiteners, sensitivity, joint if updates else None)
     return plan
+
+
+def _make_output_aware(plan: Plan, weights, whiteners, sensitivity, joint) -> None:
+    """Gains in the model-output metric ||D E L|| for every method; whiten's factors too."""
+    d = {n: channel_weights(sensitivity[n]) for n in weights}
+    if plan.method == "whiten":
+        spectra = {n: output_whitened_spectrum(w, whiteners[n], d[n]) for n, w in weights.items()}
+        plan.gains = {n: s.square() for n, s in spectra.items()}
+        plan.factor_fn = output_whitened_factor_fn(weights, whiteners, d)
+        return
+    plan.gains = {}
+    for name, w in weights.items():
+        if plan.method == "dynamics":
+            q = joint[name][1].T
+        else:
+            q = torch.linalg.svd(w.detach().double(), full_matrices=False)[2].T
+        plan.gains[name] = projection_gains(w, q, whiteners[name], d[name])
 
 
 def _each(weights, fn, stage, progress, with_name=False) -> dict[str, torch.Tensor]:
@@ -161,7 +190,7 @@ class LayerEstimate:
 def estimate_layers(plan: Plan, policy: RankPolicy, tau: float = 0.9) -> list[LayerEstimate]:
     """Per layer: the energy ranks of each available spectrum and the plan's allocation."""
     shapes = plan.shapes
-    chosen = allocate_ranks(plan.spectra, shapes, policy)
+    chosen = allocate_ranks(plan.spectra, shapes, policy, plan.gains)
     rows = []
     for name, s in plan.weight_spectra.items():
         ws, us = plan.whiten_spectra.get(name), plan.update_spectra.get(name)

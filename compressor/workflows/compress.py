@@ -163,12 +163,13 @@ def compress_checkpoint(
 def _method_inputs(loaded, targets, options: CompressOptions, progress) -> tuple[dict, dict]:
     """The weights' spectra, and `compress_`'s spectra/factor_fn/method: plain SVD, or a
     data-aware plan (whiten, dynamics) built from `options.aware`."""
-    if options.aware is None or options.aware.method == "svd":
+    if options.aware is None or (options.aware.method == "svd" and options.aware.data is None):
         decomps = layer_decompositions(targets, progress)
         spectra = {n: d.s for n, d in decomps.items()}
         return spectra, {"spectra": spectra, "factor_fn": svd_factor_fn(decomps)}
     plan, _ = make_plan(loaded, targets, options.aware, progress)
-    kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method}
+    kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method,
+              "gains": plan.gains}  # fmt: skip
     return plan.weight_spectra, kwargs
 
 

@@ -60,6 +60,7 @@ class PlanInfo:
     calibration_seconds: float = 0.0
     statistics_bytes: int = 0  # memory held by the distinct Gram matrices
     warmup_seconds: float = 0.0
+    sensitivity_seconds: float = 0.0  # the backward passes of the output-aware allocation
     notes: list[str] = field(default_factory=list)
 
 
@@ -73,7 +74,7 @@ def make_plan(
     """The plan of `options.method`; with `everything`, also the statistics of the other
     methods that the options allow (for side-by-side rank estimates)."""
     info = PlanInfo()
-    need_grams = options.data is not None and (options.method == "whiten" or everything)
+    need_grams = options.data is not None  # every method's ranks follow the output with data
     need_updates = options.method == "dynamics" or (
         everything and (options.reference or options.warmup_steps)
     )
@@ -82,8 +83,21 @@ def make_plan(
     updates = None
     if need_updates:
         updates = _updates(loaded, targets, options, batches, tokenizer, info, progress)
-    plan = build_plan(options.method, targets, stats, updates, options.damping, progress)
+    sensitivity = _sensitivity(loaded.model, targets, batches, info, progress) if stats else None
+    plan = build_plan(
+        options.method, targets, stats, updates, options.damping, progress, sensitivity
+    )
     return plan, info
+
+
+def _sensitivity(model, targets, batches, info: PlanInfo, progress):
+    """Each layer's output sensitivity: one backward pass per calibration batch."""
+    from compressor.methods.sensitivity import output_sensitivity
+
+    started = time.perf_counter()
+    sensitivity = output_sensitivity(model, targets, batches, progress=progress)
+    info.sensitivity_seconds = time.perf_counter() - started
+    return sensitivity
 
 
 def _batches(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo):
