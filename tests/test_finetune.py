@@ -180,7 +180,8 @@ def test_training_that_only_hurts_returns_the_start(gpt2_pair):
     assert result.kept_start
     assert result.evals["trained"].distill > result.evals["before"].distill
     assert result.evals["after"] == result.evals["before"]
-    for (name, a), b in zip(result.model.state_dict().items(), start.state_dict().values()):
+    pairs = zip(result.model.state_dict().items(), start.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
         torch.testing.assert_close(a, b, msg=name)
 
 
