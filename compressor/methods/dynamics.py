@@ -68,9 +68,8 @@ def reference_updates(
 
 def warmup_loss(model: nn.Module, has_labels: bool, mask_token_id: int | None = None) -> LossFn:
     """The model's own objective: its loss on the data's labels when there are labels, else
-    causal LM (`...ForCausalLM`, `...LMHeadModel`) or masked LM (`...ForMaskedLM`).
-
-    A `DlncError` when none applies (e.g. a bare encoder and no labels).
+    causal LM (`...ForCausalLM`, `...LMHeadModel`) or masked LM (`...ForMaskedLM`); a model
+    with none of these (a bare encoder) gets `encoder_warmup.denoising_loss`.
     """
     name = type(model).__name__
     if has_labels:
@@ -85,10 +84,11 @@ def warmup_loss(model: nn.Module, has_labels: bool, mask_token_id: int | None = 
             raise DlncError(f"{name}: a masked-LM warm-up needs the tokenizer's [MASK] token")
         generator = torch.Generator().manual_seed(0)
         return lambda m, batch: _own_loss(m, mask_for_mlm(batch, mask_id, generator))
-    raise DlncError(
-        f"{name} has no training objective for a warm-up run (no causal-LM or masked-LM head, "
-        "and the data has no labels); use --method whiten, or --reference with a base checkpoint"
-    )
+    from compressor.methods.encoder_warmup import denoising_loss
+
+    if mask_token_id is None:
+        mask_token_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+    return denoising_loss(model, mask_token_id)  # a bare encoder: denoising self-distillation
 
 
 def _own_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
