@@ -303,7 +303,7 @@ def table(rows, steps) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keeps", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--keeps", type=float, nargs="*", default=[0.3, 0.5, 0.7])
     rows = ["default", "uniform", "uniform_output", "svd", "prune"]
     parser.add_argument("--rows", nargs="+", default=rows)
     parser.add_argument("--finetune", nargs="*", default=[],
@@ -312,7 +312,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--calibration", type=int, default=64, help="calibration paragraphs")
     parser.add_argument("--held", type=int, default=128, help="held-out paragraphs (cosine)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table is written")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -371,8 +372,8 @@ def main() -> None:
         f"accuracy (original: 1 / {judge.original_accuracy:.3f}).\n\n{table(rows, args.steps)}\n"
     )
     print("\n" + text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
 
 
 if __name__ == "__main__":
