@@ -100,13 +100,19 @@ def test_own_objective_of_each_head(family):
     assert torch.isfinite(loss) and float(loss.detach()) > 0
 
 
-def test_no_objective_is_a_clear_error():
+def test_a_bare_encoder_warms_up_by_denoising_self_distillation():
     from transformers import BertConfig, BertModel
 
+    torch.manual_seed(0)
     encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=64, vocab_size=64))  # fmt: skip
-    with pytest.raises(DlncError, match=r"BertModel has no training objective.*`method` whiten"):
-        warmup_loss(encoder, has_labels=False)
+    batch = {"input_ids": torch.randint(4, 64, (4, 12), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long)}  # fmt: skip
+    loss_fn = warmup_loss(encoder, has_labels=False, mask_token_id=3)
+    assert float(loss_fn(encoder.eval(), batch).detach()) > 0  # the masked input moves the output
+    targets = find_targets(encoder)
+    updates = warmup_updates(encoder, targets, [batch], steps=3, lr=1e-3, loss_fn=loss_fn)
+    assert all(float(u.norm()) > 0 for u in updates.values())
 
 
 def test_joint_subspace_holds_weight_and_update_directions():

@@ -168,3 +168,28 @@ def test_task_only_training_on_a_causal_lm_without_teacher(gpt2_pair):
 def test_config_names_the_bad_field(field, value, message):
     with pytest.raises(DlncError, match=message):
         FinetuneConfig(**{field: value})
+
+
+def test_training_that_only_hurts_returns_the_start(gpt2_pair):
+    teacher, student = gpt2_pair
+    start = copy.deepcopy(student)
+    batches = token_batches(4)
+    config = FinetuneConfig(steps=8, lr=5.0, warmup=0.0, clip=None, seed=0)  # far too high
+    result = finetune(copy.deepcopy(student), batches, teacher=teacher, config=config,
+                      eval_batches=batches[:2])  # fmt: skip
+    assert result.kept_start
+    assert result.evals["trained"].distill > result.evals["before"].distill
+    assert result.evals["after"] == result.evals["before"]
+    pairs = zip(result.model.state_dict().items(), start.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_training_that_helps_keeps_the_trained_model(gpt2_pair):
+    teacher, student = gpt2_pair
+    batches = token_batches(6)
+    config = FinetuneConfig(steps=20, lr=3e-3, seed=0)
+    result = finetune(copy.deepcopy(student), batches, teacher=teacher, config=config,
+                      eval_batches=batches[:2])  # fmt: skip
+    assert not result.kept_start and "trained" not in result.evals
+    assert result.evals["after"].distill < result.evals["before"].distill

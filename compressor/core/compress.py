@@ -135,12 +135,14 @@ def compress_(
     spectra: dict[str, torch.Tensor] | None = None,
     factor_fn: FactorFn | None = None,
     progress: ProgressFn | None = None,
+    gains: dict[str, torch.Tensor] | None = None,
 ) -> CompressionReport:
     """In place: replace each target by a `FactorizedLinear` of the rank `policy` chooses.
 
     `spectra` (default: the weights' singular values) drive the rank choice; `factor_fn`
-    (default: truncated SVD, one decomposition per layer) gives the factors. Layers at or
-    above break-even stay dense.
+    (default: truncated SVD, one decomposition per layer) gives the factors; `gains`, when
+    given, share a `keep` budget instead (output-aware: `core.allocate`). Layers at or above
+    break-even stay dense.
     """
     check_depth(depth)
     if not targets:
@@ -152,7 +154,7 @@ def compress_(
     elif spectra is None:
         spectra = layer_spectra(targets, progress)
     shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
-    ranks = allocate_ranks(spectra, shapes, policy)
+    ranks = allocate_ranks(spectra, shapes, policy, gains)
     reports = []
     for i, (name, module) in enumerate(targets.items()):
         reports.append(_compress_one(model, name, module, ranks[name], depth, factor_fn))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compressor.core.allocate import greedy_ranks, relative_gains
 from compressor.core.linalg import breakeven_rank, energy_rank
 from compressor.errors import DlncError
 
@@ -66,10 +67,16 @@ def allocate_ranks(
     spectra: Mapping[str, torch.Tensor],
     shapes: Mapping[str, tuple[int, int]],
     policy: RankPolicy,
+    gains: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerRank]:
-    """A rank per layer under `policy`; layers at or above break-even stay dense."""
+    """A rank per layer under `policy`; layers at or above break-even stay dense.
+
+    Under `keep`, `gains` (the drop of an output error per kept direction, comparable across
+    layers: `core.allocate`) share the budget; without them each layer's relative spectrum
+    does (the data-free rule)."""
     if policy.keep is not None:
-        raw = _budget_ranks(spectra, shapes, policy.keep)
+        raw = greedy_ranks(gains if gains is not None else relative_gains(spectra),
+                           shapes, policy.keep)  # fmt: skip
     elif policy.energy is not None:
         raw = {n: max(1, energy_rank(s, policy.energy)) for n, s in spectra.items()}
     else:
@@ -105,22 +112,3 @@ def _decide(shape: tuple[int, int], rank: int) -> LayerRank:
     if rank >= k_star:
         return LayerRank(None, f"rank {rank} >= break-even {k_star:.0f}: kept dense")
     return LayerRank(rank)
-
-
-def _budget_ranks(spectra, shapes, keep: float) -> dict[str, int]:
-    """Greedy global allocation: take singular directions in order of energy gained per
-    parameter (s_i^2 / ||W||_F^2 / (in + out)) until `keep` of the weights are spent."""
-    names, gains, costs = [], [], []
-    for idx, (name, s) in enumerate(spectra.items()):
-        energy = s.double().square()
-        total = float(energy.sum()) or 1.0
-        cost = float(sum(shapes[name]))
-        gains.append(energy / total / cost)
-        costs.append(torch.full_like(energy, cost))
-        names.append(torch.full_like(energy, idx))
-    budget = keep * sum(shapes[n][0] * shapes[n][1] for n in spectra)
-    order = torch.cat(gains).argsort(descending=True, stable=True)
-    spent = torch.cat(costs)[order].cumsum(0)
-    taken = torch.cat(names)[order][spent <= budget].long()
-    counts = torch.bincount(taken, minlength=len(spectra)).tolist()
-    return {name: max(1, c) for name, c in zip(spectra, counts, strict=True)}

@@ -189,8 +189,9 @@ def write_folder(
     temp folder, then config.json (with the `dlnc` section), report.json, the side files and
     the model card (from `facts`, else from the report) join them, and the folder is renamed
     into place. `report` may be a function, called once the weights are written (a streamed
-    export knows its per-layer errors only then). A failed write (permission, read-only mount, full disk) is a one-line
-    `DlncError` and leaves nothing; temp folders of earlier exports killed mid-write go."""
+    export knows its per-layer errors only then). A failed write (permission, read-only
+    mount, full disk) is a one-line `DlncError` and leaves nothing; temp folders of earlier
+    exports killed mid-write go."""
     from safetensors import SafetensorError
 
     from compressor.io.model_card import report_facts, write_model_card

@@ -66,9 +66,8 @@ def reference_updates(
 
 def warmup_loss(model: nn.Module, has_labels: bool, mask_token_id: int | None = None) -> LossFn:
     """The model's own objective: its loss on the data's labels when there are labels, else
-    causal LM or masked LM by its task (`compressor.core.tasks.task_of`).
-
-    A `DlncError` when none applies (e.g. a bare encoder and no labels).
+    causal LM or masked LM by its task (`compressor.core.tasks.task_of`); a model with
+    neither (a bare encoder) gets `encoder_warmup.denoising_loss`.
     """
     name = type(model).__name__
     task = task_of(model)
@@ -84,10 +83,11 @@ def warmup_loss(model: nn.Module, has_labels: bool, mask_token_id: int | None = 
             raise DlncError(f"{name}: a masked-LM warm-up needs the tokenizer's [MASK] token")
         generator = torch.Generator().manual_seed(0)
         return lambda m, batch: _own_loss(m, _mlm_batch(batch, mask_id, generator))
-    raise DlncError(
-        f"{name} has no training objective for a warm-up run (no causal-LM or masked-LM head, "
-        "and the data has no labels); use `method` whiten, or a `reference` base checkpoint"
-    )
+    from compressor.methods.encoder_warmup import denoising_loss
+
+    if mask_token_id is None:
+        mask_token_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+    return denoising_loss(model, mask_token_id)  # a bare encoder: denoising self-distillation
 
 
 def _mlm_batch(batch, mask_id: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -236,6 +236,10 @@ class Dynamics(RankMethod):
     ) -> int:
         """The update's own rank (`update_rank`), not the joint spectrum's."""
         return update_rank(singular_values(inputs.updates[name]), weights.decomps[name].s, tau)
+
+    def directions(self, name: str, weights: Weights, inputs: MethodInputs) -> torch.Tensor:
+        """The joint input directions of [W; dW], by their singular value."""
+        return self._joint(weights, inputs)[name][1].T
 
     @staticmethod
     def _joint(weights: Weights, inputs: MethodInputs) -> dict:

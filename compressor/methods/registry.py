@@ -52,6 +52,7 @@ class MethodInputs:
     grams: Mapping[str, object] | None = None  # layer -> calibration.LayerStats
     updates: Mapping[str, torch.Tensor] | None = None  # layer -> dW (out x in)
     damping: float = 1e-2  # whitening: relative damping of the Gram matrices
+    sensitivity: Mapping[str, torch.Tensor] | None = None  # layer -> output sensitivity per channel
     derived: dict = field(default_factory=dict, compare=False)  # what methods derive, once
 
     def once(self, key: str, make: Callable[[], object]) -> object:
@@ -89,6 +90,7 @@ class Plan:
     shapes: dict[str, tuple[int, int]]  # (out, in) of each target
     weight_spectra: dict[str, torch.Tensor]  # singular values of W
     reading: Callable[[str, float], int]  # (layer, tau) -> the rank this method reads
+    gains: dict[str, torch.Tensor] | None = None  # output-aware allocation (None: by spectra)
 
 
 class RankMethod:
@@ -117,6 +119,21 @@ class RankMethod:
         """The rank this method reads for layer `name` at energy `tau` (`spectrum`: the one
         its `spectra` gave)."""
         raise NotImplementedError
+
+    def directions(self, name: str, weights: Weights, inputs: MethodInputs) -> torch.Tensor:
+        """The input directions (in x k, orthonormal columns, most important first) that this
+        method's factors keep: what output-aware allocation prices."""
+        raise NotImplementedError
+
+    def output_aware(
+        self, weights: Weights, inputs: MethodInputs, spectra: dict
+    ) -> tuple[dict[str, torch.Tensor], FactorFn | None]:
+        """With calibration Grams and output sensitivities: each direction's gain in model-
+        output units (`methods.output_aware`), and factors for that metric when the method
+        has its own (None: keep `factor_fn`'s)."""
+        from compressor.methods.output_aware import projection_output_gains
+
+        return projection_output_gains(self, weights, inputs), None
 
 
 _REGISTRY: dict[str, RankMethod] = {}
@@ -174,9 +191,12 @@ def build_plan(
     updates: Mapping[str, torch.Tensor] | None = None,
     damping: float = 1e-2,
     progress: ProgressFn | None = None,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
 ) -> Plan:
-    """The plan of `method` for `targets`; whiten needs `stats`, dynamics needs `updates`."""
-    inputs = MethodInputs(stats, updates, damping)
+    """The plan of `method` for `targets`; whiten needs `stats`, dynamics needs `updates`.
+    With `stats` and `sensitivity` (per-channel output sensitivity), ranks follow each
+    layer's effect on the model's output (`methods.output_aware`)."""
+    inputs = MethodInputs(stats, updates, damping, sensitivity)
     return plan_of(method, decompose_weights(targets, progress), inputs, progress)
 
 
@@ -193,7 +213,11 @@ def plan_of(
         return m.reading(name, spectra[name], weights, inputs, tau)
 
     factor_fn = m.factor_fn(weights, inputs, spectra)
-    return Plan(m.name, spectra, factor_fn, shapes, weights.spectra, reading)
+    gains = None
+    if inputs.grams is not None and inputs.sensitivity is not None:
+        gains, output_factor_fn = m.output_aware(weights, inputs, spectra)
+        factor_fn = output_factor_fn or factor_fn
+    return Plan(m.name, spectra, factor_fn, shapes, weights.spectra, reading, gains)
 
 
 def decompose_weights(targets: Mapping[str, nn.Module], progress: ProgressFn | None) -> Weights:
@@ -230,7 +254,7 @@ def estimate_layers(
 ) -> list[LayerEstimate]:
     """Per layer: each plan's rank reading at `tau`, and the allocation of plan `chosen`."""
     plan = plans[chosen]
-    allocated = allocate_ranks(plan.spectra, plan.shapes, policy)
+    allocated = allocate_ranks(plan.spectra, plan.shapes, policy, plan.gains)
     return [
         LayerEstimate(
             name=name,

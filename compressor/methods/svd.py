@@ -32,5 +32,10 @@ class SVD(RankMethod):
     ) -> int:
         return energy_rank(spectrum, tau)
 
+    def directions(self, name: str, weights: Weights, inputs: MethodInputs) -> torch.Tensor:
+        """The right singular vectors of W (all of them, by singular value)."""
+        w = weights.tensors[name].detach().double()
+        return torch.linalg.svd(w, full_matrices=False)[2].T
+
 
 register(SVD())

@@ -146,6 +146,25 @@ class Whiten(RankMethod):
     ) -> int:
         return energy_rank(spectrum, tau)
 
+    def output_aware(
+        self, weights: Weights, inputs: MethodInputs, spectra: dict
+    ) -> tuple[dict[str, torch.Tensor], FactorFn]:
+        """Truncate D W L (D: the output sensitivity's channel weights): its squared singular
+        values are the gains, and its truncation gives the factors."""
+        from compressor.methods.output_aware import (
+            channel_weights,
+            output_whitened_factor_fn,
+            output_whitened_spectrum,
+        )
+
+        roots = self._roots(inputs)
+        d = {n: channel_weights(inputs.sensitivity[n]) for n in weights.tensors}
+        gains = {
+            n: output_whitened_spectrum(w, roots[n], d[n]).square()
+            for n, w in weights.tensors.items()
+        }
+        return gains, output_whitened_factor_fn(weights.tensors, roots, d)
+
     @staticmethod
     def _roots(inputs: MethodInputs) -> dict[str, Whitener | None]:
         return inputs.once("whiteners", lambda: whiteners(inputs.grams, inputs.damping))

@@ -68,6 +68,7 @@ class FinetuneResult:
     is_main_process: bool = True
     mixed_precision: str = "no"
     num_processes: int = 1
+    kept_start: bool = False  # training made the held-out loss worse: the start was returned
 
     def report(self) -> dict:
         """The `finetune` section of report.json."""
@@ -81,6 +82,7 @@ class FinetuneResult:
             "resumed_from": self.resumed_from,
             "mixed_precision": self.mixed_precision,
             "num_processes": self.num_processes,
+            "kept_start": self.kept_start,
             "eval": {k: v.to_dict() for k, v in self.evals.items()},
         }
 
@@ -160,10 +162,12 @@ def finetune(
     if not state.evals:
         evals.update(ev.before(model))
         state.evals = evals
+    start = _snapshot(accelerator, model) if "before" in evals and not resume else None
     run = _Loop(accelerator, model, optimizer, scheduler, loader, data, objective, teacher,
                 config, state, progress)  # fmt: skip
     seconds = run.train()
     evals.update(ev.after(model))
+    kept_start = _keep_the_better(accelerator, model, start, evals)
     done = config.steps - state.resumed_from
     return FinetuneResult(
         model=_final_model(accelerator, model, template),
@@ -177,7 +181,26 @@ def finetune(
         is_main_process=accelerator.is_main_process,
         mixed_precision=accelerator.mixed_precision,
         num_processes=accelerator.num_processes,
+        kept_start=kept_start,
     )
+
+
+def _snapshot(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the student's weights before training (the fallback of the best rule)."""
+    state = accelerator.unwrap_model(model).state_dict()
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _keep_the_better(accelerator, model: nn.Module, start, evals: dict) -> bool:
+    """Never return a model worse than its start on held-out data: when the held-out
+    headline (task loss, else distillation loss) got worse, restore the starting weights."""
+    if start is None or "after" not in evals or evals["after"].headline is None:
+        return False
+    if not evals["after"].headline > evals["before"].headline:
+        return False
+    accelerator.unwrap_model(model).load_state_dict(start)
+    evals["trained"], evals["after"] = evals["after"], evals["before"]
+    return True
 
 
 def _accelerator(config: FinetuneConfig):

@@ -216,7 +216,8 @@ def _method_inputs(loaded, targets, options: CompressOptions, progress) -> tuple
     aware = options.aware or AwareOptions()
     plans, _ = make_plans(loaded, targets, aware, progress)
     plan = plans[aware.resolved]
-    kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method}
+    kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method,
+              "gains": plan.gains}  # fmt: skip
     return plan.weight_spectra, kwargs
 
 

@@ -50,6 +50,7 @@ class DemoSettings:
     keep: float = 0.15  # fraction of the targeted weight parameters kept
     depth: int = 3  # chain depth while fine-tuning (export collapses to 2)
     finetune_steps: int = 300  # recovery fine-tuning steps
+    finetune_lr: float = 1e-4  # peak lr of the recovery (AdamW); 1e-3 kicks the model off
     outer_lr_scale: float = 2.0  # discrepant learning rate of the outer factors
     seed: int = 0
 
@@ -196,7 +197,8 @@ def export_wide(model: nn.Module, folder: Path) -> None:
 
 def recover(student, teacher, batches, settings: DemoSettings, progress: ProgressFn) -> list[float]:
     config = FinetuneConfig(
-        steps=settings.finetune_steps, lr=1e-3, outer_lr_scale=settings.outer_lr_scale,
+        steps=settings.finetune_steps, lr=settings.finetune_lr,
+        outer_lr_scale=settings.outer_lr_scale,
         objective="mix", mix_weight=0.5, temperature=2.0, warmup=0.05, seed=settings.seed,
     )  # fmt: skip
 

@@ -72,6 +72,7 @@ class PlanInfo:
     calibration_seconds: float = 0.0
     statistics_bytes: int = 0  # memory held by the distinct Gram matrices
     warmup_seconds: float = 0.0
+    sensitivity_seconds: float = 0.0  # the backward passes of the output-aware allocation
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,16 +91,31 @@ def make_plans(
     wanted = wanted if everything else [chosen]
     needs = frozenset().union(*(methods.get(m).needs for m in wanted))
     data = _data(loaded, options.data, info) if options.data is not None else None
+    # with data, every method's ranks follow the model's output: Grams and sensitivities
+    grams = _grams(loaded.model, targets, data, info, progress) if data is not None else None
     inputs = methods.MethodInputs(
-        grams=_grams(loaded.model, targets, data, info, progress) if "grams" in needs else None,
+        grams=grams,
         updates=_updates(loaded, targets, options, data, info, progress)
         if "updates" in needs
         else None,
         damping=options.damping,
+        sensitivity=_sensitivity(loaded.model, targets, data, info, progress)
+        if grams is not None
+        else None,
     )
     weights = methods.registry.decompose_weights(targets, progress)
     plans = {m: methods.registry.plan_of(m, weights, inputs, progress) for m in wanted}
     return plans, info
+
+
+def _sensitivity(model, targets, data: Batches, info: PlanInfo, progress):
+    """Each layer's output sensitivity: one backward pass per calibration batch."""
+    from compressor.methods.sensitivity import output_sensitivity
+
+    started = time.perf_counter()
+    sensitivity = output_sensitivity(model, targets, data.train, progress=progress)
+    info.sensitivity_seconds = time.perf_counter() - started
+    return sensitivity
 
 
 def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batches:
