@@ -102,6 +102,7 @@ class RankMethod:
     needs: ClassVar[frozenset[str]] = frozenset()  # from INPUTS
     priority: ClassVar[int] = 0  # "auto" picks the highest-priority method whose needs are met
     requirement: ClassVar[str] = ""  # the one-line error when its needs are not met
+    output_aware_ranks: ClassVar[bool] = True  # with data, ranks follow the model's output
 
     def spectra(
         self, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None
@@ -214,7 +215,7 @@ def plan_of(
 
     factor_fn = m.factor_fn(weights, inputs, spectra)
     gains = None
-    if inputs.grams is not None and inputs.sensitivity is not None:
+    if m.output_aware_ranks and inputs.grams is not None and inputs.sensitivity is not None:
         gains, output_factor_fn = m.output_aware(weights, inputs, spectra)
         factor_fn = output_factor_fn or factor_fn
     return Plan(m.name, spectra, factor_fn, shapes, weights.spectra, reading, gains)
