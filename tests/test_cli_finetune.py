@@ -98,7 +98,9 @@ def test_compress_with_finetune_steps_exports_once(setup, tmp_path):
     assert done.exit_code == 0, done.output
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["steps"] == 3 and report["targeted_keep"] < 0.35
-    assert set(report["finetune"]["eval"]) == {"original", "before", "after"}
+    section = report["finetune"]
+    kept = {"trained"} if section["kept_start"] else set()
+    assert set(section["eval"]) == {"original", "before", "after"} | kept
     load_pretrained(out)
 
 
