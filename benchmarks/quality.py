@@ -20,7 +20,7 @@ Batches of 32 x 128 tokens. Columns: before fine-tuning, after each of `--steps`
 (compression + fine-tuning).
 
     python benchmarks/quality.py [--keeps 0.3 0.5 0.7] [--finetune default distill prune]
-                                 [--ft-keep 0.5] [--steps 100 300] [--threads 2]
+                                 [--ft-keep 0.5] [--steps 100 300] [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations
