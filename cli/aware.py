@@ -42,6 +42,15 @@ WarmupSteps = Annotated[
 WarmupLr = Annotated[float, typer.Option(help="Learning rate of the warm-up run (AdamW).")]
 
 
+OutputAware = Annotated[
+    bool,
+    typer.Option(
+        help="With --data: share --keep by each layer's measured effect on the model's output "
+        "(one backward pass per batch). --no-output-aware: by each layer's own spectrum."
+    ),
+]
+
+
 def aware_options(
     recipe,
     method: str | None,
@@ -56,6 +65,7 @@ def aware_options(
     reference: Path | None,
     warmup_steps: int,
     warmup_lr: float,
+    output_aware: bool = True,
 ):
     """`AwareOptions` from the command line (through `compressor.workflows.options`)."""
     from compressor.training.data import DataOptions
@@ -69,4 +79,5 @@ def aware_options(
     return build(
         recipe, method, data_options,
         reference=reference, warmup_steps=warmup_steps, warmup_lr=warmup_lr,
+        output_aware=output_aware,
     )  # fmt: skip

@@ -66,6 +66,7 @@ FLAG_PARAMETERS = frozenset(
         "objective",
         "out",
         "outer_lr_scale",
+        "output_aware",
         "overwrite",
         "plot",
         "rank",

@@ -76,16 +76,17 @@ def compress(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     stream: Annotated[
-        bool | None,
+        bool,
         typer.Option(
-            help="Read and write one tensor at a time (memory: a layer, not the model). "
-            "[default: on without data or fine-tuning; with --method whiten, --stream "
-            "calibrates block by block]"
+            help="Read and write one tensor at a time (memory: a layer, not the model); with "
+            "--method whiten, calibrate block by block. Without data or fine-tuning only."
         ),
-    ] = None,
+    ] = False,
     device: Annotated[
         str | None,
-        typer.Option(help="Device of the streamed SVDs (cpu, cuda, cuda:1). [default: GPU if any]"),
+        typer.Option(
+            help="Device of the streamed SVDs (cpu, cuda, cuda:1). \\[default: GPU if any]"
+        ),
     ] = None,
     allow_pickle: Annotated[
         bool, typer.Option(help="Accept pickle weights (.bin/.pt); only from a trusted source.")
@@ -119,6 +120,7 @@ def compress(
     reference: opt.Reference = None,
     warmup_steps: opt.WarmupSteps = 0,
     warmup_lr: opt.WarmupLr = 1e-4,
+    output_aware: opt.OutputAware = True,
     ranks: Annotated[
         Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
     ] = None,
@@ -162,7 +164,7 @@ def compress(
         )
         options.aware = opt.aware_options(
             chosen, method, data, text_field, label_field, tokenizer, max_length,
-            samples, seed, batch_size, reference, warmup_steps, warmup_lr,
+            samples, seed, batch_size, reference, warmup_steps, warmup_lr, output_aware,
         )  # fmt: skip
         if ranks is not None:
             apply_ranks_file(options, ranks)

@@ -95,8 +95,12 @@ def test_python_snippet_runs(workspace, monkeypatch):
             CliRunner().invoke(app, ["compress", "my-model", "--out", "my-model-dlnc"]).exit_code
             == 0
         )
-    (snippet,) = blocks("python")
+    compress_snippet, load_snippet = blocks("python")
     env = {"__name__": "__readme__"}
-    exec(compile(snippet, "README.md", "exec"), env)
+    exec(compile(compress_snippet, "README.md", "exec"), env)
+    assert env["result"].report["targeted_keep"] <= 0.5
+    assert (workspace / "my-model-half" / "model.safetensors").is_file()
+    env = {"__name__": "__readme__"}
+    exec(compile(load_snippet, "README.md", "exec"), env)
     assert tuple(env["out"].last_hidden_state.shape) == (1, 4, 384)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -58,7 +58,7 @@ class CompressOptions:
     recipe: dict | None = None  # the recipe these options came from, recorded in report.json
     aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
     finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
-    stream: bool | None = None  # one tensor at a time (None: whenever data-free, no fine-tuning)
+    stream: bool = False  # read, decompose and write one tensor at a time (memory ~ one layer)
     solver: str = "auto"  # SVD of the streamed path: auto, exact or randomized
     device: str | None = None  # linear algebra of the streamed path (None: GPU if there is one)
 
@@ -72,7 +72,7 @@ class CompressOptions:
 
     @property
     def data_free(self) -> bool:
-        """Plain SVD without fine-tuning: streamed unless `stream=False`."""
+        """Plain SVD without fine-tuning: can be streamed (`stream=True`)."""
         no_data = self.aware is None or self.aware.resolved == "svd"
         return no_data and self.finetune is None
 
@@ -170,14 +170,18 @@ def compress_checkpoint(
     check_output_dir(out, options.overwrite, Path(path))
     if options.stream and not (options.data_free or options.streamed_whiten):
         raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
-    if (options.stream is not False and options.data_free) or options.stream:
+    if options.stream and options.streamed_whiten and options.aware.output_aware:
+        raise DlncError(
+            "`stream` with whiten calibrates block by block, without the output-aware ranks "
+            "(they need a backward pass through the whole model): pass `output_aware` off"
+        )
+    if options.stream:
         from compressor.workflows.stream import NotStreamable, stream_compress
 
         try:
             return stream_compress(path, out, options, progress)
         except NotStreamable as e:
-            if options.stream:
-                raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
+            raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
     loaded = load_checkpoint(
         path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
     )

@@ -34,6 +34,7 @@ class AwareOptions:
     warmup_steps: int = 0  # dynamics: steps of a warm-up run on the data (0: none)
     warmup_lr: float = 1e-4  # learning rate of the warm-up run (AdamW)
     damping: float = DEFAULT_DAMPING  # whiten: relative damping of the Gram matrices
+    output_aware: bool = True  # with data: ranks follow each layer's effect on the output
 
     def __post_init__(self) -> None:
         if self.method != "auto":
@@ -100,7 +101,7 @@ def make_plans(
         else None,
         damping=options.damping,
         sensitivity=_sensitivity(loaded.model, targets, data, info, progress)
-        if grams is not None
+        if grams is not None and options.output_aware
         else None,
     )
     weights = methods.registry.decompose_weights(targets, progress)
