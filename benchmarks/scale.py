@@ -4,7 +4,7 @@ Writes a Llama-7B-shaped checkpoint (hidden 4096, intermediate 11008, 32 heads, 
 32000, random bf16 weights, 1 GB shards) with `--layers` decoder layers to a temp folder, then
 runs each step in a fresh process and reads that process's own peak RSS (ru_maxrss):
   baseline   imports + the meta-device model tree: the fixed overhead
-  stream     data-free --keep 0.5 on every projection, streamed (the default path now)
+  stream     data-free --keep 0.5 on every projection, streamed (`--stream`)
   memory     the same through the in-memory path (--memory; slow: one full SVD per layer)
   reload     load_pretrained of the export
 Prints a table; per-layer time is (time - baseline time) / layers, projected to 32 layers.
@@ -44,7 +44,9 @@ elif step in ("stream", "memory", "whiten"):
     from compressor.workflows.plan import AwareOptions
     aware = None
     if step == "whiten":
-        aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4))
+        aware = AwareOptions(
+            method="whiten", data=DataOptions(path=data, batch_size=4), output_aware=False
+        )
     opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=step != "memory", aware=aware,
                            device=None if device == "auto" else device, overwrite=True)
     compress_checkpoint(src, out, opts)
