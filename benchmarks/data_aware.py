@@ -62,7 +62,7 @@ def prose_corpus() -> tuple[list[str], list[str], list[str]]:
     for f in files:
         if re.search(r"licen|copying|notice|record|test", str(f), re.I) or not f.is_file():
             continue
-        for para in _paragraphs(f):
+        for para in paragraphs(f):
             if para in seen:
                 continue
             seen.add(para)
@@ -71,7 +71,8 @@ def prose_corpus() -> tuple[list[str], list[str], list[str]]:
     return splits
 
 
-def _paragraphs(path: Path) -> list[str]:
+def paragraphs(path: Path) -> list[str]:
+    """The prose paragraphs of a text file (12+ words, mostly letters), cut to 1000 chars."""
     try:
         text = path.read_text(encoding="utf-8", errors="strict")
     except (UnicodeDecodeError, OSError):

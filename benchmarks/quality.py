@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
+from data_aware import paragraphs  # benchmarks/ is the script folder, first on sys.path
 
 from compressor.core.allocate import uniform_ranks
 from compressor.core.compress import compress_
@@ -76,24 +77,10 @@ def documents() -> list[tuple[str, str, int]]:
                 continue
             source = f.relative_to(root).parts[0].split("-")[0].lower()
             bucket = int(hashlib.md5(str(f).encode()).hexdigest(), 16) % 10
-            for para in _paragraphs(f):
+            for para in paragraphs(f):
                 if para not in seen:
                     seen.add(para)
                     out.append((para, source, bucket))
-    return out
-
-
-def _paragraphs(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="strict")
-    except (UnicodeDecodeError, OSError):
-        return []
-    out = []
-    for block in re.split(r"\n\s*\n", text):
-        para = " ".join(block.split())
-        letters = sum(c.isalpha() or c == " " for c in para)
-        if len(para.split()) >= 12 and letters / max(len(para), 1) > 0.85:
-            out.append(para[:1000])
     return out
 
 

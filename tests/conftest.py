@@ -49,6 +49,12 @@ def build_tiny(family: str) -> nn.Module:
             image_size=16, patch_size=8, num_channels=3, num_labels=3,
         )  # fmt: skip
         model = tf.ViTForImageClassification(cfg)
+    elif family == "t5":
+        cfg = tf.T5Config(
+            d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64,
+            decoder_start_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        model = tf.T5ForConditionalGeneration(cfg)
     else:
         raise ValueError(f"unknown family {family}")
     return model.eval()

@@ -28,20 +28,6 @@ def tiny_tokenizer():
     )  # fmt: skip
 
 
-def build(family: str) -> nn.Module:
-    """A tiny model of `family`: the conftest ones and T5."""
-    if family != "t5":
-        return build_tiny(family)
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.T5Config(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64,
-        decoder_start_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return tf.T5ForConditionalGeneration(config).eval()
-
-
 def inputs(family: str) -> dict[str, torch.Tensor]:
     if family != "t5":
         return example_inputs(family)
@@ -63,7 +49,7 @@ def compressed_export(
     from compressor.io.export import export
 
     source = tmp_path / f"{family}-dense"
-    build(family).save_pretrained(source)
+    build_tiny(family).save_pretrained(source)
     if tokenizer:
         tiny_tokenizer().save_pretrained(source)
     loaded = load_checkpoint(source)

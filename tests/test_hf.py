@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 import transformers as tf
-from hf_helpers import build, compressed_export, inputs
+from conftest import build_tiny
+from hf_helpers import compressed_export, inputs
 
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers
@@ -178,7 +179,7 @@ def test_an_export_without_quantization_config_still_loads(tmp_path, one_torch_t
 
 def test_dense_source_is_untouched_by_the_quantizer(tmp_path):
     """A plain checkpoint still loads as a plain model with compressor imported."""
-    build("bert").save_pretrained(tmp_path / "plain")
+    build_tiny("bert").save_pretrained(tmp_path / "plain")
     model = tf.AutoModelForMaskedLM.from_pretrained(tmp_path / "plain")
     assert not factorized_layers(model) and not getattr(model, "is_quantized", False)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from hf_helpers import build, compressed_export
+from conftest import build_tiny
+from hf_helpers import compressed_export
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -29,7 +30,7 @@ def test_card_numbers_match_the_files(family, tmp_path):
     compressed, out = compressed_export(family, tmp_path)
     facts = card_facts(compressed, "svd", merged=False, report=None)
     assert (facts.params_after, facts.bytes_after) == stored(out)
-    dense = build(family)
+    dense = build_tiny(family)
     assert (facts.params_before, facts.bytes_before) == stored(tmp_path / f"{family}-dense")
     assert facts.params_before == count_params(dense)
     text = (out / "README.md").read_text()
@@ -43,7 +44,7 @@ def test_card_metadata_command_and_loading(tmp_path, monkeypatch):
     from cli.main import app
 
     source = tmp_path / "hub" / "models--acme--tiny-gpt2" / "snapshots" / "abc123"
-    build("gpt2").save_pretrained(source)
+    build_tiny("gpt2").save_pretrained(source)
     argv = ["dlnc", "compress", str(source), "--keep", "0.5", "--out", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", argv)
     result = CliRunner().invoke(app, argv[1:])

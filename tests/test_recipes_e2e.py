@@ -22,19 +22,6 @@ from compressor.workflows.options import compress_options, finetune_config
 FAMILIES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "vit": "vit", "t5": "t5"}
 
 
-def build(family: str) -> nn.Module:
-    if family != "t5":
-        return build_tiny(family)
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.T5Config(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64,
-        decoder_start_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return tf.T5ForConditionalGeneration(config).eval()
-
-
 def inputs_of(family: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
     if family != "t5":
         return example_inputs(family, batch)
@@ -74,7 +61,7 @@ def test_every_shipped_family_recipe_has_an_end_to_end_case():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_recipe_compress_finetune_export_reload(family, tmp_path):
-    original = build(family)
+    original = build_tiny(family)
     original.save_pretrained(tmp_path / "in")
     recipe, source = choose_recipe("auto", tmp_path / "in")
     assert (recipe.name, source.warning) == (FAMILIES[family], None)
@@ -142,7 +129,7 @@ def test_compress_finetune_steps_takes_the_recipes_finetune_section(tmp_path):
 
     from cli.main import app
 
-    build("gpt2").save_pretrained(tmp_path / "in")
+    build_tiny("gpt2").save_pretrained(tmp_path / "in")
     tokens = tmp_path / "tokens.safetensors"
     g = torch.Generator().manual_seed(0)
     save_file({"input_ids": torch.randint(1, 64, (24, 12), generator=g)}, tokens)
@@ -167,7 +154,7 @@ def test_compress_finetune_steps_takes_the_recipes_finetune_section(tmp_path):
 def test_t5_wo_stays_dense_even_when_asked_for(tmp_path):
     """T5's feed-forward reads `self.wo.weight`; compressing it would break the model, so it
     is skipped with a notice even under the generic recipe (every Linear)."""
-    original = build("t5")
+    original = build_tiny("t5")
     original.save_pretrained(tmp_path / "in")
     recipe, source = choose_recipe("generic", tmp_path / "in")
     result = compress_checkpoint(

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from conftest import MLP, build_tiny, example_inputs
-from test_recipes_e2e import build
 
 from compressor.core.surgery import factorized_layers
 from compressor.errors import DlncError
@@ -33,7 +32,7 @@ def _checkpoint(tmp_path, recipe: str):
         save_file(MLP().state_dict(), path)
         return path
     folder = tmp_path / recipe
-    build(RECIPE_MODELS[recipe]).save_pretrained(folder)
+    build_tiny(RECIPE_MODELS[recipe]).save_pretrained(folder)
     return folder
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "LayerReport",
     "check_finite",
     "compress_",
+    "dense_report",
     "layer_decompositions",
     "layer_spectra",
     "svd_factor_fn",
@@ -163,12 +164,18 @@ def compress_(
     return CompressionReport(method, reports, depth)
 
 
+def dense_report(name: str, shape: tuple[int, int], reason: str = "") -> LayerReport:
+    """The report of a targeted layer kept dense (`reason`: why)."""
+    before = factor_params(shape, None)
+    return LayerReport(name, shape, None, before, before, 0.0, breakeven_rank(*shape), reason)
+
+
 def _compress_one(model, name, module, decision: LayerRank, depth, factor_fn) -> LayerReport:
     shape = tuple(dense_weight_of(module).shape)
+    if decision.dense:
+        return dense_report(name, shape, decision.reason)
     before = factor_params(shape, None)
     k_star = breakeven_rank(*shape)
-    if decision.dense:
-        return LayerReport(name, shape, None, before, before, 0.0, k_star, decision.reason)
     up, down, err = factor_fn(name, module, decision.rank)
     layer = FactorizedLinear.from_dense(module, decision.rank, depth, factors=(up, down))
     replace_module(model, name, layer)

@@ -14,7 +14,14 @@ from torch import nn
 from compressor.core.linalg import spectral_factors
 from compressor.errors import DlncError
 
-__all__ = ["MIN_DEPTH", "FactorizedLinear", "check_depth", "dense_weight_of", "layout_of"]
+__all__ = [
+    "MIN_DEPTH",
+    "FactorizedLinear",
+    "check_depth",
+    "dense_weight_of",
+    "in_linear_layout",
+    "layout_of",
+]
 
 MIN_DEPTH = 2
 """A chain has at least two factors (down, up); deeper ones add square inner factors."""
@@ -35,7 +42,13 @@ def dense_weight_of(module: nn.Module) -> torch.Tensor:
     """
     if isinstance(module, FactorizedLinear):
         return module.dense_weight()
-    return module.weight.t() if layout_of(module) == "conv1d" else module.weight
+    return in_linear_layout(module.weight, layout_of(module))
+
+
+def in_linear_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """A stored weight of `layout` ("linear" or "conv1d") as out x in (the transpose of a
+    `Conv1D`'s); applied twice it gives the stored weight back."""
+    return weight.t() if layout == "conv1d" else weight
 
 
 def layout_of(module: nn.Module) -> str:

@@ -16,10 +16,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressor.core.compress import FactorFn, check_finite
+from compressor.core.compress import FactorFn, layer_decompositions
 from compressor.core.layers import dense_weight_of
-from compressor.core.linalg import Decomposition, breakeven_rank, decompose, floor_breakeven
-from compressor.core.progress import ProgressFn, report
+from compressor.core.linalg import Decomposition, breakeven_rank
+from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy, allocate_ranks
 from compressor.errors import DlncError
 
@@ -222,14 +222,10 @@ def plan_of(
 
 
 def decompose_weights(targets: Mapping[str, nn.Module], progress: ProgressFn | None) -> Weights:
-    """Each target's weight and its decomposition; a NaN/Inf weight is a `DlncError`."""
+    """Each target's weight and its decomposition (`core.compress.layer_decompositions`: a
+    NaN/Inf weight is a `DlncError`)."""
     tensors = {n: dense_weight_of(m) for n, m in targets.items()}
-    decomps = {}
-    for i, (name, w) in enumerate(tensors.items()):
-        check_finite(name, w)
-        decomps[name] = decompose(w, max(1, floor_breakeven(*w.shape)))
-        report(progress, "spectra", i + 1, len(tensors))
-    return Weights(tensors, decomps)
+    return Weights(tensors, layer_decompositions(dict(targets), progress))
 
 
 @dataclass

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.core.compress import CompressionReport, LayerReport, check_finite
-from compressor.core.layers import FactorizedLinear, layout_of
+from compressor.core.compress import CompressionReport, LayerReport, check_finite, dense_report
+from compressor.core.layers import FactorizedLinear, in_linear_layout, layout_of
 from compressor.core.linalg import (
     RANDOMIZED_MIN_SIZE,
     RANDOMIZED_TOL,
@@ -184,7 +184,9 @@ def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> Factor
     names = [n for n, t in layers.items() if not t.decision.dense]
     for name in names[world.process_index :: world.num_processes]:
         t = layers[name]
-        up, down, rel = factor(name, _dense(source.get(t.weight_key), t.layout), t.decision.rank)
+        up, down, rel = factor(
+            name, in_linear_layout(source.get(t.weight_key), t.layout), t.decision.rank
+        )
         tensors = {"up": up.contiguous(), "down": down.contiguous()}
         save_file(tensors, parts / f"{name}.safetensors", metadata={"rel": repr(rel)})
     world.wait_for_everyone()
@@ -244,7 +246,7 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
                 paths[id(st)] = tmp / f"{block.index}-{len(paths)}.pt"
                 torch.save(_whitener_state(whiteners[id(st)]), paths[id(st)])
             files[name] = paths[id(st)]
-            weight = _dense(targets[name].weight, layout_of(targets[name]))
+            weight = in_linear_layout(targets[name].weight, layout_of(targets[name]))
             check_finite(name, weight)
             weight_spectra[name] = singular_values(weight)
             spectra[name] = whitened_spectrum(weight, whiteners[id(st)])
@@ -328,10 +330,6 @@ def _target(name: str, module: nn.Module, keys, source: TensorSource) -> _Target
     return _Target(weight_key, bias_key, shape, layout, spec.dtype, has_bias)
 
 
-def _dense(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    return tensor.t() if layout == "conv1d" else tensor
-
-
 def _spectra(layers, source, options, progress) -> dict[str, torch.Tensor]:
     """1) every target's singular values, reading the next weight while this one is done."""
     names = list(layers)
@@ -339,7 +337,7 @@ def _spectra(layers, source, options, progress) -> dict[str, torch.Tensor]:
     with ThreadPoolExecutor(1) as pool:
         ahead = pool.submit(source.get, layers[names[0]].weight_key) if names else None
         for i, name in enumerate(names):
-            weight = _dense(ahead.result(), layers[name].layout)
+            weight = in_linear_layout(ahead.result(), layers[name].layout)
             if i + 1 < len(names):
                 ahead = pool.submit(source.get, layers[names[i + 1]].weight_key)
             check_finite(name, weight)
@@ -421,7 +419,7 @@ class _Writer:
         self.queue = iter(dict.fromkeys(self.owner[k] for k in written if k in self.owner))
         for name, t in self.layers.items():
             if t.decision.dense:
-                self.reports[name] = _dense_report(name, t)
+                self.reports[name] = dense_report(name, t.shape, t.decision.reason)
         metadata = {"format": "pt", **shared}
         per_file = {"format": "pt"} if split.is_sharded else metadata
         with ThreadPoolExecutor(1) as self.pool:
@@ -464,7 +462,7 @@ class _Writer:
         torch.set_num_threads(self.threads)  # a new thread starts with the default count
         t = self.layers[name]
         rank = t.decision.rank
-        weight = _dense(self.source.get(t.weight_key), t.layout)
+        weight = in_linear_layout(self.source.get(t.weight_key), t.layout)
         up, down, rel = self.factor(name, weight, rank)
         del weight
         up, down = up.to(t.dtype), down.to(t.dtype)
@@ -480,7 +478,7 @@ class _Writer:
             return out
         wide = torch.promote_types(t.dtype, torch.float32)
         dense = (up.to(wide) @ down.to(wide)).to(t.dtype)
-        out = {f"{name}.weight": _dense(dense, t.layout)}
+        out = {f"{name}.weight": in_linear_layout(dense, t.layout)}
         if bias is not None:
             out[f"{name}.bias"] = bias
         return out
@@ -507,12 +505,6 @@ def _factors(weight: torch.Tensor, rank: int, s: torch.Tensor, options):
 def _squared_norm(weight: torch.Tensor, rows: int = 1024) -> float:
     """||W||_F^2 in float64, a block of rows at a time (no float64 copy of the layer)."""
     return sum(float(part.double().square().sum()) for part in weight.split(rows))
-
-
-def _dense_report(name: str, t: _Target) -> LayerReport:
-    before = factor_params(t.shape, None)
-    k_star = breakeven_rank(*t.shape)
-    return LayerReport(name, t.shape, None, before, before, 0.0, k_star, t.decision.reason)
 
 
 def _shared_keys(model: nn.Module) -> dict[str, str]:
