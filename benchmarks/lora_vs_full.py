@@ -103,7 +103,7 @@ def main() -> None:
     student = copy.deepcopy(teacher)
     compress_(student, find_targets(student), RankPolicy(keep=args.keep))
     start_cos = cosine(student, teacher, held_out)
-    factor_names = [n for n, m in student.named_modules() if type(m).__name__ == "Linear"]
+    factor_names = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
 
     full = copy.deepcopy(student)
     full_params = sum(p.numel() for p in full.parameters())

@@ -231,7 +231,8 @@ def structured_prune(model, keep: float):
 
 def plain_distill(student, teacher, batches, steps, judge, at):
     """The outside baseline: MSE on the last hidden state, AdamW 1e-4 constant. Evaluates at
-    each step count in `at`; returns {step: (cosine, accuracy)} and training seconds."""
+    each step count in `at`; returns {step: (cosine, accuracy, training seconds so far)} and
+    the training seconds."""
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     scores, seconds, t = {}, 0.0, time.perf_counter()
     for step in range(1, steps + 1):
@@ -245,14 +246,15 @@ def plain_distill(student, teacher, batches, steps, judge, at):
         opt.step()
         if step in at:
             seconds += time.perf_counter() - t
-            scores[step] = judge(student)
+            scores[step] = (*judge(student), seconds)
             t = time.perf_counter()
     return scores, seconds
 
 
 def dlnc_finetune(student, teacher, batches, steps, judge, at):
     """dlnc's own fine-tuning with the bert recipe's settings, one run per step count (the
-    schedule depends on it); returns {step: (cosine, accuracy)} and the seconds of the last."""
+    schedule depends on it); returns {step: (cosine, accuracy, that run's training seconds)}
+    and the seconds of the last."""
     from compressor.recipes.schema import load_recipe
     from compressor.training.loop import finetune
     from compressor.workflows.options import finetune_config
@@ -264,15 +266,20 @@ def dlnc_finetune(student, teacher, batches, steps, judge, at):
         t = time.perf_counter()
         result = finetune(work, batches, teacher=teacher, config=config)
         seconds = time.perf_counter() - t
-        scores[n] = judge(result.model)
+        scores[n] = (*judge(result.model), seconds)
     return scores, seconds
 
 
 # ---- report -------------------------------------------------------------------------------
 
 
-def fmt(score) -> str:
-    return "-" if score is None else f"{score[0]:.4f} / {score[1]:.3f}"
+def fmt(score, start: float = 0.0) -> str:
+    """cosine / accuracy, and for a fine-tuning score the wall time at that point (compression
+    plus the training so far)."""
+    if score is None:
+        return "-"
+    at = f" ({start + score[2]:.0f} s)" if len(score) > 2 else ""
+    return f"{score[0]:.4f} / {score[1]:.3f}{at}"
 
 
 def table(rows, steps) -> str:
@@ -281,7 +288,7 @@ def table(rows, steps) -> str:
     )
     lines = [head + " | wall time (s) |", "|" + "---|" * (5 + len(steps))]
     for r in rows:
-        after = " | ".join(fmt(r["after"].get(s)) for s in steps)
+        after = " | ".join(fmt(r["after"].get(s), r["compress_s"]) for s in steps)
         lines.append(
             f"| {r['keep']} | {r['row']} | {r['kept']:.3f} | {fmt(r['before'])} | {after} "
             f"| {r['seconds']:.0f} |"
@@ -338,7 +345,8 @@ def main() -> None:
         for name in args.rows:
             model, secs = getattr(comp, name)(keep)
             rows.append({"keep": keep, "row": labels[name], "kept": targeted_params(model) / full,
-                         "before": judge(model), "after": {}, "seconds": secs})  # fmt: skip
+                         "before": judge(model), "after": {}, "seconds": secs,
+                         "compress_s": secs})  # fmt: skip
             print(table(rows[-1:], args.steps).splitlines()[-1], flush=True)
     train_b = batches(train_text)
     ft_rows = {
@@ -352,7 +360,8 @@ def main() -> None:
         before = judge(model)
         scores, ft_secs = tune(model, original, train_b, max(args.steps), judge, set(args.steps))
         rows.append({"keep": args.ft_keep, "row": label, "kept": targeted_params(model) / full,
-                     "before": before, "after": scores, "seconds": secs + ft_secs})  # fmt: skip
+                     "before": before, "after": scores, "seconds": secs + ft_secs,
+                     "compress_s": secs})  # fmt: skip
         print(table(rows[-1:], args.steps).splitlines()[-1], flush=True)
     text = (
         f"`python {' '.join(sys.argv)}`; torch {torch.__version__}, {args.threads} threads, "

@@ -16,6 +16,7 @@ from compressor.errors import DlncError
 
 __all__ = [
     "MIN_DEPTH",
+    "Factor",
     "FactorizedLinear",
     "check_depth",
     "dense_weight_of",
@@ -56,6 +57,17 @@ def layout_of(module: nn.Module) -> str:
     return "conv1d" if type(module).__name__ == "Conv1D" else "linear"
 
 
+class Factor(nn.Linear):
+    """One factor of a chain: an `nn.Linear` (LoRA, pruning and quantization tools see the
+    type they know) that skips its random initialisation on the meta device, where it is
+    wasted work: a skeleton's factors are filled by the loader (`from_pretrained`,
+    `load_state_dict(assign=True)`), and building them is most of a skeleton's cost."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class FactorizedLinear(nn.Module):
     """A linear layer whose weight is a chain of `depth` factors of inner width `rank`."""
 
@@ -79,9 +91,9 @@ class FactorizedLinear(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.layout = "linear"  # "conv1d" when it replaced a transposed GPT-2 Conv1D
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False, **kw)
-        self.mid = nn.ModuleList(nn.Linear(rank, rank, bias=False, **kw) for _ in range(depth - 2))
-        self.up = nn.Linear(rank, out_features, bias=bias, **kw)
+        self.down = Factor(in_features, rank, bias=False, **kw)
+        self.mid = nn.ModuleList(Factor(rank, rank, bias=False, **kw) for _ in range(depth - 2))
+        self.up = Factor(rank, out_features, bias=bias, **kw)
 
     @property
     def depth(self) -> int:
@@ -103,9 +115,14 @@ class FactorizedLinear(nn.Module):
         weight = dense_weight_of(module)
         bias = module.bias
         layer = cls(
-            weight.shape[1], weight.shape[0], rank, depth, bias is not None,
-            dtype=weight.dtype, device=weight.device,
-        )  # fmt: skip
+            weight.shape[1],
+            weight.shape[0],
+            rank,
+            depth,
+            bias is not None,
+            dtype=weight.dtype,
+            device="meta",
+        ).to_empty(device=weight.device)  # fmt: skip  (every factor is set below)
         up, down = factors if factors is not None else spectral_factors(weight, rank)
         layer.load_factors(up, down)
         layer.layout = layout_of(module)

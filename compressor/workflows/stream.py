@@ -5,9 +5,9 @@ rank overrides are chosen exactly as in memory. Then two passes over the targete
   1) read each weight, take its spectrum, release it; allocate the ranks (a global `keep`
      budget needs every spectrum first);
   2) write the output shards tensor by tensor: untouched tensors are copied, each targeted
-     weight is read again and decomposed at its rank (randomized SVD when the rank is well
-     below the layer's size, exact otherwise) while a worker thread already reads and
-     decomposes the next one.
+     weight is read again and decomposed at its rank (on large layers the cheaper of a
+     randomized SVD and the float32 Gram's eigenvectors, checked against the optimum; exact
+     otherwise) while a worker thread already reads and decomposes the next one.
 Peak memory: about two layers' working sets (the one being decomposed, the factors being
 written) plus a fixed overhead, never the model. The export (tensors, shards, config.json's
 `dlnc` section, report.json) is the in-memory path's, bit for bit with `solver="exact"`.
@@ -35,6 +35,7 @@ from compressor.core.linalg import (
     breakeven_rank,
     decompose,
     factors_from,
+    gram_factors,
     gram_singular_values,
     randomized_factors,
     singular_values,
@@ -59,7 +60,8 @@ from compressor.io.tensor_model import TensorModel
 __all__ = ["SOLVERS", "NotStreamable", "open_streamed", "stream_compress"]
 
 SOLVERS = ("auto", "exact", "randomized")
-"""auto: randomized SVD where the rank is well below the layer's size, exact elsewhere."""
+"""auto: on large layers the cheaper of a randomized SVD (ranks well below the layer's size)
+and the float32 Gram route, held to the optimum; exact on small layers or when they miss it."""
 
 
 class NotStreamable(Exception):
@@ -485,13 +487,17 @@ class _Writer:
 
 
 def _factors(weight: torch.Tensor, rank: int, s: torch.Tensor, options):
-    """(up, down, relative error): randomized where it pays and reaches the optimum within
-    `RANDOMIZED_TOL`, else the in-memory path's exact factors."""
-    randomized = options.solver == "randomized" or (
-        options.solver == "auto" and use_randomized(tuple(weight.shape), rank)
-    )
-    if randomized:
-        up, down, top = randomized_factors(weight, rank, device=options.device)
+    """(up, down, relative error). `auto` on a large layer: the cheaper of the randomized SVD
+    and the float32 Gram route, kept if it reaches the optimum within `RANDOMIZED_TOL`; else
+    (and with `solver="exact"`) the in-memory path's exact factors."""
+    shape = tuple(weight.shape)
+    fast = None
+    if options.solver == "randomized" or (options.solver == "auto" and use_randomized(shape, rank)):
+        fast = randomized_factors
+    elif options.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE:
+        fast = gram_factors
+    if fast is not None:
+        up, down, top = fast(weight, rank, device=options.device)
         total = _squared_norm(weight)
         error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
         optimum = truncation_error(s, rank)
