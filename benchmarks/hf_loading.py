@@ -11,6 +11,7 @@
 Loads and generations alternate dense / compressed and the median of --repeats is reported.
 
     python benchmarks/hf_loading.py [--keep 0.5] [--repeats 3] [--threads 1] [--new-tokens 64]
+                                    [--skip-generation] [--cold]
 """
 
 from __future__ import annotations
@@ -70,7 +71,20 @@ def bert_base(folder: Path) -> None:
     BertModel(BertConfig()).save_pretrained(folder)
 
 
-def load_in_child(folder: Path, threads: int) -> dict:
+def evict(folder: Path) -> None:
+    """Drop the folder's weight files from the page cache (POSIX_FADV_DONTNEED): the next load
+    reads them from the disk, as the first load after a download or a reboot does."""
+    for path in folder.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load_in_child(folder: Path, threads: int, cold: bool = False) -> dict:
+    if cold:
+        evict(folder)
     code = LOAD_CHILD.format(threads=threads)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = subprocess.run(
@@ -116,6 +130,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-generation", action="store_true", help="only the loads")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the weight files from the page cache first"
+    )
     args = parser.parse_args()
 
     import torch
@@ -130,8 +147,8 @@ def main() -> None:
         compress(root / "bert", root / "bert-dlnc", args.keep)
         loads: dict[str, list[dict]] = {"dense": [], "dlnc": []}
         for _ in range(args.repeats):
-            loads["dense"].append(load_in_child(root / "bert", args.threads))
-            loads["dlnc"].append(load_in_child(root / "bert-dlnc", args.threads))
+            loads["dense"].append(load_in_child(root / "bert", args.threads, args.cold))
+            loads["dlnc"].append(load_in_child(root / "bert-dlnc", args.threads, args.cold))
 
         if not args.skip_generation:
             speed, llama_sizes = generation(root, args)
@@ -141,7 +158,11 @@ def main() -> None:
         return statistics.median(r[key] for r in loads[name])
 
     grow = {n: med(n, "loaded") - med(n, "base") for n in loads}
-    print(f"keep {args.keep}, {args.threads} torch thread(s), median of {args.repeats}\n")
+    cache = "cold (evicted before each load)" if args.cold else "warm"
+    print(
+        f"keep {args.keep}, {args.threads} torch thread(s), median of {args.repeats}, "
+        f"page cache {cache}\n"
+    )
     header = "| dense | dlnc export | dlnc / dense |\n|---|---:|---:|---:|"
     print(f"| BERT-base, `AutoModel.from_pretrained` {header}")
     row("folder on disk", *bert_sizes, mib)
