@@ -76,12 +76,13 @@ def compress(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     stream: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             help="Read and write one tensor at a time (memory: a layer, not the model); with "
-            "--method whiten, calibrate block by block. Without data or fine-tuning only."
+            "--method whiten, calibrate block by block. Without fine-tuning only. "
+            "\\[default: on without data when the model would not fit in memory]"
         ),
-    ] = False,
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(

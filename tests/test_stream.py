@@ -178,3 +178,65 @@ def test_two_processes_split_the_layers_and_write_the_same_export(tmp_path, one_
     single = compress_checkpoint(src, tmp_path / "out-single", opts).out_dir
     same_files(single, tmp_path / "out-dist")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no parts left
+
+
+def test_a_checkpoint_too_big_for_memory_streams_by_itself(tmp_path, monkeypatch, one_torch_thread):
+    # With `stream` unset, a data-free run whose in-memory peak would not fit in the available
+    # memory streams, says so, and writes what the in-memory path writes.
+    import compressor.workflows.compress as compress
+
+    src = sharded("llama", tmp_path)
+    opts = {"solver": "exact", "max_shard_size": "30KB"}
+    memory = compress_checkpoint(src, tmp_path / "memory", CompressOptions(stream=False, **opts))
+    assert not any("streamed" in n for n in memory.notices)
+    monkeypatch.setattr(compress, "available_memory", lambda: 1)
+    assert compress.streams_by_itself(src, CompressOptions(**opts))
+    assert not compress.streams_by_itself(src, CompressOptions(stream=False, **opts))
+    auto = compress_checkpoint(src, tmp_path / "auto", CompressOptions(**opts))
+    assert auto.notices[0].startswith("streamed: in memory this would need about")
+    same_files(memory.out_dir, auto.out_dir)
+
+
+def test_plenty_of_memory_keeps_the_in_memory_path(tmp_path, monkeypatch):
+    import compressor.workflows.compress as compress
+
+    src = sharded("llama", tmp_path)
+    monkeypatch.setattr(compress, "available_memory", lambda: 10**15)
+    assert not compress.streams_by_itself(src, CompressOptions())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("extra-layer", "tensors not used by the config, e.g. model.layers.2."),
+        ("wide-embedding", "shape of model.embed_tokens.weight is"),
+    ],
+)
+def test_streaming_makes_the_in_memory_loading_checks(edit, message, tmp_path):
+    # A config with fewer layers than the weights, or a tensor of the wrong shape (here not a
+    # targeted layer), is the in-memory path's error, not a silently different model.
+    from safetensors.torch import load_file, save_file
+
+    model = build_tiny("llama")
+    model.save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    state = load_file(path)
+    if edit == "extra-layer":
+        state.update(
+            {
+                k.replace("layers.1.", "layers.2."): v.clone()
+                for k, v in state.items()
+                if "layers.1." in k
+            }
+        )
+    else:
+        state["model.embed_tokens.weight"] = torch.zeros(
+            state["model.embed_tokens.weight"].shape[0], 3
+        )
+    save_file(state, path, metadata={"format": "pt"})
+    for stream in (False, True):
+        with pytest.raises(DlncError, match=message):
+            compress_checkpoint(
+                path.parent, tmp_path / f"out-{stream}", CompressOptions(stream=stream)
+            )
+        assert not (tmp_path / f"out-{stream}").exists()

@@ -22,7 +22,16 @@ from compressor.core.surgery import tied_keys
 from compressor.errors import DlncError, first_line
 from compressor.io.tensor_model import TensorModel
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint", "read_shapes", "read_state_dict"]
+__all__ = [
+    "LoadedCheckpoint",
+    "check_loading_info",
+    "load_checkpoint",
+    "model_class",
+    "read_config",
+    "read_shapes",
+    "read_state_dict",
+    "weight_files",
+]
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -64,7 +73,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise DlncError(f"{path}: no such file or folder")
-    folder, files = _weight_files(path, allow_pickle)
+    folder, files = weight_files(path, allow_pickle)
     _validate(files)
     config_file = Path(config) if config else folder / "config.json"
     if config and not config_file.is_file():
@@ -72,7 +81,7 @@ def load_checkpoint(
     notices: list[str] = []
     hf_config = None
     if config_file.is_file() and not tensor_mode:
-        hf_config = _read_config(config_file, trust_remote_code)
+        hf_config = read_config(config_file, trust_remote_code)
     if hf_config is None:
         if not tensor_mode:
             notices.append(f"no config.json beside {path.name}: tensor mode (2-D weights only)")
@@ -82,7 +91,7 @@ def load_checkpoint(
     return LoadedCheckpoint(model, folder, files, hf_config, notices)
 
 
-def _weight_files(path: Path, allow_pickle: bool) -> tuple[Path, list[Path]]:
+def weight_files(path: Path, allow_pickle: bool) -> tuple[Path, list[Path]]:
     if path.is_file():
         _check_format(path, allow_pickle)
         return path.parent, [path]
@@ -175,7 +184,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_config(config_file: Path, trust_remote_code: bool):
+def read_config(config_file: Path, trust_remote_code: bool):
     """The transformers config; a known architecture with a bad value (`n_layer: null`) and
     an unknown one are both one-line errors (transformers raises many kinds for the first)."""
     from transformers import CONFIG_MAPPING, AutoConfig
@@ -201,7 +210,7 @@ def _read_config(config_file: Path, trust_remote_code: bool):
         ) from e
 
 
-def _model_class(config, trust_remote_code: bool):
+def model_class(config, trust_remote_code: bool):
     """The first class of config.json's `architectures` that transformers has."""
     import transformers
 
@@ -220,7 +229,7 @@ def _model_class(config, trust_remote_code: bool):
 
 
 def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn.Module:
-    cls = _model_class(config, trust_remote_code)
+    cls = model_class(config, trust_remote_code)
     if cls is None:
         from transformers import AutoModel
 
@@ -247,7 +256,7 @@ def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn
                 f"{config_file}: {cls.__name__} cannot be built from this config "
                 f"({type(e).__name__}: {first_line(e)})"
             ) from e
-    _check_loading_info(model, info, notices)
+    check_loading_info(model, info, notices)
     model.eval()
     return model
 
@@ -272,7 +281,7 @@ def _link_all(staging: Path, config_file: Path, files: list[Path]) -> Path:
     return staging
 
 
-def _check_loading_info(model: nn.Module, info: dict, notices: list[str]) -> None:
+def check_loading_info(model: nn.Module, info: dict, notices: list[str]) -> None:
     """Missing tensors, tensors of the wrong shape, and tensors of a layer the config does
     not have (more layers in the weights than in the config) are errors; other unused
     tensors (a head the class has no place for, as bert-base's next-sentence head) a notice."""

@@ -448,12 +448,12 @@ def _from_pretrained(
     """A transformers export through `from_pretrained` and the dlnc quantizer."""
     from transformers import AutoConfig, AutoModel
 
-    from compressor.io.checkpoint import _check_loading_info, _model_class
+    from compressor.io.checkpoint import check_loading_info, model_class
     from compressor.io.hf import DlncQuantizationConfig, register
 
     register()
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    cls = _model_class(config, trust_remote_code=False) or AutoModel
+    cls = model_class(config, trust_remote_code=False) or AutoModel
     extra = {}
     if section.get("layers") and getattr(config, "quantization_config", None) is None:
         extra["quantization_config"] = DlncQuantizationConfig()  # written before it was stored
@@ -464,7 +464,7 @@ def _from_pretrained(
         )  # fmt: skip
     except (RuntimeError, ValueError, OSError, KeyError, AttributeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
-    _check_loading_info(model, info, [])
+    check_loading_info(model, info, [])
     return model.eval()
 
 

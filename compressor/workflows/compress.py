@@ -16,7 +16,7 @@ from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import count_params
 from compressor.core.targets import find_targets, matches, weight_readers
 from compressor.errors import DlncError
-from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
+from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint, weight_files
 from compressor.io.export import (
     check_output_dir,
     check_shard_size,
@@ -35,7 +35,12 @@ __all__ = [
     "compress_checkpoint",
     "expand_overrides",
     "select_targets",
+    "streams_by_itself",
 ]
+
+IN_MEMORY_PEAK = 2.5
+"""The in-memory path's peak RSS over the checkpoint's bytes (2.34-2.40x measured on
+BERT-base, docs/benchmarks.md): a data-free run whose peak would not fit streams by itself."""
 
 
 @dataclass
@@ -58,7 +63,7 @@ class CompressOptions:
     recipe: dict | None = None  # the recipe these options came from, recorded in report.json
     aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
     finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
-    stream: bool = False  # read, decompose and write one tensor at a time (memory ~ one layer)
+    stream: bool | None = None  # one tensor at a time (memory ~ one layer); None: if too big
     solver: str = "auto"  # SVD of the streamed path: auto, exact or randomized
     device: str | None = None  # linear algebra of the streamed path (None: GPU if there is one)
 
@@ -175,6 +180,17 @@ def compress_checkpoint(
             "`stream` with whiten calibrates block by block, without the output-aware ranks "
             "(they need a backward pass through the whole model): pass `output_aware` off"
         )
+    notices = []
+    if options.stream is None and streams_by_itself(path, options):
+        from compressor.workflows.stream import NotStreamable, stream_compress
+
+        need = IN_MEMORY_PEAK * _checkpoint_bytes(path, options) / 1e9
+        try:
+            done = stream_compress(path, out, options, progress)
+            done.notices.insert(0, f"streamed: in memory this would need about {need:.1f} GB")
+            return done
+        except NotStreamable as e:
+            notices.append(f"not streamed ({e}): loaded in memory (about {need:.1f} GB)")
     if options.stream:
         from compressor.workflows.stream import NotStreamable, stream_compress
 
@@ -185,6 +201,7 @@ def compress_checkpoint(
     loaded = load_checkpoint(
         path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
     )
+    loaded.notices[:0] = notices
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
     spectra, method_kwargs = _method_inputs(loaded, targets, options, progress)
@@ -212,6 +229,26 @@ def compress_checkpoint(
     )
     summary["bytes_after"] = weights_size(written)  # export wrote it into report.json
     return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def streams_by_itself(path: str | os.PathLike, options: CompressOptions) -> bool:
+    """True when `stream` is unset, the run is data-free and the in-memory path's peak (about
+    `IN_MEMORY_PEAK` times the checkpoint) would not fit in the memory available now."""
+    if options.stream is not None or not options.data_free or not Path(path).exists():
+        return False  # (a missing path gets load_checkpoint's error)
+    return IN_MEMORY_PEAK * _checkpoint_bytes(path, options) > available_memory()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (psutil's `available`)."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _checkpoint_bytes(path: str | os.PathLike, options: CompressOptions) -> int:
+    _, files = weight_files(Path(path), options.allow_pickle)
+    return sum(f.stat().st_size for f in files)
 
 
 def _method_inputs(loaded, targets, options: CompressOptions, progress) -> tuple[dict, dict]:

@@ -46,7 +46,13 @@ from compressor.core.progress import ProgressFn
 from compressor.core.ranks import LayerRank, allocate_ranks, factor_params
 from compressor.core.surgery import count_params, replace_module, tied_keys
 from compressor.errors import DlncError
-from compressor.io.checkpoint import LoadedCheckpoint, _model_class, _read_config, _weight_files
+from compressor.io.checkpoint import (
+    LoadedCheckpoint,
+    check_loading_info,
+    model_class,
+    read_config,
+    weight_files,
+)
 from compressor.io.export import dlnc_section, export_state_dict, write_folder
 from compressor.io.streaming import (
     TensorSource,
@@ -272,14 +278,16 @@ def open_streamed(
     """The checkpoint's module tree on the meta device, its tensors' index, and which
     checkpoint key holds each state-dict key (`NotStreamable` when they do not match)."""
     loaded, source = _open(Path(path), options)
-    return loaded, source, _key_map(loaded.model, source)
+    keys = _key_map(loaded.model, source)
+    _check_tensors(loaded, source, keys)
+    return loaded, source, keys
 
 
 def _open(path: Path, options) -> tuple[LoadedCheckpoint, TensorSource]:
     """The checkpoint's module tree on the meta device and its tensors' index."""
     if not path.exists():
         raise DlncError(f"{path}: no such file or folder")
-    folder, files = _weight_files(path, options.allow_pickle)
+    folder, files = weight_files(path, options.allow_pickle)
     if any(f.suffix != ".safetensors" for f in files):
         raise NotStreamable("pickle weights are read whole")
     source = TensorSource(files)
@@ -290,8 +298,8 @@ def _open(path: Path, options) -> tuple[LoadedCheckpoint, TensorSource]:
         notices = [] if options.tensor_mode else [_tensor_mode_notice(path)]
         model = TensorModel(source.meta_state())
         return LoadedCheckpoint(model, folder, files, None, notices), source
-    config = _read_config(config_file, options.trust_remote_code)
-    cls = _model_class(config, options.trust_remote_code)
+    config = read_config(config_file, options.trust_remote_code)
+    cls = model_class(config, options.trust_remote_code)
     if cls is None or not hasattr(cls, "config_class"):
         raise NotStreamable("config.json names no model class")
     return LoadedCheckpoint(meta_model(cls, config), folder, files, config, []), source
@@ -317,6 +325,22 @@ def _key_map(model: nn.Module, source: TensorSource) -> dict[str, str | None]:
             raise NotStreamable(f"the checkpoint has no tensor {key}")
         found[key] = hit
     return found
+
+
+def _check_tensors(loaded: LoadedCheckpoint, source: TensorSource, keys) -> None:
+    """The in-memory path's loading checks (`check_loading_info`), from the files' headers: a
+    tensor of the wrong shape, or tensors of a layer the config does not have, are errors;
+    other unused tensors a notice."""
+    state = loaded.model.state_dict()
+    mismatched = [
+        (key, source.specs[src].shape, tuple(state[key].shape))
+        for key, src in keys.items()
+        if src is not None and tuple(source.specs[src].shape) != tuple(state[key].shape)
+    ]
+    used = set(keys.values())
+    unexpected = [k for k in source.specs if k not in used]
+    info = {"mismatched_keys": mismatched, "unexpected_keys": unexpected}
+    check_loading_info(loaded.model, info, loaded.notices)
 
 
 def _target(name: str, module: nn.Module, keys, source: TensorSource) -> _Target:
