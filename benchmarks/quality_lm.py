@@ -404,8 +404,9 @@ def main() -> None:
     described = (
         f"GPT-2 {args.layers} x {args.hidden} ({info['params'] / 1e6:.1f} M parameters, vocab "
         f"{len(tok)}, context {args.context}) trained here: {info['steps']} steps of "
-        f"{info['batch']} x {args.context} tokens ({info['tokens'] / 1e6:.2f} M of the "
-        f"{info['train_tokens'] / 1e6:.2f} M in the training split) in {info['seconds']:.0f} s "
+        f"{info['batch']} x {args.context} tokens ({info['tokens'] / info['train_tokens']:.1f} "
+        f"passes over the training split's {info['train_tokens'] / 1e6:.2f} M tokens) in "
+        f"{info['seconds']:.0f} s "
         f"with {info['threads']} threads"
     )
     print(f"{described}; cached in {info['folder']}", flush=True)
