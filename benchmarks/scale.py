@@ -99,8 +99,10 @@ def run(step: str, src: Path, out: Path, device: str, data: Path | None = None) 
 
     done = subprocess.run(
         [sys.executable, "-c", CHILD, step, str(src), str(out), device, str(data)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True,
     )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"step {step} failed:\n{done.stderr}")
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     if step == "ops":

@@ -167,6 +167,24 @@ def test_import_registers_lazily():
     assert run.stdout.split() == ["False", "DlncHfQuantizer"]
 
 
+@pytest.mark.parametrize("first", ["compressor", "compressor.io.hf", "compressor.io.export"])
+def test_a_fresh_process_loads_an_export_whatever_it_imports_first(first, tmp_path):
+    # load_pretrained imports compressor.io.hf, which imports transformers' quantizers, whose
+    # import hook registers dlnc by importing compressor.io.hf: no circular ImportError.
+    _, folder = compressed_export("gpt2", tmp_path)
+    code = (
+        f"import {first}\n"
+        "from compressor.io.export import load_pretrained\n"
+        f"model = load_pretrained({str(folder)!r})\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"again = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+        "print(type(again.transformer.h[0].mlp.c_fc).__name__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "FactorizedLinear"
+
+
 def test_an_export_without_quantization_config_still_loads(tmp_path, one_torch_thread):
     """Exports written before the quantizer existed: load_pretrained supplies the config."""
     compressed, out = compressed_export("bert", tmp_path)

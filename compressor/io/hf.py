@@ -143,3 +143,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(DlncQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(DlncHfQuantizer)
+
+
+register()  # importing this module registers, also when its own import triggered the hook

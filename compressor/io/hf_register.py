@@ -26,6 +26,9 @@ def register_when_imported() -> None:
 
 
 def _register() -> None:
+    hf = sys.modules.get("compressor.io.hf")
+    if hf is not None and not hasattr(hf, "register"):
+        return  # compressor.io.hf is importing transformers' quantizers: it registers at its end
     from compressor.io.hf import register
 
     register()
