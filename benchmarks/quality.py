@@ -146,18 +146,25 @@ def targeted_params(model) -> int:
 # ---- the rows -----------------------------------------------------------------------------
 
 
+def bert_targets(model):
+    return find_targets(model, BERT_TARGETS)
+
+
 class Compressors:
     """Each row's compression of the original, timed; statistics are collected once per row
-    that needs them (their time is in the row's wall time)."""
+    that needs them (their time is in the row's wall time). `find` gives a model's targets,
+    `prune` the structured-pruning baseline (MiniLM's by default; quality_lm.py passes GPT-2's).
+    Every copy trains all its weights (a dlnc fine-tuning freezes the teacher it is given)."""
 
-    def __init__(self, original, cal_b) -> None:
+    def __init__(self, original, cal_b, find=bert_targets, prune=None) -> None:
         self.original, self.cal_b = original, cal_b
+        self.find, self.pruner = find, prune or structured_prune
         self._stats = None
 
     def stats(self):
         if self._stats is None:
             t = time.perf_counter()
-            targets = find_targets(self.original, BERT_TARGETS)
+            targets = self.find(self.original)
             grams = collect_grams(self.original, targets, self.cal_b)
             self.gram_s = time.perf_counter() - t
             t = time.perf_counter()
@@ -169,8 +176,8 @@ class Compressors:
     def _compress(self, keep, method, uniform=False, sensitivity=True):
         grams, sens = self.stats() if method != "svd" else (None, None)
         t = time.perf_counter()
-        work = copy.deepcopy(self.original)
-        targets = find_targets(work, BERT_TARGETS)
+        work = copy.deepcopy(self.original).requires_grad_(True)
+        targets = self.find(work)
         plan = build_plan(method, targets, grams, sensitivity=sens if sensitivity else None)
         overrides = uniform_ranks(plan.shapes, keep) if uniform else {}
         policy = RankPolicy(keep=keep, overrides=overrides)
@@ -195,7 +202,7 @@ class Compressors:
 
     def prune(self, keep):
         t = time.perf_counter()
-        work = structured_prune(copy.deepcopy(self.original), keep)
+        work = self.pruner(copy.deepcopy(self.original).requires_grad_(True), keep)
         return work, time.perf_counter() - t
 
 

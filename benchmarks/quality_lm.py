@@ -50,14 +50,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import torch.nn.functional as F
 from data_aware import perplexity, prose_corpus  # benchmarks/ is the script folder, on sys.path
+from quality import Compressors
 
-from compressor.core.allocate import uniform_ranks
-from compressor.core.compress import compress_
-from compressor.core.ranks import RankPolicy
 from compressor.core.targets import find_targets
-from compressor.methods import build_plan
-from compressor.methods.calibration import collect_grams
-from compressor.methods.sensitivity import output_sensitivity
 from compressor.recipes.schema import load_recipe
 from compressor.training.data import load_tokenizer
 
@@ -203,56 +198,6 @@ def as_batches(blocks: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]
 
 
 # ---- the rows -----------------------------------------------------------------------------
-
-
-class Compressors:
-    """Each row's compression of the original, timed; statistics are collected once per row
-    that needs them (their time is in the row's wall time)."""
-
-    def __init__(self, original, cal_b) -> None:
-        self.original, self.cal_b = original, cal_b
-        self._stats = None
-
-    def stats(self):
-        if self._stats is None:
-            t = time.perf_counter()
-            targets = lm_targets(self.original)
-            grams = collect_grams(self.original, targets, self.cal_b)
-            self.gram_s = time.perf_counter() - t
-            t = time.perf_counter()
-            sens = output_sensitivity(self.original, targets, self.cal_b)
-            self.sens_s = time.perf_counter() - t
-            self._stats = (grams, sens)
-        return self._stats
-
-    def _compress(self, keep, method, uniform=False, sensitivity=True):
-        grams, sens = self.stats() if method != "svd" else (None, None)
-        t = time.perf_counter()
-        work = copy.deepcopy(self.original).requires_grad_(True)
-        targets = lm_targets(work)
-        plan = build_plan(method, targets, grams, sensitivity=sens if sensitivity else None)
-        overrides = uniform_ranks(plan.shapes, keep) if uniform else {}
-        policy = RankPolicy(keep=keep, overrides=overrides)
-        compress_(work, targets, policy, 2, plan.method, plan.spectra, plan.factor_fn,
-                  gains=plan.gains)  # fmt: skip
-        seconds = time.perf_counter() - t
-        if method != "svd":
-            seconds += self.gram_s + (self.sens_s if sensitivity else 0.0)
-        return work, seconds
-
-    def default(self, keep):
-        return self._compress(keep, "whiten")
-
-    def uniform(self, keep):
-        return self._compress(keep, "whiten", uniform=True, sensitivity=False)
-
-    def svd(self, keep):
-        return self._compress(keep, "svd", uniform=True)
-
-    def prune(self, keep):
-        t = time.perf_counter()
-        work = structured_prune(copy.deepcopy(self.original).requires_grad_(True), keep)
-        return work, time.perf_counter() - t
 
 
 def structured_prune(model, keep: float):
@@ -412,7 +357,7 @@ def main() -> None:
     print(f"{described}; cached in {info['folder']}", flush=True)
     print(f"dense held-out perplexity: {dense:.2f} ({len(held)} blocks of {args.context} "
           f"tokens)", flush=True)  # fmt: skip
-    comp = Compressors(original, as_batches(calib, 16))
+    comp = Compressors(original, as_batches(calib, 16), find=lm_targets, prune=structured_prune)
     full = targeted_params(original)
     labels = {"default": "dlnc default", "uniform": "dlnc uniform (whiten)",
               "svd": "plain SVD (uniform)",
