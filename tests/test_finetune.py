@@ -193,3 +193,16 @@ def test_training_that_helps_keeps_the_trained_model(gpt2_pair):
                       eval_batches=batches[:2])  # fmt: skip
     assert not result.kept_start and "trained" not in result.evals
     assert result.evals["after"].distill < result.evals["before"].distill
+
+
+def test_the_teacher_is_given_back_trainable_and_in_its_mode():
+    # Distilling several students from one original must not leave it frozen: its flags and
+    # mode are frozen while training and given back after.
+    teacher = build_tiny("gpt2").train()
+    teacher.transformer.wte.weight.requires_grad_(False)  # a flag of the caller's own
+    flags = [p.requires_grad for p in teacher.parameters()]
+    result = finetune(compressed(teacher), token_batches(2), teacher=teacher,
+                      config=FinetuneConfig(steps=2, seed=0))  # fmt: skip
+    assert len(result.losses) == 2
+    assert [p.requires_grad for p in teacher.parameters()] == flags
+    assert teacher.training

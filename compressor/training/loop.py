@@ -124,7 +124,8 @@ def finetune(
 
     `state_dir` receives `checkpoint-<step>/` folders (every `save_every` steps and on
     interrupt); `resume=True` continues from the newest one. Only the main process writes.
-    The teacher is frozen, set to eval mode and moved to the training device in place.
+    The teacher is moved to the training device (and `teacher_dtype`) in place, and frozen in
+    eval mode while training; its `requires_grad` flags and mode are given back at the end.
     """
     from accelerate.utils import set_seed
 
@@ -142,6 +143,7 @@ def finetune(
         mix_weight=config.mix_weight, mask_token_id=mask_token_id,
         has_labels="labels" in batches[0],
     )  # fmt: skip
+    lent = _Lent(teacher) if teacher is not None else None
     teacher = _place_teacher(teacher, accelerator, config) if teacher is not None else None
     template = _fsdp_template(student, accelerator)
     student.train()
@@ -168,6 +170,8 @@ def finetune(
     seconds = run.train()
     evals.update(ev.after(model))
     kept_start = _keep_the_better(accelerator, model, start, evals)
+    if lent is not None:
+        lent.give_back()
     done = config.steps - state.resumed_from
     return FinetuneResult(
         model=_final_model(accelerator, model, template),
@@ -225,6 +229,20 @@ def _auto_precision() -> str | None:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+class _Lent:
+    """A teacher's `requires_grad` flags and training mode, to give back after training (a
+    caller who distils several students from one original must not find it frozen)."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher, self.training = teacher, teacher.training
+        self.flags = [(p, p.requires_grad) for p in teacher.parameters()]
+
+    def give_back(self) -> None:
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.teacher.train(self.training)
 
 
 def _place_teacher(teacher: nn.Module, accelerator, config: FinetuneConfig) -> nn.Module:
