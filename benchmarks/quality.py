@@ -289,7 +289,9 @@ def fmt(score, start: float = 0.0) -> str:
     return f"{score[0]:.4f} / {score[1]:.3f}{at}"
 
 
-def table(rows, steps) -> str:
+def table(rows, steps, fmt=fmt) -> str:
+    """The markdown table of `rows`, each score written by `fmt` (quality_lm.py passes its
+    perplexity format)."""
     head = "| keep | row | kept (targeted) | before FT | " + " | ".join(
         f"after {s} steps" for s in steps
     )

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from data_aware import perplexity, prose_corpus  # benchmarks/ is the script folder, on sys.path
 from quality import Compressors
+from quality import table as quality_table
 
 from compressor.core.targets import find_targets
 from compressor.recipes.schema import load_recipe
@@ -297,20 +298,6 @@ def fmt(score, start: float = 0.0) -> str:
     return f"{score:.1f}"
 
 
-def table(rows, steps) -> str:
-    head = "| keep | row | kept (targeted) | before FT | " + " | ".join(
-        f"after {s} steps" for s in steps
-    )
-    lines = [head + " | wall time (s) |", "|" + "---|" * (5 + len(steps))]
-    for r in rows:
-        after = " | ".join(fmt(r["after"].get(s), r["compress_s"]) for s in steps)
-        lines.append(
-            f"| {r['keep']} | {r['row']} | {r['kept']:.3f} | {fmt(r['before'])} | {after} "
-            f"| {r['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keeps", type=float, nargs="*", default=[0.3, 0.5, 0.7])
@@ -370,7 +357,7 @@ def main() -> None:
             rows.append({"keep": keep, "row": labels[name], "kept": targeted_params(model) / full,
                          "before": judge(model), "after": {}, "seconds": secs,
                          "compress_s": secs})  # fmt: skip
-            print(table(rows[-1:], args.steps).splitlines()[-1], flush=True)
+            print(quality_table(rows[-1:], args.steps, fmt).splitlines()[-1], flush=True)
     train_b = []
     if args.finetune:  # the training split in a seeded order, 32 blocks a batch
         blocks = lm_blocks(tok, train_text, args.context)
@@ -389,14 +376,14 @@ def main() -> None:
         rows.append({"keep": args.ft_keep, "row": label, "kept": targeted_params(model) / full,
                      "before": before, "after": scores, "seconds": secs + ft_secs,
                      "compress_s": secs})  # fmt: skip
-        print(table(rows[-1:], args.steps).splitlines()[-1], flush=True)
+        print(quality_table(rows[-1:], args.steps, fmt).splitlines()[-1], flush=True)
     batches = (
         f"{len(train_b)} fine-tuning batches of 32 x {args.context} tokens. " if train_b else ""
     )
     text = (
         f"`python {' '.join(sys.argv)}`; torch {torch.__version__}, {args.threads} threads. "
         f"{described}. {batches}Cells: held-out perplexity ({len(held)} blocks of "
-        f"{args.context} tokens; dense: {dense:.2f}).\n\n{table(rows, args.steps)}\n"
+        f"{args.context} tokens; dense: {dense:.2f}).\n\n{quality_table(rows, args.steps, fmt)}\n"
     )
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,14 +100,22 @@ def factors_from(w: torch.Tensor, d: Decomposition, rank: int) -> tuple[torch.Te
         raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
     if rank > d.kept:
         d = decompose(w, rank)
-    dtype = _work_dtype(w)
-    wk = w.detach().to(dtype)
-    root = d.s[:rank].sqrt()
-    inv_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
+    wk = w.detach().to(_work_dtype(w))
     basis = d.basis[:, :rank]
-    if d.right:
-        return (wk @ basis) * inv_root, root[:, None] * basis.T
-    return basis * root, inv_root[:, None] * (basis.T @ wk)
+    scaled = wk @ basis if d.right else basis.T @ wk
+    return _balanced(scaled, basis, d.s[:rank], d.right)
+
+
+def _balanced(
+    scaled: torch.Tensor, basis: torch.Tensor, s: torch.Tensor, right: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) = (U_k S_k^(1/2), S_k^(1/2) V_k^T) from one side's orthonormal `basis` and
+    `scaled` = W V_k = U_k S_k (right) or U_k^T W = S_k V_k^T; zero values give zero factors."""
+    root = s.sqrt()
+    inv_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
+    if right:
+        return scaled * inv_root, root[:, None] * basis.T
+    return basis * root, inv_root[:, None] * scaled
 
 
 def spectral_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,12 +243,7 @@ def gram_factors(
     basis = vectors[:, -rank:].flip(1)  # eigh sorts ascending
     scaled = a @ basis if right else basis.T @ a  # U_k S_k (out x k) or S_k V_k^T (k x in)
     s = torch.linalg.vector_norm(scaled, dim=0 if right else 1)
-    root = s.sqrt()
-    inv_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
-    if right:
-        up, down = scaled * inv_root, root[:, None] * basis.T
-    else:
-        up, down = basis * root, inv_root[:, None] * scaled
+    up, down = _balanced(scaled, basis, s, right)
     return up.cpu(), down.cpu(), s.cpu()
 
 

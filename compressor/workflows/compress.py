@@ -180,24 +180,24 @@ def compress_checkpoint(
             "`stream` with whiten calibrates block by block, without the output-aware ranks "
             "(they need a backward pass through the whole model): pass `output_aware` off"
         )
+    by_itself = streams_by_itself(path, options)
     notices = []
-    if options.stream is None and streams_by_itself(path, options):
+    if options.stream or by_itself:
         from compressor.workflows.stream import NotStreamable, stream_compress
 
-        need = IN_MEMORY_PEAK * _checkpoint_bytes(path, options) / 1e9
+        need = ""  # what the in-memory path would take, said when streaming by itself
+        if by_itself:
+            need = f"about {IN_MEMORY_PEAK * _checkpoint_bytes(path, options) / 1e9:.1f} GB"
         try:
             done = stream_compress(path, out, options, progress)
-            done.notices.insert(0, f"streamed: in memory this would need about {need:.1f} GB")
+        except NotStreamable as e:
+            if options.stream:
+                raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
+            notices.append(f"not streamed ({e}): loaded in memory ({need})")
+        else:
+            if by_itself:
+                done.notices.insert(0, f"streamed: in memory this would need {need}")
             return done
-        except NotStreamable as e:
-            notices.append(f"not streamed ({e}): loaded in memory (about {need:.1f} GB)")
-    if options.stream:
-        from compressor.workflows.stream import NotStreamable, stream_compress
-
-        try:
-            return stream_compress(path, out, options, progress)
-        except NotStreamable as e:
-            raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
     loaded = load_checkpoint(
         path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
     )
