@@ -1,15 +1,17 @@
 """Error-correcting calibration (issue 11) on all-MiniLM-L6-v2: does refitting each factorized
 layer on the inputs the compressed layers before it produce beat one-shot whitening?
 
-Starts from the dlnc default at keep 0.5 (whiten with output-aware ranks and factors, as
-benchmarks/quality.py's `Compressors.default`), then runs
-`compressor.methods.sequential.correct_sequentially` with the cross-Gram blended between the
-compressed inputs' own Gram (alpha 0: refit on X' only) and the full correction towards the
-original layer's outputs (alpha 1: C = X^T X'), i.e. `cross = alpha C + (1 - alpha) G'`.
-Held-out cosine / probe accuracy as in quality.py; the same calibration paragraphs for the
-plan and the correction.
+Starts from the one-shot dlnc default at keep 0.5 (whiten with output-aware ranks and factors,
+as benchmarks/quality.py's `Compressors.default`), then runs
+`compressor.methods.sequential.correct_blocks` (what `dlnc compress --data` runs) with the
+cross-Gram blended between the compressed inputs' own Gram (alpha 0: refit on X' only) and
+the full correction towards the original layer's outputs (alpha 1, the default), each with
+the default guard (layers with fewer than `TOKENS_PER_FEATURE` calibration tokens per input
+feature keep their one-shot factors) and without it (`--guards 16 0`). Held-out cosine /
+probe accuracy as in quality.py; the same calibration paragraphs for the plan and the
+correction.
 
-    python benchmarks/error_correction.py [--calibration 64] [--alphas 0 0.5 1] [--threads 2]
+    python benchmarks/error_correction.py [--calibration 64] [--alphas 0.5 1] [--guards 16 0]
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from compressor.methods import sequential
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=64, help="calibration paragraphs")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument(
+        "--guards",
+        type=float,
+        nargs="+",
+        default=[sequential.TOKENS_PER_FEATURE],
+        help="calibration tokens needed per input feature (0: refit every layer)",
+    )
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -44,19 +53,17 @@ def main() -> None:
     print(f"{len(calib)} calibration paragraphs, keep {args.keep}; cosine / accuracy\n")
     print("| row | held-out cosine / probe accuracy | seconds |\n|---|---|---|")
     print(f"| dlnc default (one-shot) | {q.fmt(judge(start))} | {seconds:.0f} |")
-    full = sequential.corrected_factors
+    originals = comp.find(original)
     for alpha in args.alphas:
-
-        def blended(w, cross, gram, rank, d=None, damping=sequential.DEFAULT_DAMPING, a=alpha):
-            return full(w, a * cross + (1 - a) * gram, gram, rank, d, damping)
-
-        sequential.corrected_factors = blended
-        work = copy.deepcopy(start)
-        t = time.perf_counter()
-        sequential.correct_sequentially(original, work, batches(calib, 16), sensitivity)
-        row = f"+ error-correcting refit, alpha {alpha}"
-        print(f"| {row} | {q.fmt(judge(work))} | {time.perf_counter() - t:.0f} |", flush=True)
-    sequential.corrected_factors = full
+        for guard in args.guards:
+            work = copy.deepcopy(start)
+            t = time.perf_counter()
+            done = sequential.correct_blocks(work, originals, batches(calib, 16), sensitivity,
+                                             alpha=alpha, tokens_per_feature=guard)  # fmt: skip
+            row = (f"+ error-correcting refit, alpha {alpha}, {guard:g} tokens per feature: "
+                   f"{len(done.refit)} of {len(originals)} layers refit")  # fmt: skip
+            seconds = time.perf_counter() - t
+            print(f"| {row} | {q.fmt(judge(work))} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,16 @@ OutputAware = Annotated[
 ]
 
 
+Correct = Annotated[
+    bool,
+    typer.Option(
+        help="With --data: refit each layer's factors block by block on the inputs the "
+        "compressed layers before it produce (error-correcting calibration; a layer with "
+        "under 16 calibration tokens per input feature keeps its one-shot factors)."
+    ),
+]
+
+
 def aware_options(
     recipe,
     method: str | None,
@@ -66,6 +76,7 @@ def aware_options(
     warmup_steps: int,
     warmup_lr: float,
     output_aware: bool = True,
+    correct: bool = True,
 ):
     """`AwareOptions` from the command line (through `compressor.workflows.options`)."""
     from compressor.training.data import DataOptions
@@ -79,5 +90,5 @@ def aware_options(
     return build(
         recipe, method, data_options,
         reference=reference, warmup_steps=warmup_steps, warmup_lr=warmup_lr,
-        output_aware=output_aware,
+        output_aware=output_aware, correct=correct,
     )  # fmt: skip

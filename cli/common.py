@@ -47,6 +47,7 @@ FLAG_PARAMETERS = frozenset(
         "allow_pickle",
         "batch_size",
         "config",
+        "correct",
         "data",
         "depth",
         "energy",

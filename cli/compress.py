@@ -122,6 +122,7 @@ def compress(
     warmup_steps: opt.WarmupSteps = 0,
     warmup_lr: opt.WarmupLr = 1e-4,
     output_aware: opt.OutputAware = True,
+    correct: opt.Correct = True,
     ranks: Annotated[
         Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
     ] = None,
@@ -166,6 +167,7 @@ def compress(
         options.aware = opt.aware_options(
             chosen, method, data, text_field, label_field, tokenizer, max_length,
             samples, seed, batch_size, reference, warmup_steps, warmup_lr, output_aware,
+            correct,
         )  # fmt: skip
         if ranks is not None:
             apply_ranks_file(options, ranks)

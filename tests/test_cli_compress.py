@@ -278,3 +278,23 @@ def test_stream_and_device_flags(tiny_model, tmp_path):
     assert bad.exit_code == 1
     assert "error: `stream` works without fine-tuning, with method svd or whiten" in bad.output
     assert not (tmp_path / "c").exists()
+
+
+def test_streamed_whiten_names_what_it_cannot_do(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    _, folder = tiny_model("llama")
+    data = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.randint(1, 64, (8, 10))}, data)
+    args = ("compress", folder, "--stream", "--data", data, "--keep", 0.5)
+    bad = dlnc(*args, "-o", tmp_path / "bad", "--no-output-aware")
+    assert bad.exit_code == 1
+    assert bad.output.strip().endswith(
+        "without output-aware ranks or error correction: pass --correct off"
+    )
+    assert not (tmp_path / "bad").exists()
+    good = dlnc(*args, "-o", tmp_path / "good", "--no-output-aware", "--no-correct", "--json")
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.output)["method"] == "whiten" and "correction" not in json.loads(
+        good.output
+    )

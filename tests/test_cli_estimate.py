@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -126,3 +126,25 @@ def test_bad_ranks_file(tmp_path, content, message):
     with pytest.raises(DlncError, match=message):
         load_ranks(f)
     assert yaml  # the format is YAML
+
+
+def test_compress_refits_the_layers_the_data_can_fit(tiny_model, tmp_path):
+    # 96 x 12 = 1152 calibration tokens: enough for the 32-wide inputs (16 per feature:
+    # 512), not for the 128-wide MLP output projections (2048)
+    _, folder = tiny_model("gpt2")
+    data = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.randint(1, 64, (96, 12), generator=torch.Generator())}, data)
+    args = ("compress", folder, "--data", data, "--keep", "0.5", "--json")
+    report = json.loads(run(*args, "-o", tmp_path / "on").stdout)
+    off = json.loads(run(*args, "-o", tmp_path / "off", "--no-correct").stdout)
+    assert "correction" not in off
+    correction, layers = report["correction"], {r["name"]: r for r in report["layers"]}
+    wide = {n for n, r in layers.items() if r["rank"] and r["shape"][1] == 128}
+    assert wide and set(correction["skipped"]) == wide
+    assert set(correction["refit"]) == {n for n, r in layers.items() if r["rank"]} - wide
+    assert correction["skipped"][min(wide)] == "1152 calibration tokens, 2048 needed"
+    assert any(n.startswith("error-correcting calibration refit") for n in report["notices"])
+    on, off = (load_file(tmp_path / d / "model.safetensors") for d in ("on", "off"))
+    for key in on:  # the refit layers' factors changed, every other tensor did not
+        refit = key.rsplit(".", 2)[0] in correction["refit"] and key.endswith("weight")
+        assert torch.equal(on[key], off[key]) != refit, key

@@ -1,24 +1,21 @@
+"""Error-correcting calibration: the closed-form refit, and the block-by-block loop."""
+
+import copy
+
+import pytest
 import torch
-from torch import nn
 
 from compressor.core.compress import compress_
+from compressor.core.layers import dense_weight_of
 from compressor.core.ranks import RankPolicy
+from compressor.core.surgery import factorized_layers
+from compressor.core.targets import find_targets
+from compressor.core.tasks import model_inputs
 from compressor.methods import build_plan
 from compressor.methods.calibration import collect_grams
-from compressor.methods.sequential import correct_sequentially, corrected_factors
+from compressor.methods.sequential import correct_blocks, corrected_factors
 from compressor.methods.whiten import Whitener, whitened_factors
-
-
-class Deep(nn.Module):
-    def __init__(self, width: int = 24, depth: int = 4) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x)) + x
-        return x
+from tests.conftest import build_tiny
 
 
 def test_on_the_original_inputs_it_is_the_whitened_optimum():
@@ -38,25 +35,106 @@ def test_it_fits_the_original_outputs_from_shifted_inputs():
     torch.testing.assert_close(x_new @ (up @ down).T, x @ w.T)
 
 
-def test_correction_lowers_the_output_error_of_one_shot_whitening():
-    model = Deep()
-    batches = [{"x": torch.randn(64, 24) @ torch.diag(torch.linspace(2, 0.05, 24))}
-               for _ in range(3)]  # fmt: skip
-    targets = dict(model.layers.named_children())
-    targets = {f"layers.{n}": m for n, m in targets.items()}
-    stats = collect_grams(model, targets, batches)
-    plan = build_plan("whiten", targets, stats)
-    student = Deep()
-    student.load_state_dict(model.state_dict())
-    student_targets = {n: student.get_submodule(n) for n in targets}
-    compress_(student, student_targets, RankPolicy(rank=6), 2, plan.method, plan.spectra,
+def calibration(n: int = 8, length: int = 32) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 64, (4, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[3, length // 2 :] = 0  # padding: not counted, not fitted
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def one_shot(family: str, batches, keep: float = 0.4):
+    """(original, whitened student at `keep`, the original's targets)."""
+    original = build_tiny(family)
+    student = copy.deepcopy(original)
+    targets = find_targets(student)
+    plan = build_plan("whiten", targets, collect_grams(original, find_targets(original), batches))
+    compress_(student, targets, RankPolicy(keep=keep), 2, plan.method, plan.spectra,
               plan.factor_fn)  # fmt: skip
+    return original, student, find_targets(original)
 
-    def error() -> float:
+
+def output_error(original, student, batches) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for b in batches:
+            diff = student(**b).logits - original(**b).logits
+            total += float(diff[b["attention_mask"].bool()].square().sum())
+    return total
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_correction_lowers_the_output_error_of_one_shot_whitening(family, one_torch_thread):
+    batches = calibration()
+    original, student, originals = one_shot(family, batches)
+    before = output_error(original, student, batches)
+    done = correct_blocks(student, originals, batches, tokens_per_feature=0)
+    assert sorted(done.refit) == sorted(factorized_layers(student)) and not done.skipped
+    assert done.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert output_error(original, student, batches) < 0.9 * before
+
+
+def whole_model_reference(original, student, originals, batches) -> None:
+    """The same refit without blocks: each group of layers reading one tensor, in forward
+    order, from hooks on full forward passes of the original and the student."""
+
+    def inputs_of(model, name):
+        xs = []
+        handle = model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args: xs.append(args[0])
+        )
         with torch.no_grad():
-            return sum(float((student(**b) - model(**b)).square().sum()) for b in batches)
+            for b in batches:
+                model(**model_inputs(b, model))
+        handle.remove()
+        return [x[b["attention_mask"].bool()].double() for x, b in zip(xs, batches, strict=True)]
 
-    one_shot = error()
-    refit = correct_sequentially(model, student, batches)
-    assert refit == list(targets)
-    assert error() < 0.97 * one_shot  # measured: 0.935
+    order, last = [], {}
+    hooks = [
+        originals[n].register_forward_pre_hook(lambda m, a, n=n: order.append((n, a[0])))
+        for n in factorized_layers(student)
+    ]
+    with torch.no_grad():
+        original(**batches[0])
+    for h in hooks:
+        h.remove()
+    for name, tensor in order:
+        if name in last:
+            continue
+        if last and tensor is order[[n for n, _ in order].index(list(last)[-1])][1]:
+            last[name] = last[list(last)[-1]]  # the same input as the group before it
+        else:
+            x, x_new = inputs_of(original, name), inputs_of(student, name)
+            cross = sum(a.T @ b for a, b in zip(x, x_new, strict=True))
+            last[name] = (cross, sum(b.T @ b for b in x_new))
+        layer = student.get_submodule(name)
+        up, down = corrected_factors(dense_weight_of(originals[name]), *last[name], layer.rank)
+        layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_block_by_block_equals_refitting_on_whole_model_passes(family, one_torch_thread):
+    batches = calibration(3)
+    original, student, originals = one_shot(family, batches)
+    reference = copy.deepcopy(student)
+    whole_model_reference(original, reference, originals, batches)
+    correct_blocks(student, originals, batches, tokens_per_feature=0)
+    for name in factorized_layers(student):
+        got, want = student.get_submodule(name), reference.get_submodule(name)
+        torch.testing.assert_close(got.dense_weight(), want.dense_weight(), msg=name)
+
+
+def test_too_few_tokens_per_feature_keep_the_one_shot_factors(one_torch_thread):
+    batches = calibration(1)  # 112 tokens: 3.5 per feature of the 32-wide layers
+    _, student, originals = one_shot("llama", batches)
+    factorized = factorized_layers(student)
+    before = {n: m.dense_weight() for n, m in factorized.items()}
+    done = correct_blocks(student, originals, batches, tokens_per_feature=3)
+    wide = {n for n, m in factorized.items() if m.in_features == 64}  # down_proj
+    assert wide and set(done.skipped) == wide and set(done.refit) == set(factorized) - wide
+    assert done.skipped[next(iter(wide))] == "112 calibration tokens, 192 needed"
+    for name in wide:
+        assert torch.equal(student.get_submodule(name).dense_weight(), before[name])

@@ -147,9 +147,9 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     data = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(1, 64, (12, 10), generator=torch.Generator())}, data)
     # streamed whitening has no output sensitivity (a backward pass through the whole model)
-    aware = AwareOptions(
-        method="whiten", data=DataOptions(path=data, batch_size=4), output_aware=False
-    )
+    # and no error correction (a second pass)
+    options = {"output_aware": False, "correct": False}
+    aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4), **options)
     memory, streamed = both(src, tmp_path, aware=aware)
     same_files(memory, streamed)
     assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"

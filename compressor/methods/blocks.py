@@ -25,13 +25,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from compressor.core.progress import ProgressFn
 from compressor.core.tasks import model_inputs
 from compressor.errors import DlncError
 from compressor.methods.calibration import LayerStats, _Collector
 
-__all__ = ["Activations", "Block", "LoadFn", "block_grams", "find_blocks", "stream_blocks"]
+__all__ = [
+    "Activations",
+    "Block",
+    "LoadFn",
+    "block_grams",
+    "find_blocks",
+    "first_inputs",
+    "real_mask",
+    "stream_blocks",
+]
 
 LoadFn = Callable[[str, nn.Module], None]
 """load(prefix, module): give the meta `module` (at dotted `prefix`) and its children their
@@ -114,8 +124,8 @@ def stream_blocks(
     _load_outside(model, stack_name, load)
     with tempfile.TemporaryDirectory(prefix="dlnc-acts-", dir=spill_dir) as tmp:
         spill = Path(tmp) if spill_dir is not None else None
-        hidden, extras = _first_inputs(model, stack, batches, Activations(spill))
-        masks = [_mask(b) for b in batches]
+        hidden, extras = first_inputs(model, stack, batches, Activations(spill))
+        masks = [real_mask(b) for b in batches]
         for index, module in enumerate(stack):
             name = f"{stack_name}.{index}"
             load(name, module)
@@ -131,7 +141,8 @@ def stream_blocks(
                 progress("blocks", index + 1, len(stack))
 
 
-def _mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+def real_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The batch's real (non-padding) tokens as a bool mask, or None without a mask."""
     mask = batch.get("attention_mask")
     return mask.bool() if mask is not None else None
 
@@ -154,18 +165,19 @@ def _load_once(name: str, load: LoadFn):
     return pre_hook
 
 
-def _first_inputs(model, stack, batches, hidden: Activations):
-    """Run the model up to its first block for every batch and keep what enters it."""
+def first_inputs(model: nn.Module, stack: nn.ModuleList, batches, hidden: Activations):
+    """Run the model up to its first block for every batch and keep what enters it in
+    `hidden`; returns it with the block's other arguments per batch."""
     first = stack[0]
     extras = []
 
     def catch(module, args, kwargs):
         x = args[0] if args else kwargs.pop("hidden_states")
         hidden.put(len(extras), x)
-        kwargs = dict(kwargs)
-        if "past_key_values" in kwargs:
-            kwargs["past_key_values"] = None  # no cache: each batch is one full forward pass
-        extras.append((tuple(args[1:]), kwargs))
+        # no cache (GPT-2 passes it positionally): each run of a block is one full pass
+        args = tuple(None if isinstance(a, Cache) else a for a in args[1:])
+        kwargs = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+        extras.append((args, kwargs))
         raise _Caught
 
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)

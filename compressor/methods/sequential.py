@@ -12,24 +12,36 @@ original inputs. With C = X^T X' and G' = X'^T X' = L' L'^T (damped), the uncons
 optimum is W* = W C G'^-1 and the rank-k one is W' = D^-1 trunc_k(D W C L'^-T) L'^+: closed
 form, from two Gram-sized statistics per layer (METHOD.md 4 with a cross term).
 
-In memory, with forward hooks on the original and the compressed model side by side; each
-forward stops at the layers being refit, so the cost is about one pass per layer input (a
-block-by-block loop can later share this maths: `corrected_factors` is pure).
+Block by block (`correct_blocks`): the hidden states entering block i are kept twice, as the
+original model computes them and as the compressed one does; inside the block, each group of
+layers reading one tensor (q/k/v, gate/up) is refit in forward order, its inputs caught by
+running the block with the original dense layers swapped back in (X) and as compressed (X').
+Memory: the model, the two streams of activations and one layer's statistics, never a copy of
+the model. The fit has in x in freedom per layer, so a layer is refit only when the data gives
+it `TOKENS_PER_FEATURE` calibration tokens per input feature (docs/data-aware.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from compressor.core.layers import FactorizedLinear, dense_weight_of
 from compressor.core.progress import ProgressFn
-from compressor.core.tasks import model_inputs
+from compressor.core.surgery import replace_module
+from compressor.methods.blocks import Activations, Block, find_blocks, first_inputs, real_mask
 from compressor.methods.whiten import DEFAULT_DAMPING, Whitener
 
-__all__ = ["correct_sequentially", "corrected_factors"]
+__all__ = ["TOKENS_PER_FEATURE", "Correction", "correct_blocks", "corrected_factors"]
+
+TOKENS_PER_FEATURE = 16
+"""A layer is refit only with at least this many calibration tokens per input feature.
+MiniLM at keep 0.5 (benchmarks/error_correction.py): 4 tokens per feature of the FFN output
+projection overfit and lost to one-shot whitening, 16 won."""
 
 
 def corrected_factors(
@@ -39,17 +51,20 @@ def corrected_factors(
     rank: int,
     d: torch.Tensor | None = None,
     damping: float = DEFAULT_DAMPING,
+    alpha: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` (up, down) minimising ||D (W' X'^T - W X^T)||_F, float64.
 
     `cross` = X^T X' and `gram` = X'^T X' (in x in, the same row count in both), `d` the
-    output channel weights (None: all ones)."""
+    output channel weights (None: all ones). `alpha` < 1 blends the cross term towards
+    G' (alpha 0: the one-shot whitened fit on X', ignoring where the original's outputs are)."""
     whitener = Whitener.from_gram(gram, damping)
-    w64 = w.detach().double()
-    d = torch.ones(w.shape[0], dtype=torch.float64) if d is None else d.double()
     if whitener is None:  # the layer's inputs are all zero: nothing to fit
         raise ValueError("the layer received only zero inputs")
-    target = d[:, None] * (w64 @ cross.double() @ whitener.root_pinv.T)  # D W C L'^-T
+    w64 = w.detach().double()
+    d = torch.ones(w.shape[0], dtype=torch.float64) if d is None else d.double()
+    cross = alpha * cross.double() + (1 - alpha) * gram.double()
+    target = d[:, None] * (w64 @ cross @ whitener.root_pinv.T)  # D W C L'^-T
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root / d[:, None]
@@ -57,104 +72,170 @@ def corrected_factors(
     return up, down
 
 
+@dataclass
+class Correction:
+    """What `correct_blocks` did: the layers refit, and why the others were not."""
+
+    tokens: int = 0  # calibration tokens (padding left out)
+    refit: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it kept its factors
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "refit": self.refit, "skipped": self.skipped}
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layers being refit have their input."""
 
 
-def _stages(original: nn.Module, names: Sequence[str], batch) -> list[list[str]]:
+@torch.no_grad()
+def correct_blocks(
+    model: nn.Module,
+    originals: Mapping[str, nn.Module],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
+    damping: float = DEFAULT_DAMPING,
+    alpha: float = 1.0,
+    tokens_per_feature: float = TOKENS_PER_FEATURE,
+    progress: ProgressFn | None = None,
+) -> Correction:
+    """In place: refit the `FactorizedLinear` layers of `model` that replaced `originals`
+    (name -> the original dense module), block by block in forward order (module docstring).
+
+    `sensitivity`: per-channel output sensitivity (`methods.sensitivity`), turned into the
+    output weights D as for the output-aware factors (None: D = I)."""
+    from compressor.methods.output_aware import channel_weights
+
+    stack_name, stack = find_blocks(model)
+    batches = list(batches)
+    factorized = {
+        n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear) and n in originals
+    }
+    done = Correction()
+    outside = {n: originals[n] for n in factorized if not n.startswith(stack_name + ".")}
+    done.skipped.update(dict.fromkeys(outside, "outside the block stack"))
+    was = model.training
+    model.eval()
+    try:
+        with _swapped(model, outside):
+            old, extras = first_inputs(model, stack, batches, Activations())
+        new, new_extras = (
+            first_inputs(model, stack, batches, Activations()) if outside else (old, extras)
+        )
+        masks = [real_mask(b) for b in batches]
+        for index, module in enumerate(stack):
+            name = f"{stack_name}.{index}"
+            inside = {n: m for n, m in factorized.items() if n.startswith(name + ".")}
+            dense = {n: originals[n] for n in inside}
+            before = Block(index, name, module, old, extras, masks)
+            after = Block(index, name, module, new, new_extras, masks)
+            with _swapped(model, dense):
+                stages = _stages(model, before, list(inside))
+            for stage in stages:
+                cross, gram, rows = _statistics(model, before, after, stage[0], dense)
+                done.tokens = rows
+                for layer_name in stage:
+                    layer = factorized[layer_name]
+                    need = tokens_per_feature * layer.in_features
+                    if rows < need:
+                        done.skipped[layer_name] = f"{rows} calibration tokens, {need:.0f} needed"
+                        continue
+                    d = channel_weights(sensitivity[layer_name]) if sensitivity else None
+                    w = dense_weight_of(originals[layer_name])
+                    up, down = corrected_factors(w, cross, gram, layer.rank, d, damping, alpha)
+                    layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
+                    done.refit.append(layer_name)
+            with _swapped(model, dense):
+                old = _outputs(before)
+            new = _outputs(after)
+            if progress:
+                progress("correct", index + 1, len(stack))
+    finally:
+        model.train(was)
+    return done
+
+
+@contextmanager
+def _swapped(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Put `modules` (full name -> module) into `model` for the duration, then put back."""
+    replaced = {n: replace_module(model, n, m) for n, m in modules.items()}
+    try:
+        yield
+    finally:
+        for n, m in replaced.items():
+            replace_module(model, n, m)
+
+
+def _stages(model: nn.Module, block: Block, names: list[str]) -> list[list[str]]:
     """`names` in forward order, grouped where consecutive layers read the same tensor."""
-    modules = dict(original.named_modules())
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, torch.Tensor]] = []
 
     def hook(name):
         def pre(module, args):
-            if name not in {n for n, _ in seen}:
-                seen.append((name, id(args[0])))
+            if all(n != name for n, _ in seen):
+                seen.append((name, args[0]))
 
         return pre
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        with torch.no_grad():
-            original(**model_inputs(batch, original))
+        block.run(0)
     finally:
         for h in handles:
             h.remove()
+    missing = [n for n in names if all(n != s for s, _ in seen)]
+    if missing:
+        raise ValueError(f"{missing[0]}: never reached by the forward pass of its block")
     stages: list[list[str]] = []
     for i, (name, tensor) in enumerate(seen):
-        if i and tensor == seen[i - 1][1]:
+        if i and tensor is seen[i - 1][1]:
             stages[-1].append(name)
         else:
             stages.append([name])
     return stages
 
 
-def _inputs(model: nn.Module, names: Sequence[str], batch) -> torch.Tensor:
-    """The input (tokens x features, float64, real tokens only) of the first of `names`."""
-    module = dict(model.named_modules())[names[0]]
+def _statistics(model, before: Block, after: Block, name: str, dense):
+    """C = X^T X' and G' = X'^T X' of layer `name` over every batch, and the token count."""
+    cross = gram = None
+    rows = 0
+    for i in range(len(before)):
+        with _swapped(model, dense):
+            x = _input_of(model, before, name, i)
+        x_new = _input_of(model, after, name, i)
+        if cross is None:
+            cross = x.new_zeros(x.shape[1], x.shape[1])
+            gram = torch.zeros_like(cross)
+        cross.addmm_(x.T, x_new)
+        gram.addmm_(x_new.T, x_new)
+        rows += x.shape[0]
+    return cross, gram, rows
+
+
+def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor:
+    """The input (real tokens x features, float64) of layer `name` when `block` runs batch i."""
     got: dict[str, torch.Tensor] = {}
 
-    def pre(mod, args):
+    def pre(module, args):
         got["x"] = args[0]
         raise _Stop
 
-    handle = module.register_forward_pre_hook(pre)
+    handle = model.get_submodule(name).register_forward_pre_hook(pre)
     try:
-        with torch.no_grad():
-            model(**model_inputs(batch, model))
+        block.run(i)
     except _Stop:
         pass
     finally:
         handle.remove()
-    x = got["x"]
-    mask = batch.get("attention_mask")
+    x, mask = got["x"], block.masks[i]
     if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        x = x[mask.bool()]
+        x = x[mask]
     return x.reshape(-1, x.shape[-1]).double()
 
 
-@torch.no_grad()
-def correct_sequentially(
-    original: nn.Module,
-    compressed: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    sensitivity: Mapping[str, torch.Tensor] | None = None,
-    damping: float = DEFAULT_DAMPING,
-    progress: ProgressFn | None = None,
-) -> list[str]:
-    """In place: refit every `FactorizedLinear` of `compressed` (named as the dense layer it
-    replaced in `original`), in forward order. Returns the names refit.
-
-    `sensitivity`: per-channel output sensitivity (`methods.sensitivity`), turned into the
-    output weights D as for the output-aware factors (None: D = I)."""
-    from compressor.methods.output_aware import channel_weights
-
-    batches = list(batches)
-    factorized = {n: m for n, m in compressed.named_modules() if isinstance(m, FactorizedLinear)}
-    dense = dict(original.named_modules())
-    was = (original.training, compressed.training)
-    original.eval()
-    compressed.eval()
-    stages = _stages(original, list(factorized), batches[0])
-    try:
-        for i, stage in enumerate(stages):
-            width = factorized[stage[0]].in_features
-            cross = torch.zeros(width, width, dtype=torch.float64)
-            gram = torch.zeros_like(cross)
-            for batch in batches:
-                x, x_new = _inputs(original, stage, batch), _inputs(compressed, stage, batch)
-                cross.addmm_(x.T, x_new)
-                gram.addmm_(x_new.T, x_new)
-            for name in stage:
-                layer = factorized[name]
-                d = channel_weights(sensitivity[name]) if sensitivity is not None else None
-                w = dense_weight_of(dense[name])
-                up, down = corrected_factors(w, cross, gram, layer.rank, d, damping)
-                dtype = layer.up.weight.dtype
-                layer.load_factors(up.to(dtype), down.to(dtype))
-            if progress:
-                progress("correct", i + 1, len(stages))
-    finally:
-        original.train(was[0])
-        compressed.train(was[1])
-    return [n for stage in stages for n in stage]
+def _outputs(block: Block) -> Activations:
+    """What the block (as it is now) hands the next one, for every batch."""
+    out = Activations()
+    for i in range(len(block)):
+        out.put(i, block.run(i))
+    return out

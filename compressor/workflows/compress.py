@@ -26,7 +26,7 @@ from compressor.io.export import (
 )
 from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
 from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
-from compressor.workflows.plan import AwareOptions, make_plans
+from compressor.workflows.plan import AwareOptions, PlanInfo, make_plans
 
 __all__ = [
     "CompressOptions",
@@ -175,11 +175,8 @@ def compress_checkpoint(
     check_output_dir(out, options.overwrite, Path(path))
     if options.stream and not (options.data_free or options.streamed_whiten):
         raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
-    if options.stream and options.streamed_whiten and options.aware.output_aware:
-        raise DlncError(
-            "`stream` with whiten calibrates block by block, without the output-aware ranks "
-            "(they need a backward pass through the whole model): pass `output_aware` off"
-        )
+    if options.stream and options.streamed_whiten:
+        _check_streamed_whiten(options.aware)
     by_itself = streams_by_itself(path, options)
     notices = []
     if options.stream or by_itself:
@@ -204,13 +201,16 @@ def compress_checkpoint(
     loaded.notices[:0] = notices
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
-    spectra, method_kwargs = _method_inputs(loaded, targets, options, progress)
+    spectra, method_kwargs, measured = _method_inputs(loaded, targets, options, progress)
     policy = expand_overrides(options.policy, list(targets))
     teacher = teacher_copy(loaded.model) if options.finetune is not None else None
     report = compress_(
         loaded.model, targets, policy, options.depth, progress=progress, **method_kwargs
     )
     summary = build_report(loaded, report, total_before, options)
+    if measured.data is not None and options.aware.correct:
+        summary["correction"] = _correct(loaded, targets, measured, options.aware, progress)
+        summary["notes"]["rel_error"] = "of the one-shot fit, before the error correction"
     if options.finetune is not None:
         tuned = finetune_compressed(loaded, teacher, out, options.finetune, progress)
         summary["finetune"] = tuned.report()
@@ -229,6 +229,18 @@ def compress_checkpoint(
     )
     summary["bytes_after"] = weights_size(written)  # export wrote it into report.json
     return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def _check_streamed_whiten(aware: AwareOptions) -> None:
+    """Streamed whitening calibrates once, block by block, on the original model's inputs:
+    neither the output-aware ranks (a backward pass through the whole model) nor the error
+    correction (a second pass once every rank is known) are there yet."""
+    on = [f"`{k}`" for k in ("output_aware", "correct") if getattr(aware, k)]
+    if on:
+        raise DlncError(
+            "`stream` with whiten calibrates block by block on the original model's inputs, "
+            f"without output-aware ranks or error correction: pass {' and '.join(on)} off"
+        )
 
 
 def streams_by_itself(path: str | os.PathLike, options: CompressOptions) -> bool:
@@ -251,15 +263,47 @@ def _checkpoint_bytes(path: str | os.PathLike, options: CompressOptions) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _method_inputs(loaded, targets, options: CompressOptions, progress) -> tuple[dict, dict]:
-    """The weights' spectra, and `compress_`'s spectra/factor_fn/method from the plan of the
-    chosen rank method (`options.aware`; plain SVD when there are none)."""
+def _method_inputs(loaded, targets, options: CompressOptions, progress):
+    """The weights' spectra, `compress_`'s spectra/factor_fn/method from the plan of the
+    chosen rank method (`options.aware`; plain SVD when there are none), and what was
+    measured on the way (the calibration data and sensitivities, for the correction)."""
     aware = options.aware or AwareOptions()
-    plans, _ = make_plans(loaded, targets, aware, progress)
+    plans, measured = make_plans(loaded, targets, aware, progress)
     plan = plans[aware.resolved]
     kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method,
               "gains": plan.gains}  # fmt: skip
-    return plan.weight_spectra, kwargs
+    return plan.weight_spectra, kwargs, measured
+
+
+def _correct(loaded, targets, measured: PlanInfo, aware: AwareOptions, progress) -> dict:
+    """Error-correcting calibration of the compressed model (methods/sequential.py), block by
+    block on the calibration data; a notice says which layers kept their one-shot factors."""
+    from compressor.methods.blocks import find_blocks
+    from compressor.methods.sequential import TOKENS_PER_FEATURE, correct_blocks
+
+    try:
+        find_blocks(loaded.model)
+    except DlncError:
+        why = "the model has no stack of repeated blocks"
+        loaded.notices.append(f"no error-correcting calibration: {why}")
+        return {"tokens": 0, "refit": [], "skipped": dict.fromkeys(targets, why)}
+    done = correct_blocks(
+        loaded.model, targets, measured.data.train, measured.sensitivity, aware.damping,
+        progress=progress,
+    )  # fmt: skip
+    if done.skipped:
+        few = sum("needed" in why for why in done.skipped.values())
+        loaded.notices.append(
+            f"error-correcting calibration refit {len(done.refit)} of "
+            f"{len(done.refit) + len(done.skipped)} layers"
+            + (
+                f"; {few} kept their one-shot factors: {done.tokens} calibration tokens, "
+                f"{TOKENS_PER_FEATURE} per input feature needed (give more or longer samples)"
+                if few
+                else ""
+            )
+        )
+    return done.to_dict()
 
 
 def build_report(

@@ -127,7 +127,7 @@ def aware_options(
 ) -> AwareOptions:
     """`AwareOptions`: `method` if given, else the recipe's (`auto` leaves it to what is given:
     dynamics with a reference or warm-up, whiten with data, else svd). `given` sets the other
-    fields (reference, warmup_steps, warmup_lr, damping)."""
+    fields (reference, warmup_steps, warmup_lr, damping, output_aware, correct)."""
     return AwareOptions(method=rank_method(recipe, method), data=data, **given)
 
 

@@ -35,6 +35,7 @@ class AwareOptions:
     warmup_lr: float = 1e-4  # learning rate of the warm-up run (AdamW)
     damping: float = DEFAULT_DAMPING  # whiten: relative damping of the Gram matrices
     output_aware: bool = True  # with data: ranks follow each layer's effect on the output
+    correct: bool = True  # with data: refit the factors on the compressed model's own inputs
 
     def __post_init__(self) -> None:
         if self.method != "auto":
@@ -75,6 +76,8 @@ class PlanInfo:
     warmup_seconds: float = 0.0
     sensitivity_seconds: float = 0.0  # the backward passes of the output-aware allocation
     notes: list[str] = field(default_factory=list)
+    data: Batches | None = None  # the calibration data read (for error-correcting calibration)
+    sensitivity: Mapping | None = None  # layer -> per-channel output sensitivity, if measured
 
 
 def make_plans(
@@ -91,7 +94,7 @@ def make_plans(
     wanted = [m for m in methods.names() if methods.get(m).needs <= options.available]
     wanted = wanted if everything else [chosen]
     needs = frozenset().union(*(methods.get(m).needs for m in wanted))
-    data = _data(loaded, options.data, info) if options.data is not None else None
+    data = info.data = _data(loaded, options.data, info) if options.data is not None else None
     # with data, every method's ranks follow the model's output: Grams and sensitivities
     grams = _grams(loaded.model, targets, data, info, progress) if data is not None else None
     inputs = methods.MethodInputs(
@@ -104,6 +107,7 @@ def make_plans(
         if grams is not None and options.output_aware
         else None,
     )
+    info.sensitivity = inputs.sensitivity
     weights = methods.registry.decompose_weights(targets, progress)
     plans = {m: methods.registry.plan_of(m, weights, inputs, progress) for m in wanted}
     return plans, info
