@@ -123,6 +123,13 @@ def correct_blocks(
             first_inputs(model, stack, batches, Activations()) if outside else (old, extras)
         )
         masks = [real_mask(b) for b in batches]
+        done.tokens = sum(_tokens(old.get(i), masks[i]) for i in range(len(batches)))
+        for name, layer in factorized.items():
+            need = tokens_per_feature * layer.in_features
+            if name not in done.skipped and done.tokens < need:
+                done.skipped[name] = f"{done.tokens} calibration tokens, {need:.0f} needed"
+        if len(done.skipped) == len(factorized):
+            return done  # nothing to refit: no forward pass
         for index, module in enumerate(stack):
             name = f"{stack_name}.{index}"
             inside = {n: m for n, m in factorized.items() if n.startswith(name + ".")}
@@ -132,14 +139,12 @@ def correct_blocks(
             with _swapped(model, dense):
                 stages = _stages(model, before, list(inside))
             for stage in stages:
-                cross, gram, rows = _statistics(model, before, after, stage[0], dense)
-                done.tokens = rows
+                stage = [n for n in stage if n not in done.skipped]
+                if not stage:
+                    continue
+                cross, gram = _statistics(model, before, after, stage[0], dense)
                 for layer_name in stage:
                     layer = factorized[layer_name]
-                    need = tokens_per_feature * layer.in_features
-                    if rows < need:
-                        done.skipped[layer_name] = f"{rows} calibration tokens, {need:.0f} needed"
-                        continue
                     d = channel_weights(sensitivity[layer_name]) if sensitivity else None
                     w = dense_weight_of(originals[layer_name])
                     up, down = corrected_factors(w, cross, gram, layer.rank, d, damping, alpha)
@@ -196,9 +201,8 @@ def _stages(model: nn.Module, block: Block, names: list[str]) -> list[list[str]]
 
 
 def _statistics(model, before: Block, after: Block, name: str, dense):
-    """C = X^T X' and G' = X'^T X' of layer `name` over every batch, and the token count."""
+    """C = X^T X' and G' = X'^T X' of layer `name` over every batch."""
     cross = gram = None
-    rows = 0
     for i in range(len(before)):
         with _swapped(model, dense):
             x = _input_of(model, before, name, i)
@@ -208,8 +212,14 @@ def _statistics(model, before: Block, after: Block, name: str, dense):
             gram = torch.zeros_like(cross)
         cross.addmm_(x.T, x_new)
         gram.addmm_(x_new.T, x_new)
-        rows += x.shape[0]
-    return cross, gram, rows
+    return cross, gram
+
+
+def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """The real tokens of one batch entering the blocks (as `_input_of` counts its rows)."""
+    if mask is not None and hidden.ndim == 3 and tuple(hidden.shape[:2]) == tuple(mask.shape):
+        return int(mask.sum())
+    return hidden.numel() // hidden.shape[-1]
 
 
 def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor:
