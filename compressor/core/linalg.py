@@ -113,9 +113,9 @@ def _balanced(
     `scaled` = W V_k = U_k S_k (right) or U_k^T W = S_k V_k^T; zero values give zero factors."""
     root = s.sqrt()
     inv_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
-    if right:
-        return scaled * inv_root, root[:, None] * basis.T
-    return basis * root, inv_root[:, None] * scaled
+    if right:  # in place: `scaled` is the caller's scratch, and a layer-sized one
+        return scaled.mul_(inv_root), root[:, None] * basis.T
+    return basis * root, scaled.mul_(inv_root[:, None])
 
 
 def spectral_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,10 +187,43 @@ def gram_singular_values(w: torch.Tensor, device: str | torch.device | None = No
     min(shape) * eps_32 * s_1^2 of the exact value (tests hold it to 1e-5 * s_1^2), so the
     values below ~1e-3 s_1, whose energy no rank allocation can see, lose their precision.
     """
-    a = w.detach().to(resolve_device(device), torch.float32)
-    gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
+    gram, _ = _blocked_gram(w, resolve_device(device))
     values = torch.linalg.eigvalsh(gram)
     return values.flip(0).clamp_min(0).sqrt().cpu()
+
+
+GRAM_ROWS = 1024
+"""The streamed Gram route reads a weight in blocks of this many rows (of its longer side):
+no float32 copy of a layer is ever held whole."""
+
+
+def _blocked_gram(w: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The float32 Gram matrix of `w`'s smaller side on `device`, summed over row blocks of
+    the longer side; True when that is the input side (W^T W)."""
+    right = w.shape[0] >= w.shape[1]
+    side = w.detach() if right else w.detach().T
+    gram = torch.zeros(side.shape[1], side.shape[1], device=device, dtype=torch.float32)
+    for part in side.split(GRAM_ROWS):
+        block = part.to(device, torch.float32)
+        gram.addmm_(block.T, block)
+    return gram, right
+
+
+def _top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The eigenvectors of the `k` largest eigenvalues of a symmetric matrix, largest first.
+    On a CPU only those are computed (LAPACK's MRRR, `syevr`, through SciPy: about half of a
+    full `eigh`, without its n x n workspace); `gram` is overwritten there."""
+    n = gram.shape[0]
+    if gram.device.type != "cpu":
+        return torch.linalg.eigh(gram)[1][:, n - k :].flip(1)
+    from scipy.linalg import eigh
+
+    _, vectors = eigh(
+        gram.numpy().T,  # symmetric: the Fortran-ordered view LAPACK overwrites in place
+        subset_by_index=[n - k, n - 1], driver="evr", overwrite_a=True,
+        check_finite=False,
+    )  # fmt: skip
+    return torch.from_numpy(vectors).flip(1)
 
 
 def randomized_factors(
@@ -229,6 +262,8 @@ def gram_factors(
     """Rank-`rank` factors (up, down) of `w` and their singular values, as `randomized_factors`
     returns them, from the top eigenvectors of the smaller side's float32 Gram matrix (on
     `device`; results on the CPU). On a CPU this costs a quarter to a half of a float32 SVD.
+    Memory: `w`, the Gram matrix, and the factors in float32; `w` is converted a block of rows
+    at a time.
 
     The factors are W V V^T (or U U^T W) for an orthonormal V: an orthogonal projection of W,
     so ||W - up @ down||_F^2 = ||W||_F^2 - sum s^2 with s the column norms of W V. Vectors of
@@ -237,14 +272,17 @@ def gram_factors(
     """
     if not 1 <= rank <= min(w.shape):
         raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
-    a = w.detach().to(resolve_device(device), torch.float32)
-    right = a.shape[0] >= a.shape[1]
-    _, vectors = torch.linalg.eigh(a.T @ a if right else a @ a.T)
-    basis = vectors[:, -rank:].flip(1)  # eigh sorts ascending
-    scaled = a @ basis if right else basis.T @ a  # U_k S_k (out x k) or S_k V_k^T (k x in)
-    s = torch.linalg.vector_norm(scaled, dim=0 if right else 1)
-    up, down = _balanced(scaled, basis, s, right)
-    return up.cpu(), down.cpu(), s.cpu()
+    dev = resolve_device(device)
+    gram, right = _blocked_gram(w, dev)
+    basis = _top_eigenvectors(gram, rank).to(dev)
+    del gram
+    side = w.detach() if right else w.detach().T
+    scaled = torch.empty(side.shape[0], rank, device=dev, dtype=torch.float32)
+    for start, part in zip(range(0, side.shape[0], GRAM_ROWS), side.split(GRAM_ROWS), strict=True):
+        torch.mm(part.to(dev, torch.float32), basis, out=scaled[start : start + len(part)])
+    s = torch.linalg.vector_norm(scaled, dim=0)  # U_k S_k (out x k) or V_k S_k (in x k)
+    up, down = _balanced(scaled if right else scaled.T, basis, s, right)
+    return up.cpu().contiguous(), down.cpu().contiguous(), s.cpu()
 
 
 def truncation_error(s: torch.Tensor, rank: int) -> float:

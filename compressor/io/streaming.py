@@ -10,7 +10,7 @@ whose tensors are produced one by one, so a shard never has to be held in memory
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,8 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+PIECE_BYTES = 32 * 2**20
+"""Tensors copied unchanged into an export are read and written in pieces of this size."""
 _ALIGNMENT = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
 """safetensors' dtype order: a file lists its tensors by this order (descending), then name."""
 
@@ -96,6 +98,21 @@ class TensorSource:
         with safe_open(self.specs[key].file, framework="pt") as handle:
             return handle.get_tensor(key)
 
+    def pieces(self, key: str, max_bytes: int = PIECE_BYTES) -> Iterator[torch.Tensor]:
+        """One tensor as consecutive blocks of rows of at most about `max_bytes` each (the
+        whole tensor when it is smaller, or has no rows), read one block at a time."""
+        from safetensors import safe_open
+
+        spec = self.specs[key]
+        if spec.nbytes <= max_bytes or len(spec.shape) == 0:
+            yield self.get(key)
+            return
+        rows = max(1, spec.shape[0] * max_bytes // spec.nbytes)
+        with safe_open(spec.file, framework="pt") as handle:
+            whole = handle.get_slice(key)
+            for start in range(0, spec.shape[0], rows):
+                yield whole[start : start + rows]
+
     def meta_state(self) -> dict[str, torch.Tensor]:
         """Every tensor as a meta tensor of its shape and dtype (tensor mode's module tree)."""
         return {
@@ -133,11 +150,12 @@ def meta_model(cls: type, config: object) -> nn.Module:
 def write_safetensors(
     path: Path,
     specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write a safetensors file tensor by tensor: the header from `specs` (name -> shape,
-    dtype), then `produce(name)` for each name in `file_order`, checked against its spec."""
+    dtype), then `produce(name)` for each name in `file_order`, checked against its spec:
+    a tensor, or consecutive blocks of its rows (`TensorSource.pieces`)."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     order = file_order(specs)
     offset = 0
@@ -157,10 +175,15 @@ def write_safetensors(
         f.write(raw)
         for name in order:
             shape, dtype = specs[name]
-            tensor = produce(name)
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}")
-            f.write(_bytes_of(tensor))
+            made = produce(name)
+            rows = 0
+            for piece in [made] if torch.is_tensor(made) else made:
+                if tuple(piece.shape[1:]) != tuple(shape[1:]) or piece.dtype != dtype:
+                    raise RuntimeError(f"{name}: produced {tuple(piece.shape)} {piece.dtype}")
+                rows += piece.shape[0] if piece.ndim else 1
+                f.write(_bytes_of(piece))
+            if rows != (shape[0] if shape else 1):
+                raise RuntimeError(f"{name}: produced {rows} rows of {shape}")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

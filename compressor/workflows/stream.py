@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -465,11 +465,11 @@ class _Writer:
         if name is not None:
             self.pending[name] = self.pool.submit(self._factor, name)
 
-    def _produce(self, key: str) -> torch.Tensor:
+    def _produce(self, key: str) -> torch.Tensor | Iterator[torch.Tensor]:
         name = self.owner.get(key)
         if name is None:
             src = self.keys.get(key)
-            return self.source.get(src) if src is not None else self.buffers[key]
+            return self.source.pieces(src) if src is not None else self.buffers[key]
         while name not in self.pending:
             self._submit_next()
         tensors = self.pending[name].result()
