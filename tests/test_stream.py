@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
+from compressor.io import streaming
 from compressor.io.export import load_pretrained
 from compressor.io.streaming import TensorSource, write_safetensors
 from compressor.workflows.compress import CompressOptions, compress_checkpoint
@@ -68,10 +69,12 @@ def same_files(memory: Path, streamed: Path) -> None:
     ],
 )
 def test_streamed_export_is_the_in_memory_export_bit_for_bit(
-    family, dtype, kw, tmp_path, one_torch_thread
+    family, dtype, kw, tmp_path, monkeypatch, one_torch_thread
 ):
     # solver="exact": the streamed path runs the in-memory path's own decomposition, and the
-    # rest is copying, so every tensor must be equal, not merely close.
+    # rest is copying (in pieces of a few rows here), so every tensor must be equal, not
+    # merely close.
+    monkeypatch.setattr(streaming, "PIECE_BYTES", 1000)
     memory, streamed = both(sharded(family, tmp_path, dtype), tmp_path, **kw)
     same_files(memory, streamed)
 
@@ -132,6 +135,16 @@ def test_write_safetensors_round_trips_through_safetensors(tmp_path):
         assert torch.equal(back.get(key), value)
     with safe_open(tmp_path / "x.safetensors", framework="pt") as h:
         assert h.metadata() == {"format": "pt"}
+    pieces = list(back.pieces("a", max_bytes=10))  # 10 bytes: one 5-wide bf16 row at a time
+    assert [tuple(p.shape) for p in pieces] == [(1, 5)] * 3
+    assert torch.equal(torch.cat(pieces), values["a"])
+    again = tmp_path / "y.safetensors"
+    write_safetensors(again, specs, lambda k: back.pieces(k, max_bytes=10))
+    assert all(torch.equal(TensorSource([again]).get(k), v) for k, v in values.items())
+    with pytest.raises(RuntimeError, match="a: produced 2 rows of"):
+        write_safetensors(
+            again, specs, lambda k: back.pieces(k, 10) if k != "a" else [values["a"][:2]]
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])

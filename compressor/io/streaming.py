@@ -98,12 +98,13 @@ class TensorSource:
         with safe_open(self.specs[key].file, framework="pt") as handle:
             return handle.get_tensor(key)
 
-    def pieces(self, key: str, max_bytes: int = PIECE_BYTES) -> Iterator[torch.Tensor]:
-        """One tensor as consecutive blocks of rows of at most about `max_bytes` each (the
-        whole tensor when it is smaller, or has no rows), read one block at a time."""
+    def pieces(self, key: str, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
+        """One tensor as consecutive blocks of rows of at most about `max_bytes` (default
+        `PIECE_BYTES`) each, read one block at a time (whole when smaller, or without rows)."""
         from safetensors import safe_open
 
         spec = self.specs[key]
+        max_bytes = max_bytes or PIECE_BYTES
         if spec.nbytes <= max_bytes or len(spec.shape) == 0:
             yield self.get(key)
             return
