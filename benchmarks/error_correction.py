@@ -48,7 +48,7 @@ def main() -> None:
     case = q.MiniLMCase(args.calibration, 128)
     original, judge, batches, calib = case.original, case.judge, case.batches, case.calib
     comp = q.Compressors(original, batches(calib, 16))
-    start, seconds = comp.default(args.keep)
+    start, seconds = comp.one_shot(args.keep)
     _, sensitivity = comp.stats()
     print(f"{len(calib)} calibration paragraphs, keep {args.keep}; cosine / accuracy\n")
     print("| row | held-out cosine / probe accuracy | seconds |\n|---|---|---|")
@@ -60,7 +60,7 @@ def main() -> None:
             t = time.perf_counter()
             done = sequential.correct_blocks(work, originals, batches(calib, 16), sensitivity,
                                              alpha=alpha, tokens_per_feature=guard)  # fmt: skip
-            row = (f"+ error-correcting refit, alpha {alpha}, {guard:g} tokens per feature: "
+            row = (f"+ refit, alpha {alpha}, {guard:g} tokens per feature ({done.tokens}): "
                    f"{len(done.refit)} of {len(originals)} layers refit")  # fmt: skip
             seconds = time.perf_counter() - t
             print(f"| {row} | {q.fmt(judge(work))} | {seconds:.0f} |", flush=True)

@@ -49,6 +49,7 @@ from compressor.core.targets import find_targets
 from compressor.methods import build_plan
 from compressor.methods.calibration import collect_grams
 from compressor.methods.sensitivity import output_sensitivity
+from compressor.methods.sequential import correct_blocks
 from compressor.training.data import Samples, load_tokenizer, make_batches
 
 BERT_TARGETS = [
@@ -173,7 +174,7 @@ class Compressors:
             self._stats = (grams, sens)
         return self._stats
 
-    def _compress(self, keep, method, uniform=False, sensitivity=True):
+    def _compress(self, keep, method, uniform=False, sensitivity=True, correct=False):
         grams, sens = self.stats() if method != "svd" else (None, None)
         t = time.perf_counter()
         work = copy.deepcopy(self.original).requires_grad_(True)
@@ -183,12 +184,17 @@ class Compressors:
         policy = RankPolicy(keep=keep, overrides=overrides)
         compress_(work, targets, policy, 2, plan.method, plan.spectra, plan.factor_fn,
                   gains=plan.gains)  # fmt: skip
+        if correct:  # as `dlnc compress --data` (a no-op with too few calibration tokens)
+            correct_blocks(work, self.find(self.original), self.cal_b, sens)
         seconds = time.perf_counter() - t
         if method != "svd":
             seconds += self.gram_s + (self.sens_s if sensitivity else 0.0)
         return work, seconds
 
     def default(self, keep):
+        return self._compress(keep, "whiten", correct=True)
+
+    def one_shot(self, keep):  # the default without its error-correcting calibration
         return self._compress(keep, "whiten")
 
     def uniform(self, keep):

@@ -217,12 +217,14 @@ def _top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
     if gram.device.type != "cpu":
         return torch.linalg.eigh(gram)[1][:, n - k :].flip(1)
     from scipy.linalg import eigh
+    from threadpoolctl import threadpool_limits
 
-    _, vectors = eigh(
-        gram.numpy().T,  # symmetric: the Fortran-ordered view LAPACK overwrites in place
-        subset_by_index=[n - k, n - 1], driver="evr", overwrite_a=True,
-        check_finite=False,
-    )  # fmt: skip
+    with threadpool_limits(torch.get_num_threads(), user_api="blas"):  # torch's thread count
+        _, vectors = eigh(
+            gram.numpy().T,  # symmetric: the Fortran-ordered view LAPACK overwrites in place
+            subset_by_index=[n - k, n - 1], driver="evr", overwrite_a=True,
+            check_finite=False,
+        )  # fmt: skip
     return torch.from_numpy(vectors).flip(1)
 
 
