@@ -5,7 +5,8 @@ Starts from the one-shot dlnc default at keep 0.5 (whiten with output-aware rank
 as benchmarks/quality.py's `Compressors.default`), then runs
 `compressor.methods.sequential.correct_blocks` (what `dlnc compress --data` runs) with the
 cross-Gram blended between the compressed inputs' own Gram (alpha 0: refit on X' only) and
-the full correction towards the original layer's outputs (alpha 1, the default), each with
+the full correction towards the original layer's outputs (alpha 1; the default is
+`ALPHA`, 0.5), each with
 the default guard (layers with fewer than `TOKENS_PER_FEATURE` calibration tokens per input
 feature keep their one-shot factors) and without it (`--guards 16 0`). Held-out cosine /
 probe accuracy as in quality.py; the same calibration paragraphs for the plan and the
@@ -33,7 +34,7 @@ from compressor.methods import sequential
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=64, help="calibration paragraphs")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[sequential.ALPHA, 1.0])
     parser.add_argument(
         "--guards",
         type=float,

@@ -44,9 +44,8 @@ elif step in ("stream", "memory", "whiten"):
     from compressor.workflows.plan import AwareOptions
     aware = None
     if step == "whiten":
-        aware = AwareOptions(
-            method="whiten", data=DataOptions(path=data, batch_size=4), output_aware=False
-        )
+        aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4),
+                             output_aware=False, correct=False)
     opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=step != "memory", aware=aware,
                            device=None if device == "auto" else device, overwrite=True)
     compress_checkpoint(src, out, opts)

@@ -13,7 +13,7 @@ from compressor.core.targets import find_targets
 from compressor.core.tasks import model_inputs
 from compressor.methods import build_plan
 from compressor.methods.calibration import collect_grams
-from compressor.methods.sequential import correct_blocks, corrected_factors
+from compressor.methods.sequential import ALPHA, correct_blocks, corrected_factors
 from compressor.methods.whiten import Whitener, whitened_factors
 from tests.conftest import build_tiny
 
@@ -71,10 +71,15 @@ def test_correction_lowers_the_output_error_of_one_shot_whitening(family, one_to
     batches = calibration()
     original, student, originals = one_shot(family, batches)
     before = output_error(original, student, batches)
-    done = correct_blocks(student, originals, batches, tokens_per_feature=0)
+    full = copy.deepcopy(student)
+    done = correct_blocks(student, originals, batches, tokens_per_feature=0)  # alpha: ALPHA
     assert sorted(done.refit) == sorted(factorized_layers(student)) and not done.skipped
     assert done.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
-    assert output_error(original, student, batches) < 0.9 * before
+    blended = output_error(original, student, batches)
+    assert blended < 0.95 * before  # measured: 0.87 (bert), 0.83 (gpt2), 0.92 (llama)
+    # the full correction (alpha 1) fits these very batches best
+    correct_blocks(full, originals, batches, alpha=1.0, tokens_per_feature=0)
+    assert output_error(original, full, batches) < blended
 
 
 def whole_model_reference(original, student, originals, batches) -> None:
@@ -111,7 +116,8 @@ def whole_model_reference(original, student, originals, batches) -> None:
             cross = sum(a.T @ b for a, b in zip(x, x_new, strict=True))
             last[name] = (cross, sum(b.T @ b for b in x_new))
         layer = student.get_submodule(name)
-        up, down = corrected_factors(dense_weight_of(originals[name]), *last[name], layer.rank)
+        w = dense_weight_of(originals[name])
+        up, down = corrected_factors(w, *last[name], layer.rank, alpha=ALPHA)
         layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
 
 

@@ -36,12 +36,17 @@ from compressor.core.surgery import replace_module
 from compressor.methods.blocks import Activations, Block, find_blocks, first_inputs, real_mask
 from compressor.methods.whiten import DEFAULT_DAMPING, Whitener
 
-__all__ = ["TOKENS_PER_FEATURE", "Correction", "correct_blocks", "corrected_factors"]
+__all__ = ["ALPHA", "TOKENS_PER_FEATURE", "Correction", "correct_blocks", "corrected_factors"]
 
 TOKENS_PER_FEATURE = 16
-"""A layer is refit only with at least this many calibration tokens per input feature.
-MiniLM at keep 0.5 (benchmarks/error_correction.py): 4 tokens per feature of the FFN output
-projection overfit and lost to one-shot whitening, 16 won."""
+"""A layer is refit only with at least this many calibration tokens per input feature: MiniLM
+at keep 0.5 (benchmarks/error_correction.py, docs/data-aware.md) lost to one-shot whitening
+when its 384-wide layers were refit on 13 tokens per feature, and won with 16 and more."""
+
+ALPHA = 0.5
+"""The default blend of the cross term (`corrected_factors`' `alpha`): halfway between fitting
+the original outputs (1) and the compressed model's own inputs (0) won on MiniLM with every
+calibration size measured; the full correction overfits small calibration sets."""
 
 
 def corrected_factors(
@@ -95,7 +100,7 @@ def correct_blocks(
     batches: Iterable[Mapping[str, torch.Tensor]],
     sensitivity: Mapping[str, torch.Tensor] | None = None,
     damping: float = DEFAULT_DAMPING,
-    alpha: float = 1.0,
+    alpha: float = ALPHA,
     tokens_per_feature: float = TOKENS_PER_FEATURE,
     progress: ProgressFn | None = None,
 ) -> Correction:
