@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -42,56 +43,6 @@ def fail(message: str, command: str | None = None) -> None:
     raise typer.Exit(code=1)
 
 
-FLAG_PARAMETERS = frozenset(
-    {
-        "allow_pickle",
-        "batch_size",
-        "config",
-        "correct",
-        "data",
-        "depth",
-        "energy",
-        "eval_data",
-        "exclude",
-        "finetune_data",
-        "finetune_steps",
-        "include",
-        "keep",
-        "label_field",
-        "lr",
-        "max_length",
-        "max_shard_size",
-        "merge",
-        "method",
-        "multiple",
-        "objective",
-        "out",
-        "outer_lr_scale",
-        "output_aware",
-        "overwrite",
-        "plot",
-        "rank",
-        "ranks",
-        "recipe",
-        "reference",
-        "resume",
-        "samples",
-        "seed",
-        "state_dir",
-        "steps",
-        "tau",
-        "teacher",
-        "tensor_mode",
-        "text_field",
-        "tokenizer",
-        "trust_remote_code",
-        "warmup_lr",
-        "warmup_steps",
-    }
-)
-"""Library parameters that a command sets with the flag of the same name (`warmup_steps` is
---warmup-steps)."""
-
 RECIPE_FLAGS = {
     "targets.include": "--include",
     "targets.exclude": "--exclude",
@@ -121,14 +72,29 @@ def as_flags(message: str, command: str | None = None) -> str:
     if command is None or re.match(r"--[a-z-]+: ", message):
         return message
     aliases = ALIASES.get(command or "", {})
+    flags = command_parameters(command)
 
     def swap(match: re.Match) -> str:
         name = match.group(1)
         if name in aliases:
             return aliases[name]
-        return "--" + name.replace("_", "-") if name in FLAG_PARAMETERS else match.group(0)
+        return "--" + name.replace("_", "-") if name in flags else match.group(0)
 
     return re.sub(r"`([a-z_]+)`", swap, message)
+
+
+@functools.cache
+def command_parameters(command: str) -> frozenset[str]:
+    """The parameters of the `dlnc command` whose flag has the same name (`warmup_steps` is
+    --warmup-steps), read from the Typer app itself."""
+    import typer.main
+
+    from cli.main import app
+
+    click_command = typer.main.get_command(app).commands[command]
+    return frozenset(
+        p.name for p in click_command.params if f"--{p.name.replace('_', '-')}" in p.opts
+    )
 
 
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)

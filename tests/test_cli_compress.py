@@ -276,7 +276,7 @@ def test_stream_and_device_flags(tiny_model, tmp_path):
         "--reference", folder,
     )  # fmt: skip
     assert bad.exit_code == 1
-    assert "error: `stream` works without fine-tuning, with method svd or whiten" in bad.output
+    assert "error: --stream works without fine-tuning, with method svd or whiten" in bad.output
     assert not (tmp_path / "c").exists()
 
 
@@ -298,3 +298,16 @@ def test_streamed_whiten_names_what_it_cannot_do(tiny_model, tmp_path):
     assert json.loads(good.output)["method"] == "whiten" and "correction" not in json.loads(
         good.output
     )
+
+
+def test_messages_name_the_flags_of_the_command_that_failed():
+    # the flags are read from the Typer app, so a new option needs no list kept by hand
+    from cli.common import as_flags
+
+    assert as_flags("`warmup_steps` must be > 0", "compress") == "--warmup-steps must be > 0"
+    assert as_flags("pass `correct` off", "compress") == "pass --correct off"
+    assert as_flags("`steps` must be >= 1", "compress") == "--finetune-steps must be >= 1"
+    assert as_flags("`steps` must be >= 1", "finetune") == "--steps must be >= 1"
+    assert as_flags("give `teacher`", "compress") == "give `teacher`"  # not a compress flag
+    assert as_flags("give `teacher`", "eval") == "give --teacher"
+    assert as_flags("`keep` must be in (0, 1]") == "`keep` must be in (0, 1]"  # no command
