@@ -8,17 +8,20 @@ cross-Gram blended between the compressed inputs' own Gram (alpha 0: refit on X'
 the full correction towards the original layer's outputs (alpha 1; the default is
 `ALPHA`, 0.5), each with
 the default guard (layers with fewer than `TOKENS_PER_FEATURE` calibration tokens per input
-feature keep their one-shot factors) and without it (`--guards 16 0`). Held-out cosine /
+feature keep their one-shot factors) and without it (`--guards 16 0`), and with or without the
+held-out check of each refit (`--checks on off`). Held-out cosine /
 probe accuracy as in quality.py; the same calibration paragraphs for the plan and the
 correction.
 
     python benchmarks/error_correction.py [--calibration 64] [--alphas 0.5 1] [--guards 16 0]
+                                          [--checks on off]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import time
 
@@ -42,6 +45,13 @@ def main() -> None:
         default=[sequential.TOKENS_PER_FEATURE],
         help="calibration tokens needed per input feature (0: refit every layer)",
     )
+    parser.add_argument(
+        "--checks",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="the held-out check of each refit (on: as dlnc compress)",
+    )
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -55,16 +65,16 @@ def main() -> None:
     print("| row | held-out cosine / probe accuracy | seconds |\n|---|---|---|")
     print(f"| dlnc default (one-shot) | {q.fmt(judge(start))} | {seconds:.0f} |")
     originals = comp.find(original)
-    for alpha in args.alphas:
-        for guard in args.guards:
-            work = copy.deepcopy(start)
-            t = time.perf_counter()
-            done = sequential.correct_blocks(work, originals, batches(calib, 16), sensitivity,
-                                             alpha=alpha, tokens_per_feature=guard)  # fmt: skip
-            row = (f"+ refit, alpha {alpha}, {guard:g} tokens per feature ({done.tokens}): "
-                   f"{len(done.refit)} of {len(originals)} layers refit")  # fmt: skip
-            seconds = time.perf_counter() - t
-            print(f"| {row} | {q.fmt(judge(work))} | {seconds:.0f} |", flush=True)
+    for alpha, guard, check in itertools.product(args.alphas, args.guards, args.checks):
+        work = copy.deepcopy(start)
+        t = time.perf_counter()
+        done = sequential.correct_blocks(work, originals, batches(calib, 16), sensitivity,
+                                         alpha=alpha, tokens_per_feature=guard,
+                                         check=check == "on")  # fmt: skip
+        row = (f"+ refit, alpha {alpha}, {guard:g} tokens/feature ({done.tokens}), check "
+               f"{check}: {len(done.refit)} of {len(originals)} layers refit")  # fmt: skip
+        seconds = time.perf_counter() - t
+        print(f"| {row} | {q.fmt(judge(work))} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

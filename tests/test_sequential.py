@@ -13,7 +13,7 @@ from compressor.core.targets import find_targets
 from compressor.core.tasks import model_inputs
 from compressor.methods import build_plan
 from compressor.methods.calibration import collect_grams
-from compressor.methods.sequential import ALPHA, correct_blocks, corrected_factors
+from compressor.methods.sequential import ALPHA, HELD_OUT, correct_blocks, corrected_factors
 from compressor.methods.whiten import Whitener, whitened_factors
 from tests.conftest import build_tiny
 
@@ -35,8 +35,8 @@ def test_it_fits_the_original_outputs_from_shifted_inputs():
     torch.testing.assert_close(x_new @ (up @ down).T, x @ w.T)
 
 
-def calibration(n: int = 8, length: int = 32) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
+def calibration(n: int = 8, length: int = 32, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         ids = torch.randint(1, 64, (4, length), generator=g)
@@ -72,13 +72,13 @@ def test_correction_lowers_the_output_error_of_one_shot_whitening(family, one_to
     original, student, originals = one_shot(family, batches)
     before = output_error(original, student, batches)
     full = copy.deepcopy(student)
-    done = correct_blocks(student, originals, batches, tokens_per_feature=0)  # alpha: ALPHA
+    done = correct_blocks(student, originals, batches, tokens_per_feature=0, check=False)
     assert sorted(done.refit) == sorted(factorized_layers(student)) and not done.skipped
     assert done.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     blended = output_error(original, student, batches)
     assert blended < 0.95 * before  # measured: 0.87 (bert), 0.83 (gpt2), 0.92 (llama)
     # the full correction (alpha 1) fits these very batches best
-    correct_blocks(full, originals, batches, alpha=1.0, tokens_per_feature=0)
+    correct_blocks(full, originals, batches, alpha=1.0, tokens_per_feature=0, check=False)
     assert output_error(original, full, batches) < blended
 
 
@@ -127,7 +127,7 @@ def test_block_by_block_equals_refitting_on_whole_model_passes(family, one_torch
     original, student, originals = one_shot(family, batches)
     reference = copy.deepcopy(student)
     whole_model_reference(original, reference, originals, batches)
-    correct_blocks(student, originals, batches, tokens_per_feature=0)
+    correct_blocks(student, originals, batches, tokens_per_feature=0, check=False)
     for name in factorized_layers(student):
         got, want = student.get_submodule(name), reference.get_submodule(name)
         torch.testing.assert_close(got.dense_weight(), want.dense_weight(), msg=name)
@@ -138,9 +138,33 @@ def test_too_few_tokens_per_feature_keep_the_one_shot_factors(one_torch_thread):
     _, student, originals = one_shot("llama", batches)
     factorized = factorized_layers(student)
     before = {n: m.dense_weight() for n, m in factorized.items()}
-    done = correct_blocks(student, originals, batches, tokens_per_feature=3)
+    done = correct_blocks(student, originals, batches, tokens_per_feature=3, check=False)
     wide = {n for n, m in factorized.items() if m.in_features == 64}  # down_proj
     assert wide and set(done.skipped) == wide and set(done.refit) == set(factorized) - wide
     assert done.skipped[next(iter(wide))] == "112 calibration tokens, 192 needed"
     for name in wide:
         assert torch.equal(student.get_submodule(name).dense_weight(), before[name])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_refit_that_overfits_is_not_kept(family, one_torch_thread):
+    # 4 batches of 4 x 2 tokens: refitting every layer on them raises the error on other
+    # data; fitted on the even batches, the refit loses on the odd ones, so it is not kept
+    batches, other = calibration(4, 2), calibration(seed=4)
+    original, student, originals = one_shot(family, batches)
+    unchecked = copy.deepcopy(student)
+    correct_blocks(unchecked, originals, batches, tokens_per_feature=0, check=False)
+    assert output_error(original, unchecked, other) > output_error(original, student, other)
+    before = {n: m.dense_weight() for n, m in factorized_layers(student).items()}
+    done = correct_blocks(student, originals, batches, tokens_per_feature=0)
+    assert not done.refit and set(done.skipped.values()) == {HELD_OUT}
+    assert all(torch.equal(student.get_submodule(n).dense_weight(), w) for n, w in before.items())
+
+
+def test_the_check_keeps_the_refits_that_generalise(one_torch_thread):
+    batches, other = calibration(), calibration(seed=4)
+    original, student, originals = one_shot("gpt2", batches)
+    one_shot_error = output_error(original, student, other)
+    done = correct_blocks(student, originals, batches, tokens_per_feature=0)
+    assert done.refit and set(done.skipped.values()) <= {HELD_OUT}
+    assert output_error(original, student, other) < one_shot_error  # on data it never saw

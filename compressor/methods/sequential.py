@@ -17,8 +17,10 @@ original model computes them and as the compressed one does; inside the block, e
 layers reading one tensor (q/k/v, gate/up) is refit in forward order, its inputs caught by
 running the block with the original dense layers swapped back in (X) and as compressed (X').
 Memory: the model, the two streams of activations and one layer's statistics, never a copy of
-the model. The fit has in x in freedom per layer, so a layer is refit only when the data gives
-it `TOKENS_PER_FEATURE` calibration tokens per input feature (docs/data-aware.md).
+the model. The fit has in x in freedom per layer and can overfit, so a layer is refit only when
+the data gives it `TOKENS_PER_FEATURE` calibration tokens per input feature, and when a refit on
+the even calibration batches lowers its output error on the odd ones (then it is refit on all
+of them); otherwise it keeps its one-shot factors (docs/data-aware.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ TOKENS_PER_FEATURE = 16
 """A layer is refit only with at least this many calibration tokens per input feature: MiniLM
 at keep 0.5 (benchmarks/error_correction.py, docs/data-aware.md) lost to one-shot whitening
 when its 384-wide layers were refit on 13 tokens per feature, and won with 16 and more."""
+
+HELD_OUT = "the refit did not lower its output error on the held-out calibration batches"
+"""Why a layer keeps its one-shot factors after the check: the refit is fitted on the even
+calibration batches and kept only if it beats the one-shot factors on the odd ones."""
 
 ALPHA = 0.5
 """The default blend of the cross term (`corrected_factors`' `alpha`): halfway between fitting
@@ -102,13 +108,16 @@ def correct_blocks(
     damping: float = DEFAULT_DAMPING,
     alpha: float = ALPHA,
     tokens_per_feature: float = TOKENS_PER_FEATURE,
+    check: bool = True,
     progress: ProgressFn | None = None,
 ) -> Correction:
     """In place: refit the `FactorizedLinear` layers of `model` that replaced `originals`
     (name -> the original dense module), block by block in forward order (module docstring).
 
     `sensitivity`: per-channel output sensitivity (`methods.sensitivity`), turned into the
-    output weights D as for the output-aware factors (None: D = I)."""
+    output weights D as for the output-aware factors (None: D = I). `check`: keep a refit only
+    if, fitted on the even batches, it lowers the error on the odd ones (False: refit every
+    layer with enough tokens on all batches)."""
     from compressor.methods.output_aware import channel_weights
 
     stack_name, stack = find_blocks(model)
@@ -133,6 +142,10 @@ def correct_blocks(
             need = tokens_per_feature * layer.in_features
             if name not in done.skipped and done.tokens < need:
                 done.skipped[name] = f"{done.tokens} calibration tokens, {need:.0f} needed"
+        if check and len(batches) < 2:
+            done.skipped.update(
+                dict.fromkeys(factorized, "one calibration batch: no held-out batch")
+            )
         if len(done.skipped) == len(factorized):
             return done  # nothing to refit: no forward pass
         for index, module in enumerate(stack):
@@ -147,12 +160,16 @@ def correct_blocks(
                 stage = [n for n in stage if n not in done.skipped]
                 if not stage:
                     continue
-                cross, gram = _statistics(model, before, after, stage[0], dense)
+                fit, held = _statistics(model, before, after, stage[0], dense)
+                both = (fit[0] + held[0], fit[1] + held[1])
                 for layer_name in stage:
                     layer = factorized[layer_name]
                     d = channel_weights(sensitivity[layer_name]) if sensitivity else None
                     w = dense_weight_of(originals[layer_name])
-                    up, down = corrected_factors(w, cross, gram, layer.rank, d, damping, alpha)
+                    if check and not _wins_held_out(w, layer, fit, held, d, damping, alpha):
+                        done.skipped[layer_name] = HELD_OUT
+                        continue
+                    up, down = corrected_factors(w, *both, layer.rank, d, damping, alpha)
                     layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
                     done.refit.append(layer_name)
             with _swapped(model, dense):
@@ -206,18 +223,37 @@ def _stages(model: nn.Module, block: Block, names: list[str]) -> list[list[str]]
 
 
 def _statistics(model, before: Block, after: Block, name: str, dense):
-    """C = X^T X' and G' = X'^T X' of layer `name` over every batch."""
-    cross = gram = None
+    """(C, G') = (X^T X', X'^T X') of layer `name`, over the even batches (to fit on) and
+    over the odd ones (to check the fit on)."""
+    halves = []
     for i in range(len(before)):
         with _swapped(model, dense):
             x = _input_of(model, before, name, i)
         x_new = _input_of(model, after, name, i)
-        if cross is None:
-            cross = x.new_zeros(x.shape[1], x.shape[1])
-            gram = torch.zeros_like(cross)
+        if not halves:
+            halves = [[x.new_zeros(x.shape[1], x.shape[1]) for _ in range(2)] for _ in range(2)]
+        cross, gram = halves[i % 2]
         cross.addmm_(x.T, x_new)
         gram.addmm_(x_new.T, x_new)
-    return cross, gram
+    return halves[0], halves[1]
+
+
+def _wins_held_out(w, layer: FactorizedLinear, fit, held, d, damping, alpha) -> bool:
+    """Whether the refit on the `fit` statistics beats the layer's one-shot factors on the
+    `held` ones."""
+    up, down = corrected_factors(w, *fit, layer.rank, d, damping, alpha)
+    return _held_out_error(w, up @ down, *held, d) < _held_out_error(
+        w, layer.dense_weight(), *held, d
+    )
+
+
+def _held_out_error(w, candidate, cross, gram, d) -> float:
+    """||D (M X'^T - W X^T)||_F^2 of the weight M = `candidate` on the checking batches, less
+    the constant ||D W X^T||^2 (the same for every candidate): from C and G' alone."""
+    d = torch.ones(w.shape[0], dtype=torch.float64) if d is None else d.double()
+    dm = d[:, None] * candidate.double()
+    dw = d[:, None] * w.double()
+    return float((dm @ gram * dm).sum() - 2 * (dm @ cross.T * dw).sum())
 
 
 def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> int:
