@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -292,16 +293,13 @@ def _correct(loaded, targets, measured: PlanInfo, aware: AwareOptions, progress)
         progress=progress,
     )  # fmt: skip
     if done.skipped:
-        few = sum("needed" in why for why in done.skipped.values())
+        few = f"too few calibration tokens ({TOKENS_PER_FEATURE} per input feature needed, "
+        few += f"{done.tokens} in all: give more or longer samples)"
+        reasons = Counter(few if w.endswith("needed") else w for w in done.skipped.values())
         loaded.notices.append(
             f"error-correcting calibration refit {len(done.refit)} of "
-            f"{len(done.refit) + len(done.skipped)} layers"
-            + (
-                f"; {few} kept their one-shot factors: {done.tokens} calibration tokens, "
-                f"{TOKENS_PER_FEATURE} per input feature needed (give more or longer samples)"
-                if few
-                else ""
-            )
+            f"{len(done.refit) + len(done.skipped)} layers; the others keep their one-shot "
+            "factors: " + "; ".join(f"{n}: {why}" for why, n in reasons.items())
         )
     return done.to_dict()
 
