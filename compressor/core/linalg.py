@@ -7,6 +7,7 @@ so the maths can be tested on bare matrices.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +180,16 @@ def _oversample(rank: int) -> int:
     return max(16, rank // 2)
 
 
-def gram_singular_values(w: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+Weight = torch.Tensor | Callable[[], torch.Tensor]
+"""A weight, or a function that reads it: then it is read when needed and not held while its
+Gram matrix is decomposed (the streamed path's memory)."""
+
+
+def _read(w: Weight) -> torch.Tensor:
+    return w() if callable(w) else w
+
+
+def gram_singular_values(w: Weight, device: str | torch.device | None = None) -> torch.Tensor:
     """All singular values of `w` (descending, float32) from the eigenvalues of the smaller
     side's Gram matrix, formed and decomposed in float32 on `device`.
 
@@ -187,7 +197,7 @@ def gram_singular_values(w: torch.Tensor, device: str | torch.device | None = No
     min(shape) * eps_32 * s_1^2 of the exact value (tests hold it to 1e-5 * s_1^2), so the
     values below ~1e-3 s_1, whose energy no rank allocation can see, lose their precision.
     """
-    gram, _ = _blocked_gram(w, resolve_device(device))
+    gram, _ = _blocked_gram(_read(w), resolve_device(device))
     values = torch.linalg.eigvalsh(gram)
     return values.flip(0).clamp_min(0).sqrt().cpu()
 
@@ -259,26 +269,31 @@ def randomized_factors(
 
 
 def gram_factors(
-    w: torch.Tensor, rank: int, device: str | torch.device | None = None
+    w: Weight, rank: int, device: str | torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors (up, down) of `w` and their singular values, as `randomized_factors`
     returns them, from the top eigenvectors of the smaller side's float32 Gram matrix (on
     `device`; results on the CPU). On a CPU this costs a quarter to a half of a float32 SVD.
     Memory: `w`, the Gram matrix, and the factors in float32; `w` is converted a block of rows
-    at a time.
+    at a time, and when it is a function that reads it, it is read twice (for the Gram and
+    for W V) and not held in between.
 
     The factors are W V V^T (or U U^T W) for an orthonormal V: an orthogonal projection of W,
     so ||W - up @ down||_F^2 = ||W||_F^2 - sum s^2 with s the column norms of W V. Vectors of
     nearly equal eigenvalues may mix (float32), which costs almost nothing in that error;
     callers that know the spectrum compare it with the optimum.
     """
-    if not 1 <= rank <= min(w.shape):
-        raise ValueError(f"`rank` must be in [1, {min(w.shape)}] for shape {tuple(w.shape)}")
+    weight = _read(w)
+    if not 1 <= rank <= min(weight.shape):
+        shape = tuple(weight.shape)
+        raise ValueError(f"`rank` must be in [1, {min(shape)}] for shape {shape}")
     dev = resolve_device(device)
-    gram, right = _blocked_gram(w, dev)
+    gram, right = _blocked_gram(weight, dev)
+    del weight
     basis = _top_eigenvectors(gram, rank).to(dev)
     del gram
-    side = w.detach() if right else w.detach().T
+    weight = _read(w)
+    side = weight.detach() if right else weight.detach().T
     scaled = torch.empty(side.shape[0], rank, device=dev, dtype=torch.float32)
     for start, part in zip(range(0, side.shape[0], GRAM_ROWS), side.split(GRAM_ROWS), strict=True):
         torch.mm(part.to(dev, torch.float32), basis, out=scaled[start : start + len(part)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,6 +60,7 @@ class TensorSpec:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0  # where its bytes start in the file
 
     @property
     def nbytes(self) -> int:
@@ -78,13 +79,15 @@ class TensorSource:
         self.specs: dict[str, TensorSpec] = {}
         for f in files:
             try:
-                with safe_open(f, framework="pt") as handle:
+                with safe_open(f, framework="pt") as handle:  # the library validates the file
                     for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                         part = handle.get_slice(key)
                         dtype = _DTYPES.get(part.get_dtype())
                         if dtype is None:
                             raise DlncError(f"{f.name}: {key} has dtype {part.get_dtype()}")
                         self.specs[key] = TensorSpec(f, tuple(part.get_shape()), dtype)
+                for key, offset in _data_offsets(f).items():
+                    self.specs[key] = replace(self.specs[key], offset=offset)
             except (SafetensorError, OSError, ValueError) as e:
                 raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
 
@@ -92,33 +95,53 @@ class TensorSource:
         return key in self.specs
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, read from disk into its own memory."""
-        from safetensors import safe_open
-
-        with safe_open(self.specs[key].file, framework="pt") as handle:
-            return handle.get_tensor(key)
+        """One tensor, read from disk into its own memory (a plain read: no mapping of the
+        file, so the process holds the tensor's bytes once)."""
+        spec = self.specs[key]
+        return _read(spec, 0, spec.shape[0] if spec.shape else 1)
 
     def pieces(self, key: str, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
         """One tensor as consecutive blocks of rows of at most about `max_bytes` (default
         `PIECE_BYTES`) each, read one block at a time (whole when smaller, or without rows)."""
-        from safetensors import safe_open
-
         spec = self.specs[key]
         max_bytes = max_bytes or PIECE_BYTES
         if spec.nbytes <= max_bytes or len(spec.shape) == 0:
             yield self.get(key)
             return
         rows = max(1, spec.shape[0] * max_bytes // spec.nbytes)
-        with safe_open(spec.file, framework="pt") as handle:
-            whole = handle.get_slice(key)
-            for start in range(0, spec.shape[0], rows):
-                yield whole[start : start + rows]
+        for start in range(0, spec.shape[0], rows):
+            yield _read(spec, start, min(rows, spec.shape[0] - start))
 
     def meta_state(self) -> dict[str, torch.Tensor]:
         """Every tensor as a meta tensor of its shape and dtype (tensor mode's module tree)."""
         return {
             k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in self.specs.items()
         }
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Each tensor's first byte in a safetensors file: after the 8-byte header length and the
+    JSON header, at the tensor's `data_offsets[0]` (the format's documented layout)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items()}
+
+
+def _read(spec: TensorSpec, start: int, rows: int) -> torch.Tensor:
+    """`rows` rows of a tensor from row `start` (a 0-d tensor: start 0, rows 1)."""
+    shape = (rows, *spec.shape[1:]) if spec.shape else ()
+    out = torch.empty(shape, dtype=spec.dtype)
+    row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
+    if out.numel() == 0:
+        return out
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with open(spec.file, "rb") as f:
+        f.seek(spec.offset + start * row_bytes)
+        if f.readinto(buffer) != len(buffer):
+            raise DlncError(f"{spec.file.name}: the file ends inside a tensor (truncated?)")
+    return out
 
 
 def module_loader(source: TensorSource, keys: Mapping[str, str | None]):

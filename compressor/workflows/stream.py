@@ -87,6 +87,24 @@ class _Target:
     decision: LayerRank | None = None
 
 
+@dataclass(frozen=True)
+class _Reader:
+    """A targeted weight (Linear layout), read from the checkpoint each time it is called:
+    the decompositions read it when they need it and do not hold it in between."""
+
+    source: TensorSource
+    key: str
+    layout: str
+    shape: tuple[int, int]
+
+    def __call__(self) -> torch.Tensor:
+        return in_linear_layout(self.source.get(self.key), self.layout)
+
+
+def _reader(source: TensorSource, t: _Target) -> _Reader:
+    return _Reader(source, t.weight_key, t.layout, t.shape)
+
+
 def stream_compress(path: str | os.PathLike, out: Path, options, progress: ProgressFn | None):
     """`compress_checkpoint` for data-free compression, streamed (see the module docstring).
 
@@ -192,9 +210,7 @@ def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> Factor
     names = [n for n, t in layers.items() if not t.decision.dense]
     for name in names[world.process_index :: world.num_processes]:
         t = layers[name]
-        up, down, rel = factor(
-            name, in_linear_layout(source.get(t.weight_key), t.layout), t.decision.rank
-        )
+        up, down, rel = factor(name, _reader(source, t), t.decision.rank)
         tensors = {"up": up.contiguous(), "down": down.contiguous()}
         save_file(tensors, parts / f"{name}.safetensors", metadata={"rel": repr(rel)})
     world.wait_for_everyone()
@@ -226,12 +242,12 @@ def _parent(out: Path) -> Path:
     return parent
 
 
-FactorOf = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, float]]
-"""factor(name, weight, rank) -> (up, down, relative error) of one streamed layer."""
+FactorOf = Callable[[str, _Reader, int], tuple[torch.Tensor, torch.Tensor, float]]
+"""factor(name, read, rank) -> (up, down, relative error) of one streamed layer."""
 
 
 def _svd_factor(spectra: dict[str, torch.Tensor], options) -> FactorOf:
-    return lambda name, weight, rank: _factors(weight, rank, spectra[name], options)
+    return lambda name, read, rank: _factors(read, rank, spectra[name], options)
 
 
 def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
@@ -263,10 +279,10 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
         raise NotStreamable(f"{missing[0]} is outside the model's block stack")
     _release(loaded.model)
 
-    def factor(name: str, weight: torch.Tensor, rank: int):
+    def factor(name: str, read: _Reader, rank: int):
         state = torch.load(files[name], weights_only=True)
         whitener = Whitener(**state) if state else None
-        up, down, _, rel = whitened_factors(weight, whitener, rank)
+        up, down, _, rel = whitened_factors(read(), whitener, rank)
         return up, down, rel
 
     return spectra, weight_spectra, factor
@@ -367,18 +383,19 @@ def _spectra(layers, source, options, progress) -> dict[str, torch.Tensor]:
             if i + 1 < len(names):
                 ahead = pool.submit(source.get, layers[names[i + 1]].weight_key)
             check_finite(name, weight)
-            spectra[name] = _spectrum(weight, options)
+            held = [weight]  # given away once: not held while the Gram is decomposed
             del weight
+            spectra[name] = _spectrum(held.pop, layers[name].shape, options)
             if progress:
                 progress("spectra", i + 1, len(names))
     return spectra
 
 
-def _spectrum(weight: torch.Tensor, options) -> torch.Tensor:
+def _spectrum(read: Callable[[], torch.Tensor], shape, options) -> torch.Tensor:
     """Exact (the in-memory path's own decomposition) on small layers or `solver="exact"`."""
-    if options.solver == "exact" or min(weight.shape) < RANDOMIZED_MIN_SIZE:
-        return decompose(weight, 1).s
-    return gram_singular_values(weight, options.device)
+    if options.solver == "exact" or min(shape) < RANDOMIZED_MIN_SIZE:
+        return decompose(read(), 1).s
+    return gram_singular_values(read, options.device)
 
 
 def _factorize_skeleton(model: nn.Module, layers: dict[str, _Target]) -> None:
@@ -488,9 +505,7 @@ class _Writer:
         torch.set_num_threads(self.threads)  # a new thread starts with the default count
         t = self.layers[name]
         rank = t.decision.rank
-        weight = in_linear_layout(self.source.get(t.weight_key), t.layout)
-        up, down, rel = self.factor(name, weight, rank)
-        del weight
+        up, down, rel = self.factor(name, _reader(self.source, t), rank)
         up, down = up.to(t.dtype), down.to(t.dtype)
         bias = self.source.get(t.bias_key).to(t.dtype) if t.bias_key else None
         self.reports[name] = LayerReport(
@@ -510,23 +525,24 @@ class _Writer:
         return out
 
 
-def _factors(weight: torch.Tensor, rank: int, s: torch.Tensor, options):
+def _factors(read: _Reader, rank: int, s: torch.Tensor, options):
     """(up, down, relative error). `auto` on a large layer: the cheaper of the randomized SVD
     and the float32 Gram route, kept if it reaches the optimum within `RANDOMIZED_TOL`; else
     (and with `solver="exact"`) the in-memory path's exact factors."""
-    shape = tuple(weight.shape)
-    fast = None
+    shape = read.shape
     if options.solver == "randomized" or (options.solver == "auto" and use_randomized(shape, rank)):
-        fast = randomized_factors
+        up, down, top = randomized_factors(read(), rank, device=options.device)
     elif options.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE:
-        fast = gram_factors
-    if fast is not None:
-        up, down, top = fast(weight, rank, device=options.device)
-        total = _squared_norm(weight)
+        up, down, top = gram_factors(read, rank, device=options.device)
+    else:
+        top = None
+    if top is not None:
+        total = _squared_norm(read())
         error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
         optimum = truncation_error(s, rank)
         if options.solver == "randomized" or error <= (1 + RANDOMIZED_TOL) * optimum:
             return up, down, error / max(total**0.5, 1e-30)
+    weight = read()
     d = decompose(weight, rank)
     up, down = factors_from(weight, d, rank)
     return up, down, truncation_error(d.s, rank) / max(float(d.s.norm()), 1e-30)
