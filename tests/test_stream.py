@@ -127,6 +127,8 @@ def test_write_safetensors_round_trips_through_safetensors(tmp_path):
         "b": torch.arange(7, dtype=torch.int64),
         "c": torch.randn(4, 2).t(),  # not contiguous
         "d": torch.zeros(0, 3),
+        "e": torch.tensor(2.5, dtype=torch.float64),  # 0-d
+        "f": torch.tensor([[True, False], [False, True]]),
     }
     specs = {k: (tuple(v.shape), v.dtype) for k, v in values.items()}
     write_safetensors(tmp_path / "x.safetensors", specs, values.__getitem__, {"format": "pt"})
