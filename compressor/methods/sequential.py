@@ -41,9 +41,9 @@ from compressor.methods.whiten import DEFAULT_DAMPING, Whitener
 __all__ = ["ALPHA", "TOKENS_PER_FEATURE", "Correction", "correct_blocks", "corrected_factors"]
 
 TOKENS_PER_FEATURE = 16
-"""A layer is refit only with at least this many calibration tokens per input feature: MiniLM
-at keep 0.5 (benchmarks/error_correction.py, docs/data-aware.md) lost to one-shot whitening
-when its 384-wide layers were refit on 13 tokens per feature, and won with 16 and more."""
+"""A layer is refit only with at least this many calibration tokens per input feature: on
+MiniLM at keep 0.5 (benchmarks/error_correction.py, docs/data-aware.md) 16 never lost to
+one-shot whitening; 4 (with the held-out check) gained cosine but lost probe accuracy."""
 
 HELD_OUT = "the refit did not lower its output error on the held-out calibration batches"
 """Why a layer keeps its one-shot factors after the check: the refit is fitted on the even
