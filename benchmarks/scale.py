@@ -3,7 +3,7 @@
 Writes a Llama-7B-shaped checkpoint (hidden 4096, intermediate 11008, 32 heads, no GQA, vocab
 32000, random bf16 weights, 1 GB shards) with `--layers` decoder layers to a temp folder, then
 runs each step in a fresh process and reads that process's own peak RSS (ru_maxrss):
-  baseline   imports + the meta-device model tree: the fixed overhead
+  baseline   imports (SciPy's too) + the meta-device model tree: the fixed overhead
   stream     data-free --keep 0.5 on every projection, streamed (`--stream`)
   memory     the same through the in-memory path (--memory; slow: one full SVD per layer)
   reload     load_pretrained of the export
@@ -32,9 +32,9 @@ CHILD = r"""
 import json, resource, sys, time
 t = time.perf_counter()
 step, src, out, device, data = sys.argv[1:6]
-if step == "baseline":
+if step == "baseline":  # what every run holds whatever the model's size (SciPy's LAPACK too)
     from compressor.io.streaming import meta_model
-    import compressor.workflows.stream, transformers
+    import compressor.workflows.stream, transformers, scipy.linalg, threadpoolctl
     cfg = transformers.AutoConfig.from_pretrained(src)
     meta_model(transformers.LlamaForCausalLM, cfg)
 elif step in ("stream", "memory", "whiten"):

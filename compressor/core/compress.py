@@ -15,6 +15,7 @@ from compressor.core.linalg import (
     decompose,
     factors_from,
     floor_breakeven,
+    row_blocks,
     singular_values,
     truncation_error,
 )
@@ -82,8 +83,9 @@ class CompressionReport:
 
 def check_finite(name: str, weight: torch.Tensor) -> None:
     """A NaN/Inf weight is a broken checkpoint: a `DlncError` naming the layer."""
-    if not torch.isfinite(weight).all():
-        raise DlncError(f"{name}: the weight holds NaN or Inf values")
+    for part in row_blocks(weight):  # a block at a time: isfinite works in float32
+        if not torch.isfinite(part).all():
+            raise DlncError(f"{name}: the weight holds NaN or Inf values")
 
 
 def layer_spectra(

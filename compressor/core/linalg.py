@@ -14,17 +14,21 @@ import torch
 
 __all__ = [
     "Decomposition",
+    "Weight",
     "breakeven_rank",
     "decompose",
     "effective_rank",
     "energy_rank",
     "factors_from",
     "gram_factors",
+    "gram_matrix",
     "gram_singular_values",
+    "gram_spectrum",
     "numerical_rank",
     "participation_ratio",
     "randomized_factors",
     "resolve_device",
+    "row_blocks",
     "singular_values",
     "spectral_factors",
     "stable_rank",
@@ -197,9 +201,19 @@ def gram_singular_values(w: Weight, device: str | torch.device | None = None) ->
     min(shape) * eps_32 * s_1^2 of the exact value (tests hold it to 1e-5 * s_1^2), so the
     values below ~1e-3 s_1, whose energy no rank allocation can see, lose their precision.
     """
-    gram, _ = _blocked_gram(_read(w), resolve_device(device))
-    values = torch.linalg.eigvalsh(gram)
-    return values.flip(0).clamp_min(0).sqrt().cpu()
+    return gram_spectrum(gram_matrix(_read(w), device)[0])
+
+
+def gram_spectrum(gram: torch.Tensor) -> torch.Tensor:
+    """The singular values (descending, on the CPU) of a matrix whose smaller side's Gram
+    matrix is `gram`: the square roots of its eigenvalues."""
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().cpu()
+
+
+def row_blocks(w: torch.Tensor, elements: int = 1 << 20) -> tuple[torch.Tensor, ...]:
+    """`w` split into blocks of whole rows of about `elements` entries each (at least one
+    row): an elementwise pass in float32 or float64 then never copies a large layer whole."""
+    return w.split(max(1, elements // max(w.shape[-1], 1)))
 
 
 GRAM_ROWS = 1024
@@ -207,9 +221,13 @@ GRAM_ROWS = 1024
 no float32 copy of a layer is ever held whole."""
 
 
-def _blocked_gram(w: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """The float32 Gram matrix of `w`'s smaller side on `device`, summed over row blocks of
-    the longer side; True when that is the input side (W^T W)."""
+def gram_matrix(
+    w: torch.Tensor, device: str | torch.device | None = None
+) -> tuple[torch.Tensor, bool]:
+    """The float32 Gram matrix of `w`'s smaller side on `device` (default: the GPU if there is
+    one), summed over blocks of `GRAM_ROWS` rows of the longer side, so no float32 copy of `w`
+    is made; True when that is the input side (W^T W)."""
+    device = resolve_device(device)
     right = w.shape[0] >= w.shape[1]
     side = w.detach() if right else w.detach().T
     gram = torch.zeros(side.shape[1], side.shape[1], device=device, dtype=torch.float32)
@@ -288,7 +306,7 @@ def gram_factors(
         shape = tuple(weight.shape)
         raise ValueError(f"`rank` must be in [1, {min(shape)}] for shape {shape}")
     dev = resolve_device(device)
-    gram, right = _blocked_gram(weight, dev)
+    gram, right = gram_matrix(weight, dev)
     del weight
     basis = _top_eigenvectors(gram, rank).to(dev)
     del gram

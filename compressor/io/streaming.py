@@ -25,6 +25,7 @@ __all__ = [
     "file_order",
     "meta_model",
     "module_loader",
+    "return_freed_memory",
     "write_safetensors",
 ]
 
@@ -157,6 +158,23 @@ def module_loader(source: TensorSource, keys: Mapping[str, str | None]):
         module.load_state_dict(state, strict=False, assign=True)
 
     return load
+
+
+def return_freed_memory() -> None:
+    """From now on, have glibc's malloc give every freed block of 1 MiB or more straight back
+    to the system (a fixed mmap threshold). By default it raises that threshold up to 32 MB as
+    large blocks are freed and keeps the freed ones for reuse, so a loop that frees one layer's
+    buffers before the next grows by what it keeps (measured: ~100-200 MB on Llama-7B's
+    shapes). Process-wide; a no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3  # malloc.h
+    mallopt(m_mmap_threshold, 1 << 20)
 
 
 def meta_model(cls: type, config: object) -> nn.Module:
