@@ -255,3 +255,25 @@ def test_streaming_makes_the_in_memory_loading_checks(edit, message, tmp_path):
                 path.parent, tmp_path / f"out-{stream}", CompressOptions(stream=stream)
             )
         assert not (tmp_path / f"out-{stream}").exists()
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(layout, tmp_path, monkeypatch):
+    # a streamed reader hands W's rows over piece by piece (Linear layout), or the whole
+    # weight (Conv1D); either way the blocks and the arithmetic are those of the tensor
+    from safetensors.torch import save_file
+
+    from compressor.core import linalg
+    from compressor.workflows.stream import _Reader
+
+    monkeypatch.setattr(linalg, "GRAM_ROWS", 64)
+    w = torch.randn(300, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    stored = w if layout == "linear" else w.t().contiguous()
+    save_file({"w": stored}, tmp_path / "w.safetensors")
+    read = _Reader(TensorSource([tmp_path / "w.safetensors"]), "w", layout, (300, 96))
+    pieces = read.row_blocks(64)
+    assert (pieces is None) == (layout == "conv1d")
+    if pieces is not None:
+        assert [len(p) for p in pieces] == [64, 64, 64, 64, 44]
+    for got, want in zip(linalg.gram_factors(read, 20), linalg.gram_factors(w, 20), strict=True):
+        assert torch.equal(got, want)

@@ -7,7 +7,7 @@ so the maths can be tested on bare matrices.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -185,8 +185,9 @@ def _oversample(rank: int) -> int:
 
 
 Weight = torch.Tensor | Callable[[], torch.Tensor]
-"""A weight, or a function that reads it: then it is read when needed and not held while its
-Gram matrix is decomposed (the streamed path's memory)."""
+"""A weight, or a function that reads it (with a `shape`, and optionally `row_blocks(rows)`
+giving its rows piece by piece): then it is read when needed and not held while its Gram
+matrix is decomposed (the streamed path's memory)."""
 
 
 def _read(w: Weight) -> torch.Tensor:
@@ -221,20 +222,29 @@ GRAM_ROWS = 1024
 no float32 copy of a layer is ever held whole."""
 
 
-def gram_matrix(
-    w: torch.Tensor, device: str | torch.device | None = None
-) -> tuple[torch.Tensor, bool]:
+def gram_matrix(w: Weight, device: str | torch.device | None = None) -> tuple[torch.Tensor, bool]:
     """The float32 Gram matrix of `w`'s smaller side on `device` (default: the GPU if there is
     one), summed over blocks of `GRAM_ROWS` rows of the longer side, so no float32 copy of `w`
     is made; True when that is the input side (W^T W)."""
     device = resolve_device(device)
     right = w.shape[0] >= w.shape[1]
-    side = w.detach() if right else w.detach().T
-    gram = torch.zeros(side.shape[1], side.shape[1], device=device, dtype=torch.float32)
-    for part in side.split(GRAM_ROWS):
+    n = min(w.shape)
+    gram = torch.zeros(n, n, device=device, dtype=torch.float32)
+    for part in _side_blocks(w, right):
         block = part.to(device, torch.float32)
         gram.addmm_(block.T, block)
     return gram, right
+
+
+def _side_blocks(w: Weight, right: bool) -> Iterator[torch.Tensor]:
+    """Blocks of `GRAM_ROWS` rows of W (right) or of W^T. A reader whose `row_blocks(rows)`
+    gives W's rows piece by piece is never read whole for W's rows."""
+    pieces = getattr(w, "row_blocks", None) if right else None
+    blocks = pieces(GRAM_ROWS) if pieces is not None else None
+    if blocks is None:
+        weight = _read(w).detach()
+        blocks = (weight if right else weight.T).split(GRAM_ROWS)
+    yield from blocks
 
 
 def _top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
@@ -301,20 +311,18 @@ def gram_factors(
     nearly equal eigenvalues may mix (float32), which costs almost nothing in that error;
     callers that know the spectrum compare it with the optimum.
     """
-    weight = _read(w)
-    if not 1 <= rank <= min(weight.shape):
-        shape = tuple(weight.shape)
+    shape = tuple(w.shape)
+    if not 1 <= rank <= min(shape):
         raise ValueError(f"`rank` must be in [1, {min(shape)}] for shape {shape}")
     dev = resolve_device(device)
-    gram, right = gram_matrix(weight, dev)
-    del weight
+    gram, right = gram_matrix(w, dev)
     basis = _top_eigenvectors(gram, rank).to(dev)
     del gram
-    weight = _read(w)
-    side = weight.detach() if right else weight.detach().T
-    scaled = torch.empty(side.shape[0], rank, device=dev, dtype=torch.float32)
-    for start, part in zip(range(0, side.shape[0], GRAM_ROWS), side.split(GRAM_ROWS), strict=True):
+    scaled = torch.empty(max(shape), rank, device=dev, dtype=torch.float32)
+    start = 0
+    for part in _side_blocks(w, right):
         torch.mm(part.to(dev, torch.float32), basis, out=scaled[start : start + len(part)])
+        start += len(part)
     s = torch.linalg.vector_norm(scaled, dim=0)  # U_k S_k (out x k) or V_k S_k (in x k)
     up, down = _balanced(scaled if right else scaled.T, basis, s, right)
     return up.cpu().contiguous(), down.cpu().contiguous(), s.cpu()

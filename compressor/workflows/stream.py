@@ -103,6 +103,15 @@ class _Reader:
     def __call__(self) -> torch.Tensor:
         return in_linear_layout(self.source.get(self.key), self.layout)
 
+    def row_blocks(self, rows: int) -> Iterator[torch.Tensor] | None:
+        """The weight's rows (Linear layout) `rows` at a time, read piece by piece; None for
+        a transposed (Conv1D) layout, whose rows are not contiguous on disk."""
+        if self.layout != "linear":
+            return None
+        return self.source.pieces(
+            self.key, rows * self.source.specs[self.key].nbytes // self.shape[0]
+        )
+
 
 def _reader(source: TensorSource, t: _Target) -> _Reader:
     return _Reader(source, t.weight_key, t.layout, t.shape)
