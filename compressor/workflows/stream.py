@@ -113,6 +113,32 @@ class _Reader:
         )
 
 
+@dataclass(frozen=True)
+class _CheckedReader:
+    """A reader whose weight (or each piece of it) is checked for NaN/Inf as it is read."""
+
+    name: str
+    read: _Reader
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.read.shape
+
+    def __call__(self) -> torch.Tensor:
+        weight = self.read()
+        check_finite(self.name, weight)
+        return weight
+
+    def row_blocks(self, rows: int) -> Iterator[torch.Tensor] | None:
+        blocks = self.read.row_blocks(rows)
+        return None if blocks is None else self._checked(blocks)
+
+    def _checked(self, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for block in blocks:
+            check_finite(self.name, block)
+            yield block
+
+
 def _reader(source: TensorSource, t: _Target) -> _Reader:
     return _Reader(source, t.weight_key, t.layout, t.shape)
 
@@ -393,14 +419,15 @@ def _spectra(layers, source, options, progress) -> dict[str, torch.Tensor]:
     a whole layer more of memory."""
     spectra = {}
     for i, (name, t) in enumerate(layers.items()):
-        weight = in_linear_layout(source.get(t.weight_key), t.layout)
-        check_finite(name, weight)
-        if options.solver == "exact" or min(weight.shape) < RANDOMIZED_MIN_SIZE:
+        read = _reader(source, t)
+        if options.solver == "exact" or min(t.shape) < RANDOMIZED_MIN_SIZE:
+            weight = read()
+            check_finite(name, weight)
             spectra[name] = decompose(weight, 1).s
-        else:
-            gram = gram_matrix(weight, options.device)[0]
-            del weight
+        else:  # the Gram matrix from the weight's rows, read piece by piece where it can be
+            gram = gram_matrix(_CheckedReader(name, read), options.device)[0]
             spectra[name] = gram_spectrum(gram)
+            del gram
         if progress:
             progress("spectra", i + 1, len(layers))
     return spectra
