@@ -270,7 +270,7 @@ def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(layout, tmp_p
     w = torch.randn(300, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     stored = w if layout == "linear" else w.t().contiguous()
     save_file({"w": stored}, tmp_path / "w.safetensors")
-    read = _Reader(TensorSource([tmp_path / "w.safetensors"]), "w", layout, (300, 96))
+    read = _Reader(TensorSource([tmp_path / "w.safetensors"]), "layer", "w", layout, (300, 96))
     pieces = read.row_blocks(64)
     assert (pieces is None) == (layout == "conv1d")
     if pieces is not None:

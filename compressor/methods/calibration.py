@@ -26,7 +26,7 @@ from compressor.core.progress import ProgressFn
 from compressor.core.tasks import model_inputs
 from compressor.errors import DlncError
 
-__all__ = ["LayerStats", "collect_grams"]
+__all__ = ["LayerStats", "collect_grams", "real_rows"]
 
 
 @dataclass
@@ -76,10 +76,15 @@ class _Collector:
         return pre_hook
 
     def _real_rows(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
-        if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            return x[mask]
-        return x
+        return real_rows(x, self.mask)
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a layer input `x` (batch x seq x features) at real tokens: padding is left
+    out when `mask` (bool, batch x seq) matches x's leading shape; else `x` unchanged."""
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    return x
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from compressor.core.layers import FactorizedLinear, dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.surgery import replace_module
 from compressor.methods.blocks import Activations, Block, find_blocks, first_inputs, real_mask
+from compressor.methods.calibration import real_rows
 from compressor.methods.whiten import DEFAULT_DAMPING, Whitener
 
 __all__ = ["ALPHA", "TOKENS_PER_FEATURE", "Correction", "correct_blocks", "corrected_factors"]
@@ -172,6 +173,10 @@ def correct_blocks(
                     up, down = corrected_factors(w, *both, layer.rank, d, damping, alpha)
                     layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
                     done.refit.append(layer_name)
+            if len(done.refit) + len(done.skipped) == len(factorized):
+                if progress:
+                    progress("correct", len(stack), len(stack))
+                break  # nothing left to refit: the later blocks need no inputs
             with _swapped(model, dense):
                 old = _outputs(before)
             new = _outputs(after)
@@ -258,9 +263,8 @@ def _held_out_error(w, candidate, cross, gram, d) -> float:
 
 def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> int:
     """The real tokens of one batch entering the blocks (as `_input_of` counts its rows)."""
-    if mask is not None and hidden.ndim == 3 and tuple(hidden.shape[:2]) == tuple(mask.shape):
-        return int(mask.sum())
-    return hidden.numel() // hidden.shape[-1]
+    rows = real_rows(hidden, mask)
+    return rows.numel() // rows.shape[-1]
 
 
 def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor:
@@ -278,9 +282,7 @@ def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor
         pass
     finally:
         handle.remove()
-    x, mask = got["x"], block.masks[i]
-    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        x = x[mask]
+    x = real_rows(got["x"], block.masks[i])
     return x.reshape(-1, x.shape[-1]).double()
 
 

@@ -92,46 +92,28 @@ class _Target:
 
 @dataclass(frozen=True)
 class _Reader:
-    """A targeted weight (Linear layout), read from the checkpoint each time it is called:
-    the decompositions read it when they need it and do not hold it in between."""
+    """A targeted weight (Linear layout), read from the checkpoint each time it is called and
+    checked for NaN/Inf as it is read: the decompositions read it when they need it and do
+    not hold it in between."""
 
     source: TensorSource
+    name: str  # the layer, for the NaN/Inf error
     key: str
     layout: str
     shape: tuple[int, int]
 
     def __call__(self) -> torch.Tensor:
-        return in_linear_layout(self.source.get(self.key), self.layout)
+        weight = in_linear_layout(self.source.get(self.key), self.layout)
+        check_finite(self.name, weight)
+        return weight
 
     def row_blocks(self, rows: int) -> Iterator[torch.Tensor] | None:
         """The weight's rows (Linear layout) `rows` at a time, read piece by piece; None for
         a transposed (Conv1D) layout, whose rows are not contiguous on disk."""
         if self.layout != "linear":
             return None
-        return self.source.pieces(
-            self.key, rows * self.source.specs[self.key].nbytes // self.shape[0]
-        )
-
-
-@dataclass(frozen=True)
-class _CheckedReader:
-    """A reader whose weight (or each piece of it) is checked for NaN/Inf as it is read."""
-
-    name: str
-    read: _Reader
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.read.shape
-
-    def __call__(self) -> torch.Tensor:
-        weight = self.read()
-        check_finite(self.name, weight)
-        return weight
-
-    def row_blocks(self, rows: int) -> Iterator[torch.Tensor] | None:
-        blocks = self.read.row_blocks(rows)
-        return None if blocks is None else self._checked(blocks)
+        piece = rows * self.source.specs[self.key].nbytes // self.shape[0]
+        return self._checked(self.source.pieces(self.key, piece))
 
     def _checked(self, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         for block in blocks:
@@ -139,8 +121,8 @@ class _CheckedReader:
             yield block
 
 
-def _reader(source: TensorSource, t: _Target) -> _Reader:
-    return _Reader(source, t.weight_key, t.layout, t.shape)
+def _reader(source: TensorSource, name: str, t: _Target) -> _Reader:
+    return _Reader(source, name, t.weight_key, t.layout, t.shape)
 
 
 def stream_compress(path: str | os.PathLike, out: Path, options, progress: ProgressFn | None):
@@ -249,7 +231,7 @@ def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> Factor
     names = [n for n, t in layers.items() if not t.decision.dense]
     for name in names[world.process_index :: world.num_processes]:
         t = layers[name]
-        up, down, rel = factor(name, _reader(source, t), t.decision.rank)
+        up, down, rel = factor(name, _reader(source, name, t), t.decision.rank)
         tensors = {"up": up.contiguous(), "down": down.contiguous()}
         save_file(tensors, parts / f"{name}.safetensors", metadata={"rel": repr(rel)})
     world.wait_for_everyone()
@@ -419,13 +401,11 @@ def _spectra(layers, source, options, progress) -> dict[str, torch.Tensor]:
     a whole layer more of memory."""
     spectra = {}
     for i, (name, t) in enumerate(layers.items()):
-        read = _reader(source, t)
+        read = _reader(source, name, t)
         if options.solver == "exact" or min(t.shape) < RANDOMIZED_MIN_SIZE:
-            weight = read()
-            check_finite(name, weight)
-            spectra[name] = decompose(weight, 1).s
+            spectra[name] = decompose(read(), 1).s
         else:  # the Gram matrix from the weight's rows, read piece by piece where it can be
-            gram = gram_matrix(_CheckedReader(name, read), options.device)[0]
+            gram = gram_matrix(read, options.device)[0]
             spectra[name] = gram_spectrum(gram)
             del gram
         if progress:
@@ -540,7 +520,7 @@ class _Writer:
         torch.set_num_threads(self.threads)  # a new thread starts with the default count
         t = self.layers[name]
         rank = t.decision.rank
-        up, down, rel = self.factor(name, _reader(self.source, t), rank)
+        up, down, rel = self.factor(name, _reader(self.source, name, t), rank)
         up, down = up.to(t.dtype), down.to(t.dtype)
         bias = self.source.get(t.bias_key).to(t.dtype) if t.bias_key else None
         self.reports[name] = LayerReport(
