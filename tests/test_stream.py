@@ -257,23 +257,67 @@ def test_streaming_makes_the_in_memory_loading_checks(edit, message, tmp_path):
         assert not (tmp_path / f"out-{stream}").exists()
 
 
+@pytest.mark.parametrize("shape", [(300, 96), (96, 300)])  # W^T W, and W W^T
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
-def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(layout, tmp_path, monkeypatch):
-    # a streamed reader hands W's rows over piece by piece (Linear layout), or the whole
-    # weight (Conv1D); either way the blocks and the arithmetic are those of the tensor
+def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(
+    layout, shape, tmp_path, monkeypatch
+):
+    # a streamed reader hands W's rows and W^T's rows over piece by piece, whichever of them
+    # is contiguous on disk (Conv1D stores W^T); the blocks, and so the arithmetic, are
+    # those of the tensor
     from safetensors.torch import save_file
 
     from compressor.core import linalg
     from compressor.workflows.stream import _Reader
 
     monkeypatch.setattr(linalg, "GRAM_ROWS", 64)
-    w = torch.randn(300, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     stored = w if layout == "linear" else w.t().contiguous()
     save_file({"w": stored}, tmp_path / "w.safetensors")
-    read = _Reader(TensorSource([tmp_path / "w.safetensors"]), "layer", "w", layout, (300, 96))
-    pieces = read.row_blocks(64)
-    assert (pieces is None) == (layout == "conv1d")
-    if pieces is not None:
-        assert [len(p) for p in pieces] == [64, 64, 64, 64, 44]
+    read = _Reader(TensorSource([tmp_path / "w.safetensors"]), "layer", "w", layout, shape)
+    for got, want in ((read.row_blocks(64), w), (read.column_blocks(64), w.T)):
+        got = list(got)
+        assert [len(p) for p in got] == [len(p) for p in want.split(64)]
+        assert torch.equal(torch.cat(got), want)
     for got, want in zip(linalg.gram_factors(read, 20), linalg.gram_factors(w, 20), strict=True):
         assert torch.equal(got, want)
+
+
+def test_pass_one_keeps_the_gram_reductions_and_pass_two_forms_no_gram(
+    tmp_path, monkeypatch, one_torch_thread
+):
+    # With the auto solver on a CPU, pass 1 reduces each large layer's Gram matrix to
+    # tridiagonal form once and keeps the reduction on disk; pass 2 takes the singular
+    # vectors from it and forms no Gram matrix. Without room on the disk it says so and forms
+    # them again: the same export either way.
+    import shutil
+    from collections import namedtuple
+
+    from compressor.core import linalg
+    from compressor.workflows import stream
+
+    monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16)  # the tiny model's layers count
+    src = sharded("llama", tmp_path)
+    grams = []
+    real_gram = linalg._gram
+    monkeypatch.setattr(linalg, "_gram", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
+    opts = CompressOptions(stream=True, policy=RankPolicy(keep=0.5), max_shard_size="30KB")
+    kept = compress_checkpoint(src, tmp_path / "kept", opts)
+    report = json.loads((kept.out_dir / "report.json").read_text())
+    large = [r for r in report["layers"] if min(r["shape"]) >= 16]
+    assert large and len(grams) == len(large)  # pass 1 only
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left over
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1, 1, 0))
+    grams.clear()
+    again = compress_checkpoint(src, tmp_path / "again", opts)
+    assert any("reduced twice" in n for n in again.notices)
+    factorized = [r for r in large if r["rank"] is not None]
+    assert len(grams) == len(large) + len(factorized)
+    a, b = tensors(kept.out_dir), tensors(again.out_dir)
+    assert sorted(a) == sorted(b)
+    for key in a:  # the same vectors, up to float32 rounding (and sign: compare products)
+        if key.endswith("up.weight"):
+            down = key.replace("up.weight", "down.weight")
+            torch.testing.assert_close(a[key] @ a[down], b[key] @ b[down], rtol=0, atol=1e-4)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from compressor.core.compress import CompressionReport, LayerReport, check_finite, dense_report
@@ -32,14 +34,15 @@ from compressor.core.layers import FactorizedLinear, in_linear_layout, layout_of
 from compressor.core.linalg import (
     RANDOMIZED_MIN_SIZE,
     RANDOMIZED_TOL,
+    Tridiagonal,
     breakeven_rank,
     decompose,
     factors_from,
+    gram_decomposition,
     gram_factors,
-    gram_matrix,
-    gram_spectrum,
+    gram_tridiagonal,
     randomized_factors,
-    row_blocks,
+    resolve_device,
     singular_values,
     truncation_error,
     use_randomized,
@@ -93,36 +96,45 @@ class _Target:
 @dataclass(frozen=True)
 class _Reader:
     """A targeted weight (Linear layout), read from the checkpoint each time it is called and
-    checked for NaN/Inf as it is read: the decompositions read it when they need it and do
-    not hold it in between."""
+    checked for NaN/Inf as it is read (unless `checked` is off: pass 1 has checked it): the
+    decompositions read it when they need it and do not hold it in between."""
 
     source: TensorSource
     name: str  # the layer, for the NaN/Inf error
     key: str
     layout: str
     shape: tuple[int, int]
+    checked: bool = True
 
     def __call__(self) -> torch.Tensor:
         weight = in_linear_layout(self.source.get(self.key), self.layout)
-        check_finite(self.name, weight)
+        if self.checked:
+            check_finite(self.name, weight)
         return weight
 
-    def row_blocks(self, rows: int) -> Iterator[torch.Tensor] | None:
-        """The weight's rows (Linear layout) `rows` at a time, read piece by piece; None for
-        a transposed (Conv1D) layout, whose rows are not contiguous on disk."""
-        if self.layout != "linear":
-            return None
-        piece = rows * self.source.specs[self.key].nbytes // self.shape[0]
+    def row_blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        """The weight's rows (Linear layout) `rows` at a time, read piece by piece."""
+        if self.layout == "linear":
+            piece = rows * self.source.specs[self.key].nbytes // self.shape[0]
+            return self._checked(self.source.pieces(self.key, piece))
+        return self._checked(self.source.columns(self.key, rows))  # stored transposed
+
+    def column_blocks(self, columns: int) -> Iterator[torch.Tensor]:
+        """W^T's rows (the weight's columns, Linear layout) `columns` at a time."""
+        if self.layout == "linear":
+            return self._checked(self.source.columns(self.key, columns))
+        piece = columns * self.source.specs[self.key].nbytes // self.shape[1]
         return self._checked(self.source.pieces(self.key, piece))
 
     def _checked(self, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         for block in blocks:
-            check_finite(self.name, block)
+            if self.checked:
+                check_finite(self.name, block)
             yield block
 
 
-def _reader(source: TensorSource, name: str, t: _Target) -> _Reader:
-    return _Reader(source, name, t.weight_key, t.layout, t.shape)
+def _reader(source: TensorSource, name: str, t: _Target, checked: bool = True) -> _Reader:
+    return _Reader(source, name, t.weight_key, t.layout, t.shape, checked)
 
 
 def stream_compress(path: str | os.PathLike, out: Path, options, progress: ProgressFn | None):
@@ -147,8 +159,9 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         if world is not None and options.device is None and world.device.type == "cuda":
             options = replace(options, device=str(world.device))  # one GPU per process
         if options.data_free:
-            method, spectra = "svd", _spectra_shared(layers, source, options, progress, world)
-            weight_spectra, factor = spectra, _svd_factor(spectra, options)
+            kept = _Reductions.planned(layers, source, options, Path(tmp), loaded.notices)
+            spectra = _spectra_shared(layers, source, options, progress, world, kept)
+            method, weight_spectra, factor = "svd", spectra, _svd_factor(spectra, options, kept)
         else:
             method = "whiten"
             grams = _whiten_pass(loaded, targets, source, keys, options, Path(tmp), progress)
@@ -197,20 +210,26 @@ def _world():
     return PartialState(cpu=cpu_launch())
 
 
-def _spectra_shared(layers, source, options, progress, world) -> dict[str, torch.Tensor]:
-    """1) the spectra; with several processes each takes every n-th layer, then all gather."""
+def _spectra_shared(layers, source, options, progress, world, kept) -> dict[str, torch.Tensor]:
+    """1) the spectra; with several processes each takes every n-th layer (`_mine`), then all
+    gather."""
     if world is None:
-        return _spectra(layers, source, options, progress)
+        return _spectra(layers, source, options, progress, kept)
     from accelerate.utils import gather_object
 
     names = list(layers)
-    mine = {n: layers[n] for n in names[world.process_index :: world.num_processes]}
+    mine = {n: layers[n] for n in _mine(names, world)}
     merged = {
         k: v
-        for part in gather_object([_spectra(mine, source, options, None)])
+        for part in gather_object([_spectra(mine, source, options, None, kept)])
         for k, v in part.items()
     }
     return {n: merged[n] for n in names}
+
+
+def _mine(names: list[str], world) -> list[str]:
+    """The layers one of several processes decomposes: every n-th."""
+    return names[world.process_index :: world.num_processes]
 
 
 def _parts_dir(out: Path) -> Path:
@@ -220,18 +239,16 @@ def _parts_dir(out: Path) -> Path:
 def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> FactorOf:
     """2) with several processes: each factorizes every n-th layer into a parts folder beside
     the output; the main process's writer then reads the factors from there."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     parts = _parts_dir(out)
     if world.is_main_process:
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir()
     world.wait_for_everyone()
-    names = [n for n, t in layers.items() if not t.decision.dense]
-    for name in names[world.process_index :: world.num_processes]:
+    for name in _mine(list(layers), world):  # the layers whose pass 1 it ran (reductions)
         t = layers[name]
-        up, down, rel = factor(name, _reader(source, name, t), t.decision.rank)
+        if t.decision.dense:
+            continue
+        up, down, rel = factor(name, _reader(source, name, t, checked=False), t.decision.rank)
         tensors = {"up": up.contiguous(), "down": down.contiguous()}
         save_file(tensors, parts / f"{name}.safetensors", metadata={"rel": repr(rel)})
     world.wait_for_everyone()
@@ -267,8 +284,59 @@ FactorOf = Callable[[str, _Reader, int], tuple[torch.Tensor, torch.Tensor, float
 """factor(name, read, rank) -> (up, down, relative error) of one streamed layer."""
 
 
-def _svd_factor(spectra: dict[str, torch.Tensor], options) -> FactorOf:
-    return lambda name, read, rank: _factors(read, rank, spectra[name], options)
+def _svd_factor(spectra: dict[str, torch.Tensor], options, kept: _Reductions) -> FactorOf:
+    def factor(name: str, read: _Reader, rank: int):
+        return _factors(read, rank, spectra[name], options, kept.basis(name, rank))
+
+    return factor
+
+
+class _Reductions:
+    """Pass 1's tridiagonal reductions of the large layers' Gram matrices (`Tridiagonal`),
+    kept on disk for pass 2, which then takes its singular vectors from them instead of
+    forming and reducing each Gram matrix again (about 40% of the time on a CPU). Kept for
+    the `auto` solver on a CPU (on a GPU recomputing is cheaper than the disk), when the disk
+    beside the output has room for them (half a float32 Gram matrix each) and the export."""
+
+    def __init__(self, folder: Path | None, sizes: dict[str, int]) -> None:
+        self.folder, self.sizes = folder, sizes
+
+    @classmethod
+    def planned(cls, layers, source: TensorSource, options, folder: Path, notices):
+        if options.solver != "auto" or resolve_device(options.device).type != "cpu":
+            return cls(None, {})
+        sizes = {n: min(t.shape) for n, t in layers.items() if min(t.shape) >= RANDOMIZED_MIN_SIZE}
+        need = sum(4 * (n * n // 2 + 3 * n) for n in sizes.values())
+        export = sum(spec.nbytes for spec in source.specs.values())  # at most the input's
+        free = shutil.disk_usage(folder).free
+        if need + export > free:
+            notices.append(
+                f"{need / 1e9:.1f} GB of Gram reductions would not fit on the disk beside "
+                f"the output with the export ({free / 1e9:.1f} GB free): each Gram matrix "
+                "is formed and reduced twice (about 1.7x the time)"
+            )
+            return cls(None, {})
+        return cls(folder, sizes)
+
+    def spectrum(self, name: str, read: _Reader, device) -> torch.Tensor:
+        """Pass 1: the layer's singular values, its reduction saved when kept."""
+        if self.folder is None or name not in self.sizes:
+            return gram_decomposition(read, 0, device).s
+        reduced, _ = gram_tridiagonal(read)
+        values = reduced.eigenvalues()
+        reduced.save(self._path(name))
+        return values.clamp_min(0).sqrt()
+
+    def basis(self, name: str, rank: int) -> torch.Tensor | None:
+        """Pass 2: the top `rank` singular vectors of the layer's smaller side, or None if
+        its reduction was not kept (here: another process's layer)."""
+        path = self._path(name) if self.folder is not None else None
+        if path is None or not path.exists():
+            return None
+        return Tridiagonal.load(path, self.sizes[name]).eigen(rank)[1]
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.tridiagonal"
 
 
 def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
@@ -393,21 +461,24 @@ def _target(name: str, module: nn.Module, keys, source: TensorSource) -> _Target
     return _Target(weight_key, bias_key, shape, layout, spec.dtype, has_bias)
 
 
-def _spectra(layers, source, options, progress) -> dict[str, torch.Tensor]:
+def _spectra(layers, source, options, progress, kept: _Reductions) -> dict[str, torch.Tensor]:
     """1) every target's singular values, exact (the in-memory path's own decomposition) on
-    small layers or with `solver="exact"`, else from the float32 Gram matrix. One weight at a
-    time, released before its Gram matrix is decomposed: reading the next one meanwhile would
-    save ~1% of the time (a read from the page cache is ~50 ms against seconds of `eigh`) for
-    a whole layer more of memory."""
+    small layers or with `solver="exact"`, else from the float32 Gram matrix, whose reduction
+    `kept` may keep. One weight at a time, read piece by piece: reading the next one meanwhile
+    would save ~1% of the time (a read from the page cache is ~50 ms against seconds of
+    decomposition) for a whole layer more of memory."""
     spectra = {}
     for i, (name, t) in enumerate(layers.items()):
         read = _reader(source, name, t)
         if options.solver == "exact" or min(t.shape) < RANDOMIZED_MIN_SIZE:
             spectra[name] = decompose(read(), 1).s
-        else:  # the Gram matrix from the weight's rows, read piece by piece where it can be
-            gram = gram_matrix(read, options.device)[0]
-            spectra[name] = gram_spectrum(gram)
-            del gram
+        else:  # NaN/Inf shows on the Gram matrix's diagonal: the pieces go unchecked
+            try:
+                spectra[name] = kept.spectrum(name, replace(read, checked=False), options.device)
+            except ValueError:
+                read()  # the NaN/Inf error, naming the layer
+                raise DlncError(f"{name}: weights too large for a float32 Gram matrix; "
+                                "use the exact solver") from None  # fmt: skip
         if progress:
             progress("spectra", i + 1, len(layers))
     return spectra
@@ -520,7 +591,7 @@ class _Writer:
         torch.set_num_threads(self.threads)  # a new thread starts with the default count
         t = self.layers[name]
         rank = t.decision.rank
-        up, down, rel = self.factor(name, _reader(self.source, name, t), rank)
+        up, down, rel = self.factor(name, _reader(self.source, name, t, checked=False), rank)
         up, down = up.to(t.dtype), down.to(t.dtype)
         bias = self.source.get(t.bias_key).to(t.dtype) if t.bias_key else None
         self.reports[name] = LayerReport(
@@ -540,18 +611,23 @@ class _Writer:
         return out
 
 
-def _factors(read: _Reader, rank: int, s: torch.Tensor, options):
-    """(up, down, relative error). `auto` on a large layer: the cheaper of the randomized SVD
-    and the float32 Gram route, kept if it reaches the optimum within `RANDOMIZED_TOL`; else
-    (and with `solver="exact"`) the in-memory path's exact factors."""
+def _factors(read: _Reader, rank: int, s: torch.Tensor, options, basis: torch.Tensor | None):
+    """(up, down, relative error). `auto` on a large layer: from pass 1's singular vectors
+    (`basis`) when kept, else the cheaper of the randomized SVD and the float32 Gram route;
+    kept if it reaches the optimum within `RANDOMIZED_TOL`; else (and with `solver="exact"`)
+    the in-memory path's exact factors."""
     shape, device = read.shape, options.device
     fast = None
-    if options.solver == "randomized" or (options.solver == "auto" and use_randomized(shape, rank)):
+    if options.solver == "auto" and basis is not None:
+        fast = lambda: gram_factors(read, rank, device=device, basis=basis)  # noqa: E731
+    elif options.solver == "randomized" or (
+        options.solver == "auto" and use_randomized(shape, rank)
+    ):
         fast = lambda: randomized_factors(read(), rank, device=device)  # noqa: E731
     elif options.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE:
         fast = lambda: gram_factors(read, rank, device=device)  # noqa: E731
     if fast is not None:
-        total = _squared_norm(read())  # first: the weight is not held beside the factors
+        total = float(s.double().square().sum())  # ||W||_F^2: pass 1 need not read it again
         up, down, top = fast()
         error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
         optimum = truncation_error(s, rank)
@@ -561,11 +637,6 @@ def _factors(read: _Reader, rank: int, s: torch.Tensor, options):
     d = decompose(weight, rank)
     up, down = factors_from(weight, d, rank)
     return up, down, truncation_error(d.s, rank) / max(float(d.s.norm()), 1e-30)
-
-
-def _squared_norm(weight: torch.Tensor) -> float:
-    """||W||_F^2 in float64, a block of rows at a time (no float64 copy of the layer)."""
-    return sum(float(part.double().square().sum()) for part in row_blocks(weight))
 
 
 def _shared_keys(model: nn.Module) -> dict[str, str]:
