@@ -168,20 +168,27 @@ def _calibration_ids(path: Path) -> None:
 
 
 def _table(rows, largest: int, args) -> None:
+    """Per layer: the wall-time difference between the smallest and largest slice, divided by
+    the layers added (fixed costs such as the embedding's copy cancel); with one slice,
+    (wall - baseline wall) / layers."""
     print(
         f"\nshape: hidden {args.hidden}, intermediate {args.intermediate}; "
         f"largest layer {gb(largest)} (bf16)"
     )
     print(
-        "| layers | step | wall s | CPU s | CPU s / layer | 32 layers, CPU | peak RSS "
+        "| layers | step | wall s | CPU s | wall s / layer | 32 layers | peak RSS "
         "| peak - baseline |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for layers, step, r in rows:
         base = next(b for n, s, b in rows if n == layers and s == "baseline")
         extra = r["peak"] - base["peak"]
-        per = (r["cpu"] - base["cpu"]) / layers if step not in ("baseline", "reload") else None
-        per_s, proj = (f"{per:.0f}", f"{per * 32 / 60:.0f} min") if per else ("", "")
+        per_s = proj = ""
+        if step not in ("baseline", "reload"):
+            same = sorted((n, x["seconds"]) for n, s, x in rows if s == step)
+            (n0, t0), (n1, t1) = same[0], same[-1]
+            per = (t1 - t0) / (n1 - n0) if n1 > n0 else (t0 - base["seconds"]) / n0
+            per_s, proj = f"{per:.1f}", f"{(t0 + (32 - n0) * per) / 60:.0f} min"
         print(
             f"| {layers} | {step} | {r['seconds']:.0f} | {r['cpu']:.0f} | {per_s} | {proj} "
             f"| {gb(r['peak'])} | {gb(extra)} ({extra / largest:.1f}x largest layer) |"

@@ -176,7 +176,7 @@ def test_gram_decomposition_gives_the_spectrum_and_the_top_singular_vectors(shap
     assert float((d.s.double().square() - exact.square()).abs().max()) <= 1e-5 * exact[0] ** 2
     torch.testing.assert_close(d.basis.T @ d.basis, torch.eye(120), atol=1e-5, rtol=0)
     for rank in (1, 60, 120):
-        up, down, s = linalg.gram_factors(w, rank, basis=d.basis)
+        up, down, _ = linalg.gram_factors(w, rank, basis=d.basis)
         error = float(torch.linalg.norm(w.double() - (up @ down).double()))
         assert error == pytest.approx(linalg.truncation_error(exact, rank), rel=1e-4)
     assert linalg.gram_decomposition(w, 0).basis.shape == (min(shape), 0)

@@ -270,7 +270,7 @@ def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(
     from compressor.core import linalg
     from compressor.workflows.stream import _Reader
 
-    monkeypatch.setattr(linalg, "GRAM_ROWS", 64)
+    monkeypatch.setattr(linalg, "BLOCK_ELEMENTS", 64 * max(shape))
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     stored = w if layout == "linear" else w.t().contiguous()
     save_file({"w": stored}, tmp_path / "w.safetensors")

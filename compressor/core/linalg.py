@@ -249,16 +249,18 @@ def row_blocks(w: torch.Tensor, elements: int = 1 << 20) -> tuple[torch.Tensor, 
     return w.split(max(1, elements // max(w.shape[-1], 1)))
 
 
-GRAM_ROWS = 1024
-"""The streamed Gram route reads a weight in blocks of this many rows (of its longer side):
-no float32 copy of a layer is ever held whole."""
+BLOCK_ELEMENTS = 1 << 22
+"""The Gram route reads a weight in blocks of whole rows (of W, or of W^T) of about this many
+entries (16 MB in float32; 1024 rows of a 4096-wide matrix): no float32 copy of a layer is
+ever held whole."""
 
 
 def gram_matrix(w: Weight, device: str | torch.device | None = None) -> tuple[torch.Tensor, bool]:
     """The float32 Gram matrix of `w`'s smaller side on `device` (default: the GPU if there is
-    one), summed over blocks of `GRAM_ROWS` rows of the longer side, so no float32 copy of `w`
-    is made; True when that is the input side (W^T W). On a CPU each block is a symmetric
-    rank-k update (BLAS `syrk`: half the flops of a product), then the triangle is mirrored."""
+    one), summed over blocks of whole rows of the longer side (`BLOCK_ELEMENTS`), so no
+    float32 copy of `w` is made; True when that is the input side (W^T W). On a CPU each
+    block is a symmetric rank-k update (BLAS `syrk`: half the flops of a product), then the
+    triangle is mirrored."""
     return _gram(w, resolve_device(device), full=True)
 
 
@@ -313,13 +315,15 @@ def _blas_threads():
 
 
 def _side_blocks(w: Weight, right: bool) -> Iterator[torch.Tensor]:
-    """Blocks of `GRAM_ROWS` rows of W (right) or of W^T. A reader whose `row_blocks(rows)` /
-    `column_blocks(columns)` gives them piece by piece is never read whole for them."""
+    """Blocks of rows of W (right) or of W^T, `BLOCK_ELEMENTS` entries or so each. A reader
+    whose `row_blocks(rows)` / `column_blocks(columns)` gives them piece by piece is never
+    read whole for them."""
     pieces = getattr(w, "row_blocks" if right else "column_blocks", None)
-    blocks = pieces(GRAM_ROWS) if pieces is not None else None
+    rows = max(1, BLOCK_ELEMENTS // w.shape[1 if right else 0])
+    blocks = pieces(rows) if pieces is not None else None
     if blocks is None:
         weight = _read(w).detach()
-        blocks = (weight if right else weight.T).split(GRAM_ROWS)
+        blocks = (weight if right else weight.T).split(rows)
     yield from blocks
 
 
@@ -499,17 +503,20 @@ def gram_factors(
         basis = _symmetric_eigen(gram, rank)[1]
         del gram
     basis = basis[:, :rank].to(dev, torch.float32)
-    scaled = torch.zeros(max(shape), rank, device=dev, dtype=torch.float32)
+    # W V = U S (out x k, a block of rows at a time), or U^T W = S V^T (k x in, summed over
+    # blocks of rows): either way the factor it becomes is contiguous, never copied
+    out, inner = (max(shape), rank) if right else (rank, max(shape))
+    scaled = torch.zeros(out, inner, device=dev, dtype=torch.float32)
     start = 0
     for part in _side_blocks(w, True):  # W's rows, contiguous on disk in the Linear layout
         rows = part.to(dev, torch.float32)
-        if right:  # W V = U S, a block of rows at a time
+        if right:
             torch.mm(rows, basis, out=scaled[start : start + len(rows)])
-        else:  # W^T U = V S, summed over blocks of W's rows
-            scaled.addmm_(rows.T, basis[start : start + len(rows)])
+        else:
+            scaled.addmm_(basis[start : start + len(rows)].T, rows)
         start += len(rows)
-    s = torch.linalg.vector_norm(scaled, dim=0)
-    up, down = _balanced(scaled if right else scaled.T, basis, s, right)
+    s = torch.linalg.vector_norm(scaled, dim=0 if right else 1)
+    up, down = _balanced(scaled, basis, s, right)
     return up.cpu().contiguous(), down.cpu().contiguous(), s.cpu()
 
 
