@@ -110,12 +110,26 @@ def test_pickle_weights_fall_back_to_memory_or_refuse_when_streaming_is_required
     assert not (tmp_path / "out2").exists()
 
 
-def test_a_nan_weight_is_a_clean_error_and_leaves_nothing(tmp_path, one_torch_thread):
+@pytest.mark.parametrize(
+    ("value", "gram_route", "message"),
+    [
+        (float("nan"), False, "up_proj: the weight holds NaN"),
+        (float("nan"), True, "up_proj: the weight holds NaN"),  # seen on the Gram's diagonal
+        (1e25, True, "up_proj: weights too large for a float32 Gram matrix"),
+    ],
+)
+def test_a_nan_weight_is_a_clean_error_and_leaves_nothing(
+    value, gram_route, message, tmp_path, monkeypatch, one_torch_thread
+):
+    from compressor.workflows import stream
+
+    if gram_route:  # the tiny model's layers take the float32 Gram route of large layers
+        monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16)
     model = build_tiny("llama")
     with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = value
     model.save_pretrained(tmp_path / "src")
-    with pytest.raises(DlncError, match="up_proj: the weight holds NaN"):
+    with pytest.raises(DlncError, match=message):
         compress_checkpoint(tmp_path / "src", tmp_path / "out", CompressOptions(stream=True))
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]

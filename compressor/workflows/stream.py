@@ -294,7 +294,7 @@ def _svd_factor(spectra: dict[str, torch.Tensor], options, kept: _Reductions) ->
 class _Reductions:
     """Pass 1's tridiagonal reductions of the large layers' Gram matrices (`Tridiagonal`),
     kept on disk for pass 2, which then takes its singular vectors from them instead of
-    forming and reducing each Gram matrix again (about 40% of the time on a CPU). Kept for
+    forming and reducing each Gram matrix again (a third of the time on a CPU). Kept for
     the `auto` solver on a CPU (on a GPU recomputing is cheaper than the disk), when the disk
     beside the output has room for them (half a float32 Gram matrix each) and the export."""
 
@@ -313,7 +313,7 @@ class _Reductions:
             notices.append(
                 f"{need / 1e9:.1f} GB of Gram reductions would not fit on the disk beside "
                 f"the output with the export ({free / 1e9:.1f} GB free): each Gram matrix "
-                "is formed and reduced twice (about 1.7x the time)"
+                "is formed and reduced twice (about 1.5x the time)"
             )
             return cls(None, {})
         return cls(folder, sizes)
