@@ -85,3 +85,32 @@ def test_spectrum_is_that_of_w_times_root():
     root = whitener.root
     torch.testing.assert_close(root @ root.T, x.T @ x)
     torch.testing.assert_close(whitened_spectrum(w, whitener), torch.linalg.svdvals(w @ root))
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+def test_the_float32_route_reaches_the_float64_optimum(shape):
+    # A float32 Gram gives a float32 whitener (tridiagonal route on a CPU); the Gram route's
+    # factors of W L then reach the float64 whitened optimum to float32 precision, and their
+    # error follows from the returned singular values (an orthogonal projection of W L).
+    from compressor.methods.whiten import whitened_gram_factors, whitened_gram_spectrum
+
+    out_f, in_f = shape
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = correlated_inputs(600, in_f)
+    gram = x.T @ x / 600
+    exact = Whitener.from_gram(gram)
+    single = Whitener.from_gram(gram.float())  # a float32 copy: overwritten
+    assert single.root.dtype == torch.float32 and exact.root.dtype == torch.float64
+    damped = exact.root @ exact.root.T
+    rebuilt = (single.root @ single.root.T).double()
+    assert float((rebuilt - damped).norm() / damped.norm()) < 1e-5
+    want = whitened_spectrum(w, exact)
+    got = whitened_gram_spectrum(w, single).double()
+    assert float((got.square() - want.square()).abs().max()) <= 1e-5 * float(want[0]) ** 2
+    for rank in (10, 60):
+        _, _, optimum, _ = whitened_factors(w, exact, rank)
+        up, down, s = whitened_gram_factors(w, single, rank)
+        error = float(((w - (up @ down).double()) @ exact.root).norm())
+        assert error == pytest.approx(optimum, rel=1e-4)
+        total = float(want.square().sum())
+        assert (total - float(s.double().square().sum())) ** 0.5 == pytest.approx(error, rel=1e-3)

@@ -35,6 +35,7 @@ __all__ = [
     "singular_values",
     "spectral_factors",
     "stable_rank",
+    "symmetric_eigen",
     "truncation_error",
     "use_randomized",
 ]
@@ -220,7 +221,7 @@ def gram_decomposition(
     CPU): all singular values, and the top `keep` singular vectors of that side (none for
     `keep=0`), from one eigendecomposition. Precision as `gram_singular_values`'."""
     gram, right = _finite_gram(w, resolve_device(device))
-    values, vectors = _symmetric_eigen(gram, keep)
+    values, vectors = symmetric_eigen(gram, keep)
     basis = vectors.cpu() if vectors is not None else torch.zeros(len(values), 0)
     return Decomposition(values.clamp_min(0).sqrt(), basis, right)
 
@@ -327,7 +328,7 @@ def _side_blocks(w: Weight, right: bool) -> Iterator[torch.Tensor]:
     yield from blocks
 
 
-def _symmetric_eigen(gram: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def symmetric_eigen(gram: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All eigenvalues (descending, on the CPU) of a symmetric matrix, and the eigenvectors of
     its `keep` largest, largest first (None for `keep=0`), on its device. On a CPU through
     `Tridiagonal` (`gram` is overwritten); on a GPU `torch.linalg.eigh`."""
@@ -500,7 +501,7 @@ def gram_factors(
     right = shape[0] >= shape[1]
     if basis is None:
         gram, _ = _gram(w, dev, full=False)
-        basis = _symmetric_eigen(gram, rank)[1]
+        basis = symmetric_eigen(gram, rank)[1]
         del gram
     basis = basis[:, :rank].to(dev, torch.float32)
     # W V = U S (out x k, a block of rows at a time), or U^T W = S V^T (k x in, summed over

@@ -341,9 +341,18 @@ class _Reductions:
 
 def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
     """1) with data: block by block, each target's input Gram (saved to `tmp`, one file per
-    distinct Gram), its weight spectrum and whitened spectrum, as `build_plan` computes them."""
+    distinct Gram), its weight spectrum and whitened spectrum, as `build_plan` computes them.
+    With the `auto` solver, large layers (`_large`) go the float32 way, as the data-free path
+    does: a float32 whitener, W L's spectrum and factors from its Gram matrix, the factors
+    held to the optimum within `RANDOMIZED_TOL` (else the exact float64 factors)."""
     from compressor.methods.blocks import block_grams, stream_blocks
-    from compressor.methods.whiten import Whitener, whitened_factors, whitened_spectrum
+    from compressor.methods.whiten import (
+        Whitener,
+        whitened_factors,
+        whitened_gram_factors,
+        whitened_gram_spectrum,
+        whitened_spectrum,
+    )
     from compressor.training.data import load_data
 
     batches = load_data(options.aware.data, loaded.source).train
@@ -355,14 +364,23 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
         paths: dict[int, Path] = {}
         for name, st in block_grams(block, targets).items():
             if id(st) not in whiteners:  # q/k/v share one Gram, one whitener
-                whiteners[id(st)] = Whitener.from_gram(st.gram / max(st.rows, 1), damping)
+                rows = max(st.rows, 1)  # a float32 copy is the whitener's scratch
+                large = _large(options, st.gram.shape)
+                gram = st.gram.float().div_(rows) if large else st.gram / rows
+                whiteners[id(st)] = Whitener.from_gram(gram, damping)
+                del gram
                 paths[id(st)] = tmp / f"{block.index}-{len(paths)}.pt"
                 torch.save(_whitener_state(whiteners[id(st)]), paths[id(st)])
             files[name] = paths[id(st)]
+            whitener = whiteners[id(st)]
             weight = in_linear_layout(targets[name].weight, layout_of(targets[name]))
             check_finite(name, weight)
-            weight_spectra[name] = singular_values(weight)
-            spectra[name] = whitened_spectrum(weight, whiteners[id(st)])
+            if _single(options, weight.shape, whitener):
+                weight_spectra[name] = gram_decomposition(weight, 0).s
+                spectra[name] = whitened_gram_spectrum(weight, whitener)
+            else:
+                weight_spectra[name] = singular_values(weight)
+                spectra[name] = whitened_spectrum(weight, whitener)
     missing = [n for n in targets if n not in spectra]
     if missing:
         raise NotStreamable(f"{missing[0]} is outside the model's block stack")
@@ -371,10 +389,27 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
     def factor(name: str, read: _Reader, rank: int):
         state = torch.load(files[name], weights_only=True)
         whitener = Whitener(**state) if state else None
-        up, down, _, rel = whitened_factors(read(), whitener, rank)
+        weight = read()
+        if _single(options, weight.shape, whitener):
+            up, down, top = whitened_gram_factors(weight, whitener, rank)
+            total = float(spectra[name].double().square().sum())
+            error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
+            if error <= (1 + RANDOMIZED_TOL) * truncation_error(spectra[name], rank):
+                return up, down, error / max(total**0.5, 1e-30)
+        up, down, _, rel = whitened_factors(weight, whitener, rank)
         return up, down, rel
 
     return spectra, weight_spectra, factor
+
+
+def _large(options, shape: tuple[int, ...]) -> bool:
+    """A layer (or Gram matrix) the `auto` solver takes the float32 way."""
+    return options.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE
+
+
+def _single(options, shape: tuple[int, ...], whitener) -> bool:
+    """Whitened in float32: a large layer whose whitener is float32."""
+    return whitener is not None and whitener.root.dtype == torch.float32 and _large(options, shape)
 
 
 def open_streamed(
