@@ -367,6 +367,7 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
                 rows = max(st.rows, 1)  # a float32 copy is the whitener's scratch
                 large = _large(options, st.gram.shape)
                 gram = st.gram.float().div_(rows) if large else st.gram / rows
+                st.gram = torch.empty(0)  # only its whitener is used from here (FFN: 1 GB)
                 whiteners[id(st)] = Whitener.from_gram(gram, damping)
                 del gram
                 paths[id(st)] = tmp / f"{block.index}-{len(paths)}.pt"
