@@ -22,8 +22,8 @@ from torch import nn
 from compressor.core.compress import FactorFn
 from compressor.core.linalg import (
     energy_rank,
-    gram_decomposition,
     gram_factors,
+    gram_singular_values,
     symmetric_eigen,
 )
 from compressor.core.progress import ProgressFn, report
@@ -122,7 +122,7 @@ def whitened_factors(
 def whitened_gram_spectrum(w: torch.Tensor, whitener: Whitener) -> torch.Tensor:
     """`whitened_spectrum` in float32 from the Gram matrix of W L's smaller side (a float32
     `whitener`): precision as `linalg.gram_singular_values`, for large layers."""
-    return gram_decomposition(w.float() @ whitener.root, 0).s
+    return gram_singular_values(w.float() @ whitener.root)
 
 
 def whitened_gram_factors(

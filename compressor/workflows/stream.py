@@ -38,8 +38,8 @@ from compressor.core.linalg import (
     breakeven_rank,
     decompose,
     factors_from,
-    gram_decomposition,
     gram_factors,
+    gram_singular_values,
     gram_tridiagonal,
     randomized_factors,
     resolve_device,
@@ -305,7 +305,7 @@ class _Reductions:
     def planned(cls, layers, source: TensorSource, options, folder: Path, notices):
         if options.solver != "auto" or resolve_device(options.device).type != "cpu":
             return cls(None, {})
-        sizes = {n: min(t.shape) for n, t in layers.items() if min(t.shape) >= RANDOMIZED_MIN_SIZE}
+        sizes = {n: min(t.shape) for n, t in layers.items() if _large(options, t.shape)}
         need = sum(4 * (n * n // 2 + 3 * n) for n in sizes.values())
         export = sum(spec.nbytes for spec in source.specs.values())  # at most the input's
         free = shutil.disk_usage(folder).free
@@ -321,7 +321,7 @@ class _Reductions:
     def spectrum(self, name: str, read: _Reader, device) -> torch.Tensor:
         """Pass 1: the layer's singular values, its reduction saved when kept."""
         if self.folder is None or name not in self.sizes:
-            return gram_decomposition(read, 0, device).s
+            return gram_singular_values(read, device)
         reduced, _ = gram_tridiagonal(read)
         values = reduced.eigenvalues()
         reduced.save(self._path(name))
@@ -377,7 +377,7 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
             weight = in_linear_layout(targets[name].weight, layout_of(targets[name]))
             check_finite(name, weight)
             if _single(options, weight.shape, whitener):
-                weight_spectra[name] = gram_decomposition(weight, 0).s
+                weight_spectra[name] = gram_singular_values(weight)
                 spectra[name] = whitened_gram_spectrum(weight, whitener)
             else:
                 weight_spectra[name] = singular_values(weight)
