@@ -168,3 +168,71 @@ def test_the_check_keeps_the_refits_that_generalise(one_torch_thread):
     done = correct_blocks(student, originals, batches, tokens_per_feature=0)
     assert done.refit and set(done.skipped.values()) <= {HELD_OUT}
     assert output_error(original, student, other) < one_shot_error  # on data it never saw
+
+
+def test_streamed_correction_holds_one_block_and_hands_back_every_layer(
+    tiny_model, one_torch_thread
+):
+    # the meta model's blocks are loaded one at a time; each target is factorized and handed
+    # back once, in forward order, refit as correct_blocks refits the in-memory model
+    from compressor.core.layers import FactorizedLinear
+    from compressor.io.streaming import module_loader
+    from compressor.methods.blocks import find_blocks
+    from compressor.methods.sequential import correct_streamed
+    from compressor.workflows.compress import CompressOptions
+    from compressor.workflows.stream import open_streamed
+
+    batches = calibration()
+    _, student, targets = one_shot("llama", batches)
+    factorized = [n for n in targets if isinstance(student.get_submodule(n), FactorizedLinear)]
+    assert len(factorized) >= 8
+    _, folder = tiny_model("llama")
+    loaded, source, keys = open_streamed(folder, CompressOptions())
+    _, stack = find_blocks(loaded.model)
+    inner = module_loader(source, keys)
+    most = []
+
+    def load(prefix, module):
+        inner(prefix, module)
+        most.append(sum(any(not p.is_meta for p in b.parameters()) for b in stack))
+
+    def factorize(name, dense):
+        layer = student.get_submodule(name)  # the in-memory one-shot factors
+        return FactorizedLinear.from_dense(
+            dense, layer.rank, 2, factors=(layer.up.weight.clone(), layer.down.weight.clone())
+        )
+
+    handed = {}
+    done = correct_streamed(
+        loaded.model, factorized, batches, load, factorize, handed.__setitem__,
+        tokens_per_feature=0, check=False,
+    )  # fmt: skip
+    assert max(most) == 1 and len(most) > len(stack)  # the blocks, and what lies outside
+    assert list(handed) == factorized and done.refit == factorized
+    correct_blocks(student, targets, batches, tokens_per_feature=0, check=False)
+    for name, layer in handed.items():
+        torch.testing.assert_close(layer.dense_weight(), student.get_submodule(name).dense_weight())
+
+
+def test_streamed_correction_with_too_few_tokens_runs_no_block(tiny_model, one_torch_thread):
+    from compressor.io.streaming import module_loader
+    from compressor.methods.sequential import correct_streamed
+    from compressor.workflows.compress import CompressOptions
+    from compressor.workflows.stream import open_streamed
+
+    _, folder = tiny_model("llama")
+    loaded, source, keys = open_streamed(folder, CompressOptions())
+    names = list(find_targets(loaded.model))
+    loads = []
+
+    def load(prefix, module):
+        loads.append(prefix)
+        module_loader(source, keys)(prefix, module)
+
+    def never(*args):
+        raise AssertionError("nothing may be factorized or handed back")
+
+    done = correct_streamed(loaded.model, names, calibration(n=2), load, never, never)
+    assert done.refit == [] and set(done.skipped) == set(names)
+    assert all("calibration tokens" in why for why in done.skipped.values())
+    assert not any(p.endswith(".1") for p in loads)  # the second block was never loaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,35 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     memory, streamed = both(src, tmp_path, aware=aware)
     same_files(memory, streamed)
     assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_streamed_error_correction_is_the_in_memory_one(family, tmp_path, one_torch_thread):
+    # block by block, with the original and the compressed model's hidden states side by
+    # side and one block loaded, the correction refits the layers the in-memory one refits,
+    # to the same factors (GPT-2: Conv1D layers)
+    from safetensors.torch import save_file
+
+    from compressor.training.data import DataOptions
+    from compressor.workflows.plan import AwareOptions
+
+    src = sharded(family, tmp_path)
+    data = tmp_path / "ids.safetensors"
+    ids = torch.randint(1, 64, (64, 20), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, data)
+    data_options = DataOptions(path=data, batch_size=8)
+    aware = AwareOptions(method="whiten", data=data_options, output_aware=False)
+    memory, streamed = both(src, tmp_path, aware=aware)
+    same_files(memory, streamed)
+    correction = json.loads((streamed / "report.json").read_text())["correction"]
+    assert correction["tokens"] == 64 * 20 and correction["refit"]
+    plain = replace(aware, correct=False)
+    one_shot = compress_checkpoint(
+        src, tmp_path / "one-shot", CompressOptions(stream=True, solver="exact", aware=plain)
+    ).out_dir
+    refit = correction["refit"][0]
+    key = f"{refit}.up.weight"
+    assert not torch.equal(tensors(one_shot)[key], tensors(streamed)[key])  # it did refit
 
 
 def test_two_processes_split_the_layers_and_write_the_same_export(tmp_path, one_torch_thread):

@@ -21,11 +21,15 @@ the model. The fit has in x in freedom per layer and can overfit, so a layer is 
 the data gives it `TOKENS_PER_FEATURE` calibration tokens per input feature, and when a refit on
 the even calibration batches lowers its output error on the odd ones (then it is refit on all
 of them); otherwise it keeps its one-shot factors (docs/data-aware.md).
+
+`correct_streamed` is the same refit for a model whose tree is on the meta device: one block
+loaded at a time (`stream_blocks`), the compressed model's hidden states carried beside the
+original's, each block's layers factorized on the way and handed back once refit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,11 +39,26 @@ from torch import nn
 from compressor.core.layers import FactorizedLinear, dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.surgery import replace_module
-from compressor.methods.blocks import Activations, Block, find_blocks, first_inputs, real_mask
+from compressor.methods.blocks import (
+    Activations,
+    Block,
+    LoadFn,
+    find_blocks,
+    first_inputs,
+    real_mask,
+    stream_blocks,
+)
 from compressor.methods.calibration import real_rows
 from compressor.methods.whiten import DEFAULT_DAMPING, Whitener
 
-__all__ = ["ALPHA", "TOKENS_PER_FEATURE", "Correction", "correct_blocks", "corrected_factors"]
+__all__ = [
+    "ALPHA",
+    "TOKENS_PER_FEATURE",
+    "Correction",
+    "correct_blocks",
+    "correct_streamed",
+    "corrected_factors",
+]
 
 TOKENS_PER_FEATURE = 16
 """A layer is refit only with at least this many calibration tokens per input feature: on
@@ -119,10 +138,9 @@ def correct_blocks(
     output weights D as for the output-aware factors (None: D = I). `check`: keep a refit only
     if, fitted on the even batches, it lowers the error on the odd ones (False: refit every
     layer with enough tokens on all batches)."""
-    from compressor.methods.output_aware import channel_weights
-
     stack_name, stack = find_blocks(model)
     batches = list(batches)
+    fit = _Fit(sensitivity, damping, alpha, check)
     factorized = {
         n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear) and n in originals
     }
@@ -138,16 +156,8 @@ def correct_blocks(
             first_inputs(model, stack, batches, Activations()) if outside else (old, extras)
         )
         masks = [real_mask(b) for b in batches]
-        done.tokens = sum(_tokens(old.get(i), masks[i]) for i in range(len(batches)))
-        for name, layer in factorized.items():
-            need = tokens_per_feature * layer.in_features
-            if name not in done.skipped and done.tokens < need:
-                done.skipped[name] = f"{done.tokens} calibration tokens, {need:.0f} needed"
-        if check and len(batches) < 2:
-            done.skipped.update(
-                dict.fromkeys(factorized, "one calibration batch: no held-out batch")
-            )
-        if len(done.skipped) == len(factorized):
+        sizes = {n: m.in_features for n, m in factorized.items()}
+        if not _eligible(done, old, masks, sizes, tokens_per_feature, check):
             return done  # nothing to refit: no forward pass
         for index, module in enumerate(stack):
             name = f"{stack_name}.{index}"
@@ -155,24 +165,7 @@ def correct_blocks(
             dense = {n: originals[n] for n in inside}
             before = Block(index, name, module, old, extras, masks)
             after = Block(index, name, module, new, new_extras, masks)
-            with _swapped(model, dense):
-                stages = _stages(model, before, list(inside))
-            for stage in stages:
-                stage = [n for n in stage if n not in done.skipped]
-                if not stage:
-                    continue
-                fit, held = _statistics(model, before, after, stage[0], dense)
-                both = (fit[0] + held[0], fit[1] + held[1])
-                for layer_name in stage:
-                    layer = factorized[layer_name]
-                    d = channel_weights(sensitivity[layer_name]) if sensitivity else None
-                    w = dense_weight_of(originals[layer_name])
-                    if check and not _wins_held_out(w, layer, fit, held, d, damping, alpha):
-                        done.skipped[layer_name] = HELD_OUT
-                        continue
-                    up, down = corrected_factors(w, *both, layer.rank, d, damping, alpha)
-                    layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
-                    done.refit.append(layer_name)
+            _refit_block(model, before, after, inside, dense, done, fit)
             if len(done.refit) + len(done.skipped) == len(factorized):
                 if progress:
                     progress("correct", len(stack), len(stack))
@@ -185,6 +178,107 @@ def correct_blocks(
     finally:
         model.train(was)
     return done
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """How each layer is refit (`correct_blocks`' arguments)."""
+
+    sensitivity: Mapping[str, torch.Tensor] | None
+    damping: float
+    alpha: float
+    check: bool
+
+
+@torch.no_grad()
+def correct_streamed(
+    model: nn.Module,
+    targets: Iterable[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    load: LoadFn,
+    factorize: Callable[[str, nn.Module], FactorizedLinear],
+    done_with: Callable[[str, FactorizedLinear], None],
+    damping: float = DEFAULT_DAMPING,
+    alpha: float = ALPHA,
+    tokens_per_feature: float = TOKENS_PER_FEATURE,
+    check: bool = True,
+    progress: ProgressFn | None = None,
+) -> Correction:
+    """`correct_blocks` on a model whose tree is on the meta device, one block in memory at a
+    time: `stream_blocks` loads each block (`load`) and carries the original model's hidden
+    states; the compressed model's are carried here beside them. In each block,
+    `factorize(name, dense)` gives each of the `targets` there its one-shot layer; once the
+    block is refit, `done_with(name, layer)` gets each one, and the dense layers stay in the
+    tree. Every target must sit inside the block stack; no output sensitivity (D = I). When
+    no layer has enough calibration tokens, returns after loading the first block only, and
+    `done_with` is never called. Loaded weights are left for the caller to release."""
+    stack_name, _ = find_blocks(model)
+    sizes = {n: dense_weight_of(model.get_submodule(n)).shape[1] for n in targets}
+    outside = [n for n in sizes if not n.startswith(stack_name + ".")]
+    if outside:
+        raise ValueError(f"{outside[0]} is outside the block stack")
+    done = Correction()
+    fit = _Fit(None, damping, alpha, check)
+
+    def counted(stage: str, i: int, n: int) -> None:
+        progress("correct", i, n)
+
+    new = None
+    for block in stream_blocks(model, batches, load, progress=counted if progress else None):
+        if new is None:  # no compressed layer before the stack: both streams start equal
+            if not _eligible(done, block.hidden, block.masks, sizes, tokens_per_feature, check):
+                break
+            new = block.hidden
+        dense = {n: model.get_submodule(n) for n in sizes if n.startswith(block.name + ".")}
+        inside = {n: factorize(n, m) for n, m in dense.items()}
+        after = Block(block.index, block.name, block.module, new, block.extras, block.masks)
+        with _swapped(model, inside):
+            _refit_block(model, block, after, inside, dense, done, fit)
+            new = _outputs(after)
+        for n, layer in inside.items():
+            done_with(n, layer)
+        # back in stream_blocks, the block runs with its dense layers: the original's outputs
+    return done
+
+
+def _eligible(done: Correction, first: Activations, masks, sizes, per_feature, check) -> bool:
+    """Count the calibration tokens into `done` and mark the layers that cannot be refit
+    (too few tokens per input feature; one batch and a held-out check); False when none can."""
+    done.tokens = sum(_tokens(first.get(i), masks[i]) for i in range(len(masks)))
+    for name, features in sizes.items():
+        need = per_feature * features
+        if name not in done.skipped and done.tokens < need:
+            done.skipped[name] = f"{done.tokens} calibration tokens, {need:.0f} needed"
+    if check and len(masks) < 2:
+        done.skipped.update(dict.fromkeys(sizes, "one calibration batch: no held-out batch"))
+    return len(done.skipped) < len(sizes)
+
+
+def _refit_block(model, before: Block, after: Block, inside, dense, done, fit: _Fit) -> None:
+    """Refit the factorized layers `inside` one block (dense: their original modules) in
+    place, in forward order, from their inputs in the original (`before`, with `dense` swapped
+    in) and in the compressed model (`after`, as the tree is)."""
+    from compressor.methods.output_aware import channel_weights
+
+    with _swapped(model, dense):
+        stages = _stages(model, before, list(inside))
+    for stage in stages:
+        stage = [n for n in stage if n not in done.skipped]
+        if not stage:
+            continue
+        fitted, held = _statistics(model, before, after, stage[0], dense)
+        both = (fitted[0] + held[0], fitted[1] + held[1])
+        for layer_name in stage:
+            layer = inside[layer_name]
+            sens = fit.sensitivity
+            d = channel_weights(sens[layer_name]) if sens else None
+            w = dense_weight_of(dense[layer_name])
+            if fit.check and not _wins_held_out(w, layer, fitted, held, d, fit.damping, fit.alpha):
+                done.skipped[layer_name] = HELD_OUT
+                continue
+            up, down = corrected_factors(w, *both, layer.rank, d, fit.damping, fit.alpha)
+            layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
+            done.refit.append(layer_name)
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from compressor.io.export import (
     export,
 )
 from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
+from compressor.methods.sequential import Correction
 from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
 from compressor.workflows.plan import AwareOptions, PlanInfo, make_plans
 
@@ -210,8 +211,8 @@ def compress_checkpoint(
     )
     summary = build_report(loaded, report, total_before, options)
     if measured.data is not None and options.aware.correct:
-        summary["correction"] = _correct(loaded, targets, measured, options.aware, progress)
-        summary["notes"]["rel_error"] = "of the one-shot fit, before the error correction"
+        done = _correct(loaded, targets, measured, options.aware, progress)
+        record_correction(summary, done, loaded.notices)
     if options.finetune is not None:
         tuned = finetune_compressed(loaded, teacher, out, options.finetune, progress)
         summary["finetune"] = tuned.report()
@@ -233,14 +234,12 @@ def compress_checkpoint(
 
 
 def _check_streamed_whiten(aware: AwareOptions) -> None:
-    """Streamed whitening calibrates once, block by block, on the original model's inputs:
-    neither the output-aware ranks (a backward pass through the whole model) nor the error
-    correction (a second pass once every rank is known) are there yet."""
-    on = [f"`{k}`" for k in ("output_aware", "correct") if getattr(aware, k)]
-    if on:
+    """Streamed whitening calibrates block by block: the output-aware ranks (a backward pass
+    through the whole model) are not there."""
+    if aware.output_aware:
         raise DlncError(
-            "`stream` with whiten calibrates block by block on the original model's inputs, "
-            f"without output-aware ranks or error correction: pass {' and '.join(on)} off"
+            "`stream` with whiten calibrates block by block, without the output-aware ranks "
+            "(a backward pass through the whole model): pass `output_aware` off"
         )
 
 
@@ -276,32 +275,38 @@ def _method_inputs(loaded, targets, options: CompressOptions, progress):
     return plan.weight_spectra, kwargs, measured
 
 
-def _correct(loaded, targets, measured: PlanInfo, aware: AwareOptions, progress) -> dict:
+def _correct(loaded, targets, measured: PlanInfo, aware: AwareOptions, progress) -> Correction:
     """Error-correcting calibration of the compressed model (methods/sequential.py), block by
-    block on the calibration data; a notice says which layers kept their one-shot factors."""
+    block on the calibration data."""
     from compressor.methods.blocks import find_blocks
-    from compressor.methods.sequential import TOKENS_PER_FEATURE, correct_blocks
+    from compressor.methods.sequential import correct_blocks
 
     try:
         find_blocks(loaded.model)
     except DlncError:
-        why = "the model has no stack of repeated blocks"
-        loaded.notices.append(f"no error-correcting calibration: {why}")
-        return {"tokens": 0, "refit": [], "skipped": dict.fromkeys(targets, why)}
-    done = correct_blocks(
+        return Correction(skipped=dict.fromkeys(targets, "the model has no stack of blocks"))
+    return correct_blocks(
         loaded.model, targets, measured.data.train, measured.sensitivity, aware.damping,
         progress=progress,
     )  # fmt: skip
+
+
+def record_correction(summary: dict, done: Correction, notices: list[str]) -> None:
+    """Put what the error-correcting calibration did into report.json's `summary`; a notice
+    says which layers kept their one-shot factors and why."""
+    from compressor.methods.sequential import TOKENS_PER_FEATURE
+
+    summary["correction"] = done.to_dict()
+    summary["notes"]["rel_error"] = "of the one-shot fit, before the error correction"
     if done.skipped:
         few = f"too few calibration tokens ({TOKENS_PER_FEATURE} per input feature needed, "
         few += f"{done.tokens} in all: give more or longer samples)"
         reasons = Counter(few if w.endswith("needed") else w for w in done.skipped.values())
-        loaded.notices.append(
+        notices.append(
             f"error-correcting calibration refit {len(done.refit)} of "
             f"{len(done.refit) + len(done.skipped)} layers; the others keep their one-shot "
             "factors: " + "; ".join(f"{n}: {why}" for why, n in reasons.items())
         )
-    return done.to_dict()
 
 
 def build_report(

@@ -8,6 +8,9 @@ rank overrides are chosen exactly as in memory. Then two passes over the targete
      weight is read again and decomposed at its rank (on large layers the cheaper of a
      randomized SVD and the float32 Gram's eigenvectors, checked against the optimum; exact
      otherwise) while a worker thread already reads and decomposes the next one.
+With data (`--method whiten`), pass 1 is block by block instead (`_whiten_pass`: input Grams,
+whiteners kept on disk, spectra), and with error correction a pass between the two refits
+each block's layers on the compressed model's own inputs (`_correct_pass`).
 Peak memory: about two layers' working sets (the one being decomposed, the factors being
 written) plus a fixed overhead, never the model. The export (tensors, shards, config.json's
 `dlnc` section, report.json) is the in-memory path's, bit for bit with `solver="exact"`.
@@ -146,6 +149,7 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         CompressResult,
         build_report,
         expand_overrides,
+        record_correction,
         select_targets,
     )
 
@@ -170,6 +174,11 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         shapes = {n: t.shape for n, t in layers.items()}
         for name, decision in allocate_ranks(spectra, shapes, policy).items():
             layers[name].decision = decision
+        correction = None
+        if method == "whiten" and options.aware.correct:
+            factor, correction = _correct_pass(
+                loaded, layers, source, keys, factor, options, tmp, progress
+            )
         _factorize_skeleton(loaded.model, layers)
         if world is not None:  # each process factorizes its share; the main one writes
             factor = _factor_shared(layers, source, factor, out, world)
@@ -183,6 +192,8 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         def report() -> dict:  # the per-layer errors are known once the factors are written
             done = CompressionReport(method, [writer.reports[n] for n in layers], options.depth)
             summary.update(build_report(loaded, done, total_before, options))
+            if correction is not None:
+                record_correction(summary, correction, loaded.notices)
             return summary
 
         try:
@@ -401,6 +412,50 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
         return up, down, rel
 
     return spectra, weight_spectra, factor
+
+
+def _correct_pass(loaded, layers, source, keys, factor: FactorOf, options, tmp, progress):
+    """With error correction: block by block once more, each block's targets factorized
+    (`factor`, the one-shot fit) and refit on the compressed model's own inputs
+    (`correct_streamed`); their final factors wait in `tmp` for the writer. Returns the
+    writer's factor function (the relative errors are the one-shot fit's, as in memory) and
+    what the correction did."""
+    from compressor.methods.sequential import correct_streamed
+    from compressor.training.data import load_data
+
+    folder = Path(tmp)
+    errors: dict[str, float] = {}
+
+    def factorize(name: str, dense: nn.Module) -> FactorizedLinear:
+        rank = layers[name].decision.rank
+        up, down, errors[name] = factor(name, _reader(source, name, layers[name], False), rank)
+        return FactorizedLinear.from_dense(dense, rank, options.depth, factors=(up, down))
+
+    def done_with(name: str, layer: FactorizedLinear) -> None:
+        tensors = {"up": layer.collapsed_up().to(layer.up.weight), "down": layer.down.weight}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, _factors_file(folder, name))
+
+    targets = [n for n, t in layers.items() if not t.decision.dense]
+    batches = load_data(options.aware.data, loaded.source).train
+    load = module_loader(source, keys)
+    done = correct_streamed(
+        loaded.model, targets, batches, load, factorize, done_with, options.aware.damping,
+        progress=progress,
+    )  # fmt: skip
+    _release(loaded.model)
+
+    def corrected(name: str, read: _Reader, rank: int):
+        path = _factors_file(folder, name)
+        if not path.exists():  # no layer could be refit: no block ran
+            return factor(name, read, rank)
+        with safe_open(path, framework="pt") as h:
+            return h.get_tensor("up"), h.get_tensor("down"), errors[name]
+
+    return corrected, done
+
+
+def _factors_file(folder: Path, name: str) -> Path:
+    return folder / f"{name}.factors.safetensors"
 
 
 def _large(options, shape: tuple[int, ...]) -> bool:
