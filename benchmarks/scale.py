@@ -5,11 +5,17 @@ Writes a Llama-7B-shaped checkpoint (hidden 4096, intermediate 11008, 32 heads, 
 runs each step in a fresh process and reads that process's own peak RSS (ru_maxrss):
   baseline   imports (SciPy's too) + the meta-device model tree: the fixed overhead
   stream     data-free --keep 0.5 on every projection, streamed (`--stream`)
-  memory     the same through the in-memory path (--memory; slow: one full SVD per layer)
+  whiten     --method whiten, streamed block by block on `--samples` x 128 calibration tokens
+  correct    the same with error-correcting calibration (a layer is refit with 16 tokens per
+             input feature: `--hidden 1024 --intermediate 2752 --samples 128` refits the
+             attention and gate/up projections)
+  memory     the same as stream through the in-memory path (slow: one full SVD per layer)
   reload     load_pretrained of the export
-Prints a table; per-layer time is (time - baseline time) / layers, projected to 32 layers.
+Prints a table; per-layer time is the difference between the smallest and the largest slice
+over the layers added, projected to 32 layers.
 
-    python benchmarks/scale.py --layers 2 4 [--memory] [--device cuda]
+    python benchmarks/scale.py --layers 2 4 [--steps stream whiten correct memory reload]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -37,18 +43,22 @@ if step == "baseline":  # what every run holds whatever the model's size (SciPy'
     import compressor.workflows.stream, transformers, scipy.linalg, threadpoolctl
     cfg = transformers.AutoConfig.from_pretrained(src)
     meta_model(transformers.LlamaForCausalLM, cfg)
-elif step in ("stream", "memory", "whiten"):
+elif step in ("stream", "memory", "whiten", "correct"):
     from compressor.core.ranks import RankPolicy
     from compressor.training.data import DataOptions
     from compressor.workflows.compress import CompressOptions, compress_checkpoint
     from compressor.workflows.plan import AwareOptions
     aware = None
-    if step == "whiten":
+    if step in ("whiten", "correct"):
         aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4),
-                             output_aware=False, correct=False)
+                             output_aware=False, correct=step == "correct")
     opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=step != "memory", aware=aware,
                            device=None if device == "auto" else device, overwrite=True)
-    compress_checkpoint(src, out, opts)
+    summary = compress_checkpoint(src, out, opts).summary
+    if "correction" in summary:  # which layers the error correction refit
+        done = summary["correction"]
+        print(json.dumps({"refit": len(done["refit"]),
+                          "of": len(done["refit"]) + len(done["skipped"])}))
 elif step == "reload":
     from compressor.io.export import load_pretrained
     load_pretrained(out)
@@ -104,6 +114,8 @@ def run(step: str, src: Path, out: Path, device: str, data: Path | None = None) 
         raise SystemExit(f"step {step} failed:\n{done.stderr}")
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
+    if step == "correct":
+        result.update(json.loads(lines[-2]))
     if step == "ops":
         result["ops"] = json.loads(lines[-2])
     return result
@@ -120,7 +132,11 @@ def main() -> None:
         "--steps",
         nargs="+",
         default=["stream", "reload"],
-        help="stream, whiten, memory (the in-memory path; slow), reload",
+        help="stream, whiten (streamed, no correction), correct (streamed whiten with error "
+        "correction), memory (the in-memory path; slow), reload",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=16, help="calibration samples of 128 tokens (whiten)"
     )
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
@@ -133,7 +149,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="dlnc-scale-") as tmp:
         data = Path(tmp) / "ids.safetensors"
-        _calibration_ids(data)
+        _calibration_ids(data, args.samples)
         if args.ops:
             ops = run("ops", Path(tmp), Path(tmp), args.device)["ops"]
             print(
@@ -159,11 +175,11 @@ def main() -> None:
     _table(rows, largest, args)
 
 
-def _calibration_ids(path: Path) -> None:
+def _calibration_ids(path: Path, samples: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    ids = torch.randint(100, 32000, (16, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(100, 32000, (samples, 128), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": ids}, path)
 
 
@@ -189,6 +205,8 @@ def _table(rows, largest: int, args) -> None:
             (n0, t0), (n1, t1) = same[0], same[-1]
             per = (t1 - t0) / (n1 - n0) if n1 > n0 else (t0 - base["seconds"]) / n0
             per_s, proj = f"{per:.1f}", f"{(t0 + (32 - n0) * per) / 60:.0f} min"
+        if "refit" in r:
+            step = f"{step} (refit {r['refit']} of {r['of']})"
         print(
             f"| {layers} | {step} | {r['seconds']:.0f} | {r['cpu']:.0f} | {per_s} | {proj} "
             f"| {gb(r['peak'])} | {gb(extra)} ({extra / largest:.1f}x largest layer) |"

@@ -104,6 +104,12 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     damped = exact.root @ exact.root.T
     rebuilt = (single.root @ single.root.T).double()
     assert float((rebuilt - damped).norm() / damped.norm()) < 1e-5
+    # another root than the float64 one: the damped Gram's Cholesky factor, and its inverse
+    assert torch.equal(single.root, single.root.tril()) and not torch.equal(
+        exact.root, exact.root.tril()
+    )
+    identity = torch.eye(in_f)
+    assert float((single.root_pinv @ single.root - identity).abs().max()) < 1e-4
     want = whitened_spectrum(w, exact)
     got = whitened_gram_spectrum(w, single).double()
     assert float((got.square() - want.square()).abs().max()) <= 1e-5 * float(want[0]) ** 2
@@ -114,3 +120,18 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
         assert error == pytest.approx(optimum, rel=1e-4)
         total = float(want.square().sum())
         assert (total - float(s.double().square().sum())) ** 0.5 == pytest.approx(error, rel=1e-3)
+
+
+def test_a_singular_float32_gram_without_damping_takes_the_eigen_route():
+    # no Cholesky factor: rank 20 of 50, undamped; the root is then Q Lambda^1/2 and its
+    # pseudo-inverse drops the null space
+    x = torch.randn(20, 50, generator=torch.Generator().manual_seed(4))
+    gram = x.T @ x
+    whitener = Whitener.from_gram(gram.clone(), damping=0.0)
+    assert whitener.root.dtype == torch.float32
+    assert not torch.equal(whitener.root, whitener.root.tril())
+    rebuilt = whitener.root @ whitener.root.T
+    assert float((rebuilt - gram).norm() / gram.norm()) < 1e-5
+    projector = whitener.root @ whitener.root_pinv  # onto the row space of x
+    assert float((projector @ x.T - x.T).norm() / x.norm()) < 1e-4
+    assert int(torch.linalg.matrix_rank(projector.double(), atol=1e-3)) == 20
