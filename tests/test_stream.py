@@ -388,12 +388,29 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
     single = []
     real = stream._single
     monkeypatch.setattr(stream, "_single", lambda *a: single.append(real(*a)) or single[-1])
-    runs = {}
+    kept = []  # pass 2's bases from pass 1's reductions of W L's Gram
+    real_basis = stream._Reductions.basis
+
+    def basis(self, name, rank):
+        found = real_basis(self, name, rank)
+        kept.append(found is not None)
+        return found
+
+    monkeypatch.setattr(stream._Reductions, "basis", basis)
+    runs, results = {}, {}
     for solver in ("exact", "auto"):
         monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16 if solver == "auto" else 512)
         opts = CompressOptions(stream=True, solver=solver, aware=aware, max_shard_size="30KB")
-        runs[solver] = compress_checkpoint(src, tmp_path / solver, opts).out_dir
+        results[solver] = compress_checkpoint(src, tmp_path / solver, opts)
+        runs[solver] = results[solver].out_dir
     assert any(single) and not all(single)  # the exact run never, the auto run on large ones
+    assert any(kept)
+    # the weights' own spectra (for plots) are read from the checkpoint when asked for
+    name = "model.layers.0.mlp.down_proj"
+    want = torch.linalg.svdvals(tensors(src)[f"{name}.weight"].double())
+    got = results["auto"].spectra[name].double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want[0]))
+    assert len(results["auto"].spectra) == len(results["exact"].spectra)
     a, b = tensors(runs["exact"]), tensors(runs["auto"])
     assert sorted(a) == sorted(b)
     for key in a:

@@ -92,7 +92,8 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     # A float32 Gram gives a float32 whitener (tridiagonal route on a CPU); the Gram route's
     # factors of W L then reach the float64 whitened optimum to float32 precision, and their
     # error follows from the returned singular values (an orthogonal projection of W L).
-    from compressor.methods.whiten import whitened_gram_factors, whitened_gram_spectrum
+    from compressor.core.linalg import gram_singular_values, gram_tridiagonal
+    from compressor.methods.whiten import whitened_gram_factors
 
     out_f, in_f = shape
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -111,7 +112,7 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     identity = torch.eye(in_f)
     assert float((single.root_pinv @ single.root - identity).abs().max()) < 1e-4
     want = whitened_spectrum(w, exact)
-    got = whitened_gram_spectrum(w, single).double()
+    got = gram_singular_values(w.float() @ single.root).double()  # what pass 1 computes
     assert float((got.square() - want.square()).abs().max()) <= 1e-5 * float(want[0]) ** 2
     for rank in (10, 60):
         _, _, optimum, _ = whitened_factors(w, exact, rank)
@@ -119,6 +120,12 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
         error = float(((w - (up @ down).double()) @ exact.root).norm())
         assert error == pytest.approx(optimum, rel=1e-4)
         total = float(want.square().sum())
+        assert (total - float(s.double().square().sum())) ** 0.5 == pytest.approx(error, rel=1e-3)
+        # from a kept reduction's basis (streamed pass 2), W L never formed: the same optimum
+        basis = gram_tridiagonal(w.float() @ single.root)[0].eigen(rank)[1]
+        up, down, s = whitened_gram_factors(w, single, rank, basis)
+        error = float(((w - (up @ down).double()) @ exact.root).norm())
+        assert error == pytest.approx(optimum, rel=1e-4)
         assert (total - float(s.double().square().sum())) ** 0.5 == pytest.approx(error, rel=1e-3)
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "Decomposition",
     "Tridiagonal",
     "Weight",
+    "balanced_factors",
     "breakeven_rank",
     "decompose",
     "effective_rank",
@@ -112,10 +113,10 @@ def factors_from(w: torch.Tensor, d: Decomposition, rank: int) -> tuple[torch.Te
     wk = w.detach().to(_work_dtype(w))
     basis = d.basis[:, :rank]
     scaled = wk @ basis if d.right else basis.T @ wk
-    return _balanced(scaled, basis, d.s[:rank], d.right)
+    return balanced_factors(scaled, basis, d.s[:rank], d.right)
 
 
-def _balanced(
+def balanced_factors(
     scaled: torch.Tensor, basis: torch.Tensor, s: torch.Tensor, right: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) = (U_k S_k^(1/2), S_k^(1/2) V_k^T) from one side's orthonormal `basis` and
@@ -517,7 +518,7 @@ def gram_factors(
             scaled.addmm_(basis[start : start + len(rows)].T, rows)
         start += len(rows)
     s = torch.linalg.vector_norm(scaled, dim=0 if right else 1)
-    up, down = _balanced(scaled, basis, s, right)
+    up, down = balanced_factors(scaled, basis, s, right)
     return up.cpu().contiguous(), down.cpu().contiguous(), s.cpu()
 
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from compressor.core.compress import FactorFn
 from compressor.core.linalg import (
+    balanced_factors,
     energy_rank,
     gram_factors,
-    gram_singular_values,
     symmetric_eigen,
 )
 from compressor.core.progress import ProgressFn, report
@@ -36,7 +36,6 @@ __all__ = [
     "Whitener",
     "whitened_factors",
     "whitened_gram_factors",
-    "whitened_gram_spectrum",
     "whitened_spectrum",
     "whiteners",
 ]
@@ -132,21 +131,31 @@ def whitened_factors(
     return up, down, error, error / total if total > 0 else 0.0
 
 
-def whitened_gram_spectrum(w: torch.Tensor, whitener: Whitener) -> torch.Tensor:
-    """`whitened_spectrum` in float32 from the Gram matrix of W L's smaller side (a float32
-    `whitener`): precision as `linalg.gram_singular_values`, for large layers."""
-    return gram_singular_values(w.float() @ whitener.root)
-
-
 def whitened_gram_factors(
-    w: torch.Tensor, whitener: Whitener, rank: int
+    w: torch.Tensor, whitener: Whitener, rank: int, basis: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`whitened_factors` in float32 by the Gram route (`linalg.gram_factors` on W L, then the
     down factor times L^+): (up, down, the kept singular values of W L). W' = up @ down is
     the projection of W L onto its top singular vectors, so ||(W - W') L||_F^2 =
-    ||W L||_F^2 - sum s^2: callers compare it with the optimum."""
-    up, down, s = gram_factors(w.float() @ whitener.root, rank)
-    return up, down @ whitener.root_pinv, s
+    ||W L||_F^2 - sum s^2: callers compare it with the optimum.
+
+    With `basis` (the top singular vectors of W L's smaller side, as `gram_decomposition`
+    returns them) W L is never formed: W (L V) and V^T L^+ (V on the input side), or U^T W
+    and, for s, (U^T W) L (U on the output side), a fraction of W L's cost on a wide layer."""
+    w = w.float()
+    if basis is None:
+        up, down, s = gram_factors(w @ whitener.root, rank)
+        return up, down @ whitener.root_pinv, s
+    v = basis[:, :rank].float()
+    if w.shape[0] >= w.shape[1]:  # W L V = U S
+        scaled = w @ (whitener.root @ v)
+        s = torch.linalg.vector_norm(scaled, dim=0)
+        up, down = balanced_factors(scaled, v, s, right=True)
+        return up, down @ whitener.root_pinv, s
+    projected = v.T @ w  # U^T W: W' = U U^T W
+    s = torch.linalg.vector_norm(projected @ whitener.root, dim=1)
+    up, down = balanced_factors(projected, v, s, right=False)
+    return up, down, s
 
 
 def whiteners(stats: Mapping[str, LayerStats], damping: float) -> dict[str, Whitener | None]:

@@ -6,6 +6,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,9 +27,11 @@ from compressor.io.export import (
     export,
 )
 from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
-from compressor.methods.sequential import Correction
 from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
 from compressor.workflows.plan import AwareOptions, PlanInfo, make_plans
+
+if TYPE_CHECKING:
+    from compressor.methods.sequential import Correction
 
 __all__ = [
     "CompressOptions",
@@ -279,7 +282,7 @@ def _correct(loaded, targets, measured: PlanInfo, aware: AwareOptions, progress)
     """Error-correcting calibration of the compressed model (methods/sequential.py), block by
     block on the calibration data."""
     from compressor.methods.blocks import find_blocks
-    from compressor.methods.sequential import correct_blocks
+    from compressor.methods.sequential import Correction, correct_blocks
 
     try:
         find_blocks(loaded.model)

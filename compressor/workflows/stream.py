@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -162,13 +162,13 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         world = _world() if options.data_free else None
         if world is not None and options.device is None and world.device.type == "cuda":
             options = replace(options, device=str(world.device))  # one GPU per process
+        kept = _Reductions.planned(layers, source, options, Path(tmp), loaded.notices)
         if options.data_free:
-            kept = _Reductions.planned(layers, source, options, Path(tmp), loaded.notices)
             spectra = _spectra_shared(layers, source, options, progress, world, kept)
             method, weight_spectra, factor = "svd", spectra, _svd_factor(spectra, options, kept)
         else:
             method = "whiten"
-            grams = _whiten_pass(loaded, targets, source, keys, options, Path(tmp), progress)
+            grams = _whiten_pass(loaded, layers, source, keys, options, Path(tmp), kept, progress)
             spectra, weight_spectra, factor = grams
         policy = expand_overrides(options.policy, list(layers))
         shapes = {n: t.shape for n, t in layers.items()}
@@ -350,25 +350,27 @@ class _Reductions:
         return self.folder / f"{name}.tridiagonal"
 
 
-def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
-    """1) with data: block by block, each target's input Gram (saved to `tmp`, one file per
-    distinct Gram), its weight spectrum and whitened spectrum, as `build_plan` computes them.
-    With the `auto` solver, large layers (`_large`) go the float32 way, as the data-free path
-    does: a float32 whitener, W L's spectrum and factors from its Gram matrix, the factors
-    held to the optimum within `RANDOMIZED_TOL` (else the exact float64 factors)."""
+def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reductions, progress):
+    """1) with data: block by block, each target's input Gram, its whitener (saved beside the
+    kept reductions, one file per distinct Gram) and its whitened spectrum, as `build_plan`
+    computes them. With the `auto` solver, large layers (`_large`) go the float32 way, as the
+    data-free path does: a float32 whitener, the spectrum of W L from its Gram matrix, whose
+    reduction `kept` keeps for pass 2's basis; the factors are held to the optimum within
+    `RANDOMIZED_TOL` (else the exact float64 factors). The weights' own spectra (the result's
+    `spectra`, for plots) are computed only when asked for."""
     from compressor.methods.blocks import block_grams, stream_blocks
     from compressor.methods.whiten import (
         Whitener,
         whitened_factors,
         whitened_gram_factors,
-        whitened_gram_spectrum,
         whitened_spectrum,
     )
     from compressor.training.data import load_data
 
+    targets = {n: loaded.model.get_submodule(n) for n in layers}
     batches = load_data(options.aware.data, loaded.source).train
     damping = options.aware.damping
-    spectra, weight_spectra, files = {}, {}, {}
+    spectra, files = {}, {}
     load = module_loader(source, keys)
     for block in stream_blocks(loaded.model, batches, load, progress=progress):
         whiteners: dict[int, Whitener | None] = {}
@@ -381,17 +383,15 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
                 st.gram = torch.empty(0)  # only its whitener is used from here (FFN: 1 GB)
                 whiteners[id(st)] = Whitener.from_gram(gram, damping)
                 del gram
-                paths[id(st)] = tmp / f"{block.index}-{len(paths)}.pt"
+                paths[id(st)] = tmp / f"{block.index}-{len(paths)}.whitener"
                 torch.save(_whitener_state(whiteners[id(st)]), paths[id(st)])
             files[name] = paths[id(st)]
             whitener = whiteners[id(st)]
             weight = in_linear_layout(targets[name].weight, layout_of(targets[name]))
             check_finite(name, weight)
             if _single(options, weight.shape, whitener):
-                weight_spectra[name] = gram_singular_values(weight)
-                spectra[name] = whitened_gram_spectrum(weight, whitener)
+                spectra[name] = kept.spectrum(name, weight.float() @ whitener.root, None)
             else:
-                weight_spectra[name] = singular_values(weight)
                 spectra[name] = whitened_spectrum(weight, whitener)
     missing = [n for n in targets if n not in spectra]
     if missing:
@@ -403,7 +403,8 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
         whitener = Whitener(**state) if state else None
         weight = read()
         if _single(options, weight.shape, whitener):
-            up, down, top = whitened_gram_factors(weight, whitener, rank)
+            basis = kept.basis(name, rank)
+            up, down, top = whitened_gram_factors(weight, whitener, rank, basis)
             total = float(spectra[name].double().square().sum())
             error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
             if error <= (1 + RANDOMIZED_TOL) * truncation_error(spectra[name], rank):
@@ -411,7 +412,30 @@ def _whiten_pass(loaded, targets, source, keys, options, tmp: Path, progress):
         up, down, _, rel = whitened_factors(weight, whitener, rank)
         return up, down, rel
 
-    return spectra, weight_spectra, factor
+    readers = {n: _reader(source, n, t, checked=False) for n, t in layers.items()}
+    return spectra, _WeightSpectra(readers, options), factor
+
+
+class _WeightSpectra(Mapping[str, torch.Tensor]):
+    """Each target's singular values (as the data-free pass computes them), read from the
+    checkpoint when first asked for: streamed whitening ranks by the whitened spectra, and a
+    7B layer's own spectra cost 17 s that only a plot reads."""
+
+    def __init__(self, readers: dict[str, _Reader], options) -> None:
+        self.readers, self.options, self.known = readers, options, {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.known:
+            read = self.readers[name]
+            large = _large(self.options, read.shape)
+            self.known[name] = gram_singular_values(read) if large else singular_values(read())
+        return self.known[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.readers)
+
+    def __len__(self) -> int:
+        return len(self.readers)
 
 
 def _correct_pass(loaded, layers, source, keys, factor: FactorOf, options, tmp, progress):
