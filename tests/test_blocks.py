@@ -77,3 +77,24 @@ def test_a_block_changed_by_the_consumer_feeds_the_next_block(tiny_model, one_to
                 block.module.mlp.down_proj.weight.zero_()
                 block.module.self_attn.o_proj.weight.zero_()
     torch.testing.assert_close(seen[1], seen[0])  # block 0 became the identity (residuals)
+
+
+def test_wide_inputs_can_be_collected_in_float32(tiny_model, one_torch_thread):
+    # streamed whitening's large layers: half the memory, float32 precision
+    _, folder = tiny_model("llama")  # inputs 32 wide, and 64 into down_proj
+    batches = padded_batches()
+    _, reference, _ = streamed_grams(folder, batches)
+    loaded, source, keys = open_streamed(folder, CompressOptions())
+    targets = find_targets(loaded.model)
+    single = {}
+    for block in stream_blocks(loaded.model, batches, module_loader(source, keys)):
+        single.update(block_grams(block, targets, single_from=64))
+    assert sorted(single) == sorted(reference)
+    for name, st in single.items():
+        want = reference[name].gram
+        assert st.rows == reference[name].rows
+        if name.endswith("down_proj"):
+            assert st.gram.dtype == torch.float32
+            torch.testing.assert_close(st.gram.double(), want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(st.gram, want)

@@ -33,12 +33,12 @@ __all__ = ["LayerStats", "collect_grams", "real_rows"]
 class LayerStats:
     """The running Gram matrix of one layer input; `rows` is the number of input vectors."""
 
-    gram: torch.Tensor  # d_in x d_in, float64, sum over rows of x x^T
+    gram: torch.Tensor  # d_in x d_in, sum over rows of x x^T: float64 (or float32 if asked)
     rows: int = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.gram.dtype)
         self.gram.addmm_(x.T, x)
         self.rows += x.shape[0]
 
@@ -46,7 +46,8 @@ class LayerStats:
 class _Collector:
     """Owns the hooks and the per-layer statistics for one calibration run."""
 
-    def __init__(self) -> None:
+    def __init__(self, single_from: int | None = None) -> None:
+        self.single_from = single_from  # inputs at least this wide: float32 Grams
         self.stats: dict[str, LayerStats] = {}
         self.aliases: dict[str, str] = {}  # layer -> the layer whose input (and Gram) it shares
         self.mask: torch.Tensor | None = None
@@ -70,7 +71,9 @@ class _Collector:
             self.last = (x, name)
             if name not in self.stats:
                 width = dense_weight_of(module).shape[1]
-                self.stats[name] = LayerStats(torch.zeros(width, width, dtype=torch.float64))
+                single = self.single_from is not None and width >= self.single_from
+                dtype = torch.float32 if single else torch.float64
+                self.stats[name] = LayerStats(torch.zeros(width, width, dtype=dtype))
             self.stats[name].add(self._real_rows(x))
 
         return pre_hook

@@ -372,15 +372,15 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
     damping = options.aware.damping
     spectra, files = {}, {}
     load = module_loader(source, keys)
+    single_from = RANDOMIZED_MIN_SIZE if options.solver == "auto" else None  # as `_large`
     for block in stream_blocks(loaded.model, batches, load, progress=progress):
         whiteners: dict[int, Whitener | None] = {}
         paths: dict[int, Path] = {}
-        for name, st in block_grams(block, targets).items():
+        for name, st in block_grams(block, targets, single_from).items():
             if id(st) not in whiteners:  # q/k/v share one Gram, one whitener
-                rows = max(st.rows, 1)  # a float32 copy is the whitener's scratch
-                large = _large(options, st.gram.shape)
-                gram = st.gram.float().div_(rows) if large else st.gram / rows
-                st.gram = torch.empty(0)  # only its whitener is used from here (FFN: 1 GB)
+                rows = max(st.rows, 1)  # a large layer's float32 Gram is its whitener's scratch
+                gram = st.gram.div_(rows) if st.gram.dtype == torch.float32 else st.gram / rows
+                st.gram = torch.empty(0)  # only its whitener is used from here
                 whiteners[id(st)] = Whitener.from_gram(gram, damping)
                 del gram
                 paths[id(st)] = tmp / f"{block.index}-{len(paths)}.whitener"
