@@ -275,6 +275,13 @@ def _whitener_state(whitener) -> dict[str, torch.Tensor]:
     return {} if whitener is None else {"root": whitener.root, "root_pinv": whitener.root_pinv}
 
 
+def _load_whitener(path: Path):
+    from compressor.methods.whiten import Whitener
+
+    state = torch.load(path, weights_only=True)
+    return Whitener(**state) if state else None
+
+
 def _release(model: nn.Module) -> None:
     """Send the parameters the block loop loaded back to the meta device, and re-tie."""
     for module in model.modules():
@@ -374,19 +381,22 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
     load = module_loader(source, keys)
     single_from = RANDOMIZED_MIN_SIZE if options.solver == "auto" else None  # as `_large`
     for block in stream_blocks(loaded.model, batches, load, progress=progress):
-        whiteners: dict[int, Whitener | None] = {}
         paths: dict[int, Path] = {}
+        held: tuple[int, Whitener | None] | None = None  # one whitener in memory at a time
         for name, st in block_grams(block, targets, single_from).items():
-            if id(st) not in whiteners:  # q/k/v share one Gram, one whitener
+            if id(st) not in paths:  # q/k/v share one Gram, one whitener
                 rows = max(st.rows, 1)  # a large layer's float32 Gram is its whitener's scratch
                 gram = st.gram.div_(rows) if st.gram.dtype == torch.float32 else st.gram / rows
                 st.gram = torch.empty(0)  # only its whitener is used from here
-                whiteners[id(st)] = Whitener.from_gram(gram, damping)
+                held = None  # the previous whitener goes before the next is made
+                held = (id(st), Whitener.from_gram(gram, damping))
                 del gram
                 paths[id(st)] = tmp / f"{block.index}-{len(paths)}.whitener"
-                torch.save(_whitener_state(whiteners[id(st)]), paths[id(st)])
+                torch.save(_whitener_state(held[1]), paths[id(st)])
+            elif held is None or held[0] != id(st):  # sharers are read one after another
+                held = (id(st), _load_whitener(paths[id(st)]))
             files[name] = paths[id(st)]
-            whitener = whiteners[id(st)]
+            whitener = held[1]
             weight = in_linear_layout(targets[name].weight, layout_of(targets[name]))
             check_finite(name, weight)
             if _single(options, weight.shape, whitener):
@@ -399,8 +409,7 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
     _release(loaded.model)
 
     def factor(name: str, read: _Reader, rank: int):
-        state = torch.load(files[name], weights_only=True)
-        whitener = Whitener(**state) if state else None
+        whitener = _load_whitener(files[name])
         weight = read()
         if _single(options, weight.shape, whitener):
             basis = kept.basis(name, rank)
