@@ -54,7 +54,7 @@ elif step in ("stream", "memory", "whiten", "correct"):
                              output_aware=False, correct=step == "correct")
     opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=step != "memory", aware=aware,
                            device=None if device == "auto" else device, overwrite=True)
-    summary = compress_checkpoint(src, out, opts).summary
+    summary = compress_checkpoint(src, out, opts).report
     if "correction" in summary:  # which layers the error correction refit
         done = summary["correction"]
         print(json.dumps({"refit": len(done["refit"]),

@@ -52,15 +52,28 @@ def test_block_by_block_grams_equal_the_in_memory_grams(family, tiny_model, one_
     assert all(p.is_meta for p in meta.get_submodule(stack).parameters())  # all released
 
 
-def test_activations_spilled_to_disk_give_the_same_grams(tiny_model, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("spill_over", [0, 2000, 10**9])  # all / from the second batch / none
+def test_activations_spilled_to_disk_give_the_same_grams(
+    spill_over, tiny_model, tmp_path, one_torch_thread
+):
     _, folder = tiny_model("llama")
-    batches = padded_batches()
+    batches = padded_batches()  # 2 x 7 and 2 x 11 tokens of 32 float32 features: 1792, 2816 B
     _, in_memory, _ = streamed_grams(folder, batches)
     spill = tmp_path / "spill"
     spill.mkdir()
-    _, on_disk, _ = streamed_grams(folder, batches, spill)
+    loaded, source, keys = open_streamed(folder, CompressOptions())
+    targets = find_targets(loaded.model)
+    load = module_loader(source, keys)
+    on_disk, files = {}, []
+    for block in stream_blocks(loaded.model, batches, load, spill, spill_over=spill_over):
+        on_disk.update(block_grams(block, targets))
+        files.append(sorted(p.relative_to(spill).parent.name for p in spill.rglob("*.pt")))
     for name, st in in_memory.items():
         assert torch.equal(on_disk[name].gram, st.gram)
+    if spill_over == 10**9:
+        assert files == [[], []]
+    else:  # both batches on disk, one block's inputs at a time
+        assert files == [["in", "in"], ["0", "0"]]
     assert list(spill.iterdir()) == []  # the activations are removed afterwards
 
 

@@ -186,13 +186,16 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_streamed_error_correction_is_the_in_memory_one(family, tmp_path, one_torch_thread):
+def test_streamed_error_correction_is_the_in_memory_one(
+    family, tmp_path, monkeypatch, one_torch_thread
+):
     # block by block, with the original and the compressed model's hidden states side by
     # side and one block loaded, the correction refits the layers the in-memory one refits,
     # to the same factors (GPT-2: Conv1D layers)
     from safetensors.torch import save_file
 
     from compressor.training.data import DataOptions
+    from compressor.workflows import compress
     from compressor.workflows.plan import AwareOptions
 
     src = sharded(family, tmp_path)
@@ -203,6 +206,10 @@ def test_streamed_error_correction_is_the_in_memory_one(family, tmp_path, one_to
     aware = AwareOptions(method="whiten", data=data_options, output_aware=False)
     memory, streamed = both(src, tmp_path, aware=aware)
     same_files(memory, streamed)
+    # activations past the memory budget go to disk: the same export
+    monkeypatch.setattr(compress, "available_memory", lambda: 8 * 20_000)
+    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
+    same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
     correction = json.loads((streamed / "report.json").read_text())["correction"]
     assert correction["tokens"] == 64 * 20 and correction["refit"]
     plain = replace(aware, correct=False)

@@ -18,6 +18,7 @@ blocks 0..i-1 produce) is the same loop.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -71,21 +72,46 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 @dataclass
 class Activations:
-    """The hidden states entering a block, one tensor per batch; on disk under `spill_dir`."""
+    """The hidden states entering a block, one tensor per batch: in memory until they take
+    more than `spill_over` bytes, then all on disk under `spill_dir` (None: never)."""
 
     spill_dir: Path | None = None
+    spill_over: int = 0
     _memory: dict[int, torch.Tensor] = field(default_factory=dict)
+    _on_disk: set[int] = field(default_factory=set)
 
     def put(self, i: int, x: torch.Tensor) -> None:
-        if self.spill_dir is None:
-            self._memory[i] = x
+        if self.spill_dir is not None and not self._on_disk:
+            held = sum(t.nbytes for t in self._memory.values())
+            if held + x.nbytes > self.spill_over:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                for j in list(self._memory):
+                    self._save(j, self._memory.pop(j))
+        if self._on_disk:
+            self._save(i, x)
         else:
-            torch.save(x, self.spill_dir / f"{i}.pt")
+            self._memory[i] = x
 
     def get(self, i: int) -> torch.Tensor:
-        if self.spill_dir is None:
+        if i not in self._on_disk:
             return self._memory[i]
         return torch.load(self.spill_dir / f"{i}.pt", mmap=True, weights_only=True)
+
+    def sibling(self, name: str) -> Activations:
+        """An empty set that spills beside this one, under the same threshold."""
+        folder = self.spill_dir.parent / name if self.spill_dir is not None else None
+        return Activations(folder, self.spill_over)
+
+    def discard(self) -> None:
+        """Drop them (their files too): the next block's inputs replace them."""
+        self._memory.clear()
+        if self._on_disk:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self._on_disk.clear()
+
+    def _save(self, i: int, x: torch.Tensor) -> None:
+        torch.save(x, self.spill_dir / f"{i}.pt")
+        self._on_disk.add(i)
 
 
 @dataclass
@@ -116,26 +142,29 @@ def stream_blocks(
     load: LoadFn,
     spill_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
+    spill_over: int = 0,
 ) -> Iterator[Block]:
     """Yield each block of `model` (a meta-device module tree) with its inputs, one at a time
-    (see the module docstring). `load(prefix, module)` materializes weights."""
+    (see the module docstring). `load(prefix, module)` materializes weights. With `spill_dir`,
+    a block's activations that take more than `spill_over` bytes go to disk there (0: all),
+    one block's at a time."""
     stack_name, stack = find_blocks(model)
     batches = list(batches)
     _load_outside(model, stack_name, load)
     with tempfile.TemporaryDirectory(prefix="dlnc-acts-", dir=spill_dir) as tmp:
         spill = Path(tmp) if spill_dir is not None else None
-        hidden, extras = first_inputs(model, stack, batches, Activations(spill))
+        room = Activations(spill / "in" if spill else None, spill_over)
+        hidden, extras = first_inputs(model, stack, batches, room)
         masks = [real_mask(b) for b in batches]
         for index, module in enumerate(stack):
             name = f"{stack_name}.{index}"
             load(name, module)
             block = Block(index, name, module.eval(), hidden, extras, masks)
             yield block
-            hidden = Activations(spill / str(index) if spill else None)
-            if hidden.spill_dir is not None:
-                hidden.spill_dir.mkdir()
+            hidden = hidden.sibling(str(index))
             for i in range(len(batches)):
                 hidden.put(i, block.run(i))
+            block.hidden.discard()
             block.module.to("meta")  # release its weights
             if progress:
                 progress("blocks", index + 1, len(stack))

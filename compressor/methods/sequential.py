@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -203,6 +204,8 @@ def correct_streamed(
     tokens_per_feature: float = TOKENS_PER_FEATURE,
     check: bool = True,
     progress: ProgressFn | None = None,
+    spill_dir: str | Path | None = None,
+    spill_over: int = 0,
 ) -> Correction:
     """`correct_blocks` on a model whose tree is on the meta device, one block in memory at a
     time: `stream_blocks` loads each block (`load`) and carries the original model's hidden
@@ -211,7 +214,9 @@ def correct_streamed(
     block is refit, `done_with(name, layer)` gets each one, and the dense layers stay in the
     tree. Every target must sit inside the block stack; no output sensitivity (D = I). When
     no layer has enough calibration tokens, returns after loading the first block only, and
-    `done_with` is never called. Loaded weights are left for the caller to release."""
+    `done_with` is never called. Loaded weights are left for the caller to release. Both
+    streams of activations go to disk under `spill_dir` past `spill_over` bytes each, as
+    `stream_blocks` puts them."""
     stack_name, _ = find_blocks(model)
     sizes = {n: dense_weight_of(model.get_submodule(n)).shape[1] for n in targets}
     outside = [n for n in sizes if not n.startswith(stack_name + ".")]
@@ -224,7 +229,10 @@ def correct_streamed(
         progress("correct", i, n)
 
     new = None
-    for block in stream_blocks(model, batches, load, progress=counted if progress else None):
+    blocks = stream_blocks(
+        model, batches, load, spill_dir, counted if progress else None, spill_over
+    )
+    for block in blocks:
         if new is None:  # no compressed layer before the stack: both streams start equal
             if not _eligible(done, block.hidden, block.masks, sizes, tokens_per_feature, check):
                 break
@@ -232,9 +240,12 @@ def correct_streamed(
         dense = {n: model.get_submodule(n) for n in sizes if n.startswith(block.name + ".")}
         inside = {n: factorize(n, m) for n, m in dense.items()}
         after = Block(block.index, block.name, block.module, new, block.extras, block.masks)
+        previous = new
         with _swapped(model, inside):
             _refit_block(model, block, after, inside, dense, done, fit)
-            new = _outputs(after)
+            new = _outputs(after, block.hidden.sibling(f"{block.index}-compressed"))
+        if previous is not block.hidden:  # (the first block's: still the original's)
+            previous.discard()
         for n, layer in inside.items():
             done_with(n, layer)
         # back in stream_blocks, the block runs with its dense layers: the original's outputs
@@ -380,9 +391,9 @@ def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor
     return x.reshape(-1, x.shape[-1]).double()
 
 
-def _outputs(block: Block) -> Activations:
-    """What the block (as it is now) hands the next one, for every batch."""
-    out = Activations()
+def _outputs(block: Block, out: Activations | None = None) -> Activations:
+    """What the block (as it is now) hands the next one, for every batch (into `out`)."""
+    out = Activations() if out is None else out
     for i in range(len(block)):
         out.put(i, block.run(i))
     return out

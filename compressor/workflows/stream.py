@@ -380,7 +380,8 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
     spectra, files = {}, {}
     load = module_loader(source, keys)
     single_from = RANDOMIZED_MIN_SIZE if options.solver == "auto" else None  # as `_large`
-    for block in stream_blocks(loaded.model, batches, load, progress=progress):
+    blocks = stream_blocks(loaded.model, batches, load, tmp, progress, _spill_over())
+    for block in blocks:
         paths: dict[int, Path] = {}
         held: tuple[int, Whitener | None] | None = None  # one whitener in memory at a time
         for name, st in block_grams(block, targets, single_from).items():
@@ -473,7 +474,7 @@ def _correct_pass(loaded, layers, source, keys, factor: FactorOf, options, tmp, 
     load = module_loader(source, keys)
     done = correct_streamed(
         loaded.model, targets, batches, load, factorize, done_with, options.aware.damping,
-        progress=progress,
+        progress=progress, spill_dir=folder, spill_over=_spill_over(),
     )  # fmt: skip
     _release(loaded.model)
 
@@ -489,6 +490,15 @@ def _correct_pass(loaded, layers, source, keys, factor: FactorOf, options, tmp, 
 
 def _factors_file(folder: Path, name: str) -> Path:
     return folder / f"{name}.factors.safetensors"
+
+
+def _spill_over() -> int:
+    """Bytes of one block's calibration activations kept in memory before they go to disk
+    (beside the output): an eighth of the memory available now (up to three sets are alive
+    at once with error correction, one block's weights and statistics beside them)."""
+    from compressor.workflows.compress import available_memory
+
+    return available_memory() // 8
 
 
 def _large(options, shape: tuple[int, ...]) -> bool:
