@@ -389,7 +389,7 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
                 rows = max(st.rows, 1)  # a large layer's float32 Gram is its whitener's scratch
                 gram = st.gram.div_(rows) if st.gram.dtype == torch.float32 else st.gram / rows
                 st.gram = torch.empty(0)  # only its whitener is used from here
-                held = None  # the previous whitener goes before the next is made
+                whitener = held = None  # the previous whitener goes before the next is made
                 held = (id(st), Whitener.from_gram(gram, damping))
                 del gram
                 paths[id(st)] = tmp / f"{block.index}-{len(paths)}.whitener"
@@ -404,6 +404,7 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
                 spectra[name] = kept.spectrum(name, weight.float() @ whitener.root, None)
             else:
                 spectra[name] = whitened_spectrum(weight, whitener)
+        whitener = held = weight = None  # none of it while the next block's Grams are made
     missing = [n for n in targets if n not in spectra]
     if missing:
         raise NotStreamable(f"{missing[0]} is outside the model's block stack")
