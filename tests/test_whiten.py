@@ -111,6 +111,8 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     )
     identity = torch.eye(in_f)
     assert float((single.root_pinv @ single.root - identity).abs().max()) < 1e-4
+    assert single.lower and not exact.lower  # W L through the triangular product
+    torch.testing.assert_close(single.whiten(w), w.float() @ single.root, rtol=1e-4, atol=1e-4)
     want = whitened_spectrum(w, exact)
     got = gram_singular_values(w.float() @ single.root).double()  # what pass 1 computes
     assert float((got.square() - want.square()).abs().max()) <= 1e-5 * float(want[0]) ** 2
@@ -142,3 +144,18 @@ def test_a_singular_float32_gram_without_damping_takes_the_eigen_route():
     projector = whitener.root @ whitener.root_pinv  # onto the row space of x
     assert float((projector @ x.T - x.T).norm() / x.norm()) < 1e-4
     assert int(torch.linalg.matrix_rank(projector.double(), atol=1e-3)) == 20
+
+
+@pytest.mark.parametrize("shape", [(7, 40), (40, 7), (1, 1)])
+def test_times_a_lower_triangular_matrix_is_the_product(shape):
+    # BLAS trmm on Fortran-ordered views: W L, with W's float32 copy overwritten, not W
+    from compressor.core.linalg import times_lower
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    lower = torch.randn(shape[1], shape[1], generator=g).tril()
+    kept = w.clone()
+    for stored in (lower, lower.T.contiguous().T):  # row-major, column-major (Cholesky's)
+        got = times_lower(w, stored)
+        assert got.dtype == torch.float32 and torch.equal(w, kept)
+        torch.testing.assert_close(got, w.float() @ lower, rtol=1e-5, atol=1e-5)

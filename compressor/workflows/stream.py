@@ -272,7 +272,9 @@ def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> Factor
 
 
 def _whitener_state(whitener) -> dict[str, torch.Tensor]:
-    return {} if whitener is None else {"root": whitener.root, "root_pinv": whitener.root_pinv}
+    if whitener is None:
+        return {}
+    return {"root": whitener.root, "root_pinv": whitener.root_pinv, "lower": whitener.lower}
 
 
 def _load_whitener(path: Path):
@@ -401,7 +403,7 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
             weight = in_linear_layout(targets[name].weight, layout_of(targets[name]))
             check_finite(name, weight)
             if _single(options, weight.shape, whitener):
-                spectra[name] = kept.spectrum(name, weight.float() @ whitener.root, None)
+                spectra[name] = kept.spectrum(name, whitener.whiten(weight), None)
             else:
                 spectra[name] = whitened_spectrum(weight, whitener)
         whitener = held = weight = None  # none of it while the next block's Grams are made
