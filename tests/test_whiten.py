@@ -113,6 +113,14 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     assert float((single.root_pinv @ single.root - identity).abs().max()) < 1e-4
     assert single.lower and not exact.lower  # W L through the triangular product
     torch.testing.assert_close(single.whiten(w), w.float() @ single.root, rtol=1e-4, atol=1e-4)
+    # the inverse is not held; X L^-1 is a triangular solve, equal to the product with it
+    assert single.pinv is None and exact.pinv is not None
+    rows = torch.randn(3, in_f, generator=torch.Generator().manual_seed(5))
+    for whitener in (single, exact):
+        got = whitener.unwhiten(rows.to(whitener.root.dtype))
+        want = rows.to(whitener.root.dtype) @ whitener.root_pinv
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close((got @ whitener.root).float(), rows, rtol=1e-3, atol=1e-3)
     want = whitened_spectrum(w, exact)
     got = gram_singular_values(w.float() @ single.root).double()  # what pass 1 computes
     assert float((got.square() - want.square()).abs().max()) <= 1e-5 * float(want[0]) ** 2

@@ -96,11 +96,12 @@ def corrected_factors(
     w64 = w.detach().double()
     d = torch.ones(w.shape[0], dtype=torch.float64) if d is None else d.double()
     cross = alpha * cross.double() + (1 - alpha) * gram.double()
-    target = d[:, None] * (w64 @ cross @ whitener.root_pinv.T)  # D W C L'^-T
+    pinv = whitener.root_pinv.double()
+    target = d[:, None] * (w64 @ cross @ pinv.T)  # D W C L'^-T
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root / d[:, None]
-    down = (root[:, None] * vh[:rank]) @ whitener.root_pinv
+    down = (root[:, None] * vh[:rank]) @ pinv
     return up, down
 
 

@@ -4,9 +4,10 @@ With X the calibration inputs of a layer (rows are samples) and G = X^T X = L L^
 rank-k W' minimising ||(W - W') X^T||_F is W' = trunc_k(W L) L^+, and its error is exactly
 sqrt(sum_{i>k} s_i(W L)^2) (METHOD.md section 4).
 
-Numerics: G is often singular (dead features, fewer samples than the width). We never use a
-plain Cholesky: L comes from a symmetric eigen-decomposition of G + damping * mean(diag G) * I
-in float64, and L^+ drops the eigen-directions at round-off level. Damping also keeps the
+Numerics: G is often singular (dead features, fewer samples than the width). In float64 L
+comes from a symmetric eigen-decomposition of G + damping * mean(diag G) * I, and L^+ drops
+the eigen-directions at round-off level; a large layer's float32 Gram takes the Cholesky
+factor of the damped matrix instead (`Whitener.from_gram`). Damping also keeps the
 weight's behaviour on directions the calibration data never excites (it adds
 damping * mean(diag G) * ||W - W'||_F^2 to the objective); `damping=0` is the exact optimum.
 """
@@ -47,18 +48,39 @@ DEFAULT_DAMPING = 1e-2
 
 @dataclass(frozen=True)
 class Whitener:
-    """A square root L of a (damped) Gram matrix and its pseudo-inverse: float64, or float32
-    (the Cholesky factor and its inverse) from a float32 Gram matrix (`from_gram`)."""
+    """A square root L of a (damped) Gram matrix and its pseudo-inverse: float64, or, from a
+    float32 Gram matrix (`from_gram`), its float32 Cholesky factor, whose inverse is never
+    formed unless asked for (`root_pinv`): `unwhiten` solves with the triangle instead."""
 
     root: torch.Tensor  # d x d, root @ root.T == G + damping * mean(diag G) * I
-    root_pinv: torch.Tensor  # d x d, the pseudo-inverse of `root`
+    pinv: torch.Tensor | None = None  # d x d, the pseudo-inverse of `root`; None when `lower`
     lower: bool = False  # `root` is lower triangular (the float32 Cholesky factor)
+
+    def __post_init__(self) -> None:
+        if (self.pinv is None) != self.lower:
+            raise ValueError("a Whitener holds its pseudo-inverse exactly when it is not lower")
+
+    @property
+    def root_pinv(self) -> torch.Tensor:
+        """L^+ as a matrix (solved from the triangle each time for the Cholesky factor)."""
+        if self.pinv is not None:
+            return self.pinv
+        eye = torch.eye(self.root.shape[0], dtype=self.root.dtype, device=self.root.device)
+        return torch.linalg.solve_triangular(self.root, eye, upper=False)
 
     def whiten(self, w: torch.Tensor) -> torch.Tensor:
         """W L in float32 (a triangular L: half the flops of a product on a CPU)."""
         if self.lower:
             return times_lower(w, self.root)
         return w.float() @ self.root.float()
+
+    def unwhiten(self, x: torch.Tensor) -> torch.Tensor:
+        """X L^+ in X's dtype: for the Cholesky factor a triangular solve with X's k rows
+        (k d^2 flops, where forming L^-1 alone costs d^3 / 3 and a d x d matrix)."""
+        if self.lower:
+            root = self.root.to(x.dtype)
+            return torch.linalg.solve_triangular(root, x, upper=False, left=False)
+        return x @ self.root_pinv.to(x.dtype)
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Whitener | None:
@@ -69,11 +91,11 @@ class Whitener:
 
         A float32 `gram` (a large layer's, 11008 x 11008 on Llama-7B) is overwritten, as
         LAPACK's inputs are: L is the Cholesky factor of the damped matrix (positive definite
-        whenever `damping` > 0) and L^-1 a triangular solve into the input's memory: 7 s on
-        2 cores at n = 11008, where the float32 eigendecomposition took 63 s, at the memory
-        of two matrices. Any root of G serves: the truncation of W L then times L^-1 is the
-        same for every L with L L^T = G. Without a Cholesky factor (damping 0 and G singular
-        in float32) it is decomposed in float32 (`linalg.symmetric_eigen`)."""
+        whenever `damping` > 0), 3 s on 2 cores at n = 11008, where the float32
+        eigendecomposition took 63 s; the input's memory is released after it. Any root of G
+        serves: the truncation of W L then times L^-1 is the same for every L with L L^T = G.
+        Without a Cholesky factor (damping 0 and G singular in float32) it is decomposed in
+        float32 (`linalg.symmetric_eigen`)."""
         if damping < 0:
             raise ValueError(f"`damping` must be >= 0, got {damping}")
         single = gram.dtype == torch.float32
@@ -87,10 +109,7 @@ class Whitener:
             g.diagonal().add_(damping)
             root, info = torch.linalg.cholesky_ex(g)
             if int(info) == 0:
-                identity = g.zero_()
-                identity.diagonal().fill_(1.0)
-                inverse = torch.linalg.solve_triangular(root, identity, upper=False, out=g)
-                return cls(root.mul_(scale), inverse.div_(scale), lower=True)
+                return cls(root.mul_(scale), lower=True)
             del root
             lam, q = symmetric_eigen(g, d)
             del g
@@ -103,7 +122,7 @@ class Whitener:
         alive = lam > float(lam.max()) * d * torch.finfo(q.dtype).eps
         root_lam = lam.sqrt()
         inv = torch.where(alive, 1.0 / root_lam.where(alive, torch.ones_like(lam)), 0.0)
-        return cls(root=q * (root_lam * scale), root_pinv=(q * (inv / scale)).T)
+        return cls(root=q * (root_lam * scale), pinv=(q * (inv / scale)).T)
 
 
 def whitened_spectrum(w: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
@@ -133,7 +152,7 @@ def whitened_factors(
     up = u[:, :rank] * root
     down = root[:, None] * vh[:rank]
     if whitener is not None:
-        down = down @ whitener.root_pinv.double()
+        down = whitener.unwhiten(down)
     error = float(s[rank:].square().sum().sqrt())
     total = float(s.square().sum().sqrt())
     return up, down, error, error / total if total > 0 else 0.0
@@ -152,14 +171,14 @@ def whitened_gram_factors(
     and, for s, (U^T W) L (U on the output side), a fraction of W L's cost on a wide layer."""
     if basis is None:
         up, down, s = gram_factors(whitener.whiten(w), rank)
-        return up, down @ whitener.root_pinv, s
+        return up, whitener.unwhiten(down), s
     w = w.float()
     v = basis[:, :rank].float()
     if w.shape[0] >= w.shape[1]:  # W L V = U S
         scaled = w @ (whitener.root @ v)
         s = torch.linalg.vector_norm(scaled, dim=0)
         up, down = balanced_factors(scaled, v, s, right=True)
-        return up, down @ whitener.root_pinv, s
+        return up, whitener.unwhiten(down), s
     projected = v.T @ w  # U^T W: W' = U U^T W
     s = torch.linalg.vector_norm(whitener.whiten(projected), dim=1)
     up, down = balanced_factors(projected, v, s, right=False)

@@ -274,7 +274,8 @@ def _factor_shared(layers, source, factor: FactorOf, out: Path, world) -> Factor
 def _whitener_state(whitener) -> dict[str, torch.Tensor]:
     if whitener is None:
         return {}
-    return {"root": whitener.root, "root_pinv": whitener.root_pinv, "lower": whitener.lower}
+    state = {"root": whitener.root, "lower": whitener.lower}
+    return state if whitener.pinv is None else state | {"pinv": whitener.pinv}
 
 
 def _load_whitener(path: Path):
