@@ -9,8 +9,8 @@ from compressor.core.targets import find_targets
 from compressor.io.streaming import module_loader
 from compressor.methods.blocks import block_grams, find_blocks, stream_blocks
 from compressor.methods.calibration import collect_grams
+from compressor.pipelines.source import open_streamed
 from compressor.workflows.compress import CompressOptions
-from compressor.workflows.stream import open_streamed
 
 
 def padded_batches() -> list[dict[str, torch.Tensor]]:
@@ -25,7 +25,8 @@ def padded_batches() -> list[dict[str, torch.Tensor]]:
 
 
 def streamed_grams(folder, batches, spill_dir=None):
-    loaded, source, keys = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, CompressOptions())
+    loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     targets = find_targets(loaded.model)
     grams, names = {}, []
     for block in stream_blocks(loaded.model, batches, module_loader(source, keys), spill_dir):
@@ -61,7 +62,8 @@ def test_activations_spilled_to_disk_give_the_same_grams(
     _, in_memory, _ = streamed_grams(folder, batches)
     spill = tmp_path / "spill"
     spill.mkdir()
-    loaded, source, keys = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, CompressOptions())
+    loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     targets = find_targets(loaded.model)
     load = module_loader(source, keys)
     on_disk, files = {}, []
@@ -81,7 +83,8 @@ def test_a_block_changed_by_the_consumer_feeds_the_next_block(tiny_model, one_to
     # error-correcting calibration: block 1 sees what the (here: zeroed) block 0 produces
     _, folder = tiny_model("llama")
     batches = padded_batches()
-    loaded, source, keys = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, CompressOptions())
+    loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     seen = []
     for block in stream_blocks(loaded.model, batches, module_loader(source, keys)):
         seen.append(block.hidden.get(0).clone())
@@ -97,7 +100,8 @@ def test_wide_inputs_can_be_collected_in_float32(tiny_model, one_torch_thread):
     _, folder = tiny_model("llama")  # inputs 32 wide, and 64 into down_proj
     batches = padded_batches()
     _, reference, _ = streamed_grams(folder, batches)
-    loaded, source, keys = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, CompressOptions())
+    loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     targets = find_targets(loaded.model)
     single = {}
     for block in stream_blocks(loaded.model, batches, module_loader(source, keys)):

@@ -11,12 +11,15 @@ import torch
 from conftest import build_tiny, example_inputs, outputs
 from safetensors import safe_open
 
+from compressor import methods
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
 from compressor.io import streaming
 from compressor.io.export import load_pretrained
 from compressor.io.streaming import TensorSource, write_safetensors
+from compressor.methods.registry import unregister
 from compressor.workflows.compress import CompressOptions, compress_checkpoint
+from compressor.workflows.plan import AwareOptions
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -37,8 +40,9 @@ def sharded(family: str, tmp_path: Path, dtype=torch.float32) -> Path:
 
 def both(src: Path, tmp_path: Path, **kw) -> tuple[Path, Path]:
     runs = []
+    kw = {"solver": "exact", **kw}
     for stream in (False, True):
-        opts = CompressOptions(stream=stream, solver="exact", max_shard_size="30KB", **kw)
+        opts = CompressOptions(stream=stream, max_shard_size="30KB", **kw)
         runs.append(compress_checkpoint(src, tmp_path / f"out-{stream}", opts).out_dir)
     return runs[0], runs[1]
 
@@ -78,6 +82,57 @@ def test_streamed_export_is_the_in_memory_export_bit_for_bit(
     monkeypatch.setattr(streaming, "PIECE_BYTES", 1000)
     memory, streamed = both(sharded(family, tmp_path, dtype), tmp_path, **kw)
     same_files(memory, streamed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_auto_solver_runs_alike_in_memory_and_streamed(family, tmp_path, one_torch_thread):
+    # both paths decompose through one solver: with the tiny layers counted as large
+    # (`large_from`), the float32 Gram route, its kept reductions and its optimum check run
+    # in memory too, and the exports are equal bit for bit
+    memory, streamed = both(sharded(family, tmp_path), tmp_path, solver="auto", large_from=16)
+    same_files(memory, streamed)
+    report = json.loads((memory / "report.json").read_text())
+    assert any(r["rank"] is not None for r in report["layers"])
+
+
+class _TopRows(methods.RankMethod):
+    """A toy data-free method registered in this file only: ranks from W's sorted row norms,
+    factors that keep the largest rows."""
+
+    name = "toprows"
+    column = "toprows"
+    priority = -1
+
+    def spectra(self, weights, inputs, progress):
+        return {n: w.norm(dim=1).sort(descending=True).values for n, w in weights.tensors.items()}
+
+    def factor_fn(self, weights, inputs, spectra):
+        def factor(name, module, rank):
+            w = weights.tensors[name]
+            top = w.norm(dim=1).argsort(descending=True)[:rank]
+            up = torch.zeros(w.shape[0], rank, dtype=w.dtype)
+            up[top, torch.arange(rank)] = 1.0
+            kept = w[top].clone()
+            return up, kept, float((w - up @ kept).norm() / w.norm())
+
+        return factor
+
+    def reading(self, name, spectrum, weights, inputs, tau):
+        return 1
+
+
+def test_a_registered_data_free_method_streams(tmp_path, one_torch_thread):
+    # a method registered in one file streams: the streamed export is the in-memory one
+    methods.register(_TopRows())
+    try:
+        aware = AwareOptions(method="toprows")
+        memory, streamed = both(sharded("llama", tmp_path), tmp_path, aware=aware)
+        same_files(memory, streamed)
+        report = json.loads((streamed / "report.json").read_text())
+        assert report["method"] == "toprows"
+        assert any(r["rank"] is not None and r["rel_error"] > 0 for r in report["layers"])
+    finally:
+        unregister("toprows")
 
 
 def test_streamed_export_reloads_with_the_compressed_outputs(tmp_path, one_torch_thread):
@@ -122,16 +177,14 @@ def test_pickle_weights_fall_back_to_memory_or_refuse_when_streaming_is_required
 def test_a_nan_weight_is_a_clean_error_and_leaves_nothing(
     value, gram_route, message, tmp_path, monkeypatch, one_torch_thread
 ):
-    from compressor.workflows import stream
-
-    if gram_route:  # the tiny model's layers take the float32 Gram route of large layers
-        monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16)
+    large_from = 16 if gram_route else 512  # 16: the tiny model's layers take the Gram route
     model = build_tiny("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = value
     model.save_pretrained(tmp_path / "src")
     with pytest.raises(DlncError, match=message):
-        compress_checkpoint(tmp_path / "src", tmp_path / "out", CompressOptions(stream=True))
+        opts = CompressOptions(stream=True, large_from=large_from)
+        compress_checkpoint(tmp_path / "src", tmp_path / "out", opts)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
@@ -319,13 +372,13 @@ def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(
     from safetensors.torch import save_file
 
     from compressor.core import linalg
-    from compressor.workflows.stream import _Reader
+    from compressor.pipelines.source import WeightReader
 
     monkeypatch.setattr(linalg, "BLOCK_ELEMENTS", 64 * max(shape))
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     stored = w if layout == "linear" else w.t().contiguous()
     save_file({"w": stored}, tmp_path / "w.safetensors")
-    read = _Reader(TensorSource([tmp_path / "w.safetensors"]), "layer", "w", layout, shape)
+    read = WeightReader(TensorSource([tmp_path / "w.safetensors"]), "layer", "w", layout, shape)
     for got, want in ((read.row_blocks(64), w), (read.column_blocks(64), w.T)):
         got = list(got)
         assert [len(p) for p in got] == [len(p) for p in want.split(64)]
@@ -345,14 +398,14 @@ def test_pass_one_keeps_the_gram_reductions_and_pass_two_forms_no_gram(
     from collections import namedtuple
 
     from compressor.core import linalg
-    from compressor.workflows import stream
 
-    monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16)  # the tiny model's layers count
     src = sharded("llama", tmp_path)
     grams = []
     real_gram = linalg._gram
     monkeypatch.setattr(linalg, "_gram", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
-    opts = CompressOptions(stream=True, policy=RankPolicy(keep=0.5), max_shard_size="30KB")
+    opts = CompressOptions(  # large_from 16: the tiny model's layers count as large
+        stream=True, policy=RankPolicy(keep=0.5), max_shard_size="30KB", large_from=16
+    )
     kept = compress_checkpoint(src, tmp_path / "kept", opts)
     report = json.loads((kept.out_dir / "report.json").read_text())
     large = [r for r in report["layers"] if min(r["shape"]) >= 16]
@@ -381,8 +434,8 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
     # export matches the exact float64 one to float32 precision, and the errors it reports
     from safetensors.torch import save_file
 
+    from compressor.pipelines.reductions import Reductions
     from compressor.training.data import DataOptions
-    from compressor.workflows import stream
     from compressor.workflows.plan import AwareOptions
 
     src = sharded("llama", tmp_path)
@@ -392,26 +445,25 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
         method="whiten", data=DataOptions(path=data, batch_size=4), output_aware=False,
         correct=False,
     )  # fmt: skip
-    single = []
-    real = stream._single
-    monkeypatch.setattr(stream, "_single", lambda *a: single.append(real(*a)) or single[-1])
-    kept = []  # pass 2's bases from pass 1's reductions of W L's Gram
-    real_basis = stream._Reductions.basis
-
-    def basis(self, name, rank):
-        found = real_basis(self, name, rank)
-        kept.append(found is not None)
-        return found
-
-    monkeypatch.setattr(stream._Reductions, "basis", basis)
+    kept = {"exact": [], "auto": []}  # pass 2's bases from pass 1's reductions of W L's Gram
+    real_basis = Reductions.basis
     runs, results = {}, {}
     for solver in ("exact", "auto"):
-        monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16 if solver == "auto" else 512)
-        opts = CompressOptions(stream=True, solver=solver, aware=aware, max_shard_size="30KB")
+
+        def basis(self, name, rank, solver=solver):
+            found = real_basis(self, name, rank)
+            kept[solver].append(found is not None)
+            return found
+
+        monkeypatch.setattr(Reductions, "basis", basis)
+        opts = CompressOptions(
+            stream=True, solver=solver, aware=aware, max_shard_size="30KB",
+            large_from=16 if solver == "auto" else 512,
+        )  # fmt: skip
         results[solver] = compress_checkpoint(src, tmp_path / solver, opts)
         runs[solver] = results[solver].out_dir
-    assert any(single) and not all(single)  # the exact run never, the auto run on large ones
-    assert any(kept)
+    # the exact run never takes the float32 route, the auto run does on its large layers
+    assert not any(kept["exact"]) and any(kept["auto"])
     # the weights' own spectra (for plots) are read from the checkpoint when asked for
     name = "model.layers.0.mlp.down_proj"
     want = torch.linalg.svdvals(tensors(src)[f"{name}.weight"].double())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from compressor.errors import DlncError, first_line
 
-__all__ = ["atomic_path", "check_writable", "write_error"]
+__all__ = ["atomic_path", "check_writable", "scratch_beside", "write_error"]
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -52,3 +52,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def scratch_beside(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `out` (its parent made if missing), removed afterwards with
+    the folders made for it that stayed empty: scratch files (Gram reductions, whiteners,
+    activations) sit on the output's disk."""
+    import tempfile
+
+    parent = Path(out).resolve().parent
+    made = [p for p in (parent, *parent.parents) if not p.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.grams-", dir=parent) as tmp:
+            yield Path(tmp)
+    finally:
+        for folder in made:  # the folders made for it, if nothing else went there
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -238,7 +238,7 @@ class Dynamics(RankMethod):
         self, name: str, spectrum: torch.Tensor, weights: Weights, inputs: MethodInputs, tau: float
     ) -> int:
         """The update's own rank (`update_rank`), not the joint spectrum's."""
-        return update_rank(singular_values(inputs.updates[name]), weights.decomps[name].s, tau)
+        return update_rank(singular_values(inputs.updates[name]), weights.spectrum(name), tau)
 
     @staticmethod
     def _joint(weights: Weights, inputs: MethodInputs) -> dict:

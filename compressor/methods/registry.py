@@ -9,18 +9,19 @@ the "auto" rule, the input checks and `dlnc estimate-ranks`' columns all read th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from compressor.core.compress import FactorFn, layer_decompositions
+from compressor.core.compress import FactorFn, check_finite
 from compressor.core.layers import dense_weight_of
-from compressor.core.linalg import Decomposition, breakeven_rank
+from compressor.core.linalg import breakeven_rank
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy, allocate_ranks
+from compressor.core.solver import Factors, Read, Solver
 from compressor.errors import DlncError
 
 __all__ = [
@@ -67,17 +68,77 @@ class MethodInputs:
         return frozenset(n for n in INPUTS if getattr(self, n) is not None)
 
 
-@dataclass(frozen=True)
 class Weights:
-    """The targeted weights (out x in, Linear layout) and one decomposition of each: its
-    singular values and the singular vectors up to break-even (higher ranks stay dense)."""
+    """The targeted weights (out x in, Linear layout), read where they are (a model in memory,
+    or a checkpoint tensor by tensor: `readers`), and their singular values and truncated-SVD
+    factors through one `Solver`, so a method works the same in memory and streamed.
 
-    tensors: Mapping[str, torch.Tensor]
-    decomps: Mapping[str, Decomposition]
+    `tensors[name]` reads the weight (checked for NaN/Inf) each time it is asked for: a
+    method holds one layer at a time if it iterates. `spectra` are computed once each, when
+    first asked for."""
+
+    def __init__(self, readers: Mapping[str, Read], solver: Solver | None = None) -> None:
+        self.readers = dict(readers)
+        self.solver = solver or Solver()
+        self.known: dict[str, torch.Tensor] = {}
 
     @property
-    def spectra(self) -> dict[str, torch.Tensor]:
-        return {n: d.s for n, d in self.decomps.items()}
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        return _Read(self.readers)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: tuple(r.shape) for n, r in self.readers.items()}
+
+    @property
+    def spectra(self) -> Mapping[str, torch.Tensor]:
+        """Each weight's singular values (computed when first read)."""
+        return _Spectra(self)
+
+    def spectrum(self, name: str) -> torch.Tensor:
+        if name not in self.known:
+            self.known[name] = self.solver.spectrum(name, self.readers[name])
+        return self.known[name]
+
+    def factors(self, name: str, rank: int) -> Factors:
+        """(up, down, relative error) of the truncated SVD at `rank`."""
+        read = self.readers[name]
+        unchecked = read.unchecked() if hasattr(read, "unchecked") else read
+        return self.solver.factors(name, unchecked, rank, self.spectrum(name))
+
+    def subset(self, names: Iterable[str]) -> Weights:
+        """The same weights, only `names` (sharing what was computed)."""
+        part = Weights({n: self.readers[n] for n in names}, self.solver)
+        part.known = self.known
+        return part
+
+
+class _Read(Mapping[str, torch.Tensor]):
+    def __init__(self, readers: Mapping[str, Read]) -> None:
+        self.readers = readers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.readers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.readers)
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+
+class _Spectra(Mapping[str, torch.Tensor]):
+    def __init__(self, weights: Weights) -> None:
+        self.weights = weights
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.weights.spectrum(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights.readers)
+
+    def __len__(self) -> int:
+        return len(self.weights.readers)
 
 
 @dataclass
@@ -198,7 +259,7 @@ def build_plan(
     With `stats` and `sensitivity` (per-channel output sensitivity), ranks follow each
     layer's effect on the model's output (`methods.output_aware`)."""
     inputs = MethodInputs(stats, updates, damping, sensitivity)
-    return plan_of(method, decompose_weights(targets, progress), inputs, progress)
+    return plan_of(method, decompose_weights(targets), inputs, progress)
 
 
 def plan_of(
@@ -221,11 +282,39 @@ def plan_of(
     return Plan(m.name, spectra, factor_fn, shapes, weights.spectra, reading, gains)
 
 
-def decompose_weights(targets: Mapping[str, nn.Module], progress: ProgressFn | None) -> Weights:
-    """Each target's weight and its decomposition (`core.compress.layer_decompositions`: a
-    NaN/Inf weight is a `DlncError`)."""
-    tensors = {n: dense_weight_of(m) for n, m in targets.items()}
-    return Weights(tensors, layer_decompositions(dict(targets), progress))
+def decompose_weights(targets: Mapping[str, nn.Module], solver: Solver | None = None) -> Weights:
+    """The targets' weights in memory, read through `solver` (each checked for NaN/Inf as it
+    is read: a `DlncError` naming the layer). Nothing is decomposed until a method asks."""
+    return Weights({n: _ModuleWeight(n, m) for n, m in targets.items()}, solver)
+
+
+class _ModuleWeight:
+    """Reads a module's weight (Linear layout), checked for NaN/Inf unless `unchecked()`."""
+
+    def __init__(self, name: str, module: nn.Module, checked: bool = True) -> None:
+        self.name, self.module, self.checked = name, module, checked
+        self.shape = tuple(dense_weight_of(module).shape)
+
+    def __call__(self) -> torch.Tensor:
+        # a fresh copy in the same layout, as a checkpoint reader gives (Conv1D: a transposed
+        # view): BLAS kernels may round differently on differently aligned memory, and both
+        # paths must compute alike
+        weight = dense_weight_of(self.module).detach().clone()
+        if self.checked:
+            check_finite(self.name, weight)
+        return weight
+
+    def unchecked(self) -> _ModuleWeight:
+        return _ModuleWeight(self.name, self.module, checked=False)
+
+    def row_blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        """W's rows `rows` at a time, each block contiguous, as a checkpoint reader gives
+        them: the Gram route then sums the same blocks the same way in memory and streamed."""
+        return (b.clone(memory_format=torch.contiguous_format) for b in self().split(rows))
+
+    def column_blocks(self, columns: int) -> Iterator[torch.Tensor]:
+        """W^T's rows `columns` at a time, each block contiguous."""
+        return (b.clone(memory_format=torch.contiguous_format) for b in self().T.split(columns))
 
 
 @dataclass

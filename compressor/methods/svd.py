@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from compressor.core.compress import FactorFn, svd_factor_fn
+from compressor.core.compress import FactorFn
 from compressor.core.linalg import energy_rank
-from compressor.core.progress import ProgressFn
+from compressor.core.progress import ProgressFn, report
 from compressor.methods.registry import MethodInputs, RankMethod, Weights, register
 
 __all__ = ["SVD"]
@@ -22,10 +22,14 @@ class SVD(RankMethod):
     def spectra(
         self, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None
     ) -> dict[str, torch.Tensor]:
-        return weights.spectra
+        spectra = {}
+        for i, name in enumerate(weights.readers):
+            spectra[name] = weights.spectrum(name)
+            report(progress, "spectra", i + 1, len(weights.readers))
+        return spectra
 
     def factor_fn(self, weights: Weights, inputs: MethodInputs, spectra: dict) -> FactorFn:
-        return svd_factor_fn(dict(weights.decomps))
+        return lambda name, module, rank: weights.factors(name, rank)
 
     def reading(
         self, name: str, spectrum: torch.Tensor, weights: Weights, inputs: MethodInputs, tau: float

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from compressor.core.compress import CompressionReport, compress_
+from compressor import methods
+from compressor.core.compress import compress_
 from compressor.core.layers import check_depth, dense_weight_of
+from compressor.core.linalg import RANDOMIZED_MIN_SIZE
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
+from compressor.core.solver import Solver
 from compressor.core.surgery import count_params
-from compressor.core.targets import find_targets, matches, weight_readers
 from compressor.errors import DlncError
-from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint, weight_files
+from compressor.io.checkpoint import load_checkpoint, weight_files
 from compressor.io.export import (
     check_output_dir,
     check_shard_size,
@@ -26,9 +24,18 @@ from compressor.io.export import (
     disk_size,
     export,
 )
-from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
+from compressor.io.files import scratch_beside
+from compressor.pipelines.reductions import keep_reductions
 from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
 from compressor.workflows.plan import AwareOptions, PlanInfo, make_plans
+from compressor.workflows.report import (
+    CompressResult,
+    available_memory,
+    build_report,
+    record_correction,
+    weights_size,
+)
+from compressor.workflows.targets import check_patterns, expand_overrides, select_targets
 
 if TYPE_CHECKING:
     from compressor.methods.sequential import Correction
@@ -69,103 +76,33 @@ class CompressOptions:
     aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
     finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
     stream: bool | None = None  # one tensor at a time (memory ~ one layer); None: if too big
-    solver: str = "auto"  # SVD of the streamed path: auto, exact or randomized
-    device: str | None = None  # linear algebra of the streamed path (None: GPU if there is one)
+    solver: str = "auto"  # how weights are decomposed: auto, exact or randomized
+    device: str | None = None  # where the linear algebra runs (None: GPU if there is one)
+    large_from: int = RANDOMIZED_MIN_SIZE  # `auto`: layers this wide take the float32 route
 
     def __post_init__(self) -> None:
         check_depth(self.depth)
         check_shard_size(self.max_shard_size)
-        if self.solver not in ("auto", "exact", "randomized"):
-            raise DlncError(f"`solver` must be auto, exact or randomized, got {self.solver!r}")
+        self.solver_for()  # checks `solver` and `large_from`
         if self.stream and not (self.data_free or self.streamed_whiten):
             raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
 
     @property
     def data_free(self) -> bool:
-        """Plain SVD without fine-tuning: can be streamed (`stream=True`)."""
-        no_data = self.aware is None or self.aware.resolved == "svd"
-        return no_data and self.finetune is None
+        """A method that needs no data (svd, or any registered data-free one), without
+        fine-tuning: can be streamed (`stream=True`)."""
+        method = (self.aware or AwareOptions()).resolved
+        return not methods.get(method).needs and self.finetune is None
+
+    def solver_for(self, device: str | None = None) -> Solver:
+        """The solver these options ask for (`device`: instead of theirs, when given)."""
+        return Solver(self.solver, device or self.device, self.large_from)
 
     @property
     def streamed_whiten(self) -> bool:
         """Whitened SVD without fine-tuning: streamed (block by block) with `stream=True`."""
         whiten = self.aware is not None and self.aware.resolved == "whiten"
         return whiten and self.finetune is None
-
-
-@dataclass
-class CompressResult:
-    """What was written and what it contains."""
-
-    out_dir: Path
-    report: dict
-    notices: list[str]
-    spectra: dict[str, torch.Tensor]  # singular values of each targeted weight
-
-
-def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[str, nn.Module]:
-    """The layers to compress; in tensor mode embedding-like names are left alone too.
-
-    Every include/exclude pattern must match a module, and every rank override a target:
-    a typo is an error naming the pattern and where it came from, not a silent no-op."""
-    check_patterns(loaded.model, options)
-    exclude = list(options.exclude)
-    if loaded.tensor_mode:
-        exclude += TENSOR_MODE_EXCLUDE
-    targets = find_targets(loaded.model, options.include, exclude)
-    for name in weight_readers(loaded.model, targets):
-        del targets[name]
-        loaded.notices.append(f"{name} stays dense: its parent reads its .weight directly")
-    _drop_narrow(targets, options.square_only, loaded.notices)
-    if not targets:
-        raise DlncError("no layer to compress: the include/exclude patterns matched nothing")
-    _check_overrides(options, targets)
-    return targets
-
-
-def _drop_narrow(targets: dict[str, nn.Module], patterns: list[str], notices: list[str]) -> None:
-    """Leave dense the targets matching `square_only` patterns whose weight is not square
-    (k_proj/v_proj under grouped-query attention), with one notice per pattern."""
-    for pattern in patterns:
-        narrow = {
-            n: tuple(dense_weight_of(m).shape)
-            for n, m in targets.items()
-            if matches(n, pattern) and len(set(dense_weight_of(m).shape)) > 1
-        }
-        for name in narrow:
-            del targets[name]
-        if narrow:
-            out_f, in_f = next(iter(narrow.values()))
-            notices.append(
-                f"{pattern}: {len(narrow)} layer(s) stay dense: {out_f}x{in_f} is not square "
-                "(grouped-query attention), and the recipe targets it only when square"
-            )
-
-
-def check_patterns(model: nn.Module, options: CompressOptions) -> None:
-    """Raise a `DlncError` for an include/exclude pattern that matches no module of `model`."""
-    names = [n for n, _ in model.named_modules() if n]
-    for key in ("include", "exclude"):
-        for pattern in getattr(options, key) or ():
-            if not any(matches(n, pattern) for n in names):
-                where = options.origins.get(key, f"--{key}")
-                raise DlncError(f"{where}: '{pattern}' matches no module of this model")
-
-
-def _check_overrides(options: CompressOptions, targets: dict[str, nn.Module]) -> None:
-    for pattern in options.policy.overrides:
-        if not any(matches(n, pattern) for n in targets):
-            where = options.origins.get("overrides", "rank overrides")
-            raise DlncError(f"{where}: '{pattern}' matches no targeted layer")
-
-
-def expand_overrides(policy: RankPolicy, names: list[str]) -> RankPolicy:
-    """The policy with override patterns (names, suffixes, `re:`) turned into full layer
-    names; where two patterns match one layer, the later one wins."""
-    expanded: dict[str, int] = {}
-    for pattern, rank in policy.overrides.items():
-        expanded.update({n: rank for n in names if matches(n, pattern)})
-    return replace(policy, overrides=expanded)
 
 
 def compress_checkpoint(
@@ -206,12 +143,18 @@ def compress_checkpoint(
     loaded.notices[:0] = notices
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
-    spectra, method_kwargs, measured = _method_inputs(loaded, targets, options, progress)
     policy = expand_overrides(options.policy, list(targets))
     teacher = teacher_copy(loaded.model) if options.finetune is not None else None
-    report = compress_(
-        loaded.model, targets, policy, options.depth, progress=progress, **method_kwargs
-    )
+    with scratch_beside(out) as tmp:
+        solver = options.solver_for()
+        shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
+        budget = disk_size(loaded.weight_files)  # the export takes at most the input's bytes
+        _notice(loaded.notices, keep_reductions(solver, shapes, tmp, budget))
+        kwargs = _method_inputs(loaded, targets, options, solver, progress)
+        spectra, method_kwargs, measured = kwargs
+        report = compress_(
+            loaded.model, targets, policy, options.depth, progress=progress, **method_kwargs
+        )
     summary = build_report(loaded, report, total_before, options)
     if measured.data is not None and options.aware.correct:
         done = _correct(loaded, targets, measured, options.aware, progress)
@@ -236,6 +179,11 @@ def compress_checkpoint(
     return CompressResult(written, summary, loaded.notices, spectra)
 
 
+def _notice(notices: list[str], notice: str | None) -> None:
+    if notice is not None:
+        notices.append(notice)
+
+
 def _check_streamed_whiten(aware: AwareOptions) -> None:
     """Streamed whitening calibrates block by block: the output-aware ranks (a backward pass
     through the whole model) are not there."""
@@ -254,24 +202,17 @@ def streams_by_itself(path: str | os.PathLike, options: CompressOptions) -> bool
     return IN_MEMORY_PEAK * _checkpoint_bytes(path, options) > available_memory()
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation now (psutil's `available`)."""
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
 def _checkpoint_bytes(path: str | os.PathLike, options: CompressOptions) -> int:
     _, files = weight_files(Path(path), options.allow_pickle)
     return sum(f.stat().st_size for f in files)
 
 
-def _method_inputs(loaded, targets, options: CompressOptions, progress):
+def _method_inputs(loaded, targets, options: CompressOptions, solver: Solver, progress):
     """The weights' spectra, `compress_`'s spectra/factor_fn/method from the plan of the
     chosen rank method (`options.aware`; plain SVD when there are none), and what was
     measured on the way (the calibration data and sensitivities, for the correction)."""
     aware = options.aware or AwareOptions()
-    plans, measured = make_plans(loaded, targets, aware, progress)
+    plans, measured = make_plans(loaded, targets, aware, progress, solver=solver)
     plan = plans[aware.resolved]
     kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method,
               "gains": plan.gains}  # fmt: skip
@@ -292,60 +233,3 @@ def _correct(loaded, targets, measured: PlanInfo, aware: AwareOptions, progress)
         loaded.model, targets, measured.data.train, measured.sensitivity, aware.damping,
         progress=progress,
     )  # fmt: skip
-
-
-def record_correction(summary: dict, done: Correction, notices: list[str]) -> None:
-    """Put what the error-correcting calibration did into report.json's `summary`; a notice
-    says which layers kept their one-shot factors and why."""
-    from compressor.methods.sequential import TOKENS_PER_FEATURE
-
-    summary["correction"] = done.to_dict()
-    summary["notes"]["rel_error"] = "of the one-shot fit, before the error correction"
-    if done.skipped:
-        few = f"too few calibration tokens ({TOKENS_PER_FEATURE} per input feature needed, "
-        few += f"{done.tokens} in all: give more or longer samples)"
-        reasons = Counter(few if w.endswith("needed") else w for w in done.skipped.values())
-        notices.append(
-            f"error-correcting calibration refit {len(done.refit)} of "
-            f"{len(done.refit) + len(done.skipped)} layers; the others keep their one-shot "
-            "factors: " + "; ".join(f"{n}: {why}" for why, n in reasons.items())
-        )
-
-
-def build_report(
-    loaded: LoadedCheckpoint, report: CompressionReport, total_before: int, options
-) -> dict:
-    """report.json: the per-layer report plus whole-model totals and what the ratios mean."""
-    saved = report.params_before - report.params_after
-    return {
-        "input": str(loaded.source),
-        "model_type": loaded.model_type,
-        "tensor_mode": loaded.tensor_mode,
-        "policy": _policy_dict(options.policy),
-        "recipe": options.recipe,
-        "merged": options.merge,
-        **report.to_dict(),
-        "model_params_before": total_before,
-        "model_params_after": total_before if options.merge else total_before - saved,
-        "bytes_before": disk_size(loaded.weight_files),
-        "bytes_after": None,
-        "notes": {
-            "targeted_keep": "kept weight parameters / weight parameters of the targeted layers",
-            "params": "weight parameters; biases, norms and embeddings are counted in model_*",
-        },
-        "notices": loaded.notices,
-    }
-
-
-def weights_size(folder: Path) -> int:
-    return disk_size(sorted(folder.glob("*.safetensors")))
-
-
-def _policy_dict(policy: RankPolicy) -> dict:
-    return {
-        "rank": policy.rank,
-        "energy": policy.energy,
-        "keep": policy.keep,
-        "multiple": policy.multiple,
-        "dense_at_breakeven": policy.dense_at_breakeven,
-    }

@@ -16,6 +16,7 @@ from torch import nn
 
 from compressor import methods
 from compressor.core.progress import ProgressFn
+from compressor.core.solver import Solver
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
 from compressor.methods.whiten import DEFAULT_DAMPING
@@ -86,9 +87,11 @@ def make_plans(
     options: AwareOptions,
     progress: ProgressFn | None = None,
     everything: bool = False,
+    solver: Solver | None = None,
 ) -> tuple[dict[str, methods.Plan], PlanInfo]:
     """The plan of the chosen method (`options.resolved`); with `everything`, also the plans of
-    every other method the options can feed (for side-by-side rank estimates)."""
+    every other method the options can feed (for side-by-side rank estimates). `solver`
+    decomposes the weights (default: `Solver()`, as the streamed path's)."""
     info = PlanInfo()
     chosen = options.resolved
     wanted = [m for m in methods.names() if methods.get(m).needs <= options.available]
@@ -108,7 +111,7 @@ def make_plans(
         else None,
     )
     info.sensitivity = inputs.sensitivity
-    weights = methods.registry.decompose_weights(targets, progress)
+    weights = methods.registry.decompose_weights(targets, solver)
     plans = {m: methods.registry.plan_of(m, weights, inputs, progress) for m in wanted}
     return plans, info
 
