@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compressor.core.linalg import spectral_factors
-from compressor.methods.whiten import Whitener, whitened_factors, whitened_spectrum
+from compressor.core.whitening import Whitener, whitened_factors, whitened_spectrum
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -93,7 +93,7 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     # factors of W L then reach the float64 whitened optimum to float32 precision, and their
     # error follows from the returned singular values (an orthogonal projection of W L).
     from compressor.core.linalg import gram_singular_values, gram_tridiagonal
-    from compressor.methods.whiten import whitened_gram_factors
+    from compressor.core.whitening import whitened_gram_factors
 
     out_f, in_f = shape
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

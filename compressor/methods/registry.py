@@ -9,8 +9,8 @@ the "auto" rule, the input checks and `dlnc estimate-ranks`' columns all read th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -18,18 +18,16 @@ from torch import nn
 
 from compressor.core.compress import FactorFn, layer_decompositions
 from compressor.core.layers import dense_weight_of
-from compressor.core.linalg import Decomposition, breakeven_rank
+from compressor.core.linalg import breakeven_rank
+from compressor.core.plan import INPUTS, MethodInputs, Plan, Weights
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy, allocate_ranks
 from compressor.errors import DlncError
+from compressor.methods.output_aware import projection_output_gains
 
 __all__ = [
-    "INPUTS",
     "LayerEstimate",
-    "MethodInputs",
-    "Plan",
     "RankMethod",
-    "Weights",
     "auto_method",
     "build_plan",
     "check_inputs",
@@ -40,57 +38,6 @@ __all__ = [
     "plan_of",
     "register",
 ]
-
-INPUTS = ("grams", "updates")
-"""What a method may need besides the weights: calibration Gram matrices, weight updates."""
-
-
-@dataclass(frozen=True)
-class MethodInputs:
-    """What was measured for the methods: calibration statistics and weight updates by layer."""
-
-    grams: Mapping[str, object] | None = None  # layer -> calibration.LayerStats
-    updates: Mapping[str, torch.Tensor] | None = None  # layer -> dW (out x in)
-    damping: float = 1e-2  # whitening: relative damping of the Gram matrices
-    sensitivity: Mapping[str, torch.Tensor] | None = None  # layer -> output sensitivity per channel
-    derived: dict = field(default_factory=dict, compare=False)  # what methods derive, once
-
-    def once(self, key: str, make: Callable[[], object]) -> object:
-        """`make()` the first time `key` is asked for, the same object afterwards: a method's
-        spectra and factors share one whitening or one joint decomposition per layer."""
-        if key not in self.derived:
-            self.derived[key] = make()
-        return self.derived[key]
-
-    @property
-    def available(self) -> frozenset[str]:
-        return frozenset(n for n in INPUTS if getattr(self, n) is not None)
-
-
-@dataclass(frozen=True)
-class Weights:
-    """The targeted weights (out x in, Linear layout) and one decomposition of each: its
-    singular values and the singular vectors up to break-even (higher ranks stay dense)."""
-
-    tensors: Mapping[str, torch.Tensor]
-    decomps: Mapping[str, Decomposition]
-
-    @property
-    def spectra(self) -> dict[str, torch.Tensor]:
-        return {n: d.s for n, d in self.decomps.items()}
-
-
-@dataclass
-class Plan:
-    """What `compress_` needs for one method, plus what `estimate-ranks` reads from it."""
-
-    method: str
-    spectra: dict[str, torch.Tensor]  # drive the rank allocation
-    factor_fn: FactorFn
-    shapes: dict[str, tuple[int, int]]  # (out, in) of each target
-    weight_spectra: dict[str, torch.Tensor]  # singular values of W
-    reading: Callable[[str, float], int]  # (layer, tau) -> the rank this method reads
-    gains: dict[str, torch.Tensor] | None = None  # output-aware allocation (None: by spectra)
 
 
 class RankMethod:
@@ -132,8 +79,6 @@ class RankMethod:
         """With calibration Grams and output sensitivities: each direction's gain in model-
         output units (`methods.output_aware`), and factors for that metric when the method
         has its own (None: keep `factor_fn`'s)."""
-        from compressor.methods.output_aware import projection_output_gains
-
         return projection_output_gains(self, weights, inputs), None
 
 

@@ -279,7 +279,7 @@ def _whitener_state(whitener) -> dict[str, torch.Tensor]:
 
 
 def _load_whitener(path: Path):
-    from compressor.methods.whiten import Whitener
+    from compressor.core.whitening import Whitener
 
     state = torch.load(path, weights_only=True)
     return Whitener(**state) if state else None
@@ -368,13 +368,13 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
     reduction `kept` keeps for pass 2's basis; the factors are held to the optimum within
     `RANDOMIZED_TOL` (else the exact float64 factors). The weights' own spectra (the result's
     `spectra`, for plots) are computed only when asked for."""
-    from compressor.methods.blocks import block_grams, stream_blocks
-    from compressor.methods.whiten import (
+    from compressor.core.whitening import (
         Whitener,
         whitened_factors,
         whitened_gram_factors,
         whitened_spectrum,
     )
+    from compressor.methods.blocks import block_grams, stream_blocks
     from compressor.training.data import load_data
 
     targets = {n: loaded.model.get_submodule(n) for n in layers}
