@@ -318,10 +318,10 @@ def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(
     # those of the tensor
     from safetensors.torch import save_file
 
-    from compressor.core import linalg
+    from compressor.core import gram
     from compressor.workflows.stream import _Reader
 
-    monkeypatch.setattr(linalg, "BLOCK_ELEMENTS", 64 * max(shape))
+    monkeypatch.setattr(gram, "BLOCK_ELEMENTS", 64 * max(shape))
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     stored = w if layout == "linear" else w.t().contiguous()
     save_file({"w": stored}, tmp_path / "w.safetensors")
@@ -330,7 +330,7 @@ def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(
         got = list(got)
         assert [len(p) for p in got] == [len(p) for p in want.split(64)]
         assert torch.equal(torch.cat(got), want)
-    for got, want in zip(linalg.gram_factors(read, 20), linalg.gram_factors(w, 20), strict=True):
+    for got, want in zip(gram.gram_factors(read, 20), gram.gram_factors(w, 20), strict=True):
         assert torch.equal(got, want)
 
 
@@ -344,14 +344,14 @@ def test_pass_one_keeps_the_gram_reductions_and_pass_two_forms_no_gram(
     import shutil
     from collections import namedtuple
 
-    from compressor.core import linalg
+    from compressor.core import gram
     from compressor.workflows import stream
 
     monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16)  # the tiny model's layers count
     src = sharded("llama", tmp_path)
     grams = []
-    real_gram = linalg._gram
-    monkeypatch.setattr(linalg, "_gram", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
+    real_gram = gram.gram_matrix
+    monkeypatch.setattr(gram, "gram_matrix", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
     opts = CompressOptions(stream=True, policy=RankPolicy(keep=0.5), max_shard_size="30KB")
     kept = compress_checkpoint(src, tmp_path / "kept", opts)
     report = json.loads((kept.out_dir / "report.json").read_text())

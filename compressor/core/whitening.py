@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.core.linalg import balanced_factors, gram_factors, symmetric_eigen, times_lower
+from compressor.core.gram import gram_factors, symmetric_eigen, times_lower
+from compressor.core.linalg import balanced_factors
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -99,7 +100,7 @@ class Whitener:
         eigendecomposition took 63 s; the input's memory is released after it. Any root of G
         serves: the truncation of W L then times L^-1 is the same for every L with L L^T = G.
         Without a Cholesky factor (damping 0 and G singular in float32) it is decomposed in
-        float32 (`linalg.symmetric_eigen`)."""
+        float32 (`gram.symmetric_eigen`)."""
         if damping < 0:
             raise ValueError(f"`damping` must be >= 0, got {damping}")
         single = gram.dtype == torch.float32
@@ -165,7 +166,7 @@ def whitened_factors(
 def whitened_gram_factors(
     w: torch.Tensor, whitener: Whitener, rank: int, basis: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`whitened_factors` in float32 by the Gram route (`linalg.gram_factors` on W L, then the
+    """`whitened_factors` in float32 by the Gram route (`gram.gram_factors` on W L, then the
     down factor times L^+): (up, down, the kept singular values of W L). W' = up @ down is
     the projection of W L onto its top singular vectors, so ||(W - W') L||_F^2 =
     ||W L||_F^2 - sum s^2: callers compare it with the optimum.

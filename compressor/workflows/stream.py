@@ -33,22 +33,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compressor.core.compress import CompressionReport, LayerReport, check_finite, dense_report
-from compressor.core.layers import FactorizedLinear, in_linear_layout, layout_of
-from compressor.core.linalg import (
+from compressor.core.gram import (
     RANDOMIZED_MIN_SIZE,
     RANDOMIZED_TOL,
-    Tridiagonal,
-    breakeven_rank,
-    decompose,
-    factors_from,
     gram_factors,
     gram_singular_values,
     gram_tridiagonal,
     randomized_factors,
     resolve_device,
+    use_randomized,
+)
+from compressor.core.layers import FactorizedLinear, in_linear_layout, layout_of
+from compressor.core.linalg import (
+    breakeven_rank,
+    decompose,
+    factors_from,
     singular_values,
     truncation_error,
-    use_randomized,
 )
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import LayerRank, allocate_ranks, factor_params
@@ -62,6 +63,7 @@ from compressor.io.checkpoint import (
     weight_files,
 )
 from compressor.io.export import dlnc_section, export_state_dict, write_folder
+from compressor.io.scratch import load_tridiagonal, save_tridiagonal
 from compressor.io.streaming import (
     TensorSource,
     file_order,
@@ -345,7 +347,7 @@ class _Reductions:
             return gram_singular_values(read, device)
         reduced, _ = gram_tridiagonal(read)
         values = reduced.eigenvalues()
-        reduced.save(self._path(name))
+        save_tridiagonal(reduced, self._path(name))
         return values.clamp_min(0).sqrt()
 
     def basis(self, name: str, rank: int) -> torch.Tensor | None:
@@ -354,7 +356,7 @@ class _Reductions:
         path = self._path(name) if self.folder is not None else None
         if path is None or not path.exists():
             return None
-        return Tridiagonal.load(path, self.sizes[name]).eigen(rank)[1]
+        return load_tridiagonal(path, self.sizes[name]).eigen(rank)[1]
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.tridiagonal"
