@@ -60,7 +60,7 @@ elif step in ("stream", "memory", "whiten", "correct"):
         print(json.dumps({"refit": len(done["refit"]),
                           "of": len(done["refit"]) + len(done["skipped"])}))
 elif step == "reload":
-    from compressor.io.export import load_pretrained
+    from compressor.io.load import load_pretrained
     load_pretrained(out)
 elif step == "ops":  # one layer of each shape: the old decomposition vs the streamed one
     import torch

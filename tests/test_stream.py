@@ -14,7 +14,7 @@ from safetensors import safe_open
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
 from compressor.io import streaming
-from compressor.io.export import load_pretrained
+from compressor.io.load import load_pretrained
 from compressor.io.streaming import TensorSource, write_safetensors
 from compressor.workflows.compress import CompressOptions, compress_checkpoint
 

@@ -228,7 +228,7 @@ def compress_checkpoint(
         source=loaded.source,
         report=summary,
         method=report.method,
-        merge=options.merge,
+        format="dense" if options.merge else "factors",
         overwrite=options.overwrite,
         max_shard_size=options.max_shard_size,
     )

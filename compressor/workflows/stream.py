@@ -188,7 +188,9 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
                 world.wait_for_everyone()
                 return CompressResult(Path(out).resolve(), {}, loaded.notices, weight_spectra)
         writer = _Writer(loaded.model, layers, keys, source, factor, options, progress)
-        section = dlnc_section(loaded.model, method, options.merge, loaded.tensor_mode)
+        section = dlnc_section(
+            loaded.model, method, "dense" if options.merge else "factors", loaded.tensor_mode
+        )
         summary: dict = {}
 
         def report() -> dict:  # the per-layer errors are known once the factors are written
@@ -664,7 +666,9 @@ class _Writer:
     def plan(self, shared: dict[str, str]) -> dict[str, torch.Tensor]:
         """The export's tensors as meta tensors (real shapes and dtypes), tied ones dropped."""
         plan = {}
-        for key, meta in export_state_dict(self.model, self.options.merge).items():
+        for key, meta in export_state_dict(
+            self.model, "dense" if self.options.merge else "factors"
+        ).items():
             if key in shared:
                 continue
             src = self.keys.get(key)
