@@ -109,7 +109,8 @@ def main() -> None:
 
     from transformers import BertModel
 
-    from compressor.io.export import disk_size, load_pretrained
+    from compressor.io.export import disk_size
+    from compressor.io.load import load_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "bert-base", Path(tmp) / "bert-base-dlnc"

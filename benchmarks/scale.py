@@ -60,11 +60,13 @@ elif step in ("stream", "memory", "whiten", "correct"):
         print(json.dumps({"refit": len(done["refit"]),
                           "of": len(done["refit"]) + len(done["skipped"])}))
 elif step == "reload":
-    from compressor.io.export import load_pretrained
+    from compressor.io.load import load_pretrained
     load_pretrained(out)
 elif step == "ops":  # one layer of each shape: the old decomposition vs the streamed one
     import torch
     from compressor.core import linalg
+    from compressor.core.gram import (gram_factors, gram_singular_values, randomized_factors,
+                                      use_randomized)
     res = {}
     for shape in ((4096, 4096), (11008, 4096)):
         w = torch.randn(*shape).to(torch.bfloat16)
@@ -74,9 +76,9 @@ elif step == "ops":  # one layer of each shape: the old decomposition vs the str
         linalg.factors_from(w, d, rank)
         old = time.perf_counter() - c
         c = time.perf_counter()
-        s = linalg.gram_singular_values(w)
-        randomized = linalg.use_randomized(shape, rank)  # as the streamed solver "auto" picks
-        fast = linalg.randomized_factors if randomized else linalg.gram_factors
+        s = gram_singular_values(w)
+        randomized = use_randomized(shape, rank)  # as the streamed solver "auto" picks
+        fast = randomized_factors if randomized else gram_factors
         up, down, top = fast(w, rank)
         new = time.perf_counter() - c
         excess = (float(w.double().square().sum()) - float(top.double().square().sum())) ** 0.5

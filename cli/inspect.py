@@ -84,7 +84,7 @@ def factor_targets(model: Path, include, exclude) -> tuple[dict, list[str]]:
     from compressor.core.surgery import factorized_layers
     from compressor.core.targets import matches
     from compressor.errors import DlncError
-    from compressor.io.export import load_pretrained
+    from compressor.io.load import load_pretrained
     from compressor.workflows.compress import CompressOptions, check_patterns
 
     loaded = load_pretrained(model)

@@ -23,7 +23,8 @@ from compressor.core.targets import find_targets
 
 if TYPE_CHECKING:
     from compressor.core.compress import compress_
-    from compressor.io.export import export, load_pretrained
+    from compressor.io.export import export
+    from compressor.io.load import load_pretrained
     from compressor.training.loop import FinetuneConfig, finetune
     from compressor.workflows.compress import CompressOptions, compress_checkpoint
     from compressor.workflows.estimate import estimate_checkpoint
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compress_": "compressor.core.compress",
     "export": "compressor.io.export",
-    "load_pretrained": "compressor.io.export",
+    "load_pretrained": "compressor.io.load",
     "finetune": "compressor.training.loop",
     "FinetuneConfig": "compressor.training.loop",
     "CompressOptions": "compressor.workflows.compress",

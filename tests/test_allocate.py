@@ -4,6 +4,7 @@ from torch import nn
 
 from compressor.core.allocate import greedy_ranks, output_gains, relative_gains, uniform_ranks
 from compressor.core.ranks import RankPolicy, allocate_ranks, factor_params
+from compressor.core.whitening import Whitener
 from compressor.methods import build_plan
 from compressor.methods.calibration import collect_grams
 from compressor.methods.output_aware import (
@@ -12,7 +13,6 @@ from compressor.methods.output_aware import (
     output_whitened_spectrum,
 )
 from compressor.methods.sensitivity import output_sensitivity
-from compressor.methods.whiten import Whitener
 
 
 def random_layers(seed: int):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from compressor.core.surgery import factorized_layers
 from compressor.core.targets import find_targets
-from compressor.io.export import load_pretrained
+from compressor.io.load import load_pretrained
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from compressor.io.export import load_pretrained
+from compressor.io.load import load_pretrained
 
 runner = CliRunner()
 

@@ -24,7 +24,7 @@ def test_demo_fast_runs_the_whole_pipeline(tmp_path):
     report = json.loads((out / "compressed" / "report.json").read_text())
     assert report["method"] == "dynamics"
 
-    from compressor.io.export import load_pretrained
+    from compressor.io.load import load_pretrained
     from compressor.workflows.demo import DemoSettings, WideMLP, accuracy, digits
 
     _, test = digits(0)

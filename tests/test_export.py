@@ -13,7 +13,8 @@ from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import factorized_layers
 from compressor.core.targets import find_targets
 from compressor.io.checkpoint import load_checkpoint
-from compressor.io.export import default_output_dir, export, load_pretrained
+from compressor.io.export import default_output_dir, export
+from compressor.io.load import load_pretrained
 
 
 def compressed(folder, policy, depth=2):
@@ -93,7 +94,7 @@ def test_merged_export_loads_with_plain_transformers(family, tiny_model, tmp_pat
 
     _, folder = tiny_model(family)
     loaded, _ = compressed(folder, RankPolicy(rank=4))
-    out = export(loaded.model, tmp_path / "merged", config=loaded.config, merge=True)
+    out = export(loaded.model, tmp_path / "merged", config=loaded.config, format="dense")
     cls = getattr(transformers, loaded.config.architectures[0])
     plain = cls.from_pretrained(out)
     inputs = example_inputs(family)

@@ -14,7 +14,8 @@ from finetune_helpers import compressed, token_batches
 
 from compressor.core.surgery import deepen_, factorized_layers
 from compressor.errors import DlncError
-from compressor.io.export import export, load_pretrained
+from compressor.io.export import export
+from compressor.io.load import load_pretrained
 from compressor.training.loop import (
     FinetuneConfig,
     FinetuneInterrupted,

@@ -232,7 +232,7 @@ def sections(draw, section: dict) -> object:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_dlnc_section(workdir, export_folder, data):
-    from compressor.io.export import load_pretrained
+    from compressor.io.load import load_pretrained
 
     config = json.loads((export_folder / "config.json").read_text())
     config["dlnc"] = data.draw(sections(config["dlnc"]))

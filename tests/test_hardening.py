@@ -310,7 +310,7 @@ EDITS = {
 
 @pytest.mark.parametrize("damage", [*EDITS, "json"])
 def test_an_edited_export_is_one_line(damage, exported):
-    from compressor.io.export import load_pretrained
+    from compressor.io.load import load_pretrained
 
     if damage == "json":
         (exported / "config.json").write_text('{"dlnc": ')
@@ -326,7 +326,7 @@ def test_an_edited_export_is_one_line(damage, exported):
 
 
 def test_an_edited_shape_names_the_tensor_and_both_shapes(exported):
-    from compressor.io.export import load_pretrained
+    from compressor.io.load import load_pretrained
 
     edit_section(exported, lambda c: first_layer(c).update(rank=5))
     with pytest.raises(DlncError) as info:

@@ -16,7 +16,8 @@ from hf_helpers import compressed_export, inputs
 
 from compressor.core.layers import FactorizedLinear
 from compressor.core.surgery import factorized_layers
-from compressor.io.export import LOAD_GUARD, load_pretrained
+from compressor.io.export import LOAD_GUARD
+from compressor.io.load import load_pretrained
 
 AUTO = {
     "gpt2": tf.AutoModelForCausalLM,
@@ -80,17 +81,17 @@ def test_dtype_and_device_map_are_honoured(tmp_path, one_torch_thread):
 def test_the_dense_weights_are_never_allocated(tmp_path, monkeypatch):
     """The skeleton is built on the meta device: no FactorizedLinear replaces a real tensor."""
     _, out = compressed_export("bert", tmp_path)
-    import compressor.io.export as export_module
+    import compressor.io.install as install_module
 
     replaced = []
-    original = export_module.replace_module
+    original = install_module.replace_module
 
     def spy(model, name, new):
         old = original(model, name, new)
         replaced.append(old.weight.device.type)
         return old
 
-    monkeypatch.setattr(export_module, "replace_module", spy)
+    monkeypatch.setattr(install_module, "replace_module", spy)
     tf.AutoModelForMaskedLM.from_pretrained(out)
     assert replaced and set(replaced) == {"meta"}
 
@@ -167,14 +168,14 @@ def test_import_registers_lazily():
     assert run.stdout.split() == ["False", "DlncHfQuantizer"]
 
 
-@pytest.mark.parametrize("first", ["compressor", "compressor.io.hf", "compressor.io.export"])
+@pytest.mark.parametrize("first", ["compressor", "compressor.io.hf", "compressor.io.load"])
 def test_a_fresh_process_loads_an_export_whatever_it_imports_first(first, tmp_path):
     # load_pretrained imports compressor.io.hf, which imports transformers' quantizers, whose
     # import hook registers dlnc by importing compressor.io.hf: no circular ImportError.
     _, folder = compressed_export("gpt2", tmp_path)
     code = (
         f"import {first}\n"
-        "from compressor.io.export import load_pretrained\n"
+        "from compressor.io.load import load_pretrained\n"
         f"model = load_pretrained({str(folder)!r})\n"
         "from transformers import AutoModelForCausalLM\n"
         f"again = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
@@ -234,7 +235,7 @@ def test_a_loaded_model_exports_merged_as_a_plain_checkpoint(tmp_path, one_torch
 
     compressed, out = compressed_export("llama", tmp_path)
     model = tf.AutoModelForCausalLM.from_pretrained(out)
-    merged = export(model, tmp_path / "merged", config=model.config, merge=True)
+    merged = export(model, tmp_path / "merged", config=model.config, format="dense")
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config and "transformers_weights" not in config
     plain = tf.AutoModelForCausalLM.from_pretrained(merged)

@@ -4,6 +4,17 @@ import pytest
 import torch
 
 from compressor.core import linalg
+from compressor.core.gram import (
+    RANDOMIZED_TOL,
+    Tridiagonal,
+    gram_decomposition,
+    gram_factors,
+    gram_matrix,
+    gram_singular_values,
+    randomized_factors,
+    use_randomized,
+)
+from compressor.io.scratch import load_tridiagonal, save_tridiagonal
 
 
 def low_rank(out_f: int, in_f: int, rank: int, seed: int = 0) -> torch.Tensor:
@@ -104,13 +115,13 @@ def flat(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
 def test_randomized_factors_reach_the_optimum_within_tolerance_on_a_flat_spectrum(shape, rank):
     # Wherever `use_randomized` picks the randomized path, even a flat spectrum must come
     # within RANDOMIZED_TOL (1%) of the Eckart-Young optimum in Frobenius norm.
-    assert linalg.use_randomized(shape, rank)
+    assert use_randomized(shape, rank)
     w = flat(*shape)
-    up, down, s = linalg.randomized_factors(w, rank)
+    up, down, s = randomized_factors(w, rank)
     exact = torch.linalg.svdvals(w.double())
     optimum = linalg.truncation_error(exact, rank)
     error = float(torch.linalg.norm(w.double() - (up @ down).double()))
-    assert optimum <= error <= (1 + linalg.RANDOMIZED_TOL) * optimum
+    assert optimum <= error <= (1 + RANDOMIZED_TOL) * optimum
     # W' = up @ down is an orthogonal projection of W: its error follows from s alone
     from_s = (float(w.double().square().sum()) - float(s.double().square().sum())) ** 0.5
     assert from_s == pytest.approx(error, rel=1e-4)
@@ -123,7 +134,7 @@ def test_randomized_factors_are_exact_on_a_decaying_spectrum():
     v, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
     s = 0.9 ** torch.arange(300, dtype=torch.float64)
     w = (u * s) @ v.T
-    up, down, top = linalg.randomized_factors(w, 40)
+    up, down, top = randomized_factors(w, 40)
     optimum = linalg.truncation_error(s, 40)
     error = float(torch.linalg.norm(w - (up @ down).double()))
     assert error == pytest.approx(optimum, rel=1e-4)
@@ -131,11 +142,11 @@ def test_randomized_factors_are_exact_on_a_decaying_spectrum():
 
 
 def test_use_randomized_only_well_below_the_size_of_large_layers():
-    assert linalg.use_randomized((4096, 4096), 512)
-    assert not linalg.use_randomized((4096, 4096), 1024)  # the Gram route costs less there
-    assert linalg.use_randomized((11008, 4096), 256)
-    assert not linalg.use_randomized((11008, 4096), 1024)  # a tall layer's sketch costs more
-    assert not linalg.use_randomized((256, 4096), 8)  # small side: exact is cheap
+    assert use_randomized((4096, 4096), 512)
+    assert not use_randomized((4096, 4096), 1024)  # the Gram route costs less there
+    assert use_randomized((11008, 4096), 256)
+    assert not use_randomized((11008, 4096), 1024)  # a tall layer's sketch costs more
+    assert not use_randomized((256, 4096), 8)  # small side: exact is cheap
 
 
 @pytest.mark.parametrize(
@@ -143,7 +154,7 @@ def test_use_randomized_only_well_below_the_size_of_large_layers():
 )
 def test_gram_factors_reach_the_optimum_on_a_flat_spectrum(shape, rank):
     w = flat(*shape)
-    up, down, s = linalg.gram_factors(w, rank)
+    up, down, s = gram_factors(w, rank)
     exact = torch.linalg.svdvals(w.double())
     optimum = linalg.truncation_error(exact, rank)
     error = float(torch.linalg.norm(w.double() - (up @ down).double()))
@@ -158,7 +169,7 @@ def test_gram_factors_reach_the_optimum_on_a_flat_spectrum(shape, rank):
 def test_gram_singular_values_are_within_float32_gram_precision(shape):
     w = flat(*shape).to(torch.bfloat16)
     exact = torch.linalg.svdvals(w.double())
-    fast = linalg.gram_singular_values(w).double()
+    fast = gram_singular_values(w).double()
     assert fast.shape == exact.shape
     assert float((fast.square() - exact.square()).abs().max()) <= 1e-5 * float(exact[0]) ** 2
 
@@ -170,22 +181,22 @@ def test_gram_decomposition_gives_the_spectrum_and_the_top_singular_vectors(shap
     # smaller rank reach the Eckart-Young optimum
     w = flat(*shape)
     exact = torch.linalg.svdvals(w.double())
-    d = linalg.gram_decomposition(w, 120)
+    d = gram_decomposition(w, 120)
     assert d.right == (shape[0] >= shape[1])
     assert d.basis.shape == (min(shape), 120)
     assert float((d.s.double().square() - exact.square()).abs().max()) <= 1e-5 * exact[0] ** 2
     torch.testing.assert_close(d.basis.T @ d.basis, torch.eye(120), atol=1e-5, rtol=0)
     for rank in (1, 60, 120):
-        up, down, _ = linalg.gram_factors(w, rank, basis=d.basis)
+        up, down, _ = gram_factors(w, rank, basis=d.basis)
         error = float(torch.linalg.norm(w.double() - (up @ down).double()))
         assert error == pytest.approx(linalg.truncation_error(exact, rank), rel=1e-4)
-    assert linalg.gram_decomposition(w, 0).basis.shape == (min(shape), 0)
+    assert gram_decomposition(w, 0).basis.shape == (min(shape), 0)
 
 
 @pytest.mark.parametrize("shape", [(700, 300), (300, 700)])
 def test_gram_matrix_is_the_smaller_sides_gram_in_both_triangles(shape):
     w = flat(*shape)
-    gram, right = linalg.gram_matrix(w, "cpu")
+    gram, right = gram_matrix(w, "cpu")
     want = w.T @ w if right else w @ w.T
     assert right == (shape[0] > shape[1])
     torch.testing.assert_close(gram, want, rtol=1e-5, atol=1e-4)
@@ -197,7 +208,7 @@ def test_a_tridiagonal_reduction_gives_eigenpairs_and_survives_a_file(tmp_path):
     # after a round trip through the file pass 1 writes for pass 2
     w = flat(500, 200)
     gram = (w.T @ w).double()
-    reduced = linalg.Tridiagonal.of((w.T @ w).contiguous())
+    reduced = Tridiagonal.of((w.T @ w).contiguous())
     want = torch.linalg.eigvalsh(gram).flip(0)
     scale = float(want[0])
     assert float((reduced.eigenvalues().double() - want).abs().max()) <= 1e-5 * scale
@@ -206,7 +217,8 @@ def test_a_tridiagonal_reduction_gives_eigenpairs_and_survives_a_file(tmp_path):
     residual = gram @ vectors.double() - vectors.double() * want[:30]
     assert float(residual.norm()) <= 1e-5 * scale * 30**0.5
     torch.testing.assert_close(vectors.T @ vectors, torch.eye(30), atol=1e-5, rtol=0)
-    again = linalg.Tridiagonal.load(reduced.save(tmp_path / "r.bin").householder, 200)
-    assert isinstance(again.householder, type(tmp_path))  # the reflectors stay on disk
+    save_tridiagonal(reduced, tmp_path / "r.bin")
+    again = load_tridiagonal(tmp_path / "r.bin", 200)
+    assert not isinstance(again.householder, torch.Tensor)  # the reflectors stay on disk
     for got, same in zip(again.eigen(30), (values, vectors), strict=True):
         assert torch.equal(got, same)

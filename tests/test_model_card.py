@@ -28,7 +28,7 @@ def stored(folder):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_card_numbers_match_the_files(family, tmp_path):
     compressed, out = compressed_export(family, tmp_path)
-    facts = card_facts(compressed, "svd", merged=False, report=None)
+    facts = card_facts(compressed, "svd", format="factors", report=None)
     assert (facts.params_after, facts.bytes_after) == stored(out)
     dense = build_tiny(family)
     assert (facts.params_before, facts.bytes_before) == stored(tmp_path / f"{family}-dense")
@@ -68,10 +68,10 @@ def test_merged_and_tensor_mode_cards(tiny_mlp, tmp_path):
     assert card.data.library_name == "dlnc" and "model=MyModule()" in card.text
 
     compressed, _ = compressed_export("llama", tmp_path)
-    merged = export(compressed, tmp_path / "m", config=compressed.config, merge=True)
+    merged = export(compressed, tmp_path / "m", config=compressed.config, format="dense")
     card = ModelCard.load(merged / "README.md")
     assert "merged" in card.data.tags and "import compressor" not in card.text
-    facts = card_facts(compressed, "svd", merged=True, report=None)
+    facts = card_facts(compressed, "svd", format="dense", report=None)
     assert facts.params_after == facts.params_before
 
 

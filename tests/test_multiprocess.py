@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.io.export import load_pretrained
+from compressor.io.load import load_pretrained
 
 SCRIPT = Path(__file__).parent / "scripts" / "finetune_ddp.py"
 

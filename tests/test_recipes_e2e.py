@@ -14,7 +14,8 @@ from torch import nn
 
 from compressor.core.compress import compress_
 from compressor.core.surgery import factorized_layers
-from compressor.io.export import export, load_pretrained
+from compressor.io.export import export
+from compressor.io.load import load_pretrained
 from compressor.recipes.schema import choose_recipe, recipe_names
 from compressor.workflows.compress import compress_checkpoint
 from compressor.workflows.options import compress_options, finetune_config

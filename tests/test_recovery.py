@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from compressor.core.surgery import factorized_layers
 from compressor.errors import DlncError
-from compressor.io.export import export, load_pretrained
+from compressor.io.export import export
+from compressor.io.load import load_pretrained
 from compressor.recipes.schema import load_recipe
 from compressor.training.data import DataOptions, load_data
 from compressor.workflows.finetune import RecoveryOptions, finetune_checkpoint, load_model

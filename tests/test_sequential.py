@@ -11,10 +11,10 @@ from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import factorized_layers
 from compressor.core.targets import find_targets
 from compressor.core.tasks import model_inputs
+from compressor.core.whitening import Whitener, whitened_factors
 from compressor.methods import build_plan
 from compressor.methods.calibration import collect_grams
 from compressor.methods.sequential import ALPHA, HELD_OUT, correct_blocks, corrected_factors
-from compressor.methods.whiten import Whitener, whitened_factors
 from tests.conftest import build_tiny
 
 

@@ -15,7 +15,7 @@ from compressor import methods
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
 from compressor.io import streaming
-from compressor.io.export import load_pretrained
+from compressor.io.load import load_pretrained
 from compressor.io.streaming import TensorSource, write_safetensors
 from compressor.methods.registry import unregister
 from compressor.workflows.compress import CompressOptions, compress_checkpoint
@@ -371,10 +371,10 @@ def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(
     # those of the tensor
     from safetensors.torch import save_file
 
-    from compressor.core import linalg
+    from compressor.core import gram
     from compressor.pipelines.source import WeightReader
 
-    monkeypatch.setattr(linalg, "BLOCK_ELEMENTS", 64 * max(shape))
+    monkeypatch.setattr(gram, "BLOCK_ELEMENTS", 64 * max(shape))
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     stored = w if layout == "linear" else w.t().contiguous()
     save_file({"w": stored}, tmp_path / "w.safetensors")
@@ -383,7 +383,7 @@ def test_the_gram_route_read_piece_by_piece_gives_the_same_factors(
         got = list(got)
         assert [len(p) for p in got] == [len(p) for p in want.split(64)]
         assert torch.equal(torch.cat(got), want)
-    for got, want in zip(linalg.gram_factors(read, 20), linalg.gram_factors(w, 20), strict=True):
+    for got, want in zip(gram.gram_factors(read, 20), gram.gram_factors(w, 20), strict=True):
         assert torch.equal(got, want)
 
 
@@ -397,12 +397,12 @@ def test_pass_one_keeps_the_gram_reductions_and_pass_two_forms_no_gram(
     import shutil
     from collections import namedtuple
 
-    from compressor.core import linalg
+    from compressor.core import gram
 
     src = sharded("llama", tmp_path)
     grams = []
-    real_gram = linalg._gram
-    monkeypatch.setattr(linalg, "_gram", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
+    real_gram = gram.gram_matrix
+    monkeypatch.setattr(gram, "gram_matrix", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
     opts = CompressOptions(  # large_from 16: the tiny model's layers count as large
         stream=True, policy=RankPolicy(keep=0.5), max_shard_size="30KB", large_from=16
     )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compressor.core.linalg import spectral_factors
-from compressor.methods.whiten import Whitener, whitened_factors, whitened_spectrum
+from compressor.core.whitening import Whitener, whitened_factors, whitened_spectrum
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -92,8 +92,8 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     # A float32 Gram gives a float32 whitener (tridiagonal route on a CPU); the Gram route's
     # factors of W L then reach the float64 whitened optimum to float32 precision, and their
     # error follows from the returned singular values (an orthogonal projection of W L).
-    from compressor.core.linalg import gram_singular_values, gram_tridiagonal
-    from compressor.methods.whiten import whitened_gram_factors
+    from compressor.core.gram import gram_singular_values, gram_tridiagonal
+    from compressor.core.whitening import whitened_gram_factors
 
     out_f, in_f = shape
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -157,7 +157,7 @@ def test_a_singular_float32_gram_without_damping_takes_the_eigen_route():
 @pytest.mark.parametrize("shape", [(7, 40), (40, 7), (1, 1)])
 def test_times_a_lower_triangular_matrix_is_the_product(shape):
     # BLAS trmm on Fortran-ordered views: W L, with W's float32 copy overwritten, not W
-    from compressor.core.linalg import times_lower
+    from compressor.core.gram import times_lower
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(*shape, generator=g, dtype=torch.float64)

@@ -11,7 +11,7 @@ from conftest import MLP, build_tiny, example_inputs
 
 from compressor.core.surgery import factorized_layers
 from compressor.errors import DlncError
-from compressor.io.export import load_pretrained
+from compressor.io.load import load_pretrained
 from compressor.io.rankfile import save_ranks
 from compressor.recipes.schema import apply_overrides, choose_recipe, load_recipe, recipe_names
 from compressor.workflows.compress import CompressOptions, compress_checkpoint

@@ -16,17 +16,15 @@ from typing import Protocol
 
 import torch
 
-from compressor.core.linalg import (
+from compressor.core.gram import (
     RANDOMIZED_MIN_SIZE,
     RANDOMIZED_TOL,
-    decompose,
-    factors_from,
     gram_factors,
     gram_singular_values,
     randomized_factors,
-    truncation_error,
     use_randomized,
 )
+from compressor.core.linalg import decompose, factors_from, truncation_error
 from compressor.errors import DlncError
 
 __all__ = ["SOLVERS", "Factors", "KeptReductions", "Read", "Solver"]

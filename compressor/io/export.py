@@ -1,4 +1,4 @@
-"""Writing a compressed model to a folder (atomically) and loading it back.
+"""Writing a compressed model to a folder, atomically (loading it back: compressor/io/load.py).
 
 Layout of an export folder:
   model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
@@ -9,8 +9,8 @@ Layout of an export folder:
   README.md         the model card (compressor/io/model_card.py)
   tokenizer / processor files copied from the input folder
 A factorized layer `<name>` is stored as `<name>.down.weight` (k x in), `<name>.up.weight`
-(out x k) and `<name>.up.bias`; with `merge=True` it is stored dense under its original name
-and layout, so any tool that reads the original architecture reads the export.
+(out x k) and `<name>.up.bias`; with `format="dense"` it is stored dense under its original
+name and layout, so any tool that reads the original architecture reads the export.
 """
 
 from __future__ import annotations
@@ -25,24 +25,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.core.layers import FactorizedLinear
-from compressor.core.surgery import factorized_layers, replace_module, tied_keys
-from compressor.errors import DlncError, first_line
+from compressor.core.surgery import factorized_layers, tied_keys
+from compressor.errors import DlncError
 from compressor.io.files import check_writable, write_error
 from compressor.io.model_card import CardFacts
-from compressor.io.section import FORMAT_VERSION, check_factors, read_section
+from compressor.io.section import EXPORT_FORMATS, FORMAT_VERSION, check_format
 
 __all__ = [
+    "EXPORT_FORMATS",
     "FORMAT_VERSION",
     "LOAD_GUARD",
     "QUANT_METHOD",
+    "check_format",
+    "check_output_dir",
+    "check_shard_size",
     "default_output_dir",
     "disk_size",
+    "dlnc_section",
     "export",
     "export_state_dict",
-    "install_factorized",
-    "load_pretrained",
-    "read_section",
+    "quantization_fields",
+    "remove_stale_temps",
     "write_folder",
 ]
 
@@ -107,19 +110,24 @@ def check_shard_size(size: int | str) -> None:
     raise DlncError(f"`max_shard_size` must be a size such as 2GB or 500MB, got {size!r}")
 
 
-def export_state_dict(model: nn.Module, merge: bool = False) -> dict[str, torch.Tensor]:
-    """The model's state dict with every chain collapsed to two factors (or merged dense)."""
+def export_state_dict(model: nn.Module, format: str = "factors") -> dict[str, torch.Tensor]:
+    """The model's state dict with every chain collapsed to two factors (`format` "factors")
+    or multiplied back into a dense layer ("dense")."""
+    check_format(format)
     state = model.state_dict()
     for name, layer in factorized_layers(model).items():
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
-        part = layer.to_dense() if merge else layer.collapse()
+        part = layer.to_dense() if format == "dense" else layer.collapse()
         state.update({f"{name}.{k}": v for k, v in part.state_dict().items()})
     return state
 
 
-def dlnc_section(model: nn.Module, method: str, merged: bool, tensor_mode: bool) -> dict:
-    """The `dlnc` section of config.json: what load_pretrained needs to rebuild the layers."""
+def dlnc_section(model: nn.Module, method: str, format: str, tensor_mode: bool) -> dict:
+    """The `dlnc` section of config.json: what load_pretrained needs to rebuild the layers
+    (none when `format` is "dense": its `merged` is then true)."""
+    check_format(format)
+    merged = format == "dense"
     layers = {
         name: {
             "rank": layer.rank,
@@ -146,12 +154,13 @@ def export(
     source: str | os.PathLike | None = None,
     report: dict | None = None,
     method: str = "svd",
-    merge: bool = False,
+    format: str = "factors",
     overwrite: bool = False,
     max_shard_size: int | str = "2GB",
 ) -> Path:
     """Write the model to `out_dir` atomically: a hidden temp folder, renamed when complete.
 
+    `format` is one of `EXPORT_FORMATS` ("factors", or "dense": the layers multiplied back).
     `config` is the transformers config (None in tensor mode); `source` the input folder whose
     tokenizer and processor files are copied; `report` is written as report.json, its
     `bytes_after` (when present) set to the size of the weights written. A failed write
@@ -160,17 +169,17 @@ def export(
     """
     from compressor.io.model_card import card_facts
 
-    section = dlnc_section(model, method, merge, config is None)
+    section = dlnc_section(model, method, format, config is None)
     check_shard_size(max_shard_size)
     return write_folder(
         out_dir,
-        lambda folder: _write_weights(model, folder, merge, max_shard_size),
+        lambda folder: _write_weights(model, folder, format, max_shard_size),
         config=config,
         section=section,
         source=source,
         report=report,
         overwrite=overwrite,
-        facts=card_facts(model, method, merge, report),
+        facts=card_facts(model, method, format, report),
     )
 
 
@@ -278,10 +287,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_weights(model: nn.Module, folder: Path, merge: bool, max_shard_size) -> None:
+def _write_weights(model: nn.Module, folder: Path, format: str, max_shard_size) -> None:
     from huggingface_hub import save_torch_state_dict
 
-    state = {k: v.detach().cpu() for k, v in export_state_dict(model, merge).items()}
+    state = {k: v.detach().cpu() for k, v in export_state_dict(model, format).items()}
     save_torch_state_dict(
         state,
         folder,
@@ -336,145 +345,3 @@ def disk_size(paths: list[Path] | Path) -> int:
         return sum(p.stat().st_size for p in paths.rglob("*") if p.is_file())
     items = [paths] if isinstance(paths, Path) else paths
     return sum(p.stat().st_size for p in items)
-
-
-def load_pretrained(
-    path: str | os.PathLike,
-    model: nn.Module | None = None,
-    *,
-    dtype: str | torch.dtype = "auto",
-    device_map: str | dict | None = None,
-) -> nn.Module:
-    """Load a dlnc export: the model with its factorized layers, outputs identical to the
-    model that was exported.
-
-    A transformers export goes through `from_pretrained` with the dlnc quantizer (the skeleton
-    is built on the meta device, the dense weights are never allocated); `dtype` and
-    `device_map` are passed to it. A tensor-mode export loads as a `TensorModel` (weights only)
-    unless `model`, an instance of the original torch module, is given: its layers are then
-    swapped for the exported factors and its weights loaded.
-    """
-    from compressor.io.checkpoint import read_shapes, read_state_dict
-
-    folder = Path(path)
-    section = read_section(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise DlncError(f"{folder}: no .safetensors weights")
-    check_factors(folder, section, read_shapes(files))
-    if model is None and not section.get("tensor_mode"):
-        return _from_pretrained(folder, section, dtype, device_map)
-    state = read_state_dict(files)
-    try:
-        model = _module_skeleton(section, state, model)
-        _load_state(model, state)
-    except (RuntimeError, KeyError, AttributeError, ValueError, TypeError) as e:
-        raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
-    return model.eval()
-
-
-def install_factorized(
-    model: nn.Module,
-    layers: dict[str, dict],
-    *,
-    device: torch.device | str = "meta",
-    dtype: torch.dtype | None = None,
-    create_parents: bool = False,
-) -> nn.Module:
-    """Swap in an empty `FactorizedLinear` (on `device`, meta by default: no memory) for each
-    entry of an export's layer table; loading the state dict with `assign=True` fills them.
-
-    `dtype` None takes the dtype of the module being replaced. A layer of a head the model
-    lacks (a base model loaded from a head model's export) is skipped, as transformers skips
-    its weights; `create_parents` builds missing containers (tensor mode).
-    """
-    for name, spec in layers.items():
-        local = name if create_parents else _local_name(model, name)
-        if local is None:
-            continue
-        out_f, in_f = spec["shape"]
-        if create_parents:
-            from compressor.io.tensor_model import container
-
-            container(model, local.rpartition(".")[0])
-            kind = dtype
-        else:
-            kind = dtype or next(model.get_submodule(local).parameters()).dtype
-        layer = FactorizedLinear(
-            in_f, out_f, spec["rank"], 2, spec["bias"], dtype=kind, device=device
-        )  # fmt: skip
-        layer.layout = spec.get("layout", "linear")
-        replace_module(model, local, layer)
-    return model
-
-
-def _local_name(model: nn.Module, name: str) -> str | None:
-    """`name` as a path in `model`, across the base-model prefix (`transformer.`, `bert.`)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    candidates = [name, f"{prefix}.{name}"] if prefix else [name]
-    if prefix and name.startswith(prefix + "."):
-        candidates.append(name[len(prefix) + 1 :])
-    for candidate in candidates:
-        try:
-            model.get_submodule(candidate)
-            return candidate
-        except AttributeError:
-            continue
-    if prefix and not hasattr(model, prefix) and not name.startswith(prefix + "."):
-        return None  # a head layer; this model is the base alone
-    raise KeyError(f"no module at {name}")
-
-
-def _module_skeleton(
-    section: dict, state: dict[str, torch.Tensor], model: nn.Module | None
-) -> nn.Module:
-    """Tensor mode: a `TensorModel` (or the user's `model`) with the exported factorized layers."""
-    from compressor.io.tensor_model import TensorModel
-
-    layers = section.get("layers", {})
-    tensor_mode = model is None
-    if tensor_mode:
-        owned = tuple(f"{n}." for n in layers)
-        model = TensorModel({k: v for k, v in state.items() if not k.startswith(owned)})
-    for name, spec in layers.items():
-        dtype = state[f"{name}.up.weight"].dtype
-        install_factorized(model, {name: spec}, dtype=dtype, create_parents=tensor_mode)
-    return model
-
-
-def _from_pretrained(
-    folder: Path, section: dict, dtype: str | torch.dtype, device_map: str | dict | None
-) -> nn.Module:
-    """A transformers export through `from_pretrained` and the dlnc quantizer."""
-    from transformers import AutoConfig, AutoModel
-
-    from compressor.io.checkpoint import check_loading_info, model_class
-    from compressor.io.hf import DlncQuantizationConfig, register
-
-    register()
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    cls = model_class(config, trust_remote_code=False) or AutoModel
-    extra = {}
-    if section.get("layers") and getattr(config, "quantization_config", None) is None:
-        extra["quantization_config"] = DlncQuantizationConfig()  # written before it was stored
-    try:
-        model, info = cls.from_pretrained(
-            str(folder), config=config, dtype=dtype, device_map=device_map,
-            output_loading_info=True, local_files_only=True, **extra,
-        )  # fmt: skip
-    except (RuntimeError, ValueError, OSError, KeyError, AttributeError) as e:
-        raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
-    check_loading_info(model, info, [])
-    return model.eval()
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    result = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(tied_keys(model))
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        bad = (missing or result.unexpected_keys)[0]
-        kind = "missing" if missing else "unexpected"
-        raise KeyError(f"{kind} tensor {bad}")
-    if tied and hasattr(model, "tie_weights"):
-        model.tie_weights()

@@ -29,14 +29,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor.core.surgery import factorized_layers, merge_
-from compressor.io.export import (
-    FORMAT_VERSION,
-    LOAD_GUARD,
-    QUANT_METHOD,
-    dlnc_section,
-    export_state_dict,
-    install_factorized,
-)
+from compressor.io.export import LOAD_GUARD, QUANT_METHOD, dlnc_section, export_state_dict
+from compressor.io.install import install_factorized
+from compressor.io.section import FORMAT_VERSION
 
 __all__ = ["DlncHfQuantizer", "DlncQuantizationConfig", "register"]
 
@@ -132,7 +127,7 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs) -> None:
     data = json.loads(path.read_text())
     method = (data.get("dlnc") or {}).get("method", "svd")
     if factorized_layers(self):
-        data["dlnc"] = dlnc_section(self, method, merged=False, tensor_mode=False)
+        data["dlnc"] = dlnc_section(self, method, format="factors", tensor_mode=False)
         data["transformers_weights"] = LOAD_GUARD
     path.write_text(json.dumps(data, indent=2) + "\n")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from compressor.core.surgery import count_params, factorized_layers
+from compressor.io.section import check_format
 
 __all__ = ["CardFacts", "card_facts", "model_card", "report_facts", "write_model_card"]
 
@@ -41,9 +42,12 @@ class CardFacts:
     shapes: dict[str, tuple[int, int]]  # layer name pattern -> (out, in)
 
 
-def card_facts(model: nn.Module, method: str, merged: bool, report: dict | None) -> CardFacts:
+def card_facts(model: nn.Module, method: str, format: str, report: dict | None) -> CardFacts:
     """Sizes before/after from the model itself: each chain as exported (two factors of its
-    rank) against the dense layer it replaced; a tied tensor counted once."""
+    rank, or dense for `format` "dense") against the dense layer it replaced; a tied tensor
+    counted once."""
+    check_format(format)
+    merged = format == "dense"
     params = count_params(model)
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     chain = dense = kept = 0  # parameters: in memory / dense layers / exported factors

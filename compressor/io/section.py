@@ -1,4 +1,5 @@
-"""The `dlnc` section of an export's config.json, read and checked before anything is built.
+"""The `dlnc` section of an export's config.json, read and checked before anything is built,
+and the export formats (`EXPORT_FORMATS`) whose choice it records (`merged`).
 
     "dlnc": {"format_version": 1, "method": "svd", "merged": false, "tensor_mode": false,
              "layers": {"<name>": {"rank": 4, "shape": [out, in], "layout": "linear",
@@ -17,10 +18,27 @@ from pathlib import Path
 
 from compressor.errors import DlncError
 
-__all__ = ["FORMAT_VERSION", "check_factors", "is_export", "read_config", "read_section"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "FORMAT_VERSION",
+    "check_factors",
+    "check_format",
+    "is_export",
+    "read_config",
+    "read_section",
+]
 
 FORMAT_VERSION = 1
 LAYOUTS = ("linear", "conv1d")
+EXPORT_FORMATS = ("factors", "dense")
+"""How factorized layers are written: as their two factors (reloaded by dlnc), or multiplied
+back into dense weights of the original architecture (any tool reads them; no smaller)."""
+
+
+def check_format(format: str) -> None:
+    """A one-line `DlncError` unless `format` is one of `EXPORT_FORMATS`."""
+    if format not in EXPORT_FORMATS:
+        raise DlncError(f"`format` must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
 
 
 def read_config(folder: str | os.PathLike) -> dict:

@@ -9,13 +9,11 @@
 here that subclasses `RankMethod` and calls `register`, plus its import below.
 """
 
+from compressor.core.plan import MethodInputs, Plan, Weights
 from compressor.methods import dynamics, svd, whiten  # noqa: F401  (each registers itself)
 from compressor.methods.registry import (
     LayerEstimate,
-    MethodInputs,
-    Plan,
     RankMethod,
-    Weights,
     auto_method,
     build_plan,
     check_inputs,

@@ -30,8 +30,9 @@ from transformers.cache_utils import Cache
 
 from compressor.core.progress import ProgressFn
 from compressor.core.tasks import model_inputs
+from compressor.core.whitening import LayerStats
 from compressor.errors import DlncError
-from compressor.methods.calibration import LayerStats, _Collector
+from compressor.methods.calibration import _Collector
 
 __all__ = [
     "Activations",

@@ -16,7 +16,6 @@ at a time there (`--include`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,23 +23,10 @@ from torch import nn
 from compressor.core.layers import dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.tasks import model_inputs
+from compressor.core.whitening import LayerStats
 from compressor.errors import DlncError
 
-__all__ = ["LayerStats", "collect_grams", "real_rows"]
-
-
-@dataclass
-class LayerStats:
-    """The running Gram matrix of one layer input; `rows` is the number of input vectors."""
-
-    gram: torch.Tensor  # d_in x d_in, sum over rows of x x^T: float64 (or float32 if asked)
-    rows: int = 0
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.gram.dtype)
-        self.gram.addmm_(x.T, x)
-        self.rows += x.shape[0]
+__all__ = ["collect_grams", "real_rows"]
 
 
 class _Collector:

@@ -24,10 +24,11 @@ from torch import nn
 from compressor.core.compress import FactorFn
 from compressor.core.layers import dense_weight_of
 from compressor.core.linalg import energy_rank, singular_values
+from compressor.core.plan import MethodInputs, Weights
 from compressor.core.progress import ProgressFn
 from compressor.core.tasks import mask_tokens, model_inputs, task_of, with_lm_labels
 from compressor.errors import DlncError
-from compressor.methods.registry import MethodInputs, RankMethod, Weights, register
+from compressor.methods.registry import RankMethod, register
 
 __all__ = [
     "Dynamics",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compressor.core.compress import FactorFn
-from compressor.methods.whiten import Whitener, whitened_factors
+from compressor.core.whitening import Whitener, whitened_factors, whiteners
 
 __all__ = [
     "CHANNEL_DAMPING",
@@ -82,8 +82,6 @@ def projection_gains(
 def projection_output_gains(method, weights, inputs) -> dict[str, torch.Tensor]:
     """The output-aware gains of a method whose factors keep W on its `directions` (svd,
     dynamics): `projection_gains` with each layer's whitener and channel weights."""
-    from compressor.methods.whiten import whiteners
-
     roots = inputs.once("whiteners", lambda: whiteners(inputs.grams, inputs.damping))
     gains = {}
     for name, w in weights.tensors.items():

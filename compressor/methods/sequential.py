@@ -40,6 +40,7 @@ from torch import nn
 from compressor.core.layers import FactorizedLinear, dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.surgery import replace_module
+from compressor.core.whitening import DEFAULT_DAMPING, Whitener
 from compressor.methods.blocks import (
     Activations,
     Block,
@@ -50,7 +51,6 @@ from compressor.methods.blocks import (
     stream_blocks,
 )
 from compressor.methods.calibration import real_rows
-from compressor.methods.whiten import DEFAULT_DAMPING, Whitener
 
 __all__ = [
     "ALPHA",

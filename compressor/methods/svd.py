@@ -6,8 +6,9 @@ import torch
 
 from compressor.core.compress import FactorFn
 from compressor.core.linalg import energy_rank
+from compressor.core.plan import MethodInputs, Weights
 from compressor.core.progress import ProgressFn, report
-from compressor.methods.registry import MethodInputs, RankMethod, Weights, register
+from compressor.methods.registry import RankMethod, register
 
 __all__ = ["SVD"]
 

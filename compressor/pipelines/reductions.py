@@ -9,13 +9,9 @@ from pathlib import Path
 
 import torch
 
-from compressor.core.linalg import (
-    Tridiagonal,
-    gram_singular_values,
-    gram_tridiagonal,
-    resolve_device,
-)
+from compressor.core.gram import gram_singular_values, gram_tridiagonal, resolve_device
 from compressor.core.solver import Read, Solver
+from compressor.io.scratch import load_tridiagonal, save_tridiagonal
 
 __all__ = ["Reductions", "keep_reductions"]
 
@@ -35,7 +31,7 @@ class Reductions:
             return gram_singular_values(read, device)
         reduced, _ = gram_tridiagonal(read)
         values = reduced.eigenvalues()
-        reduced.save(self._path(name))
+        save_tridiagonal(reduced, self._path(name))
         return values.clamp_min(0).sqrt()
 
     def basis(self, name: str, rank: int) -> torch.Tensor | None:
@@ -44,7 +40,7 @@ class Reductions:
         path = self._path(name) if self.folder is not None else None
         if path is None or not path.exists():
             return None
-        return Tridiagonal.load(path, self.sizes[name]).eigen(rank)[1]
+        return load_tridiagonal(path, self.sizes[name]).eigen(rank)[1]
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.tridiagonal"

@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compressor.core.compress import check_finite
+from compressor.core.gram import RANDOMIZED_TOL, gram_singular_values
 from compressor.core.layers import FactorizedLinear, in_linear_layout, layout_of
-from compressor.core.linalg import RANDOMIZED_TOL, gram_singular_values, truncation_error
+from compressor.core.linalg import truncation_error
 from compressor.core.progress import ProgressFn
 from compressor.core.solver import Solver
 from compressor.io.streaming import module_loader
@@ -71,13 +72,13 @@ def whiten_pass(
     reduction `kept` keeps for pass 2's basis; the factors are held to the optimum within
     `RANDOMIZED_TOL` (else the exact float64 factors). Returns the spectra and pass 2's
     factor function."""
-    from compressor.methods.blocks import block_grams, stream_blocks
-    from compressor.methods.whiten import (
+    from compressor.core.whitening import (
         Whitener,
         whitened_factors,
         whitened_gram_factors,
         whitened_spectrum,
     )
+    from compressor.methods.blocks import block_grams, stream_blocks
 
     model = ckpt.loaded.model
     targets = {n: model.get_submodule(n) for n in layers}
@@ -190,7 +191,7 @@ def whitener_state(whitener) -> dict[str, torch.Tensor]:
 
 
 def load_whitener(path: Path):
-    from compressor.methods.whiten import Whitener
+    from compressor.core.whitening import Whitener
 
     state = torch.load(path, weights_only=True)
     return Whitener(**state) if state else None

@@ -51,13 +51,13 @@ class ShardWriter:
         ckpt: StreamedCheckpoint,
         layers: dict[str, LayerSpec],
         factor: FactorOf,
-        merge: bool,
+        format: str,
         max_shard_size: str,
         progress: ProgressFn | None,
     ) -> None:
         self.model, self.layers, self.keys = ckpt.loaded.model, layers, ckpt.keys
         self.ckpt, self.source = ckpt, ckpt.tensors
-        self.factor, self.merge, self.max_shard_size = factor, merge, max_shard_size
+        self.factor, self.format, self.max_shard_size = factor, format, max_shard_size
         self.progress = progress
         self.reports: dict[str, LayerReport] = {}
         self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
@@ -79,7 +79,7 @@ class ShardWriter:
     def plan(self, shared: dict[str, str]) -> dict[str, torch.Tensor]:
         """The export's tensors as meta tensors (real shapes and dtypes), tied ones dropped."""
         plan = {}
-        for key, meta in export_state_dict(self.model, self.merge).items():
+        for key, meta in export_state_dict(self.model, self.format).items():
             if key in shared:
                 continue
             src = self.keys.get(key)
@@ -153,7 +153,7 @@ class ShardWriter:
             name, t.shape, rank, factor_params(t.shape, None), factor_params(t.shape, rank),
             rel, breakeven_rank(*t.shape),
         )  # fmt: skip
-        if not self.merge:
+        if self.format == "factors":
             out = {f"{name}.down.weight": down, f"{name}.up.weight": up}
             if bias is not None:
                 out[f"{name}.up.bias"] = bias

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from compressor import methods
 from compressor.core.compress import compress_
+from compressor.core.gram import RANDOMIZED_MIN_SIZE
 from compressor.core.layers import check_depth, dense_weight_of
-from compressor.core.linalg import RANDOMIZED_MIN_SIZE
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
 from compressor.core.solver import Solver
@@ -171,7 +171,7 @@ def compress_checkpoint(
         source=loaded.source,
         report=summary,
         method=report.method,
-        merge=options.merge,
+        format="dense" if options.merge else "factors",
         overwrite=options.overwrite,
         max_shard_size=options.max_shard_size,
     )

@@ -29,8 +29,9 @@ from compressor.core.surgery import collapse_, count_params
 from compressor.core.targets import find_targets
 from compressor.dln.mlp import load_digits_split
 from compressor.errors import DlncError
-from compressor.io.export import disk_size, export, load_pretrained
+from compressor.io.export import disk_size, export
 from compressor.io.files import check_writable, write_error
+from compressor.io.load import load_pretrained
 from compressor.methods import build_plan
 from compressor.methods.dynamics import warmup_updates
 from compressor.training.loop import FinetuneConfig, finetune

@@ -21,7 +21,8 @@ from torch import nn
 
 from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
-from compressor.io.export import check_output_dir, export, load_pretrained
+from compressor.io.export import check_output_dir, export
+from compressor.io.load import load_pretrained
 from compressor.io.section import is_export
 from compressor.training.data import DataOptions, load_data
 from compressor.training.loop import FinetuneConfig, FinetuneResult, finetune

@@ -17,9 +17,9 @@ from torch import nn
 from compressor import methods
 from compressor.core.progress import ProgressFn
 from compressor.core.solver import Solver
+from compressor.core.whitening import DEFAULT_DAMPING
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
-from compressor.methods.whiten import DEFAULT_DAMPING
 from compressor.training.data import Batches, DataOptions, load_data
 
 __all__ = ["AwareOptions", "PlanInfo", "make_plans"]

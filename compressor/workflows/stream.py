@@ -26,6 +26,7 @@ from pathlib import Path
 
 from compressor import methods
 from compressor.core.compress import CompressionReport
+from compressor.core.plan import MethodInputs, Weights
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import allocate_ranks
 from compressor.core.solver import Solver
@@ -33,7 +34,6 @@ from compressor.core.surgery import count_params
 from compressor.io.export import dlnc_section, write_folder
 from compressor.io.files import scratch_beside
 from compressor.io.streaming import return_freed_memory
-from compressor.methods.registry import MethodInputs, Weights
 from compressor.pipelines import parallel
 from compressor.pipelines.reductions import keep_reductions
 from compressor.pipelines.sequential import correct_pass, whiten_pass
@@ -102,8 +102,9 @@ def stream_compress(
             if not state.is_main_process:
                 state.wait_for_everyone()
                 return CompressResult(Path(out).resolve(), {}, loaded.notices, weight_spectra)
-        writer = ShardWriter(ckpt, layers, factor, options.merge, options.max_shard_size, progress)
-        section = dlnc_section(loaded.model, method, options.merge, loaded.tensor_mode)
+        fmt = "dense" if options.merge else "factors"
+        writer = ShardWriter(ckpt, layers, factor, fmt, options.max_shard_size, progress)
+        section = dlnc_section(loaded.model, method, fmt, loaded.tensor_mode)
         summary: dict = {}
 
         def report() -> dict:  # the per-layer errors are known once the factors are written
