@@ -61,3 +61,35 @@ def tree_snapshot(folder: Path) -> dict[str, int]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+@pytest.fixture
+def gpt2(tiny_model) -> Path:
+    """The folder of a saved tiny GPT-2."""
+    return tiny_model("gpt2")[1]
+
+
+@pytest.fixture
+def exported(tiny_model, tmp_path) -> Path:
+    """A tiny GPT-2 compressed at rank 4 by `dlnc compress`: the export's folder."""
+    from cli_helpers import dlnc
+
+    _, folder = tiny_model("gpt2")
+    result = dlnc("compress", folder, "--rank", 4, "--out", tmp_path / "exp")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "exp"
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make any checkpoint load fail the test: the error must come before the work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the options were checked")
+
+    # every module that binds load_checkpoint at import is imported (and patched) before the
+    # source is, so none keeps the refusing stand-in after the test
+    modules = ("compressor.workflows.compress", "compressor.workflows.estimate",
+               "compressor.workflows.plan", "cli.inspect", "compressor.io.checkpoint")  # fmt: skip
+    for module in modules:
+        monkeypatch.setattr(f"{module}.load_checkpoint", refuse, raising=False)

@@ -114,3 +114,11 @@ def test_a_typo_in_include_names_where_it_came_from(tmp_path):
     options = compress_options(given)
     with pytest.raises(DlncError, match=r"recipe bert: targets\.include: 'nonexistent'"):
         compress_checkpoint(tmp_path / "bert", tmp_path / "out", options)
+
+
+def test_max_shard_size_is_checked_by_the_options():
+    from compressor.workflows.compress import CompressOptions
+
+    with pytest.raises(DlncError, match="max_shard_size"):
+        CompressOptions(max_shard_size="banana")
+    CompressOptions(max_shard_size="500MB")
