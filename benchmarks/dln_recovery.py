@@ -1,6 +1,6 @@
-"""Reproduce METHOD.md section 2: wide vs compressed DLN on matrix recovery, plus the MLP.
+"""Reproduce docs/method.md section 2: wide vs compressed DLN on matrix recovery, plus the MLP.
 
-Runs the three settings of METHOD.md's table, the larger completion setting (d=1000) and the
+Runs the three settings of docs/method.md's table, the larger completion setting (d=1000) and the
 digits MLP; prints a table, writes it as markdown and draws one recovery plot per setting.
 
     python benchmarks/dln_recovery.py                      # everything (long on 2 CPU cores)
@@ -68,9 +68,9 @@ WIDE_CAP = {"completion-1000": 100}  # iterations the wide network gets where it
 PAPER = {
     "factorization": "about 2.3x faster in wall time",
     "completion": "wide ~14,900 steps, compressed ~4,100; >20x wall time; test rel. err ~1.4e-5",
-    "sensing": "compressed faster (figure); no number in METHOD.md",
+    "sensing": "compressed faster (figure); no number in docs/method.md",
     "sensing-100": "(reduced-size sensing; not in the paper)",
-    "completion-1000": "law-of-parsimony scale (GPU); no number in METHOD.md",
+    "completion-1000": "law-of-parsimony scale (GPU); no number in docs/method.md",
 }
 
 

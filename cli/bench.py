@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 Task = Annotated[
-    str, typer.Option(help="factorization | completion | sensing (METHOD.md section 2).")
+    str, typer.Option(help="factorization | completion | sensing (docs/method.md section 2).")
 ]
 
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny models of each supported family, built from configs and saved to
-tmp_path (no hub). `tiny_model(family)` returns (model, folder)."""
+"""Shared fixtures: tiny models of each supported family (the table in `tiny_models.py`),
+built from configs and saved to tmp_path (no hub). `tiny_model(family)` returns (model, folder).
+`build_tiny`, `example_inputs` and `MLP` are re-exported for the suites that import them here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import MLP, build_tiny, example_inputs, save_tiny
 from torch import nn
+
+__all__ = ["MLP", "build_tiny", "example_inputs"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -17,55 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("gpt2", "bert", "llama", "vit")
-
-
-def build_tiny(family: str) -> nn.Module:
-    """A tiny, randomly initialised transformers model of `family`, in eval mode."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = tf.GPT2Config(
-            n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
-            bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
-        model = tf.GPT2LMHeadModel(cfg)
-    elif family == "bert":
-        cfg = tf.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=64, max_position_embeddings=32, pad_token_id=0,
-        )  # fmt: skip
-        model = tf.BertForMaskedLM(cfg)
-    elif family == "llama":
-        cfg = tf.LlamaConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, vocab_size=64, max_position_embeddings=32,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        )  # fmt: skip
-        model = tf.LlamaForCausalLM(cfg)
-    elif family == "vit":
-        cfg = tf.ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=16, patch_size=8, num_channels=3, num_labels=3,
-        )  # fmt: skip
-        model = tf.ViTForImageClassification(cfg)
-    elif family == "t5":
-        cfg = tf.T5Config(
-            d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64,
-            decoder_start_token_id=0, pad_token_id=0,
-        )  # fmt: skip
-        model = tf.T5ForConditionalGeneration(cfg)
-    else:
-        raise ValueError(f"unknown family {family}")
-    return model.eval()
-
-
-def example_inputs(family: str, batch: int = 2) -> dict[str, torch.Tensor]:
-    """Model inputs of the right kind for `family` (fixed seed)."""
-    g = torch.Generator().manual_seed(1)
-    if family == "vit":
-        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
-    return {"input_ids": torch.randint(1, 64, (batch, 12), generator=g)}
+"""The families every export test covers (all of `tiny_models.TINY_MODELS` is the full list)."""
 
 
 def outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -83,40 +39,19 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def tiny_model(tmp_path: Path) -> Callable[[str], tuple[nn.Module, Path]]:
-    def make(family: str) -> tuple[nn.Module, Path]:
-        model = build_tiny(family)
-        folder = tmp_path / family
-        model.save_pretrained(folder)
-        return model, folder
+def tiny_model(tmp_path: Path) -> Callable[..., tuple[nn.Module, Path]]:
+    """`tiny_model(family, **config_overrides)`: (the model, its folder under tmp_path)."""
+
+    def make(family: str, **overrides) -> tuple[nn.Module, Path]:
+        return save_tiny(family, tmp_path / family, **overrides)
 
     return make
-
-
-class MLP(nn.Module):
-    """A plain torch MLP (no transformers architecture): exercises tensor mode."""
-
-    def __init__(self, width: int = 48) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, width)
-        self.fc2 = nn.Linear(width, width)
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 @pytest.fixture
 def tiny_mlp(tmp_path: Path) -> tuple[nn.Module, Path]:
     """A plain MLP saved as a bare model.safetensors with no config.json."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = MLP().eval()
-    path = tmp_path / "mlp" / "model.safetensors"
-    path.parent.mkdir()
-    save_file(model.state_dict(), path)
-    return model, path
+    return save_tiny("mlp", tmp_path / "mlp")
 
 
 def tree_snapshot(folder: Path) -> dict[str, int]:
@@ -126,3 +61,35 @@ def tree_snapshot(folder: Path) -> dict[str, int]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+@pytest.fixture
+def gpt2(tiny_model) -> Path:
+    """The folder of a saved tiny GPT-2."""
+    return tiny_model("gpt2")[1]
+
+
+@pytest.fixture
+def exported(tiny_model, tmp_path) -> Path:
+    """A tiny GPT-2 compressed at rank 4 by `dlnc compress`: the export's folder."""
+    from cli_helpers import dlnc
+
+    _, folder = tiny_model("gpt2")
+    result = dlnc("compress", folder, "--rank", 4, "--out", tmp_path / "exp")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "exp"
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make any checkpoint load fail the test: the error must come before the work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the options were checked")
+
+    # every module that binds load_checkpoint at import is imported (and patched) before the
+    # source is, so none keeps the refusing stand-in after the test
+    modules = ("compressor.workflows.compress", "compressor.workflows.estimate",
+               "compressor.workflows.plan", "cli.inspect", "compressor.io.checkpoint")  # fmt: skip
+    for module in modules:
+        monkeypatch.setattr(f"{module}.load_checkpoint", refuse, raising=False)

@@ -1,9 +1,10 @@
 """The layout of docs/architecture.md, kept honest: each stage of `compressor/` imports only
-from the stages below it, and the library never prints."""
+from the stages below it, the library never prints, and the doc's table names every module."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import compressor
@@ -53,3 +54,68 @@ def test_the_library_never_prints():
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"
     ]
     assert calls == []
+
+
+DOC = ROOT.parent / "docs" / "architecture.md"
+
+
+def _table_rows() -> dict[str, str]:
+    """docs/architecture.md's table: the first cell without backticks (`core/`, `cli/`,
+    `compressor/errors.py`) -> the rest of its row."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) > 1 and not set(cells[0]) <= {"-", ":"}:
+            rows[cells[0].strip("`")] = " | ".join(cells[1:])
+    return rows
+
+
+def _named(row: str) -> set[str]:
+    """The names in backticks in a row, `.py` dropped: `linalg`, `svd.py` -> linalg, svd."""
+    quoted = re.findall(r"``\s?(.+?)\s?``|`([^`]+)`", row)
+    return {(double or single).removesuffix(".py") for double, single in quoted}
+
+
+def _modules() -> list[tuple[str, str]]:
+    """(path, the table row it belongs to) for every module of compressor/ and cli/:
+    compressor/errors.py -> its own row, compressor/core/linalg.py -> `core/`, cli/x.py ->
+    `cli/`."""
+    found = []
+    for package in (ROOT, ROOT.parent / "cli"):
+        for path in sorted(package.rglob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            rel = path.relative_to(package)
+            if package.name == "cli":
+                row = "cli/"
+            elif len(rel.parts) == 1:
+                row = f"compressor/{path.name}"
+            else:
+                row = f"{rel.parent.as_posix()}/"
+            found.append((path.relative_to(ROOT.parent).as_posix(), row))
+    return found
+
+
+def test_every_module_is_named_in_the_architecture_doc():
+    """A module belongs to its folder's row, named in backticks (`linalg` or `svd.py`)."""
+    rows = _table_rows()
+    missing = [
+        path
+        for path, row in _modules()
+        if not (row.endswith(".py") and row in rows)
+        and Path(path).stem not in _named(rows.get(row, ""))
+    ]
+    assert not missing, f"name these in the table of docs/{DOC.name}: {missing}"
+
+
+def test_every_file_the_architecture_doc_names_exists():
+    modules = {(row, Path(path).stem) for path, row in _modules()}
+    rows = _table_rows()
+    stale = [
+        f"{row} {name}"
+        for row, text in rows.items()
+        if row.endswith("/")
+        for name in re.findall(r"(?<!`)`(\w+)\.py`", text)
+        if (row, name) not in modules
+    ]
+    assert not stale, f"docs/{DOC.name} names files that do not exist: {stale}"

@@ -77,3 +77,21 @@ def test_data_the_model_does_not_take():
     model = MLP().eval()
     with pytest.raises(DlncError, match="does not take the data's inputs"):
         collect_grams(model, find_targets(model), [{"pixel_values": torch.randn(2, 16)}])
+
+
+def test_t5_calibrates_with_teacher_forcing(tmp_path):
+    """The decoder's layers see the text as their input, shifted right (as in fine-tuning)."""
+    from compressor.core.targets import find_targets
+    from compressor.methods.calibration import collect_grams
+
+    model = build_tiny("t5")
+    ids = torch.randint(2, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    targets = find_targets(model)
+    stats = collect_grams(model, targets, [batch])
+    assert set(stats) == set(targets)
+    # the decoder's first query projection saw the embeddings of [start, ids[:-1]]
+    shifted = torch.cat([torch.zeros(2, 1, dtype=ids.dtype), ids[:, :-1]], 1)
+    block = model.decoder.block[0].layer[0]
+    x = block.layer_norm(model.decoder.embed_tokens(shifted)).reshape(-1, 32).double()
+    torch.testing.assert_close(stats["decoder.block.0.layer.0.SelfAttention.q"].gram, x.T @ x)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
-from conftest import MLP, build_tiny, example_inputs, outputs
-from safetensors.torch import save_file
+from cli_helpers import dlnc, edit_config, one_line_error
+from conftest import MLP, build_tiny, example_inputs, outputs, tree_snapshot
+from safetensors.torch import load_file, save_file
 
 from compressor.errors import DlncError
 from compressor.io.checkpoint import load_checkpoint, read_state_dict
@@ -83,3 +86,58 @@ def test_read_state_dict_reads_every_file(tmp_path):
     save_file({"b": torch.zeros(3)}, tmp_path / "2.safetensors")
     state = read_state_dict([tmp_path / "1.safetensors", tmp_path / "2.safetensors"])
     assert set(state) == {"a", "b"}
+
+
+# user errors found by an adversarial pass over the CLI (issue 14)
+
+
+def test_weights_of_a_layer_the_config_lacks_are_an_error(gpt2, tmp_path):
+    edit_config(gpt2, n_layer=1)
+    before = tree_snapshot(gpt2)
+    result = dlnc("compress", gpt2, "--out", tmp_path / "out")
+    one_line_error(result, "not used by the config", "transformer.h.1.")
+    assert not (tmp_path / "out").exists() and tree_snapshot(gpt2) == before
+
+
+def test_a_dropped_head_is_a_notice_not_an_error(tiny_model):
+    """bert-base's checkpoint holds a next-sentence head its masked-LM class has no place
+    for: that is how it ships, so it loads, and the user is told what was left out."""
+    from compressor.io.checkpoint import load_checkpoint
+
+    _, folder = tiny_model("bert")
+    state = load_file(folder / "model.safetensors")
+    state["cls.seq_relationship.weight"] = torch.zeros(2, 32)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_checkpoint(folder)
+    assert any("cls.seq_relationship.weight" in n for n in loaded.notices)
+
+
+def test_a_wrong_width_names_the_first_mismatched_tensor(gpt2, tmp_path):
+    edit_config(gpt2, n_embd=48)
+    line = one_line_error(dlnc("compress", gpt2, "--out", tmp_path / "out"), "shape")
+    assert "look at the above report" not in line
+    assert re.search(r"shape of transformer\.\S+ is \[\d+\] in the weights, \[\d+\] by the", line)
+
+
+@pytest.mark.parametrize("payload", [[1, 2, 3], "exec"])
+def test_a_pickle_that_is_not_weights_is_one_line(payload, tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(pickle.dumps(Boom() if payload == "exec" else payload))
+    result = dlnc("compress", path, "--allow-pickle", "--out", tmp_path / "out")
+    one_line_error(result, "weights.bin", "not a weights file")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_pickle_beside_a_config_that_is_not_weights_is_one_line(gpt2, tmp_path):
+    import pickle
+
+    (gpt2 / "model.safetensors").unlink()
+    (gpt2 / "pytorch_model.bin").write_bytes(pickle.dumps({"a": [1, 2]}))
+    result = dlnc("compress", gpt2, "--allow-pickle", "--out", tmp_path / "out")
+    one_line_error(result, "pytorch_model.bin", "not a weights file")

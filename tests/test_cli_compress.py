@@ -312,3 +312,67 @@ def test_messages_name_the_flags_of_the_command_that_failed():
     assert as_flags("give `teacher`", "compress") == "give `teacher`"  # not a compress flag
     assert as_flags("give `teacher`", "eval") == "give --teacher"
     assert as_flags("`keep` must be in (0, 1]") == "`keep` must be in (0, 1]"  # no command
+
+
+# moved from test_hardening.py: options checked before work, T5, inspect of an export, piped tables
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["compress", "{m}", "--out", "{t}/out", "--plot", "{t}/p.banana"], ["--plot", "banana"]),
+        (["compress", "{m}", "--out", "{t}/out", "--plot", "{t}/no/p.png"], ["--plot", "no"]),
+        (["compress", "{m}", "--out", "{t}/out", "--max-shard-size", "banana"], ["shard"]),
+        (["estimate-ranks", "{m}", "--plot", "{t}/p.banana"], ["--plot", "banana"]),
+        (["estimate-ranks", "{m}", "--save", "{t}/no/r.yaml"], ["--save", "no"]),
+        (["inspect", "{m}", "--plot", "{t}/p.banana"], ["--plot", "banana"]),
+    ],
+)
+def test_a_bad_option_fails_before_any_work(args, needles, gpt2, tmp_path, no_loading):
+    from cli_helpers import one_line_error
+
+    args = [a.format(m=gpt2, t=tmp_path) for a in args]
+    result = dlnc(*args)
+    one_line_error(result, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_warmup_lr_is_checked_by_the_options(gpt2, tmp_path, no_loading):
+    from cli_helpers import one_line_error, token_file
+
+    data = token_file(tmp_path / "t.safetensors")
+    result = dlnc("compress", gpt2, "--out", tmp_path / "out", "--data", data,
+                  "--warmup-steps", 2, "--warmup-lr", -1)  # fmt: skip
+    one_line_error(result, "--warmup-lr must be > 0")
+
+
+def test_t5_whiten_and_estimate_ranks_through_the_cli(tmp_path):
+    from cli_helpers import token_file
+
+    build_tiny("t5").save_pretrained(tmp_path / "t5")
+    data = token_file(tmp_path / "tokens.safetensors")
+    result = dlnc("compress", tmp_path / "t5", "--method", "whiten", "--data", data,
+                  "--out", tmp_path / "out", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "whiten"
+    result = dlnc("estimate-ranks", tmp_path / "t5", "--data", data, "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_inspect_of_an_export_shows_the_factors(exported):
+    result = dlnc("inspect", exported, "--json")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    config = json.loads((exported / "config.json").read_text())["dlnc"]["layers"]
+    assert {row["name"] for row in layers} == set(config)
+    assert all(row["rank"] == 4 and row["numerical_rank"] <= 4 for row in layers)
+    text = dlnc("inspect", exported)
+    assert text.exit_code == 0 and "rank" in text.stdout
+
+
+def test_a_piped_table_keeps_every_column(gpt2, tmp_path):
+    result = dlnc("compress", gpt2, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "layer" in line)
+    assert "rel error" in header and "params after" in header
+    assert "transformer.h.0.attn.c_attn" in result.stdout  # names are not folded

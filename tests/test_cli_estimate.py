@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -120,12 +119,20 @@ def test_bert_encoder_without_head_warms_up_by_denoising(tmp_path):
         ("ranks: [", "not valid YAML"),
     ],
 )
-def test_bad_ranks_file(tmp_path, content, message):
+def test_bad_ranks_file(tiny_model, tmp_path, content, message):
+    """`dlnc compress --ranks` with a bad ranks file: one line naming the file and what is
+    wrong (the library's message), exit 1, no output folder."""
+    _, folder = tiny_model("gpt2")
     f = tmp_path / "r.yaml"
     f.write_text(content)
     with pytest.raises(DlncError, match=message):
         load_ranks(f)
-    assert yaml  # the format is YAML
+    result = run("compress", folder, "--ranks", f, "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(f) in lines[0] and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_compress_refits_the_layers_the_data_can_fit(tiny_model, tmp_path):

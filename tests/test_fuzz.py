@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
+from tiny_models import save_tiny
 
 from compressor.errors import DlncError
 
@@ -149,9 +149,7 @@ def test_fuzz_safetensors_data(workdir, data, labels):
 
 @pytest.fixture(scope="module")
 def gpt2_weights(workdir):
-    folder = workdir / "gpt2-source"
-    build_tiny("gpt2").save_pretrained(folder)
-    return folder
+    return save_tiny("gpt2", workdir / "gpt2-source")[1]
 
 
 GPT2_KEYS = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner")

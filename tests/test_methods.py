@@ -64,9 +64,16 @@ def test_whiten_plan_reads_the_whitened_spectrum():
     batches = [{"x": torch.randn(16, 16)} for _ in range(2)]
     stats = collect_grams(model, targets, batches)
     plan = methods.build_plan("whiten", targets, stats)
-    name = next(iter(targets))
-    assert not torch.allclose(plan.spectra[name], plan.weight_spectra[name].double())
-    assert plan.reading(name, 0.9) == energy_rank(plan.spectra[name], 0.9)
+    for name, layer in targets.items():
+        # s(W L) with L L^T the mean Gram (over the input rows) damped by 1% of its mean
+        # diagonal (docs/data-aware.md); every such root L gives the same singular values
+        gram = stats[name].gram.double() / stats[name].rows
+        damped = gram + 1e-2 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        whitened = layer.weight.detach().double() @ torch.linalg.cholesky(damped)
+        expected = torch.linalg.svdvals(whitened)
+        torch.testing.assert_close(plan.spectra[name].double(), expected, rtol=1e-6, atol=1e-9)
+        assert not torch.allclose(plan.spectra[name], plan.weight_spectra[name].double())
+        assert plan.reading(name, 0.9) == energy_rank(plan.spectra[name], 0.9)
 
 
 class _RowNorms(methods.RankMethod):

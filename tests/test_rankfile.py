@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from cli_helpers import dlnc, one_line_error
 
 from compressor.errors import DlncError
 from compressor.io.rankfile import load_ranks, save_ranks, split_ranks
@@ -42,3 +43,11 @@ def test_a_missing_file_is_one_error(tmp_path):
 def test_unknown_informational_keys_are_refused_when_writing(tmp_path):
     with pytest.raises(ValueError, match="unknown ranks-file keys"):
         save_ranks(tmp_path / "r.yaml", {"a": 1}, colour="red")
+
+
+def test_a_ranks_file_that_is_not_utf8_is_one_line(gpt2, tmp_path):
+    ranks = tmp_path / "ranks.yaml"
+    ranks.write_bytes(b"ranks:\n  \xff\xfe: 3\n")
+    result = dlnc("compress", gpt2, "--out", tmp_path / "out", "--ranks", ranks)
+    one_line_error(result, "ranks.yaml", "UTF-8")
+    assert not (tmp_path / "out").exists()

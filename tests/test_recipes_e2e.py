@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MLP, build_tiny, example_inputs
+from tiny_models import MLP, example_inputs, save_tiny
 from torch import nn
 
 from compressor.core.compress import compress_
@@ -21,23 +21,14 @@ from compressor.workflows.compress import compress_checkpoint
 from compressor.workflows.options import compress_options, finetune_config
 
 FAMILIES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "vit": "vit", "t5": "t5"}
-
-
-def inputs_of(family: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
-    if family != "t5":
-        return example_inputs(family, batch)
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(1, 64, (batch, 12), generator=g),
-        "decoder_input_ids": torch.randint(1, 64, (batch, 6), generator=g),
-    }
+"""Tiny family (`tiny_models.TINY_MODELS`) -> the recipe `--recipe auto` must pick for it."""
 
 
 def train_batches(family: str, n: int = 3) -> list[dict[str, torch.Tensor]]:
     if family == "vit":
         g = torch.Generator().manual_seed(2)
         return [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g)} for _ in range(n)]
-    batches = [inputs_of(family, batch=4, seed=2 + i) for i in range(n)]
+    batches = [example_inputs(family, batch=4, seed=2 + i) for i in range(n)]
     for b in batches:
         b["attention_mask"] = torch.ones_like(b["input_ids"])
     return batches
@@ -62,8 +53,7 @@ def test_every_shipped_family_recipe_has_an_end_to_end_case():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_recipe_compress_finetune_export_reload(family, tmp_path):
-    original = build_tiny(family)
-    original.save_pretrained(tmp_path / "in")
+    original, _ = save_tiny(family, tmp_path / "in")
     recipe, source = choose_recipe("auto", tmp_path / "in")
     assert (recipe.name, source.warning) == (FAMILIES[family], None)
 
@@ -86,7 +76,7 @@ def test_recipe_compress_finetune_export_reload(family, tmp_path):
     out = export(tuned, tmp_path / "tuned", config=original.config)
     reloaded = load_pretrained(out)
     assert {layer.depth for layer in factorized_layers(reloaded).values()} == {2}
-    inputs = inputs_of(family)
+    inputs = example_inputs(family)
     torch.testing.assert_close(
         logits(reloaded, inputs), logits(tuned, inputs), rtol=1e-4, atol=1e-5
     )
@@ -130,7 +120,7 @@ def test_compress_finetune_steps_takes_the_recipes_finetune_section(tmp_path):
 
     from cli.main import app
 
-    build_tiny("gpt2").save_pretrained(tmp_path / "in")
+    save_tiny("gpt2", tmp_path / "in")
     tokens = tmp_path / "tokens.safetensors"
     g = torch.Generator().manual_seed(0)
     save_file({"input_ids": torch.randint(1, 64, (24, 12), generator=g)}, tokens)
@@ -155,8 +145,7 @@ def test_compress_finetune_steps_takes_the_recipes_finetune_section(tmp_path):
 def test_t5_wo_stays_dense_even_when_asked_for(tmp_path):
     """T5's feed-forward reads `self.wo.weight`; compressing it would break the model, so it
     is skipped with a notice even under the generic recipe (every Linear)."""
-    original = build_tiny("t5")
-    original.save_pretrained(tmp_path / "in")
+    original, _ = save_tiny("t5", tmp_path / "in")
     recipe, source = choose_recipe("generic", tmp_path / "in")
     result = compress_checkpoint(
         tmp_path / "in", tmp_path / "out", compress_options(recipe, source)
@@ -165,22 +154,15 @@ def test_t5_wo_stays_dense_even_when_asked_for(tmp_path):
     assert compressed and not any(n.endswith(".wo") for n in compressed)
     assert any(".wo stays dense" in n for n in result.notices)
     reloaded = load_pretrained(tmp_path / "out")
-    inputs = inputs_of("t5")
+    inputs = example_inputs("t5")
     assert logits(reloaded, inputs).shape == logits(original, inputs).shape
 
 
-@pytest.mark.parametrize(("kv_heads", "kv_targeted"), [(4, True), (2, False)])
-def test_llama_recipe_targets_k_and_v_only_where_square(kv_heads, kv_targeted, tmp_path):
+@pytest.mark.parametrize(("family", "kv_targeted"), [("llama-mha", True), ("llama", False)])
+def test_llama_recipe_targets_k_and_v_only_where_square(family, kv_targeted, tmp_path):
     # 4 of 4 heads: no GQA, k_proj/v_proj are 32x32 and compressed like q_proj; 2 of 4: GQA,
     # they are 16x32 and stay dense with a notice naming the reason
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
-        intermediate_size=64, vocab_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "in")
+    save_tiny(family, tmp_path / "in")
     recipe, source = choose_recipe("auto", tmp_path / "in")
     options = compress_options(recipe, source)
     result = compress_checkpoint(tmp_path / "in", tmp_path / "out", options)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import MLP, build_tiny, example_inputs
+from safetensors.torch import load_file
+from tiny_models import example_inputs, save_tiny
 
 from compressor.core.surgery import factorized_layers
 from compressor.errors import DlncError
@@ -18,29 +19,24 @@ from compressor.workflows.compress import CompressOptions, compress_checkpoint
 from compressor.workflows.estimate import estimate_checkpoint
 from compressor.workflows.options import apply_ranks_file, aware_options, compress_options
 
-RECIPE_MODELS = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "vit": "vit", "t5": "t5"}
+RECIPE_MODELS = {
+    "bert": "bert", "gpt2": "gpt2", "llama": "llama", "vit": "vit", "t5": "t5", "generic": "mlp",
+}  # fmt: skip
+"""Each shipped recipe -> the tiny family (`tiny_models.TINY_MODELS`) it is checked on; the
+generic recipe on a bare MLP in tensor mode."""
 
 
 def _checkpoint(tmp_path, recipe: str):
-    """A tiny checkpoint served by `recipe` (the generic recipe: a bare MLP in tensor mode)."""
-    if recipe == "generic":
-        from safetensors.torch import save_file
-
-        torch.manual_seed(0)
-        path = tmp_path / "mlp" / "model.safetensors"
-        path.parent.mkdir()
-        save_file(MLP().state_dict(), path)
-        return path
-    folder = tmp_path / recipe
-    build_tiny(RECIPE_MODELS[recipe]).save_pretrained(folder)
-    return folder
+    """The path of a tiny checkpoint served by `recipe`."""
+    family = RECIPE_MODELS[recipe]
+    return save_tiny(family, tmp_path / family)[1]
 
 
 def test_every_shipped_recipe_has_a_case_here():
-    assert set(recipe_names()) == {*RECIPE_MODELS, "generic"}
+    assert set(recipe_names()) == set(RECIPE_MODELS)
 
 
-@pytest.mark.parametrize("recipe_name", sorted({*RECIPE_MODELS, "generic"}))
+@pytest.mark.parametrize("recipe_name", sorted(RECIPE_MODELS))
 def test_estimate_save_then_compress_with_those_ranks_round_trips(tmp_path, recipe_name):
     """The ranks `estimate_checkpoint` chooses, saved and given back to `compress`, are the
     ranks `compress` uses: both select targets through the same recipe."""
@@ -58,7 +54,7 @@ def test_estimate_save_then_compress_with_those_ranks_round_trips(tmp_path, reci
 
 
 def test_compress_checkpoint_writes_a_report_whose_totals_add_up(tmp_path):
-    build_tiny("bert").save_pretrained(tmp_path / "bert")
+    save_tiny("bert", tmp_path / "bert")
     options = CompressOptions()
     result = compress_checkpoint(tmp_path / "bert", tmp_path / "out", options)
     report = json.loads((result.out_dir / "report.json").read_text())
@@ -71,17 +67,35 @@ def test_compress_checkpoint_writes_a_report_whose_totals_add_up(tmp_path):
     assert report["bytes_after"] < report["bytes_before"]
 
 
-def test_compress_checkpoint_matches_the_in_memory_compression(tmp_path):
-    model = build_tiny("gpt2")
-    model.save_pretrained(tmp_path / "g")
-    result = compress_checkpoint(tmp_path / "g", tmp_path / "out", CompressOptions())
-    reloaded = load_pretrained(result.out_dir)
-    assert set(factorized_layers(reloaded)) == {
-        r["name"] for r in result.report["layers"] if r["rank"] is not None
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_the_streamed_export_matches_the_in_memory_compression(tmp_path):
+    """With the exact solver, streaming (one tensor at a time) writes the very tensors the
+    in-memory path writes, so the two exports reload to models with identical logits."""
+    _, folder = save_tiny("gpt2", tmp_path / "g")
+    exports = {
+        stream: compress_checkpoint(
+            folder, tmp_path / f"stream-{stream}", CompressOptions(stream=stream, solver="exact")
+        )
+        for stream in (False, True)
     }
+    in_memory, streamed = exports[False], exports[True]
+    ranks = {r["name"]: r["rank"] for r in in_memory.report["layers"]}
+    assert ranks == {r["name"]: r["rank"] for r in streamed.report["layers"]}
+    assert any(rank is not None for rank in ranks.values())
+    expected, written = _tensors(in_memory.out_dir), _tensors(streamed.out_dir)
+    assert expected.keys() == written.keys()
+    for name, tensor in expected.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+
+    reloaded = {stream: load_pretrained(r.out_dir) for stream, r in exports.items()}
+    assert set(factorized_layers(reloaded[True])) == {n for n, r in ranks.items() if r is not None}
     inputs = example_inputs("gpt2")
     with torch.no_grad():
-        assert not torch.allclose(reloaded(**inputs).logits, model(**inputs).logits)
+        logits = {stream: model(**inputs).logits for stream, model in reloaded.items()}
+    assert torch.equal(logits[True], logits[False])
 
 
 def test_whiten_without_data_is_refused_before_any_work(tmp_path):
@@ -90,7 +104,7 @@ def test_whiten_without_data_is_refused_before_any_work(tmp_path):
 
 
 def test_a_typo_in_include_names_where_it_came_from(tmp_path):
-    build_tiny("bert").save_pretrained(tmp_path / "bert")
+    save_tiny("bert", tmp_path / "bert")
     recipe = load_recipe("bert")
     given = apply_overrides(recipe, {"targets.include": ["nonexistent"]})
     options = compress_options(given, from_flags=["targets.include"])
@@ -100,3 +114,11 @@ def test_a_typo_in_include_names_where_it_came_from(tmp_path):
     options = compress_options(given)
     with pytest.raises(DlncError, match=r"recipe bert: targets\.include: 'nonexistent'"):
         compress_checkpoint(tmp_path / "bert", tmp_path / "out", options)
+
+
+def test_max_shard_size_is_checked_by_the_options():
+    from compressor.workflows.compress import CompressOptions
+
+    with pytest.raises(DlncError, match="max_shard_size"):
+        CompressOptions(max_shard_size="banana")
+    CompressOptions(max_shard_size="500MB")

@@ -52,7 +52,7 @@ def merge_(model: nn.Module) -> nn.Module:
 
 def deepen_(model: nn.Module, depth: int) -> nn.Module:
     """In place: every factorized chain of depth < `depth` gains identity inner factors
-    (up . I ... I . down), so it computes the same map with `depth` factors (METHOD.md 3)."""
+    (up . I ... I . down), so it computes the same map with `depth` factors (docs/method.md 3)."""
     check_depth(depth)
     return _swap_all(model, lambda layer: _deepen(layer, depth))
 

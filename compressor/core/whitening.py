@@ -3,7 +3,7 @@ whitener, and the truncation of W L that minimises the error on the layer's outp
 
 With X the calibration inputs of a layer (rows are samples) and G = X^T X = L L^T, the
 rank-k W' minimising ||(W - W') X^T||_F is W' = trunc_k(W L) L^+, and its error is exactly
-sqrt(sum_{i>k} s_i(W L)^2) (METHOD.md section 4).
+sqrt(sum_{i>k} s_i(W L)^2) (docs/method.md section 4).
 
 Numerics: G is often singular (dead features, fewer samples than the width). In float64 L
 comes from a symmetric eigen-decomposition of G + damping * mean(diag G) * I, and L^+ drops

@@ -1,4 +1,4 @@
-"""Deep linear network compression on matrix recovery (METHOD.md section 2).
+"""Deep linear network compression on matrix recovery (docs/method.md section 2).
 
 problems.py   targets, data, losses and errors for factorization / completion / sensing
 networks.py   the wide DLN (scaled orthogonal init) and the compressed one (spectral init)

@@ -1,7 +1,7 @@
 """The nonlinear experiment: an MLP whose hidden width x width layer is a linear chain.
 
 Wide chain: (width x width)^L. Compressed chain: (width x k)(k x k)...(k x width), k = 2r, no
-activation inside the chain (METHOD.md end of section 2). Both are trained the same way, full
+activation inside the chain (docs/method.md end of section 2). Both are trained the same way, full
 batch, on scikit-learn's handwritten digits (8x8 images, 10 classes; bundled, so offline).
 """
 

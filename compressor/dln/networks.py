@@ -1,4 +1,5 @@
-"""Deep linear networks W = W_L ... W_1: the wide one and the compressed one (METHOD.md section 2).
+"""Deep linear networks W = W_L ... W_1: the wide one and the compressed one
+(docs/method.md section 2).
 
 A network is a list of weight matrices, first layer first, plus one step-size multiplier per
 layer (the compressed network's outer layers take the discrepant learning rate alpha * eta).

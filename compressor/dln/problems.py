@@ -1,4 +1,4 @@
-"""Matrix-recovery problems of METHOD.md section 2: the target, the data, losses and errors.
+"""Matrix-recovery problems of docs/method.md section 2: the target, the data, losses and errors.
 
 Each problem knows its training loss as a function of the end-to-end matrix W, the gradient of
 that loss with respect to W (so any factorisation of W can be trained by the chain rule), its
@@ -79,7 +79,8 @@ class Problem:
         raise NotImplementedError
 
     def test_error(self, w: Tensor) -> float:
-        """The held-out metric of METHOD.md (recovery error unless a subclass says otherwise)."""
+        """The held-out metric of docs/method.md (recovery error unless a subclass says
+        otherwise)."""
         return self.recovery_error(w)
 
     def surrogate(self) -> Tensor:
@@ -173,7 +174,7 @@ def _observation_mask(d: int, fraction: float, generator: torch.Generator) -> Te
 def _sensing_operator(d: int, m: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
     """m Gaussian d x d matrices, flattened to rows, with standard deviation 1/m.
 
-    METHOD.md writes "variance 1/m"; the paper's code scales by 1/m (variance 1/m^2), which is
+    docs/method.md writes "variance 1/m"; the paper's code scales by 1/m (variance 1/m^2), which is
     the scaling its step size eta = 20 is tuned for (with variance 1/m, GD diverges at eta = 20).
     """
     return torch.randn(m, d * d, generator=generator, dtype=dtype) / m

@@ -1,4 +1,4 @@
-"""Ranks from learning dynamics (METHOD.md section 5): the directions each layer moves in.
+"""Ranks from learning dynamics (docs/method.md section 5): the directions each layer moves in.
 
 Two sources of an update dW per targeted layer:
   - a recorded trajectory: `reference_updates(targets, reference)` gives W - W_ref, with W_ref
@@ -215,7 +215,7 @@ def subspace_factor_fn(weights: Mapping[str, torch.Tensor], joint: Mapping) -> F
 
 
 class Dynamics(RankMethod):
-    """Learning dynamics (METHOD.md 5): ranks from the spectra of [W; dW] (weight and update,
+    """Learning dynamics (docs/method.md 5): ranks from the spectra of [W; dW] (weight and update,
     each normalised), factors that keep W on the input directions the update moves in."""
 
     name = "dynamics"

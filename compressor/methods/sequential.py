@@ -10,7 +10,7 @@ order, each factorized layer gets the factors minimising
 i.e. its output on the inputs it really receives matches the original layer's output on the
 original inputs. With C = X^T X' and G' = X'^T X' = L' L'^T (damped), the unconstrained
 optimum is W* = W C G'^-1 and the rank-k one is W' = D^-1 trunc_k(D W C L'^-T) L'^+: closed
-form, from two Gram-sized statistics per layer (METHOD.md 4 with a cross term).
+form, from two Gram-sized statistics per layer (docs/method.md 4 with a cross term).
 
 Block by block (`correct_blocks`): the hidden states entering block i are kept twice, as the
 original model computes them and as the compressed one does; inside the block, each group of

@@ -23,7 +23,7 @@ __all__ = ["Whiten"]
 
 class Whiten(RankMethod):
     """Activation-aware: spectra of W L and the truncation of W L, L L^T each layer's input
-    Gram (METHOD.md 4), so the error is measured on the layer's outputs."""
+    Gram (docs/method.md 4), so the error is measured on the layer's outputs."""
 
     name = "whiten"
     column = "whiten"

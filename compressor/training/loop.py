@@ -6,7 +6,7 @@
 The loop follows the accelerate examples: `prepare`, `accumulate`, `backward`, clipping on
 the synchronising step, warm-up + cosine schedule, `save_state`/`load_state` to resume. The
 chains can be deepened to depth L and their outer factors trained at `outer_lr_scale` times
-the learning rate (the discrepant learning rate of METHOD.md 2-3); export collapses them back.
+the learning rate (the discrepant learning rate of docs/method.md 2-3); export collapses them back.
 Safety: a NaN/Inf loss stops every process before the update (`NonFiniteLoss`); Ctrl-C or
 SIGTERM stops at the next step boundary with a resumable checkpoint (`FinetuneInterrupted`).
 Checkpoints are written to a temp folder and renamed when complete, so none is ever partial.

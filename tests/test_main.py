@@ -1,0 +1,58 @@
+"""The `dlnc` app as a whole (`cli/main.py` and what every command shares in `cli/common.py`):
+help texts keep their bracketed defaults, rich markup eats no text, and Ctrl-C exits 130."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from cli_helpers import runner
+
+from cli.main import app
+
+
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [
+        ("compress", "[default: <input>-dlnc beside the input]"),
+        ("finetune", "Optimizer steps [recipe]"),
+    ],
+)
+def test_help_texts_keep_their_brackets(command, text):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    flat = " ".join(result.stdout.split())
+    assert text in flat
+    assert not re.search(r"\w \.(\s|$)", flat)  # "Output folder ." lost its default
+
+
+def all_params():
+    import typer
+
+    def walk(command, path):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+        for param in command.params:
+            yield f"{path} {param.name}", getattr(param, "help", None) or ""
+
+    return list(walk(typer.main.get_command(app), "dlnc"))
+
+
+def test_no_help_text_loses_text_to_rich_markup():
+    """Rich reads `[word]` as a style tag and drops it: every bracket must be escaped."""
+    from rich.text import Text
+
+    for where, text in all_params():
+        shown = Text.from_markup(text).plain
+        assert shown == text.replace("\\[", "["), where
+
+
+def test_ctrl_c_in_finetune_exits_130(monkeypatch):
+    import typer
+
+    from cli.common import user_errors
+    from compressor.training.loop import FinetuneInterrupted
+
+    with pytest.raises(typer.Exit) as info, user_errors():
+        raise FinetuneInterrupted("interrupted after step 3/10; state saved to s")
+    assert info.value.exit_code == 130
