@@ -102,7 +102,8 @@ def finetune(
             data,
             config={
                 "grad_accum": grad_accum, "warmup": warmup, "clip": clip or None,
-                "temperature": temperature, "mix_weight": mix_weight, "trainable": trainable,
+                "objective_params": {"temperature": temperature, "mix_weight": mix_weight},
+                "trainable": trainable,
                 "mixed_precision": mixed_precision, "save_every": save_every, "seed": seed,
             },
             data_kw=data_kw,

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compressor.core.tasks import with_lm_labels
 from compressor.errors import DlncError
 from compressor.training.data import (
     DataOptions,
@@ -97,10 +96,6 @@ def test_text_batches(tmp_path, minilm_folder):
     ).train
     assert [b["input_ids"].shape for b in batches] == [(2, 16), (1, 16)]
     assert batches[0]["labels"].tolist() == [1, 1]
-    lm = with_lm_labels(
-        {"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
-    )
-    assert lm["labels"].tolist() == [[5, 6, -100]]
 
 
 def bad_inputs(tmp_path):

@@ -8,22 +8,16 @@ import torch.nn.functional as F
 from conftest import build_tiny
 from finetune_helpers import compressed, token_batches
 
-from compressor.core.tasks import mask_tokens, task_of
+from compressor.core.tasks import mask_tokens
 from compressor.errors import DlncError
-from compressor.training.objectives import build_objective, hidden_mse, kl_logits
-
-
-@pytest.mark.parametrize(
-    ("family", "task"),
-    [("gpt2", "causal_lm"), ("llama", "causal_lm"), ("bert", "masked_lm"),
-     ("vit", "classification")],
-)  # fmt: skip
-def test_task_of_reads_the_head(family, task):
-    assert task_of(build_tiny(family)) == task
-
-
-def test_task_of_a_bare_encoder_is_none():
-    assert task_of(build_tiny("bert").bert) is None
+from compressor.training.objectives import (
+    build_objective,
+    check_params,
+    hidden_mse,
+    kl_logits,
+    objective_names,
+    unregister_objective,
+)
 
 
 def test_kl_is_zero_on_equal_logits_and_matches_torch_otherwise():
@@ -125,3 +119,67 @@ def test_seq2seq_distills_on_teacher_forced_logits():
     assert float(objective(teacher, batch, teacher).loss.detach()) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(DlncError, match="seq2seq task loss"):
         build_objective("task", teacher, teacher)
+
+
+# ---- the registry: a new objective with a parameter is one registered definition ----------
+
+
+@pytest.fixture
+def toy_objective():
+    """A task loss scaled by `toy_scale` (default 1, must be > 0)."""
+    from compressor.training.objectives import ObjectiveDef, Param, register_objective
+
+    scale = Param("toy_scale", 1.0, low=0.0, low_open=True, help="multiplies the task loss")
+    register_objective(ObjectiveDef(
+        "toy", uses_teacher=False, uses_task=True, params=(scale,),
+        combine=lambda parts, p: p["toy_scale"] * parts["task"],
+        describe=lambda d, t, p: f"toy: {p['toy_scale']:g} x {t}",
+    ))  # fmt: skip
+    yield "toy"
+    unregister_objective("toy")
+
+
+def test_a_registered_objective_and_its_parameter_reach_config_recipe_and_loss(toy_objective):
+    from compressor.recipes.schema import parse_recipe
+    from compressor.training.loop import FinetuneConfig, finetune
+
+    assert "toy" in objective_names()
+    assert parse_recipe("finetune: {objective: toy}").finetune.objective == "toy"
+    with pytest.raises(DlncError, match=r"`toy_scale` must be > 0, got 0"):
+        FinetuneConfig(objective="toy", objective_params={"toy_scale": 0})
+    student = compressed(build_tiny("gpt2"))
+    for module in student.modules():  # training mode then gives the same loss as eval mode
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = token_batches(1)[0]
+    plain = build_objective("task", student)(student, batch).loss.detach()
+    toy = build_objective("toy", student, toy_scale=0.25)
+    torch.testing.assert_close(toy(student, batch).loss, 0.25 * plain)
+    assert toy.describe() == "toy: 0.25 x causal lm"
+    config = FinetuneConfig(steps=3, lr=1e-2, objective="toy", objective_params={"toy_scale": 0.25},
+                            mixed_precision="no", shuffle=False)  # fmt: skip
+    result = finetune(student, [batch], config=config)
+    assert result.losses[0] == pytest.approx(0.25 * float(plain), rel=1e-5)
+    assert result.losses[-1] < result.losses[0] and result.objective.startswith("toy")
+
+
+def test_unregistered_objectives_and_parameters_are_refused(toy_objective):
+    from compressor.training.loop import FinetuneConfig
+
+    unregister_objective("toy")
+    with pytest.raises(DlncError, match="`objective` must be one of distill, task, mix, got 'toy'"):
+        FinetuneConfig(objective="toy")
+    with pytest.raises(DlncError, match="unknown parameter 'toy_scale'"):
+        FinetuneConfig(objective_params={"toy_scale": 1.0})
+    assert set(check_params({})) == {"temperature", "mix_weight"}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"temperature": 0.0}, r"`temperature` must be > 0, got 0.0"),
+     ({"mix_weight": 1.5}, r"`mix_weight` must be in \[0, 1\], got 1.5"),
+     ({"mix_weight": "half"}, r"`mix_weight` must be a number")],
+)  # fmt: skip
+def test_shipped_parameters_are_range_checked(params, message):
+    with pytest.raises(DlncError, match=message):
+        check_params(params)

@@ -82,7 +82,6 @@ def collect_grams(
     targets: Mapping[str, nn.Module],
     batches: Iterable[Mapping[str, torch.Tensor]],
     progress: ProgressFn | None = None,
-    mask_padding: bool = True,
 ) -> dict[str, LayerStats]:
     """Run the model over `batches` (inference mode) and return each target's input Gram.
 
@@ -102,7 +101,7 @@ def collect_grams(
     try:
         for i, batch in enumerate(batches):
             mask = batch.get("attention_mask")
-            collector.mask = mask.bool() if (mask is not None and mask_padding) else None
+            collector.mask = mask.bool() if mask is not None else None
             collector.last = None
             _forward(model, batch)
             collector.first_batch = False

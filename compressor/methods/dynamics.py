@@ -26,7 +26,7 @@ from compressor.core.layers import dense_weight_of
 from compressor.core.linalg import energy_rank, singular_values
 from compressor.core.plan import MethodInputs, Weights
 from compressor.core.progress import ProgressFn
-from compressor.core.tasks import mask_tokens, model_inputs, task_of, with_lm_labels
+from compressor.core.tasks import TaskSpec, logits_of, model_inputs, task_spec
 from compressor.errors import DlncError
 from compressor.methods.registry import RankMethod, register
 
@@ -67,33 +67,32 @@ def reference_updates(
 
 def warmup_loss(model: nn.Module, has_labels: bool, mask_token_id: int | None = None) -> LossFn:
     """The model's own objective: its loss on the data's labels when there are labels, else
-    causal LM or masked LM by its task (`compressor.core.tasks.task_of`); a model with
-    neither (a bare encoder) gets `encoder_warmup.denoising_loss`.
+    its task loss when it is a causal or masked LM (`compressor.core.tasks.TaskSpec.loss`);
+    a model with neither (a bare encoder) gets `encoder_warmup.denoising_loss`.
     """
-    name = type(model).__name__
-    task = task_of(model)
     if has_labels:
         return _own_loss
-    if task == "causal_lm":
-        return lambda m, batch: _own_loss(m, with_lm_labels(batch))
-    if task == "masked_lm":
-        mask_id = mask_token_id
-        if mask_id is None:
-            mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-        if mask_id is None:
-            raise DlncError(f"{name}: a masked-LM warm-up needs the tokenizer's [MASK] token")
-        generator = torch.Generator().manual_seed(0)
-        return lambda m, batch: _own_loss(m, _mlm_batch(batch, mask_id, generator))
+    spec = task_spec(model, mask_token_id)
+    if spec.is_lm:
+        if spec.unscorable(has_labels=False) is not None:
+            raise DlncError(
+                f"{spec.model_name}: a masked-LM warm-up needs the tokenizer's [MASK] token"
+            )
+        return _task_loss(spec)
     from compressor.methods.encoder_warmup import denoising_loss
 
-    if mask_token_id is None:
-        mask_token_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-    return denoising_loss(model, mask_token_id)  # a bare encoder: denoising self-distillation
+    return denoising_loss(model, spec.mask_token_id)  # a bare encoder: denoising self-distillation
 
 
-def _mlm_batch(batch, mask_id: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    masked = mask_tokens(batch, mask_id, generator=generator)
-    return {**model_inputs(masked), "labels": masked["mlm_labels"]}
+def _task_loss(spec: TaskSpec) -> LossFn:
+    """The LM task loss on each batch (a masked LM's tokens masked by a seeded draw)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        batch = spec.prepare(batch, generator)
+        return spec.loss(logits_of(model(**spec.inputs(batch))), batch)
+
+    return loss_fn
 
 
 def _own_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -47,7 +47,7 @@ from pydantic import (
 )
 
 from compressor.errors import DlncError
-from compressor.training.objectives import OBJECTIVES
+from compressor.training.objectives import objective_names
 
 __all__ = [
     "GENERIC",
@@ -115,7 +115,15 @@ def _rank_method(name: str) -> str:
     """`auto` or a registered rank method (`compressor.methods`)."""
     from compressor import methods
 
-    choices = ("auto", *methods.names())
+    return _registered(name, ("auto", *methods.names()))
+
+
+def _objective(name: str) -> str:
+    """A registered fine-tuning objective (`compressor.training.objectives`)."""
+    return _registered(name, objective_names())
+
+
+def _registered(name: str, choices: tuple[str, ...]) -> str:
     if name not in choices:
         listed = ", ".join(repr(c) for c in choices[:-1])
         raise ValueError(f"Input should be {listed} or {choices[-1]!r}")
@@ -186,7 +194,7 @@ class Chain(_Section):
 class Finetune(_Section):
     """Fine-tuning defaults, used when fine-tuning runs (`--finetune-steps`, `dlnc finetune`)."""
 
-    objective: Literal[OBJECTIVES] = "distill"  # loss against the original model
+    objective: Annotated[str, AfterValidator(_objective)] = "distill"  # a registered objective
     lr: Annotated[float, _positive()] = 1e-4  # learning rate of the inner factors
     steps: Annotated[int, _at_least(1)] = 200  # optimizer steps when fine-tuning runs
     batch_size: Annotated[int, _at_least(1)] = 8  # samples per step

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from compressor.core.layers import check_depth
 from compressor.errors import DlncError
-from compressor.training.objectives import OBJECTIVES
+from compressor.training.objectives import check_params, objective_names
 
 __all__ = ["PRECISIONS", "SCHEDULE_FIELDS", "TEACHER_DTYPES", "FinetuneConfig"]
 
@@ -34,9 +34,9 @@ class FinetuneConfig:
     clip: float | None = 1.0  # max gradient norm (None: no clipping)
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (auto: bf16/fp16 on GPU, no on CPU)
     teacher_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a bf16 GPU)
-    objective: str = "distill"  # distill | task | mix
-    temperature: float = 2.0  # distillation temperature on logits
-    mix_weight: float = 0.5  # "mix": weight of the distillation term (task gets 1 - it)
+    objective: str = "distill"  # a registered objective: distill | task | mix
+    # the objectives' parameters by name (temperature, mix_weight, ...; defaults filled in)
+    objective_params: dict[str, float] = field(default_factory=dict)
     trainable: str = "all"  # all | factors (train only the factorized chains)
     save_every: int = 0  # checkpoint the training state every K steps (0: only on interrupt)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
@@ -50,20 +50,19 @@ class FinetuneConfig:
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
         if self.depth is not None:
             check_depth(self.depth)
-        for name in ("lr", "outer_lr_scale", "temperature"):
+        for name in ("lr", "outer_lr_scale"):
             if not getattr(self, name) > 0:
                 raise DlncError(f"`{name}` must be > 0, got {getattr(self, name)}")
         if not 0 <= self.warmup < 1:
             raise DlncError(f"`warmup` must be in [0, 1), got {self.warmup}")
-        if not 0 <= self.mix_weight <= 1:
-            raise DlncError(f"`mix_weight` must be in [0, 1], got {self.mix_weight}")
         if self.weight_decay < 0:
             raise DlncError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
         if self.clip is not None and not self.clip > 0:
             raise DlncError(f"`clip` must be > 0 (or None), got {self.clip}")
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
         _one_of("teacher_dtype", self.teacher_dtype, tuple(TEACHER_DTYPES))
-        _one_of("objective", self.objective, OBJECTIVES)
+        _one_of("objective", self.objective, objective_names())
+        self.objective_params = check_params(self.objective_params)
         _one_of("trainable", self.trainable, ("all", "factors"))
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from compressor.core.tasks import mask_tokens, model_inputs, task_of, token_mask
+from compressor.core.tasks import IGNORE_INDEX, TaskSpec, is_regression, task_spec, token_mask
 from compressor.errors import DlncError
 from compressor.training.objectives import hidden_mse, kl_logits
 
@@ -100,10 +100,12 @@ def evaluate(
     """
     if not batches:
         raise DlncError("no held-out batches to evaluate on")
-    task = _usable_task(model, batches[0], mask_token_id)
-    if task is None and teacher is None:
+    spec = task_spec(model, mask_token_id)
+    first = batches[0]
+    scored = spec.unscorable("labels" in first, "input_ids" in first) is None
+    if not scored and teacher is None:
         raise DlncError(
-            f"{type(model).__name__} has no task head to score; give `teacher` to compare it "
+            f"{spec.model_name} has no task head to score; give `teacher` to compare it "
             "with the original model"
         )
     if accelerator is None:
@@ -118,10 +120,11 @@ def evaluate(
     rows = []
     with torch.no_grad():
         for batch in loader:
-            stats = _batch_stats(model, teacher, batch, task, temperature, mask_token_id, generator)
+            stats = _batch_stats(model, teacher, batch, spec, scored, temperature, generator)
             rows.append(accelerator.gather_for_metrics(stats[None]))
     model.train(was_training)
-    return _result(task, dict(zip(_FIELDS, torch.cat(rows).sum(0).tolist(), strict=True)))
+    sums = dict(zip(_FIELDS, torch.cat(rows).sum(0).tolist(), strict=True))
+    return _result(spec if scored else TaskSpec(None), sums)
 
 
 def _default_accelerator():
@@ -139,56 +142,34 @@ def cpu_launch() -> bool:
     return world > 1 and not torch.cuda.is_available()
 
 
-def _usable_task(model: nn.Module, batch: Batch, mask_token_id: int | None) -> str | None:
-    """The model's task if the data supports scoring it (labels, a [MASK] id)."""
-    task = task_of(model)
-    if task == "seq2seq_lm":  # scored against the teacher (no target text to score)
-        return None
-    if task == "classification" and "labels" not in batch:
-        return None
-    if task == "masked_lm":
-        config = getattr(getattr(model, "module", model), "config", None)
-        if mask_token_id is None and getattr(config, "mask_token_id", None) is None:
-            return None
-    if task in ("causal_lm", "masked_lm") and "input_ids" not in batch:
-        return None
-    return task
-
-
-def _batch_stats(model, teacher, batch, task, temperature, mask_token_id, generator):
+def _batch_stats(model, teacher, batch, spec: TaskSpec, scored: bool, temperature, generator):
     """One batch's sums (see `_FIELDS`) as a float64 vector, ready to gather."""
-    if task == "masked_lm":
-        mask_id = mask_token_id if mask_token_id is not None else model.config.mask_token_id
-        batch = mask_tokens(batch, mask_id, generator=generator)
-    inputs = model_inputs(batch, model)
+    if scored:
+        batch = spec.prepare(batch, generator)
+    inputs = spec.inputs(batch)
     out = model(**inputs)
     s = dict.fromkeys(_FIELDS, 0.0)
     s["rows"] = len(next(iter(inputs.values())))
-    if task is not None:
-        s.update(_task_sums(out.logits.float(), batch, task))
+    if scored:
+        s.update(_task_sums(out.logits, batch, spec))
     if teacher is not None:
         s.update(_distill_sums(out, teacher(**inputs), batch, temperature))
     device = next(iter(inputs.values())).device
     return torch.tensor([s[f] for f in _FIELDS], dtype=torch.float64, device=device)
 
 
-def _task_sums(logits: torch.Tensor, batch: Batch, task: str) -> dict[str, float]:
-    if task == "classification":
-        labels = batch["labels"]
-        if labels.is_floating_point() and logits.shape[-1] == 1:
-            err = F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
-            return {"task_sum": float(err), "task_n": len(labels)}
-        ce = F.cross_entropy(logits, labels.long(), reduction="sum")
-        correct = (logits.argmax(-1) == labels).sum()
-        n = len(labels)
-        return {"task_sum": float(ce), "task_n": n, "correct": float(correct), "acc_n": n}
-    if task == "causal_lm":
-        labels = batch["input_ids"].masked_fill(~token_mask(batch, logits), -100)
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    else:
-        labels = batch["mlm_labels"]
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return {"task_sum": float(ce), "task_n": float((labels != -100).sum())}
+def _task_sums(logits: torch.Tensor, batch: Batch, spec: TaskSpec) -> dict[str, float]:
+    """The summed task loss and its count (predicted tokens, or samples); a classifier's
+    correct answers too."""
+    total = float(spec.loss(logits, batch, reduction="sum"))
+    logits, labels = spec.targets(logits, batch)
+    if spec.task != "classification":
+        return {"task_sum": total, "task_n": float((labels != IGNORE_INDEX).sum())}
+    n = len(labels)
+    if is_regression(logits, labels):
+        return {"task_sum": total, "task_n": n}
+    correct = float((logits.argmax(-1) == labels).sum())
+    return {"task_sum": total, "task_n": n, "correct": correct, "acc_n": n}
 
 
 def _distill_sums(s_out, t_out, batch: Batch, temperature: float) -> dict[str, float]:
@@ -215,14 +196,14 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def _result(task: str | None, s: dict[str, float]) -> EvalResult:
+def _result(spec: TaskSpec, s: dict[str, float]) -> EvalResult:
+    task = spec.task
     loss = s["task_sum"] / s["task_n"] if task is not None and s["task_n"] else None
-    lm = task in ("causal_lm", "masked_lm")
     has_distill = s["distill_n"] > 0
     return EvalResult(
         task=task,
         loss=loss,
-        perplexity=math.exp(min(loss, 700.0)) if lm and loss is not None else None,
+        perplexity=math.exp(min(loss, 700.0)) if spec.is_lm and loss is not None else None,
         accuracy=s["correct"] / s["acc_n"] if s["acc_n"] else None,
         distill=s["distill_sum"] / s["distill_n"] if has_distill else None,
         cosine=s["cos_sum"] / s["cos_n"] if s["cos_n"] else None,

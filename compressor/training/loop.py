@@ -139,9 +139,8 @@ def finetune(
     if config.depth is not None:
         deepen_(student, config.depth)
     objective = build_objective(
-        config.objective, student, teacher, temperature=config.temperature,
-        mix_weight=config.mix_weight, mask_token_id=mask_token_id,
-        has_labels="labels" in batches[0],
+        config.objective, student, teacher, mask_token_id=mask_token_id,
+        has_labels="labels" in batches[0], **config.objective_params,
     )  # fmt: skip
     lent = _Lent(teacher) if teacher is not None else None
     teacher = _place_teacher(teacher, accelerator, config) if teacher is not None else None

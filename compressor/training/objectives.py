@@ -1,35 +1,135 @@
-"""Fine-tuning losses: distillation from the original model, the model's own task, or a mix.
+"""Fine-tuning losses: a small registry of objectives, each with its parameters.
 
-`build_objective` looks at the student (and teacher) and picks what applies:
-  distillation  KL on temperature-softened logits for a model with a head; MSE on the last
-                hidden states for an encoder without one (masked to real tokens)
-  task          causal LM (next token), masked LM (15% of tokens masked), classification
-  mix           mix_weight * distillation + (1 - mix_weight) * task
-and raises a one-line `DlncError` when nothing applies (no teacher, no head, no labels).
+An objective (`ObjectiveDef`) says whether it distils from the original model, whether it
+trains on the model's task (`compressor.core.tasks.TaskSpec.loss`), how it combines the two
+terms, and the parameters it reads (`Param`: name, default, range). `register_objective`
+adds one; `FinetuneConfig`, the recipe schema and `--objective` read `objective_names()` and
+`check_params`. The shipped ones:
+  distill  KL on temperature-softened logits for a model with a head; MSE on the last hidden
+           states for an encoder without one (masked to real tokens)      [temperature]
+  task     the model's own task: causal LM, masked LM (15% of tokens masked), classification
+  mix      mix_weight * distill + (1 - mix_weight) * task                 [temperature, mix_weight]
+`build_objective` resolves one for a student (and teacher) and raises a one-line `DlncError`
+when it cannot apply (no teacher, no head, no labels).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.core.tasks import mask_tokens, model_inputs, task_of, token_mask
+from compressor.core.tasks import MLM_PROBABILITY, TaskSpec, logits_of, task_spec, token_mask
 from compressor.errors import DlncError
 
 __all__ = [
-    "OBJECTIVES",
     "LossParts",
     "Objective",
+    "ObjectiveDef",
+    "Param",
     "build_objective",
+    "check_params",
+    "get_objective",
     "hidden_mse",
     "kl_logits",
+    "objective_names",
+    "register_objective",
+    "unregister_objective",
 ]
 
-OBJECTIVES = ("distill", "task", "mix")
+Parts = Mapping[str, torch.Tensor]  # the loss terms of one batch: "distill", "task"
+Values = Mapping[str, float]  # parameter values by name
+
+
+@dataclass(frozen=True)
+class Param:
+    """A number an objective reads: its default and its range (`low` excluded if `low_open`)."""
+
+    name: str
+    default: float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    help: str = ""
+
+    def check(self, value: float) -> float:
+        """`value` if it is in range; a `DlncError` naming the parameter otherwise."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DlncError(f"`{self.name}` must be a number, got {value!r}")
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if below or (self.high is not None and value > self.high):
+            raise DlncError(f"`{self.name}` must be {self._range()}, got {value}")
+        return float(value)
+
+    def _range(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"<= {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class ObjectiveDef:
+    """One registered objective: which terms it needs and how it combines them."""
+
+    name: str
+    uses_teacher: bool  # needs the "distill" term (and a teacher)
+    uses_task: bool  # needs the "task" term (and a scorable task)
+    combine: Callable[[Parts, Values], torch.Tensor]  # (terms, params) -> the loss
+    describe: Callable[[str, str, Values], str]  # (distillation, task, params) -> words
+    params: tuple[Param, ...] = ()  # the parameters it reads
+
+
+_OBJECTIVES: dict[str, ObjectiveDef] = {}
+
+
+def register_objective(definition: ObjectiveDef) -> ObjectiveDef:
+    """Add an objective; its name and each parameter's name must not clash with another's."""
+    if definition.name in _OBJECTIVES:
+        raise ValueError(f"objective {definition.name!r} is already registered")
+    known = _params()
+    for p in definition.params:
+        if p.name in known and known[p.name] != p:
+            raise ValueError(f"parameter {p.name!r} is already registered differently")
+    _OBJECTIVES[definition.name] = definition
+    return definition
+
+
+def unregister_objective(name: str) -> None:
+    """Remove an objective (and the parameters only it read)."""
+    _OBJECTIVES.pop(name, None)
+
+
+def objective_names() -> tuple[str, ...]:
+    """The registered objectives, in registration order."""
+    return tuple(_OBJECTIVES)
+
+
+def get_objective(name: str) -> ObjectiveDef:
+    """The registered objective `name`; a `DlncError` listing the others if there is none."""
+    if name not in _OBJECTIVES:
+        raise DlncError(f"`objective` must be one of {', '.join(_OBJECTIVES)}, got {name!r}")
+    return _OBJECTIVES[name]
+
+
+def _params() -> dict[str, Param]:
+    return {p.name: p for d in _OBJECTIVES.values() for p in d.params}
+
+
+def check_params(values: Values) -> dict[str, float]:
+    """Every registered parameter: its value in `values` (range-checked), else its default.
+    A name no objective reads is a `DlncError`."""
+    known = _params()
+    for name in values:
+        if name not in known:
+            raise DlncError(
+                f"`objective_params`: unknown parameter {name!r} (known: {', '.join(known)})"
+            )
+    return {n: p.check(values[n]) if n in values else p.default for n, p in known.items()}
 
 
 def kl_logits(
@@ -63,15 +163,34 @@ class LossParts:
 
 @dataclass
 class Objective:
-    """A resolved objective: which loss terms run, on which outputs."""
+    """An objective resolved for a student: its definition, the student's task, which outputs
+    are distilled and every parameter's value."""
 
-    kind: str  # "distill" | "task" | "mix"
-    task: str | None  # the student's task (None: a bare encoder)
+    definition: ObjectiveDef
+    spec: TaskSpec  # the student's task
     distill_on: str | None  # "logits" | "hidden" | None
-    temperature: float = 2.0
-    mix_weight: float = 0.5  # weight of the distillation term in "mix"
-    mask_token_id: int | None = None  # masked LM: the [MASK] token
-    mlm_probability: float = 0.15
+    params: dict[str, float]  # every registered parameter (`check_params`)
+    mlm_probability: float = MLM_PROBABILITY
+
+    @property
+    def kind(self) -> str:
+        return self.definition.name
+
+    @property
+    def task(self) -> str | None:
+        return self.spec.task
+
+    @property
+    def temperature(self) -> float:
+        return self.params["temperature"]
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.definition.uses_teacher
+
+    @property
+    def uses_task(self) -> bool:
+        return self.definition.uses_task
 
     def describe(self) -> str:
         distill = {
@@ -79,20 +198,7 @@ class Objective:
             "hidden": "MSE on the last hidden states",
         }.get(self.distill_on or "", "")
         task = (self.task or "").replace("_", " ")
-        if self.kind == "distill":
-            return f"distillation: {distill}"
-        if self.kind == "task":
-            return f"task loss: {task}"
-        w = self.mix_weight
-        return f"mix: {w:g} x distillation ({distill}) + {1 - w:g} x {task}"
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.kind in ("distill", "mix")
-
-    @property
-    def uses_task(self) -> bool:
-        return self.kind in ("task", "mix")
+        return self.definition.describe(distill, task, self.params)
 
     def __call__(
         self,
@@ -102,12 +208,9 @@ class Objective:
         generator: torch.Generator | None = None,
     ) -> LossParts:
         """Forward the student (with gradients) and the teacher (without) and combine the terms."""
-        batch = (
-            mask_tokens(batch, self.mask_token_id, self.mlm_probability, generator)
-            if (self.uses_task and self.task == "masked_lm")
-            else batch
-        )
-        inputs = model_inputs(batch, student)
+        if self.uses_task:
+            batch = self.spec.prepare(batch, generator, self.mlm_probability)
+        inputs = self.spec.inputs(batch)
         s_out = student(**inputs)
         parts: dict[str, torch.Tensor] = {}
         if self.uses_teacher:
@@ -115,14 +218,9 @@ class Objective:
                 t_out = teacher(**inputs)
             parts["distill"] = self._distill(s_out, t_out, batch)
         if self.uses_task:
-            parts["task"] = self._task_loss(s_out, batch)
-        loss = self._combine(parts)
+            parts["task"] = self.spec.loss(logits_of(s_out), batch)
+        loss = self.definition.combine(parts, self.params)
         return LossParts(loss, {k: float(v.detach()) for k, v in parts.items()}, _rows(batch))
-
-    def _combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.kind == "mix":
-            return self.mix_weight * parts["distill"] + (1 - self.mix_weight) * parts["task"]
-        return parts["distill" if self.kind == "distill" else "task"]
 
     def _distill(self, s_out, t_out, batch) -> torch.Tensor:
         if self.distill_on == "logits":
@@ -131,27 +229,6 @@ class Objective:
             return kl_logits(s_logits, t_logits, mask, self.temperature)
         hidden = s_out.last_hidden_state
         return hidden_mse(hidden, t_out.last_hidden_state, token_mask(batch, hidden))
-
-    def _task_loss(self, s_out, batch) -> torch.Tensor:
-        logits = logits_of(s_out).float()
-        if self.task == "causal_lm":
-            labels = batch["input_ids"].masked_fill(~token_mask(batch, logits), -100)
-            return F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-            )
-        if self.task == "masked_lm":
-            return F.cross_entropy(
-                logits.flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=-100
-            )
-        labels = batch["labels"]
-        if labels.is_floating_point() and logits.shape[-1] == 1:  # regression
-            return F.mse_loss(logits.squeeze(-1), labels.float())
-        return F.cross_entropy(logits, labels.long())
-
-
-def logits_of(output) -> torch.Tensor:
-    """A transformers output's logits; a plain module's output is its logits."""
-    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def _rows(batch: Mapping[str, torch.Tensor]) -> int:
@@ -163,54 +240,66 @@ def build_objective(
     student: nn.Module,
     teacher: nn.Module | None = None,
     *,
-    temperature: float = 2.0,
-    mix_weight: float = 0.5,
     mask_token_id: int | None = None,
     has_labels: bool = False,
+    **params: float,
 ) -> Objective:
-    """The objective `kind` resolved for this student and teacher; a `DlncError` when it cannot
-    apply (distillation without a teacher, a task loss without a head or labels)."""
-    if kind not in OBJECTIVES:
-        raise DlncError(f"`objective` must be one of {', '.join(OBJECTIVES)}, got {kind!r}")
-    task = task_of(student)
+    """The objective `kind` resolved for this student and teacher, with `params` (e.g.
+    `temperature`, `mix_weight`) over the defaults; a `DlncError` when it cannot apply
+    (distillation without a teacher, a task loss without a head or labels)."""
+    definition = get_objective(kind)
+    values = check_params(params)
+    spec = task_spec(student, mask_token_id)
     distill_on = None
-    if kind in ("distill", "mix"):
+    if definition.uses_teacher:
         if teacher is None:
             raise DlncError(f"objective {kind!r} distils from the original model: give `teacher`")
-        distill_on = _distill_target(student, teacher)
-    if kind in ("task", "mix"):
-        _check_task(task, student, mask_token_id, has_labels)
-    mask_token_id = mask_token_id if mask_token_id is not None else _config_mask_id(student)
-    return Objective(kind, task, distill_on, temperature, mix_weight, mask_token_id)
+        distill_on = _distill_target(spec, task_spec(teacher))
+    if definition.uses_task:
+        reason = spec.unscorable(has_labels)
+        if reason is not None:
+            no_head = spec.task in (None, "seq2seq_lm")  # distillation still applies
+            hint = "; use `objective` distill with `teacher`" if no_head else ""
+            raise DlncError(reason + hint)
+    return Objective(definition, spec, distill_on, values)
 
 
-def _distill_target(student: nn.Module, teacher: nn.Module) -> str:
+def _distill_target(student: TaskSpec, teacher: TaskSpec) -> str:
     """Logits when both models have the same head, hidden states when neither has one."""
-    task, teacher_task = task_of(student), task_of(teacher)
-    if task == teacher_task:
-        return "logits" if task is not None else "hidden"
-    names = [type(getattr(m, "module", m)).__name__ for m in (student, teacher)]
-    raise DlncError(f"cannot distil {names[0]} from {names[1]}: the teacher needs the same head")
+    if student.task == teacher.task:
+        return "logits" if student.task is not None else "hidden"
+    raise DlncError(
+        f"cannot distil {student.model_name} from {teacher.model_name}: "
+        "the teacher needs the same head"
+    )
 
 
-def _check_task(task: str | None, student: nn.Module, mask_token_id, has_labels: bool) -> None:
-    name = type(getattr(student, "module", student)).__name__
-    if task is None:
-        raise DlncError(
-            f"{name} has no task head (causal LM, masked LM or classification); "
-            "use `objective` distill with `teacher`"
-        )
-    if task == "seq2seq_lm":
-        raise DlncError(
-            f"{name}: a seq2seq task loss needs target text, which dlnc's data does not carry; "
-            "use `objective` distill with `teacher`"
-        )
-    if task == "classification" and not has_labels:
-        raise DlncError("a classification task loss needs labels in the data (`label_field`)")
-    if task == "masked_lm" and mask_token_id is None and _config_mask_id(student) is None:
-        raise DlncError("a masked-LM task loss needs the [MASK] token id: give the tokenizer")
+# ---- the shipped objectives ---------------------------------------------------------------
+
+TEMPERATURE = Param("temperature", 2.0, low=0.0, low_open=True,
+                    help="distillation temperature on logits")  # fmt: skip
+MIX_WEIGHT = Param("mix_weight", 0.5, low=0.0, high=1.0,
+                   help='"mix": weight of the distillation term (task gets 1 - it)')  # fmt: skip
 
 
-def _config_mask_id(model: nn.Module) -> int | None:
-    config = getattr(getattr(model, "module", model), "config", None)
-    return getattr(config, "mask_token_id", None)
+def _mix(parts: Parts, p: Values) -> torch.Tensor:
+    return p["mix_weight"] * parts["distill"] + (1 - p["mix_weight"]) * parts["task"]
+
+
+def _describe_mix(distill: str, task: str, p: Values) -> str:
+    w = p["mix_weight"]
+    return f"mix: {w:g} x distillation ({distill}) + {1 - w:g} x {task}"
+
+
+register_objective(ObjectiveDef(
+    "distill", uses_teacher=True, uses_task=False, params=(TEMPERATURE,),
+    combine=lambda parts, p: parts["distill"], describe=lambda d, t, p: f"distillation: {d}",
+))  # fmt: skip
+register_objective(ObjectiveDef(
+    "task", uses_teacher=False, uses_task=True,
+    combine=lambda parts, p: parts["task"], describe=lambda d, t, p: f"task loss: {t}",
+))  # fmt: skip
+register_objective(ObjectiveDef(
+    "mix", uses_teacher=True, uses_task=True, params=(TEMPERATURE, MIX_WEIGHT),
+    combine=_mix, describe=_describe_mix,
+))  # fmt: skip

@@ -11,9 +11,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from compressor.core.tasks import TaskSpec
 from compressor.errors import DlncError
 
 __all__ = ["PROTOCOL", "Perplexity", "window_perplexity"]
@@ -60,12 +60,13 @@ def window_perplexity(
         raise DlncError(f"`seq_len` {seq_len}: the text has only {token_ids.numel()} tokens")
     device = next(model.parameters()).device
     chunks = token_ids[: windows * seq_len].view(windows, seq_len)
+    causal = TaskSpec("causal_lm")  # every window a full one: no padding to skip
     total = 0.0
     model.eval()
     for batch in chunks.split(batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        logits = model(input_ids=batch, use_cache=False).logits
+        total += causal.loss(logits, {"input_ids": batch}, reduction="sum")
     predicted = windows * (seq_len - 1)
     nll = float(total) / predicted
     return Perplexity(

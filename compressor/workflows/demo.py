@@ -200,7 +200,8 @@ def recover(student, teacher, batches, settings: DemoSettings, progress: Progres
     config = FinetuneConfig(
         steps=settings.finetune_steps, lr=settings.finetune_lr,
         outer_lr_scale=settings.outer_lr_scale,
-        objective="mix", mix_weight=0.5, temperature=2.0, warmup=0.05, seed=settings.seed,
+        objective="mix", objective_params={"mix_weight": 0.5, "temperature": 2.0}, warmup=0.05,
+        seed=settings.seed,
     )  # fmt: skip
 
     result = finetune(student, batches, teacher=teacher, config=config, progress=progress)

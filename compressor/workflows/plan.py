@@ -75,7 +75,6 @@ class PlanInfo:
     calibration_seconds: float = 0.0
     statistics_bytes: int = 0  # memory held by the distinct Gram matrices
     warmup_seconds: float = 0.0
-    sensitivity_seconds: float = 0.0  # the backward passes of the output-aware allocation
     notes: list[str] = field(default_factory=list)
     data: Batches | None = None  # the calibration data read (for error-correcting calibration)
     sensitivity: Mapping | None = None  # layer -> per-channel output sensitivity, if measured
@@ -106,7 +105,7 @@ def make_plans(
         if "updates" in needs
         else None,
         damping=options.damping,
-        sensitivity=_sensitivity(loaded.model, targets, data, info, progress)
+        sensitivity=_sensitivity(loaded.model, targets, data, progress)
         if grams is not None and options.output_aware
         else None,
     )
@@ -116,14 +115,11 @@ def make_plans(
     return plans, info
 
 
-def _sensitivity(model, targets, data: Batches, info: PlanInfo, progress):
+def _sensitivity(model, targets, data: Batches, progress):
     """Each layer's output sensitivity: one backward pass per calibration batch."""
     from compressor.methods.sensitivity import output_sensitivity
 
-    started = time.perf_counter()
-    sensitivity = output_sensitivity(model, targets, data.train, progress=progress)
-    info.sensitivity_seconds = time.perf_counter() - started
-    return sensitivity
+    return output_sensitivity(model, targets, data.train, progress=progress)
 
 
 def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batches:
