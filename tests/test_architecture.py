@@ -119,3 +119,69 @@ def test_every_file_the_architecture_doc_names_exists():
         if (row, name) not in modules
     ]
     assert not stale, f"docs/{DOC.name} names files that do not exist: {stale}"
+
+
+SOURCE = (ROOT, ROOT.parent / "cli")
+"""The library and the CLI: the code the size and import rules below hold for."""
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of `compressor/` and `cli/`."""
+    found = {}
+    for top in SOURCE:
+        for path in top.rglob("*.py"):
+            parts = path.relative_to(top.parent).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def _targets(node: ast.AST, known: dict[str, Path]) -> list[str]:
+    """The modules of `known` an import statement loads (a name imported from a package is
+    the submodule when there is one)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in known]
+    if not isinstance(node, ast.ImportFrom) or node.level or node.module not in known:
+        return []
+    subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known]
+    return subs or [node.module]
+
+
+def test_no_module_imports_in_a_loop():
+    # every import counts, also one inside a function: a lazy import is still a dependency
+    known = _modules()
+    graph = {
+        name: sorted(
+            {t for node in ast.walk(ast.parse(path.read_text())) for t in _targets(node, known)}
+            - {name}
+        )
+        for name, path in known.items()
+    }
+    loops, done = [], set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:  # depth first, the path held
+        for nxt in graph[name]:
+            if nxt in path:
+                loops.append(" -> ".join((*path[path.index(nxt) :], nxt)))
+            elif nxt not in done:
+                visit(nxt, (*path, nxt))
+        done.add(name)
+
+    for name in graph:
+        if name not in done:
+            visit(name, (name,))
+    assert loops == []
+
+
+def test_no_file_over_450_lines_and_no_function_over_80():
+    too_long = []
+    for path in _modules().values():
+        text = path.read_text()
+        if len(text.splitlines()) > 450:
+            too_long.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    too_long.append(f"{path.name}:{node.name}: {length} lines")
+    assert too_long == []
