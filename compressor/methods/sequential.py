@@ -394,7 +394,4 @@ def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor
 
 def _outputs(block: Block, out: Activations | None = None) -> Activations:
     """What the block (as it is now) hands the next one, for every batch (into `out`)."""
-    out = Activations() if out is None else out
-    for i in range(len(block)):
-        out.put(i, block.run(i))
-    return out
+    return block.outputs(Activations() if out is None else out)
