@@ -229,8 +229,8 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     src = sharded(family, tmp_path)
     data = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(1, 64, (12, 10), generator=torch.Generator())}, data)
-    # streamed whitening has no output sensitivity (a backward pass through the whole model)
-    # and no error correction (a second pass)
+    # one-shot whitening by each layer's own spectrum (output-aware ranks and the correction:
+    # test_streamed_output_aware_whiten_is_the_in_memory_export)
     options = {"output_aware": False, "correct": False}
     aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4), **options)
     memory, streamed = both(src, tmp_path, aware=aware)
@@ -248,7 +248,7 @@ def test_streamed_error_correction_is_the_in_memory_one(
     from safetensors.torch import save_file
 
     from compressor.training.data import DataOptions
-    from compressor.workflows import compress
+    from compressor.workflows import stream
     from compressor.workflows.plan import AwareOptions
 
     src = sharded(family, tmp_path)
@@ -259,8 +259,9 @@ def test_streamed_error_correction_is_the_in_memory_one(
     aware = AwareOptions(method="whiten", data=data_options, output_aware=False)
     memory, streamed = both(src, tmp_path, aware=aware)
     same_files(memory, streamed)
-    # activations past the memory budget go to disk: the same export
-    monkeypatch.setattr(compress, "available_memory", lambda: 8 * 20_000)
+    # activations past the memory budget go to disk: the same export (the streamed pass reads
+    # the budget in workflows/stream.py)
+    monkeypatch.setattr(stream, "available_memory", lambda: 8 * 20_000)
     opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
     same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
     correction = json.loads((streamed / "report.json").read_text())["correction"]

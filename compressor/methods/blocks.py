@@ -14,6 +14,10 @@ blocks 0..i-1 produce) is the same loop.
 
     for block in stream_blocks(model, batches, load):
         stats.update(block_grams(block, targets))
+
+`walk_blocks` is the loop itself, in a folder the caller owns; with `keep` every block's inputs
+and outputs stay (`Block.hidden`, `Block.output`) for a pass that goes back through the blocks
+(the output sensitivity's backward pass, `pipelines.sensitivity`).
 """
 
 from __future__ import annotations

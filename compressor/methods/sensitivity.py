@@ -8,6 +8,11 @@ grows on its way to the model's output: the Fisher-style weight that makes the l
 whitened truncation errors comparable (`core.allocate.output_gains`).
 
 Cost: one forward and one backward pass per batch and probe; memory of one training step.
+
+The pieces are shared with the block-by-block measurement of a model on the meta device
+(`pipelines.sensitivity`, the same numbers bit for bit): `ChannelSquares` (the hooks on the
+targets' outputs and the per-channel sums), `probe` (the seeded Gaussian probes, zero on
+padding) and `with_grads` (eval mode, every parameter requiring grad, as one backward pass).
 """
 
 from __future__ import annotations

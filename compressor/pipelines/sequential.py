@@ -5,6 +5,8 @@ block (on disk past a share of the memory).
 `whiten_pass` (pass 1 with data): each target's input Gram, its whitener (kept on disk, one
 file per distinct Gram) and its whitened spectrum, as the in-memory `whiten` plan computes
 them; large layers (`Solver.large`) go the float32 way, their Gram reductions kept for pass 2.
+Given the output sensitivity (`pipelines.sensitivity`), also the output-aware gains and factors
+of the in-memory plan (`methods.output_aware`).
 `correct_pass`: block by block once more, each block's targets factorized and refit on the
 compressed model's own inputs (`methods.sequential.correct_streamed`).
 """
