@@ -75,7 +75,7 @@ def output_sensitivity(
     return squares.result()
 
 
-def probe(out: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None):
+def probe(out: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None) -> torch.Tensor:
     """The next Gaussian probe r for the main output `out` (drawn from `generator`), zero on
     padding: the gradient of <r, out> is what `output_sensitivity` measures."""
     r = torch.randn(out.shape, generator=generator, dtype=out.dtype)
