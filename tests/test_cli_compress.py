@@ -280,25 +280,26 @@ def test_stream_and_device_flags(tiny_model, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_streamed_whiten_names_what_it_cannot_do(tiny_model, tmp_path):
+def test_streamed_whiten_is_output_aware_as_in_memory(tiny_model, tmp_path):
     from safetensors.torch import save_file
 
     _, folder = tiny_model("llama")
     data = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(1, 64, (8, 10))}, data)
-    args = ("compress", folder, "--stream", "--data", data, "--keep", 0.5)
-    bad = dlnc(*args, "-o", tmp_path / "bad")  # output-aware ranks are on by default
-    assert bad.exit_code == 1
-    assert bad.output.strip().endswith(
-        "(a backward pass through the whole model): pass --output-aware off"
-    )
-    assert not (tmp_path / "bad").exists()
-    good = dlnc(*args, "-o", tmp_path / "good", "--no-output-aware", "--json")
-    assert good.exit_code == 0, good.output
-    report = json.loads(good.output)
+    args = ("compress", folder, "--data", data, "--keep", 0.5, "--json")
+    # output-aware ranks are on by default: streamed, block by block, the in-memory export
+    runs = {flag: dlnc(*args, flag, "-o", tmp_path / flag) for flag in ("--stream", "--no-stream")}
+    assert all(r.exit_code == 0 for r in runs.values()), [r.output for r in runs.values()]
+    a, b = (load_file(tmp_path / flag / "model.safetensors") for flag in runs)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads(runs["--stream"].output)
     # 8 x 10 tokens are too few to refit any layer: the correction says so
     assert report["method"] == "whiten" and report["correction"]["tokens"] == 80
     assert report["correction"]["refit"] == []
+    plain = dlnc(*args, "--stream", "--no-output-aware", "-o", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    ranks = [[r["rank"] for r in json.loads(x.output)["layers"]] for x in (runs["--stream"], plain)]
+    assert ranks[0] != ranks[1]  # the gains chose the ranks
 
 
 def test_messages_name_the_flags_of_the_command_that_failed():

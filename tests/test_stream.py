@@ -229,8 +229,8 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     src = sharded(family, tmp_path)
     data = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(1, 64, (12, 10), generator=torch.Generator())}, data)
-    # streamed whitening has no output sensitivity (a backward pass through the whole model)
-    # and no error correction (a second pass)
+    # one-shot whitening by each layer's own spectrum (output-aware ranks and the correction:
+    # test_streamed_output_aware_whiten_is_the_in_memory_export)
     options = {"output_aware": False, "correct": False}
     aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4), **options)
     memory, streamed = both(src, tmp_path, aware=aware)
@@ -248,7 +248,7 @@ def test_streamed_error_correction_is_the_in_memory_one(
     from safetensors.torch import save_file
 
     from compressor.training.data import DataOptions
-    from compressor.workflows import compress
+    from compressor.workflows import stream
     from compressor.workflows.plan import AwareOptions
 
     src = sharded(family, tmp_path)
@@ -259,8 +259,9 @@ def test_streamed_error_correction_is_the_in_memory_one(
     aware = AwareOptions(method="whiten", data=data_options, output_aware=False)
     memory, streamed = both(src, tmp_path, aware=aware)
     same_files(memory, streamed)
-    # activations past the memory budget go to disk: the same export
-    monkeypatch.setattr(compress, "available_memory", lambda: 8 * 20_000)
+    # activations past the memory budget go to disk: the same export (the streamed pass reads
+    # the budget in workflows/stream.py)
+    monkeypatch.setattr(stream, "available_memory", lambda: 8 * 20_000)
     opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
     same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
     correction = json.loads((streamed / "report.json").read_text())["correction"]
@@ -481,3 +482,50 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
         assert x["rank"] == y["rank"]
         if x["rank"] is not None:
             assert y["rel_error"] == pytest.approx(x["rel_error"], rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize(("family", "correct"), [("llama", True), ("gpt2", True), ("llama", False)])
+def test_streamed_output_aware_whiten_is_the_in_memory_export(
+    family, correct, tmp_path, monkeypatch, one_torch_thread
+):
+    # output-aware ranks streamed: the output sensitivity block by block (pipelines/
+    # sensitivity.py: the kept inputs, the tail with the same seeded probes, the backward pass
+    # one block at a time) is the whole model's backward pass bit for bit, so the gains, the
+    # ranks, the output-aware factors and the correction weighed by them are the in-memory ones
+    from safetensors.torch import save_file
+
+    from compressor.methods.blocks import Activations
+    from compressor.training.data import DataOptions
+    from compressor.workflows import stream
+
+    src = sharded(family, tmp_path)
+    data = tmp_path / "ids.safetensors"
+    ids = torch.randint(1, 64, (64, 20), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, data)
+    aware = AwareOptions(
+        method="whiten", data=DataOptions(path=data, batch_size=8), correct=correct
+    )
+    assert aware.output_aware  # the default
+    memory, streamed = both(src, tmp_path, aware=aware)
+    same_files(memory, streamed)
+    report = json.loads((streamed / "report.json").read_text())
+    assert report["method"] == "whiten"
+    assert ("correction" in report) == correct and (not correct or report["correction"]["refit"])
+    # the gains steered the allocation: without them the ranks are not these
+    plain = replace(aware, output_aware=False)
+    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=plain)
+    ranks = {
+        run: [layer["rank"] for layer in json.loads((run / "report.json").read_text())["layers"]]
+        for run in (streamed, compress_checkpoint(src, tmp_path / "plain", opts).out_dir)
+    }
+    assert len(set(map(tuple, ranks.values()))) == 2
+    if correct:  # activations past the memory budget go to disk: the same export
+        spilled = []
+        save = Activations._save
+        monkeypatch.setattr(
+            Activations, "_save", lambda a, i, x: spilled.append(i) or save(a, i, x)
+        )
+        monkeypatch.setattr(stream, "available_memory", lambda: 8 * 20_000)
+        opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
+        same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
+        assert spilled

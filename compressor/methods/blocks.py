@@ -14,6 +14,10 @@ blocks 0..i-1 produce) is the same loop.
 
     for block in stream_blocks(model, batches, load):
         stats.update(block_grams(block, targets))
+
+`walk_blocks` is the loop itself, in a folder the caller owns; with `keep` every block's inputs
+and outputs stay (`Block.hidden`, `Block.output`) for a pass that goes back through the blocks
+(the output sensitivity's backward pass, `pipelines.sensitivity`).
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ __all__ = [
     "block_grams",
     "find_blocks",
     "first_inputs",
+    "outside_modules",
     "real_mask",
     "stream_blocks",
+    "walk_blocks",
 ]
 
 LoadFn = Callable[[str, nn.Module], None]
@@ -125,15 +131,25 @@ class Block:
     hidden: Activations  # the hidden states entering the block, per batch
     extras: list[tuple[tuple, dict]]  # the other positional / keyword arguments, per batch
     masks: list[torch.Tensor | None]  # the batches' attention masks (padding is not counted)
+    output: Activations | None = None  # what it handed the next block, once the loop ran it
+    returns_tuple: bool = False  # the module returns a tuple (hidden states first)
 
     def __len__(self) -> int:
         return len(self.extras)
 
-    def run(self, i: int) -> torch.Tensor:
-        """The block's output hidden states for batch `i`."""
+    def run(self, i: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output hidden states for batch `i` (from `hidden` instead of what
+        entered it, when given)."""
         args, kwargs = self.extras[i]
-        out = self.module(self.hidden.get(i), *args, **kwargs)
+        out = self.module(self.hidden.get(i) if hidden is None else hidden, *args, **kwargs)
+        self.returns_tuple = isinstance(out, tuple)
         return out[0] if isinstance(out, tuple) else out
+
+    def outputs(self, out: Activations) -> Activations:
+        """What the block (as it is now) hands the next one, for every batch (into `out`)."""
+        for i in range(len(self)):
+            out.put(i, self.run(i))
+        return out
 
 
 @torch.no_grad()
@@ -149,26 +165,40 @@ def stream_blocks(
     (see the module docstring). `load(prefix, module)` materializes weights. With `spill_dir`,
     a block's activations that take more than `spill_over` bytes go to disk there (0: all),
     one block's at a time."""
-    stack_name, stack = find_blocks(model)
-    batches = list(batches)
-    _load_outside(model, stack_name, load)
     with tempfile.TemporaryDirectory(prefix="dlnc-acts-", dir=spill_dir) as tmp:
         spill = Path(tmp) if spill_dir is not None else None
         room = Activations(spill / "in" if spill else None, spill_over)
-        hidden, extras = first_inputs(model, stack, batches, room)
-        masks = [real_mask(b) for b in batches]
-        for index, module in enumerate(stack):
-            name = f"{stack_name}.{index}"
-            load(name, module)
-            block = Block(index, name, module.eval(), hidden, extras, masks)
-            yield block
-            hidden = hidden.sibling(str(index))
-            for i in range(len(batches)):
-                hidden.put(i, block.run(i))
+        yield from walk_blocks(model, batches, load, room, progress)
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    load: LoadFn,
+    room: Activations,
+    progress: ProgressFn | None = None,
+    keep: bool = False,
+) -> Iterator[Block]:
+    """`stream_blocks` with the first block's inputs put in `room` (each block's outputs
+    spill beside them). `keep`: every block's inputs and outputs are kept (`Block.hidden`,
+    `Block.output`) for the caller to discard, not only the current block's."""
+    stack_name, stack = find_blocks(model)
+    batches = list(batches)
+    _load_outside(model, stack_name, load)
+    hidden, extras = first_inputs(model, stack, batches, room)
+    masks = [real_mask(b) for b in batches]
+    for index, module in enumerate(stack):
+        name = f"{stack_name}.{index}"
+        load(name, module)
+        block = Block(index, name, module.eval(), hidden, extras, masks)
+        yield block
+        hidden = block.output = block.outputs(hidden.sibling(str(index)))
+        if not keep:
             block.hidden.discard()
-            block.module.to("meta")  # release its weights
-            if progress:
-                progress("blocks", index + 1, len(stack))
+        block.module.to("meta")  # release its weights
+        if progress:
+            progress("blocks", index + 1, len(stack))
 
 
 def real_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -180,11 +210,18 @@ def real_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
 def _load_outside(model: nn.Module, stack_name: str, load: LoadFn) -> None:
     """Load the modules outside the block stack when they first run: the embeddings are
     loaded, the final norm and the LM head, never reached before the first block, are not."""
+    for name, module in outside_modules(model, stack_name):
+        module.register_forward_pre_hook(_load_once(name, load))
+
+
+def outside_modules(model: nn.Module, stack_name: str) -> Iterator[tuple[str, nn.Module]]:
+    """The modules outside the block stack `stack_name` with weights still on the meta device
+    (their own, not their children's)."""
     for name, module in model.named_modules():
         if name == stack_name or name.startswith(stack_name + "."):
             continue
         if any(p.is_meta for p in module.parameters(recurse=False)):
-            module.register_forward_pre_hook(_load_once(name, load))
+            yield name, module
 
 
 def _load_once(name: str, load: LoadFn):

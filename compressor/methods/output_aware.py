@@ -26,6 +26,7 @@ __all__ = [
     "CHANNEL_DAMPING",
     "channel_weights",
     "output_whitened_factor_fn",
+    "output_whitened_factors",
     "output_whitened_spectrum",
     "projection_gains",
     "projection_output_gains",
@@ -60,12 +61,18 @@ def output_whitened_factor_fn(
     """Factors minimising ||D (W - W') L||_F; rel error is relative in that metric."""
 
     def factor(name: str, module: nn.Module, rank: int):
-        dn = d[name]
-        up, down, _, rel = whitened_factors(dn[:, None] * weights[name].double(),
-                                            whiteners[name], rank)  # fmt: skip
-        return up / dn[:, None], down, rel
+        return output_whitened_factors(weights[name], whiteners[name], d[name], rank)
 
     return factor
+
+
+def output_whitened_factors(
+    w: torch.Tensor, whitener: Whitener | None, d: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up, down, rel) minimising ||D (W - up down) L||_F at `rank`; rel is relative in that
+    metric. The streamed whiten pass calls it with a weight read from the checkpoint."""
+    up, down, _, rel = whitened_factors(d[:, None] * w.double(), whitener, rank)
+    return up / d[:, None], down, rel
 
 
 def projection_gains(

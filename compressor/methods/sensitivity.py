@@ -8,19 +8,32 @@ grows on its way to the model's output: the Fisher-style weight that makes the l
 whitened truncation errors comparable (`core.allocate.output_gains`).
 
 Cost: one forward and one backward pass per batch and probe; memory of one training step.
+
+The pieces are shared with the block-by-block measurement of a model on the meta device
+(`pipelines.sensitivity`, the same numbers bit for bit): `ChannelSquares` (the hooks on the
+targets' outputs and the per-channel sums), `probe` (the seeded Gaussian probes, zero on
+padding) and `with_grads` (eval mode, every parameter requiring grad, as one backward pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from compressor.core.progress import ProgressFn
 from compressor.core.tasks import model_inputs
+from compressor.methods.blocks import real_mask
 
-__all__ = ["main_output", "output_sensitivity"]
+__all__ = [
+    "ChannelSquares",
+    "main_output",
+    "output_sensitivity",
+    "probe",
+    "with_grads",
+]
 
 
 def main_output(out) -> torch.Tensor:
@@ -47,49 +60,85 @@ def output_sensitivity(
     """Per target and output channel: the mean over real tokens and probes of (d<r, f>/dy_j)^2
     (a vector of the layer's output width; its mean is the layer's scalar sensitivity)."""
     batches = list(batches)
-    sums: dict[str, torch.Tensor | float] = dict.fromkeys(targets, 0.0)
-    counts = dict.fromkeys(targets, 0)
-    state: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook(name: str):
-        def forward_hook(module, args, output):
-            if torch.is_tensor(output) and output.requires_grad:
-                output.register_hook(lambda g, n=name: _accumulate(n, g))
-
-        return forward_hook
-
-    def _accumulate(name: str, grad: torch.Tensor) -> None:
-        mask = state["mask"]
-        if mask is not None and grad.ndim == 3 and tuple(grad.shape[:2]) == tuple(mask.shape):
-            grad = grad[mask]
-        g = grad.detach().double().reshape(-1, grad.shape[-1])
-        sums[name] = sums[name] + g.square().sum(0)
-        counts[name] += g.shape[0]
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(True)
+    squares = ChannelSquares(targets)
     generator = torch.Generator().manual_seed(seed)
-    try:
+    with squares.hooked(), with_grads(model):
         for i, batch in enumerate(batches):
             inputs = model_inputs(batch, model)
-            mask = batch.get("attention_mask")
-            state["mask"] = mask.bool() if mask is not None else None
+            squares.mask = real_mask(batch)
             for _ in range(probes):
                 with torch.enable_grad():
                     out = main_output(model(**inputs))
-                    r = torch.randn(out.shape, generator=generator, dtype=out.dtype)
-                    if state["mask"] is not None and out.ndim == 3:
-                        r = r * state["mask"].unsqueeze(-1)
-                    (out * r).sum().backward()
+                    (out * probe(out, generator, squares.mask)).sum().backward()
             if progress:
                 progress("sensitivity", i + 1, len(batches))
+    return squares.result()
+
+
+def probe(out: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None) -> torch.Tensor:
+    """The next Gaussian probe r for the main output `out` (drawn from `generator`), zero on
+    padding: the gradient of <r, out> is what `output_sensitivity` measures."""
+    r = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    if mask is not None and out.ndim == 3:
+        r = r * mask.unsqueeze(-1)
+    return r
+
+
+class ChannelSquares:
+    """Per target: the sum of its output gradients' squares per channel over real tokens (the
+    gradient caught by a hook on the output of each forward pass while `hooked`), and their
+    count. `mask`: the current batch's real tokens (None: all)."""
+
+    def __init__(self, targets: Mapping[str, nn.Module]) -> None:
+        self.targets = targets
+        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(targets, 0.0)
+        self.counts = dict.fromkeys(targets, 0)
+        self.mask: torch.Tensor | None = None
+
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Catch the output gradients of the targets' forward passes meanwhile."""
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.targets.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, name: str):
+        def forward_hook(module, args, output):
+            if torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(lambda g, n=name: self._accumulate(n, g))
+
+        return forward_hook
+
+    def _accumulate(self, name: str, grad: torch.Tensor) -> None:
+        mask = self.mask
+        if mask is not None and grad.ndim == 3 and tuple(grad.shape[:2]) == tuple(mask.shape):
+            grad = grad[mask]
+        g = grad.detach().double().reshape(-1, grad.shape[-1])
+        self.sums[name] = self.sums[name] + g.square().sum(0)
+        self.counts[name] += g.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The mean squared gradient per channel, float64, per target."""
+        return {
+            n: torch.as_tensor(self.sums[n], dtype=torch.float64) / max(self.counts[n], 1)
+            for n in self.targets
+        }
+
+
+@contextmanager
+def with_grads(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode with every parameter requiring grad meanwhile (as one backward pass
+    of the sensitivity sees it); then its flags and mode back, its gradients dropped."""
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    model.eval().requires_grad_(True)
+    try:
+        yield
     finally:
-        for h in handles:
-            h.remove()
         model.zero_grad(set_to_none=True)
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
+        for n, p in model.named_parameters(remove_duplicate=False):  # (some may be new)
+            p.requires_grad_(flags.get(n, p.requires_grad))
         model.train(was_training)
-    return {n: torch.as_tensor(sums[n], dtype=torch.float64) / max(counts[n], 1) for n in targets}

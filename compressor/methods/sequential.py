@@ -207,13 +207,15 @@ def correct_streamed(
     progress: ProgressFn | None = None,
     spill_dir: str | Path | None = None,
     spill_over: int = 0,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
 ) -> Correction:
     """`correct_blocks` on a model whose tree is on the meta device, one block in memory at a
     time: `stream_blocks` loads each block (`load`) and carries the original model's hidden
     states; the compressed model's are carried here beside them. In each block,
     `factorize(name, dense)` gives each of the `targets` there its one-shot layer; once the
     block is refit, `done_with(name, layer)` gets each one, and the dense layers stay in the
-    tree. Every target must sit inside the block stack; no output sensitivity (D = I). When
+    tree. Every target must sit inside the block stack; `sensitivity` weighs the outputs as in
+    `correct_blocks` (None: D = I). When
     no layer has enough calibration tokens, returns after loading the first block only, and
     `done_with` is never called. Loaded weights are left for the caller to release. Both
     streams of activations go to disk under `spill_dir` past `spill_over` bytes each, as
@@ -224,7 +226,7 @@ def correct_streamed(
     if outside:
         raise ValueError(f"{outside[0]} is outside the block stack")
     done = Correction()
-    fit = _Fit(None, damping, alpha, check)
+    fit = _Fit(sensitivity, damping, alpha, check)
 
     def counted(stage: str, i: int, n: int) -> None:
         progress("correct", i, n)
@@ -394,7 +396,4 @@ def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor
 
 def _outputs(block: Block, out: Activations | None = None) -> Activations:
     """What the block (as it is now) hands the next one, for every batch (into `out`)."""
-    out = Activations() if out is None else out
-    for i in range(len(block)):
-        out.put(i, block.run(i))
-    return out
+    return block.outputs(Activations() if out is None else out)

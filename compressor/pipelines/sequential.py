@@ -5,12 +5,15 @@ block (on disk past a share of the memory).
 `whiten_pass` (pass 1 with data): each target's input Gram, its whitener (kept on disk, one
 file per distinct Gram) and its whitened spectrum, as the in-memory `whiten` plan computes
 them; large layers (`Solver.large`) go the float32 way, their Gram reductions kept for pass 2.
+Given the output sensitivity (`pipelines.sensitivity`), also the output-aware gains and factors
+of the in-memory plan (`methods.output_aware`).
 `correct_pass`: block by block once more, each block's targets factorized and refit on the
 compressed model's own inputs (`methods.sequential.correct_streamed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -64,25 +67,25 @@ def whiten_pass(
     tmp: Path,
     spill_over: int,
     progress: ProgressFn | None,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
 ):
     """1) with data: block by block, each target's input Gram, its whitener (saved beside the
     kept reductions, one file per distinct Gram) and its whitened spectrum, as `build_plan`
-    computes them. With the `auto` solver, large layers (`_large`) go the float32 way, as the
-    data-free path does: a float32 whitener, the spectrum of W L from its Gram matrix, whose
+    computes them. With `sensitivity` (`pipelines.sensitivity`), the output-aware gains too,
+    s(D W L)^2, and the output-aware factors (float64), as the in-memory plan's
+    `Whiten.output_aware`. With the `auto` solver, large layers (`_large`) go the float32 way,
+    as the data-free path does: a float32 whitener, the spectrum of W L from its Gram matrix, whose
     reduction `kept` keeps for pass 2's basis; the factors are held to the optimum within
-    `RANDOMIZED_TOL` (else the exact float64 factors). Returns the spectra and pass 2's
-    factor function."""
-    from compressor.core.whitening import (
-        Whitener,
-        whitened_factors,
-        whitened_gram_factors,
-        whitened_spectrum,
-    )
+    `RANDOMIZED_TOL` (else the exact float64 factors). Returns the spectra, pass 2's factor
+    function and the gains (None without `sensitivity`)."""
+    from compressor.core.whitening import Whitener, whitened_spectrum
     from compressor.methods.blocks import block_grams, stream_blocks
+    from compressor.methods.output_aware import channel_weights, output_whitened_spectrum
 
     model = ckpt.loaded.model
     targets = {n: model.get_submodule(n) for n in layers}
-    spectra, files = {}, {}
+    spectra, files, gains = {}, {}, {}
+    channels = {n: channel_weights(s) for n, s in (sensitivity or {}).items()}
     load = module_loader(ckpt.tensors, ckpt.keys)
     single_from = solver.large_from if solver.solver == "auto" else None  # as `Solver.large`
     blocks = stream_blocks(model, data, load, tmp, progress, spill_over)
@@ -109,15 +112,29 @@ def whiten_pass(
                 spectra[name] = _spectrum(solver, name, whitener.whiten(weight))
             else:
                 spectra[name] = whitened_spectrum(weight, whitener)
+            if channels:
+                gains[name] = output_whitened_spectrum(weight, whitener, channels[name]).square()
         whitener = held = weight = None  # none of it while the next block's Grams are made
     missing = [n for n in targets if n not in spectra]
     if missing:
         raise NotStreamable(f"{missing[0]} is outside the model's block stack")
     release(model)
 
+    factor = _factor_fn(solver, spectra, files, channels)
+    return spectra, factor, gains if channels else None
+
+
+def _factor_fn(solver: Solver, spectra: dict, files: dict[str, Path], channels: dict):
+    """Pass 2's factors of the whiten pass: the whitener saved in pass 1 (`files`), the weight
+    read again; output-aware with `channels` (D's diagonal per layer)."""
+    from compressor.core.whitening import whitened_factors, whitened_gram_factors
+    from compressor.methods.output_aware import output_whitened_factors
+
     def factor(name: str, read: WeightReader, rank: int):
         whitener = load_whitener(files[name])
         weight = read()
+        if channels:  # in float64, as in memory
+            return output_whitened_factors(weight, whitener, channels[name], rank)
         if _single(solver, weight.shape, whitener):
             basis = _basis(solver, name, rank)
             up, down, top = whitened_gram_factors(weight, whitener, rank, basis)
@@ -128,7 +145,7 @@ def whiten_pass(
         up, down, _, rel = whitened_factors(weight, whitener, rank)
         return up, down, rel
 
-    return spectra, factor
+    return factor
 
 
 def correct_pass(
@@ -141,10 +158,12 @@ def correct_pass(
     tmp: Path,
     spill_over: int,
     progress: ProgressFn | None,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
 ):
     """With error correction: block by block once more, each block's targets factorized
     (`factor`, the one-shot fit) and refit on the compressed model's own inputs
-    (`correct_streamed`); their final factors wait in `tmp` for the writer. Returns the
+    (`correct_streamed`; with `sensitivity`, in the output-aware metric, as in memory); their
+    final factors wait in `tmp` for the writer. Returns the
     writer's factor function (the relative errors are the one-shot fit's, as in memory) and
     what the correction did."""
     from compressor.methods.sequential import correct_streamed
@@ -165,7 +184,7 @@ def correct_pass(
     load = module_loader(ckpt.tensors, ckpt.keys)
     done = correct_streamed(
         ckpt.loaded.model, targets, data, load, factorize, done_with, damping,
-        progress=progress, spill_dir=folder, spill_over=spill_over,
+        progress=progress, spill_dir=folder, spill_over=spill_over, sensitivity=sensitivity,
     )  # fmt: skip
     release(ckpt.loaded.model)
 

@@ -117,8 +117,6 @@ def compress_checkpoint(
     check_output_dir(out, options.overwrite, Path(path))
     if options.stream and not (options.data_free or options.streamed_whiten):
         raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
-    if options.stream and options.streamed_whiten:
-        _check_streamed_whiten(options.aware)
     by_itself = streams_by_itself(path, options)
     notices = []
     if options.stream or by_itself:
@@ -182,16 +180,6 @@ def compress_checkpoint(
 def _notice(notices: list[str], notice: str | None) -> None:
     if notice is not None:
         notices.append(notice)
-
-
-def _check_streamed_whiten(aware: AwareOptions) -> None:
-    """Streamed whitening calibrates block by block: the output-aware ranks (a backward pass
-    through the whole model) are not there."""
-    if aware.output_aware:
-        raise DlncError(
-            "`stream` with whiten calibrates block by block, without the output-aware ranks "
-            "(a backward pass through the whole model): pass `output_aware` off"
-        )
 
 
 def streams_by_itself(path: str | os.PathLike, options: CompressOptions) -> bool:

@@ -5,8 +5,9 @@ The model's module tree is built on the meta device (no weights), so targets, re
 rank overrides are chosen exactly as in memory. Then two passes over the targeted weights:
   1) the rank method's spectra, one weight read at a time (any registered data-free method:
      through `methods.Weights`, whose solver reads a weight when it needs it), or with data
-     block by block (`pipelines.sequential.whiten_pass`); then the ranks (a global `keep`
-     budget needs every spectrum first);
+     block by block (`pipelines.sequential.whiten_pass`, after the output sensitivity's
+     forward and backward pass block by block, `pipelines.sensitivity`, for output-aware
+     ranks); then the ranks (a global `keep` budget needs every spectrum, or gain, first);
   2) the output shards tensor by tensor (`pipelines.writer`): untouched tensors are copied,
      each targeted weight is factorized at its rank while a worker thread already factorizes
      the next one. With error correction a pass between the two refits each block's layers
@@ -36,6 +37,7 @@ from compressor.io.files import scratch_beside
 from compressor.io.streaming import return_freed_memory
 from compressor.pipelines import parallel
 from compressor.pipelines.reductions import keep_reductions
+from compressor.pipelines.sensitivity import sensitivity_pass
 from compressor.pipelines.sequential import correct_pass, whiten_pass
 from compressor.pipelines.source import (
     LayerSpec,
@@ -76,6 +78,7 @@ def stream_compress(
         notice = keep_reductions(solver, shapes, tmp, budget)
         if notice is not None:
             loaded.notices.append(notice)
+        gains = sensitivity = None
         if options.data_free:
             method = options.aware.resolved if options.aware else "svd"
             spectra, weight_spectra, factor = _datafree(
@@ -83,18 +86,19 @@ def stream_compress(
             )
         else:
             method, weight_spectra = "whiten", _weight_spectra(ckpt, layers, solver)
-            spectra, factor = whiten_pass(
+            sensitivity = _sensitivity(ckpt, layers, options, tmp, progress)
+            spectra, factor, gains = whiten_pass(
                 ckpt, layers, _data(options, loaded), options.aware.damping, solver, tmp,
-                _spill_over(), progress,
+                _spill_over(), progress, sensitivity,
             )  # fmt: skip
         policy = expand_overrides(options.policy, list(layers))
-        for name, decision in allocate_ranks(spectra, shapes, policy).items():
+        for name, decision in allocate_ranks(spectra, shapes, policy, gains).items():
             layers[name].decision = decision
         correction = None
         if method == "whiten" and options.aware.correct:
             factor, correction = correct_pass(
                 ckpt, layers, factor, _data(options, loaded), options.aware.damping,
-                options.depth, tmp, _spill_over(), progress,
+                options.depth, tmp, _spill_over(), progress, sensitivity,
             )  # fmt: skip
         factorize_skeleton(loaded.model, layers)
         if state is not None:  # each process factorizes its share; the main one writes
@@ -164,6 +168,15 @@ def _weight_spectra(ckpt, layers, solver: Solver):
     """The weights' own singular values, read from the checkpoint when first asked for (only
     plots read them: a 7B layer's cost 17 s), after the scratch folder is gone."""
     return Weights(_readers(ckpt, layers), replace(solver, kept=None)).spectra
+
+
+def _sensitivity(ckpt, layers, options, tmp: Path, progress):
+    """With `output_aware`: each target's output sensitivity, block by block
+    (`pipelines.sensitivity`), for the output-aware gains, factors and correction."""
+    if not options.aware.output_aware:
+        return None
+    data = _data(options, ckpt.loaded)
+    return sensitivity_pass(ckpt, layers, data, tmp, _spill_over(), progress)
 
 
 def _data(options, loaded):
