@@ -24,8 +24,9 @@ from compressor.core.targets import find_targets
 if TYPE_CHECKING:
     from compressor.core.compress import compress_
     from compressor.io.export import export, load_pretrained
+    from compressor.options import CompressOptions
     from compressor.training.loop import FinetuneConfig, finetune
-    from compressor.workflows.compress import CompressOptions, compress_checkpoint
+    from compressor.workflows.compress import compress_checkpoint
     from compressor.workflows.estimate import estimate_checkpoint
     from compressor.workflows.finetune import finetune_checkpoint
 from compressor.io.hf_register import register_when_imported
@@ -40,7 +41,7 @@ _LAZY = {
     "load_pretrained": "compressor.io.export",
     "finetune": "compressor.training.loop",
     "FinetuneConfig": "compressor.training.loop",
-    "CompressOptions": "compressor.workflows.compress",
+    "CompressOptions": "compressor.options",
     "compress_checkpoint": "compressor.workflows.compress",
     "estimate_checkpoint": "compressor.workflows.estimate",
     "finetune_checkpoint": "compressor.workflows.finetune",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import compressor
 
-STAGES = ("errors", "core", "methods", "io", "training", "recipes", "workflows")
+STAGES = ("errors", "core", "methods", "io", "training", "options", "recipes", "workflows")
 """Bottom to top; `dln` (the research core) imports only `errors`, and only `workflows`
 (the demo) imports `dln`."""
 ROOT = Path(compressor.__file__).parent

@@ -160,7 +160,7 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
     layers = {n: _target(n, m, keys, source) for n, m in targets.items()}
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.grams-", dir=_parent(out)) as tmp:
         world = _world() if options.data_free else None
-        if world is not None and options.device is None and world.device.type == "cuda":
+        if world is not None and options.run.device is None and world.device.type == "cuda":
             options = replace(options, device=str(world.device))  # one GPU per process
         kept = _Reductions.planned(layers, source, options, Path(tmp), loaded.notices)
         if options.data_free:
@@ -175,7 +175,7 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         for name, decision in allocate_ranks(spectra, shapes, policy).items():
             layers[name].decision = decision
         correction = None
-        if method == "whiten" and options.aware.correct:
+        if method == "whiten" and options.method.correct:
             factor, correction = _correct_pass(
                 loaded, layers, source, keys, factor, options, tmp, progress
             )
@@ -186,7 +186,7 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
                 world.wait_for_everyone()
                 return CompressResult(Path(out).resolve(), {}, loaded.notices, weight_spectra)
         writer = _Writer(loaded.model, layers, keys, source, factor, options, progress)
-        section = dlnc_section(loaded.model, method, options.merge, loaded.tensor_mode)
+        section = dlnc_section(loaded.model, method, options.export.merge, loaded.tensor_mode)
         summary: dict = {}
 
         def report() -> dict:  # the per-layer errors are known once the factors are written
@@ -199,7 +199,7 @@ def stream_compress(path: str | os.PathLike, out: Path, options, progress: Progr
         try:
             done = write_folder(
                 out, writer.write, config=loaded.config, section=section, source=loaded.source,
-                report=report, overwrite=options.overwrite,
+                report=report, overwrite=options.export.overwrite,
             )  # fmt: skip
         finally:
             if world is not None:
@@ -324,7 +324,7 @@ class _Reductions:
 
     @classmethod
     def planned(cls, layers, source: TensorSource, options, folder: Path, notices):
-        if options.solver != "auto" or resolve_device(options.device).type != "cpu":
+        if options.run.solver != "auto" or resolve_device(options.run.device).type != "cpu":
             return cls(None, {})
         sizes = {n: min(t.shape) for n, t in layers.items() if _large(options, t.shape)}
         need = sum(4 * (n * n // 2 + 3 * n) for n in sizes.values())
@@ -378,11 +378,11 @@ def _whiten_pass(loaded, layers, source, keys, options, tmp: Path, kept: _Reduct
     from compressor.training.data import load_data
 
     targets = {n: loaded.model.get_submodule(n) for n in layers}
-    batches = load_data(options.aware.data, loaded.source).train
-    damping = options.aware.damping
+    batches = load_data(options.method.data, loaded.source).train
+    damping = options.method.damping
     spectra, files = {}, {}
     load = module_loader(source, keys)
-    single_from = RANDOMIZED_MIN_SIZE if options.solver == "auto" else None  # as `_large`
+    single_from = RANDOMIZED_MIN_SIZE if options.run.solver == "auto" else None  # as `_large`
     blocks = stream_blocks(loaded.model, batches, load, tmp, progress, _spill_over())
     for block in blocks:
         paths: dict[int, Path] = {}
@@ -474,10 +474,10 @@ def _correct_pass(loaded, layers, source, keys, factor: FactorOf, options, tmp, 
         save_file({k: v.contiguous() for k, v in tensors.items()}, _factors_file(folder, name))
 
     targets = [n for n, t in layers.items() if not t.decision.dense]
-    batches = load_data(options.aware.data, loaded.source).train
+    batches = load_data(options.method.data, loaded.source).train
     load = module_loader(source, keys)
     done = correct_streamed(
-        loaded.model, targets, batches, load, factorize, done_with, options.aware.damping,
+        loaded.model, targets, batches, load, factorize, done_with, options.method.damping,
         progress=progress, spill_dir=folder, spill_over=_spill_over(),
     )  # fmt: skip
     _release(loaded.model)
@@ -507,7 +507,7 @@ def _spill_over() -> int:
 
 def _large(options, shape: tuple[int, ...]) -> bool:
     """A layer (or Gram matrix) the `auto` solver takes the float32 way."""
-    return options.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE
+    return options.run.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE
 
 
 def _single(options, shape: tuple[int, ...], whitener) -> bool:
@@ -530,19 +530,19 @@ def _open(path: Path, options) -> tuple[LoadedCheckpoint, TensorSource]:
     """The checkpoint's module tree on the meta device and its tensors' index."""
     if not path.exists():
         raise DlncError(f"{path}: no such file or folder")
-    folder, files = weight_files(path, options.allow_pickle)
+    folder, files = weight_files(path, options.load.allow_pickle)
     if any(f.suffix != ".safetensors" for f in files):
         raise NotStreamable("pickle weights are read whole")
     source = TensorSource(files)
-    config_file = Path(options.config) if options.config else folder / "config.json"
-    if options.config and not config_file.is_file():
+    config_file = Path(options.load.config) if options.load.config else folder / "config.json"
+    if options.load.config and not config_file.is_file():
         raise DlncError(f"{config_file}: no such config file")
-    if options.tensor_mode or not config_file.is_file():
-        notices = [] if options.tensor_mode else [_tensor_mode_notice(path)]
+    if options.load.tensor_mode or not config_file.is_file():
+        notices = [] if options.load.tensor_mode else [_tensor_mode_notice(path)]
         model = TensorModel(source.meta_state())
         return LoadedCheckpoint(model, folder, files, None, notices), source
-    config = read_config(config_file, options.trust_remote_code)
-    cls = model_class(config, options.trust_remote_code)
+    config = read_config(config_file, options.load.trust_remote_code)
+    cls = model_class(config, options.load.trust_remote_code)
     if cls is None or not hasattr(cls, "config_class"):
         raise NotStreamable("config.json names no model class")
     return LoadedCheckpoint(meta_model(cls, config), folder, files, config, []), source
@@ -608,11 +608,13 @@ def _spectra(layers, source, options, progress, kept: _Reductions) -> dict[str, 
     spectra = {}
     for i, (name, t) in enumerate(layers.items()):
         read = _reader(source, name, t)
-        if options.solver == "exact" or min(t.shape) < RANDOMIZED_MIN_SIZE:
+        if options.run.solver == "exact" or min(t.shape) < RANDOMIZED_MIN_SIZE:
             spectra[name] = decompose(read(), 1).s
         else:  # NaN/Inf shows on the Gram matrix's diagonal: the pieces go unchecked
             try:
-                spectra[name] = kept.spectrum(name, replace(read, checked=False), options.device)
+                spectra[name] = kept.spectrum(
+                    name, replace(read, checked=False), options.run.device
+                )
             except ValueError:
                 read()  # the NaN/Inf error, naming the layer
                 raise DlncError(f"{name}: weights too large for a float32 Gram matrix; "
@@ -662,7 +664,7 @@ class _Writer:
     def plan(self, shared: dict[str, str]) -> dict[str, torch.Tensor]:
         """The export's tensors as meta tensors (real shapes and dtypes), tied ones dropped."""
         plan = {}
-        for key, meta in export_state_dict(self.model, self.options.merge).items():
+        for key, meta in export_state_dict(self.model, self.options.export.merge).items():
             if key in shared:
                 continue
             src = self.keys.get(key)
@@ -677,7 +679,9 @@ class _Writer:
 
         shared = _shared_keys(self.model)
         plan = self.plan(shared)
-        split = split_torch_state_dict_into_shards(plan, max_shard_size=self.options.max_shard_size)
+        split = split_torch_state_dict_into_shards(
+            plan, max_shard_size=self.options.export.max_shard_size
+        )
         files = {
             filename: {n: (tuple(plan[n].shape), plan[n].dtype) for n in names}
             for filename, names in split.filename_to_tensors.items()
@@ -736,7 +740,7 @@ class _Writer:
             name, t.shape, rank, factor_params(t.shape, None), factor_params(t.shape, rank),
             rel, breakeven_rank(*t.shape),
         )  # fmt: skip
-        if not self.options.merge:
+        if not self.options.export.merge:
             out = {f"{name}.down.weight": down, f"{name}.up.weight": up}
             if bias is not None:
                 out[f"{name}.up.bias"] = bias
@@ -754,22 +758,22 @@ def _factors(read: _Reader, rank: int, s: torch.Tensor, options, basis: torch.Te
     (`basis`) when kept, else the cheaper of the randomized SVD and the float32 Gram route;
     kept if it reaches the optimum within `RANDOMIZED_TOL`; else (and with `solver="exact"`)
     the in-memory path's exact factors."""
-    shape, device = read.shape, options.device
+    shape, device = read.shape, options.run.device
     fast = None
-    if options.solver == "auto" and basis is not None:
+    if options.run.solver == "auto" and basis is not None:
         fast = lambda: gram_factors(read, rank, device=device, basis=basis)  # noqa: E731
-    elif options.solver == "randomized" or (
-        options.solver == "auto" and use_randomized(shape, rank)
+    elif options.run.solver == "randomized" or (
+        options.run.solver == "auto" and use_randomized(shape, rank)
     ):
         fast = lambda: randomized_factors(read(), rank, device=device)  # noqa: E731
-    elif options.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE:
+    elif options.run.solver == "auto" and min(shape) >= RANDOMIZED_MIN_SIZE:
         fast = lambda: gram_factors(read, rank, device=device)  # noqa: E731
     if fast is not None:
         total = float(s.double().square().sum())  # ||W||_F^2: pass 1 need not read it again
         up, down, top = fast()
         error = max(total - float(top.double().square().sum()), 0.0) ** 0.5
         optimum = truncation_error(s, rank)
-        if options.solver == "randomized" or error <= (1 + RANDOMIZED_TOL) * optimum:
+        if options.run.solver == "randomized" or error <= (1 + RANDOMIZED_TOL) * optimum:
             return up, down, error / max(total**0.5, 1e-30)
     weight = read()
     d = decompose(weight, rank)
