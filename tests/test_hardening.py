@@ -130,11 +130,11 @@ def test_warmup_lr_is_checked_by_the_options(gpt2, tmp_path, no_loading):
 
 
 def test_max_shard_size_is_checked_by_the_options():
-    from compressor.workflows.compress import CompressOptions
+    from compressor.options import ExportOptions
 
     with pytest.raises(DlncError, match="max_shard_size"):
-        CompressOptions(max_shard_size="banana")
-    CompressOptions(max_shard_size="500MB")
+        ExportOptions(max_shard_size="banana")
+    ExportOptions(max_shard_size="500MB")
 
 
 # 4) unwritable outputs --------------------------------------------------------------------

@@ -263,8 +263,8 @@ def test_given_flags_override_recipe_values(name, flags, expected):
         keep, energy, rank, multiple, depth,
     )  # fmt: skip
     if include is not None:
-        assert options.include == include
-    origin = options.origins["include"]
+        assert options.targets.include == include
+    origin = options.targets.origins["include"]
     assert origin == (
         "--include" if "targets.include" in flags else f"recipe {name}: targets.include"
     )

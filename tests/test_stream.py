@@ -16,7 +16,14 @@ from compressor.errors import DlncError
 from compressor.io import streaming
 from compressor.io.export import load_pretrained
 from compressor.io.streaming import TensorSource, write_safetensors
-from compressor.workflows.compress import CompressOptions, compress_checkpoint
+from compressor.options import (
+    CompressOptions,
+    ExportOptions,
+    LoadOptions,
+    MethodOptions,
+    RunOptions,
+)
+from compressor.workflows.compress import compress_checkpoint
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -38,7 +45,8 @@ def sharded(family: str, tmp_path: Path, dtype=torch.float32) -> Path:
 def both(src: Path, tmp_path: Path, **kw) -> tuple[Path, Path]:
     runs = []
     for stream in (False, True):
-        opts = CompressOptions(stream=stream, solver="exact", max_shard_size="30KB", **kw)
+        run = RunOptions(stream=stream, solver="exact")
+        opts = CompressOptions(run=run, export=ExportOptions(max_shard_size="30KB"), **kw)
         runs.append(compress_checkpoint(src, tmp_path / f"out-{stream}", opts).out_dir)
     return runs[0], runs[1]
 
@@ -82,9 +90,11 @@ def test_streamed_export_is_the_in_memory_export_bit_for_bit(
 
 def test_streamed_export_reloads_with_the_compressed_outputs(tmp_path, one_torch_thread):
     src = sharded("llama", tmp_path)
-    opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=True)
+    opts = CompressOptions(policy=RankPolicy(keep=0.5), run=RunOptions(stream=True))
     out = compress_checkpoint(src, tmp_path / "out", opts).out_dir
-    memory = compress_checkpoint(src, tmp_path / "mem", CompressOptions(stream=False)).out_dir
+    memory = compress_checkpoint(
+        src, tmp_path / "mem", CompressOptions(run=RunOptions(stream=False))
+    ).out_dir
     inputs = example_inputs("llama")
     a, b = load_pretrained(out), load_pretrained(memory)
     torch.testing.assert_close(outputs(a, inputs), outputs(b, inputs), rtol=0, atol=0)
@@ -103,11 +113,13 @@ def test_pickle_weights_fall_back_to_memory_or_refuse_when_streaming_is_required
     folder = tmp_path / "pickled"
     model.config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    base = {"allow_pickle": True, "policy": RankPolicy(rank=4)}
+    base = {"load": LoadOptions(allow_pickle=True), "policy": RankPolicy(rank=4)}
     out = compress_checkpoint(folder, tmp_path / "out", CompressOptions(**base)).out_dir
     assert (out / "config.json").is_file()
     with pytest.raises(DlncError, match="`stream`: this checkpoint cannot be streamed"):
-        compress_checkpoint(folder, tmp_path / "out2", CompressOptions(stream=True, **base))
+        compress_checkpoint(
+            folder, tmp_path / "out2", CompressOptions(run=RunOptions(stream=True), **base)
+        )
     assert not (tmp_path / "out2").exists()
 
 
@@ -131,7 +143,9 @@ def test_a_nan_weight_is_a_clean_error_and_leaves_nothing(
         model.model.layers[1].mlp.up_proj.weight[0, 0] = value
     model.save_pretrained(tmp_path / "src")
     with pytest.raises(DlncError, match=message):
-        compress_checkpoint(tmp_path / "src", tmp_path / "out", CompressOptions(stream=True))
+        compress_checkpoint(
+            tmp_path / "src", tmp_path / "out", CompressOptions(run=RunOptions(stream=True))
+        )
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
@@ -171,7 +185,6 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     from safetensors.torch import save_file
 
     from compressor.training.data import DataOptions
-    from compressor.workflows.plan import AwareOptions
 
     src = sharded(family, tmp_path)
     data = tmp_path / "ids.safetensors"
@@ -179,8 +192,8 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     # streamed whitening has no output sensitivity (a backward pass through the whole model)
     # and no error correction (a second pass)
     options = {"output_aware": False, "correct": False}
-    aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4), **options)
-    memory, streamed = both(src, tmp_path, aware=aware)
+    aware = MethodOptions(method="whiten", data=DataOptions(path=data, batch_size=4), **options)
+    memory, streamed = both(src, tmp_path, method=aware)
     same_files(memory, streamed)
     assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"
 
@@ -196,25 +209,25 @@ def test_streamed_error_correction_is_the_in_memory_one(
 
     from compressor.training.data import DataOptions
     from compressor.workflows import compress
-    from compressor.workflows.plan import AwareOptions
 
     src = sharded(family, tmp_path)
     data = tmp_path / "ids.safetensors"
     ids = torch.randint(1, 64, (64, 20), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": ids}, data)
     data_options = DataOptions(path=data, batch_size=8)
-    aware = AwareOptions(method="whiten", data=data_options, output_aware=False)
-    memory, streamed = both(src, tmp_path, aware=aware)
+    aware = MethodOptions(method="whiten", data=data_options, output_aware=False)
+    memory, streamed = both(src, tmp_path, method=aware)
     same_files(memory, streamed)
     # activations past the memory budget go to disk: the same export
     monkeypatch.setattr(compress, "available_memory", lambda: 8 * 20_000)
-    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
+    run = RunOptions(stream=True, solver="exact")
+    opts = CompressOptions(run=run, export=ExportOptions(max_shard_size="30KB"), method=aware)
     same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
     correction = json.loads((streamed / "report.json").read_text())["correction"]
     assert correction["tokens"] == 64 * 20 and correction["refit"]
     plain = replace(aware, correct=False)
     one_shot = compress_checkpoint(
-        src, tmp_path / "one-shot", CompressOptions(stream=True, solver="exact", aware=plain)
+        src, tmp_path / "one-shot", CompressOptions(run=run, method=plain)
     ).out_dir
     refit = correction["refit"][0]
     key = f"{refit}.up.weight"
@@ -240,7 +253,8 @@ def test_two_processes_split_the_layers_and_write_the_same_export(tmp_path, one_
         {"world": 2, "main": True, "report": True},
         {"world": 2, "main": False, "report": False},
     ]
-    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB")
+    run = RunOptions(stream=True, solver="exact")
+    opts = CompressOptions(run=run, export=ExportOptions(max_shard_size="30KB"))
     single = compress_checkpoint(src, tmp_path / "out-single", opts).out_dir
     same_files(single, tmp_path / "out-dist")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no parts left
@@ -252,13 +266,14 @@ def test_a_checkpoint_too_big_for_memory_streams_by_itself(tmp_path, monkeypatch
     import compressor.workflows.compress as compress
 
     src = sharded("llama", tmp_path)
-    opts = {"solver": "exact", "max_shard_size": "30KB"}
-    memory = compress_checkpoint(src, tmp_path / "memory", CompressOptions(stream=False, **opts))
+    export = ExportOptions(max_shard_size="30KB")
+    run = RunOptions(stream=False, solver="exact")
+    memory = compress_checkpoint(src, tmp_path / "memory", CompressOptions(run=run, export=export))
     assert not any("streamed" in n for n in memory.notices)
-    monkeypatch.setattr(compress, "available_memory", lambda: 1)
-    assert compress.streams_by_itself(src, CompressOptions(**opts))
-    assert not compress.streams_by_itself(src, CompressOptions(stream=False, **opts))
-    auto = compress_checkpoint(src, tmp_path / "auto", CompressOptions(**opts))
+    tight = CompressOptions(run=RunOptions(solver="exact", memory=1), export=export)  # 1 byte
+    assert compress.streams_by_itself(src, tight)
+    assert not compress.streams_by_itself(src, replace(tight, run=replace(tight.run, stream=False)))
+    auto = compress_checkpoint(src, tmp_path / "auto", tight)
     assert auto.notices[0].startswith("streamed: in memory this would need about")
     same_files(memory.out_dir, auto.out_dir)
 
@@ -267,8 +282,7 @@ def test_plenty_of_memory_keeps_the_in_memory_path(tmp_path, monkeypatch):
     import compressor.workflows.compress as compress
 
     src = sharded("llama", tmp_path)
-    monkeypatch.setattr(compress, "available_memory", lambda: 10**15)
-    assert not compress.streams_by_itself(src, CompressOptions())
+    assert not compress.streams_by_itself(src, CompressOptions(run=RunOptions(memory=10**15)))
 
 
 @pytest.mark.parametrize(
@@ -303,7 +317,9 @@ def test_streaming_makes_the_in_memory_loading_checks(edit, message, tmp_path):
     for stream in (False, True):
         with pytest.raises(DlncError, match=message):
             compress_checkpoint(
-                path.parent, tmp_path / f"out-{stream}", CompressOptions(stream=stream)
+                path.parent,
+                tmp_path / f"out-{stream}",
+                CompressOptions(run=RunOptions(stream=stream)),
             )
         assert not (tmp_path / f"out-{stream}").exists()
 
@@ -352,7 +368,8 @@ def test_pass_one_keeps_the_gram_reductions_and_pass_two_forms_no_gram(
     grams = []
     real_gram = linalg._gram
     monkeypatch.setattr(linalg, "_gram", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
-    opts = CompressOptions(stream=True, policy=RankPolicy(keep=0.5), max_shard_size="30KB")
+    run, export = RunOptions(stream=True), ExportOptions(max_shard_size="30KB")
+    opts = CompressOptions(run=run, policy=RankPolicy(keep=0.5), export=export)
     kept = compress_checkpoint(src, tmp_path / "kept", opts)
     report = json.loads((kept.out_dir / "report.json").read_text())
     large = [r for r in report["layers"] if min(r["shape"]) >= 16]
@@ -383,12 +400,11 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
 
     from compressor.training.data import DataOptions
     from compressor.workflows import stream
-    from compressor.workflows.plan import AwareOptions
 
     src = sharded("llama", tmp_path)
     data = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(1, 64, (12, 10), generator=torch.Generator())}, data)
-    aware = AwareOptions(
+    aware = MethodOptions(
         method="whiten", data=DataOptions(path=data, batch_size=4), output_aware=False,
         correct=False,
     )  # fmt: skip
@@ -407,7 +423,8 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
     runs, results = {}, {}
     for solver in ("exact", "auto"):
         monkeypatch.setattr(stream, "RANDOMIZED_MIN_SIZE", 16 if solver == "auto" else 512)
-        opts = CompressOptions(stream=True, solver=solver, aware=aware, max_shard_size="30KB")
+        run, export = RunOptions(stream=True, solver=solver), ExportOptions(max_shard_size="30KB")
+        opts = CompressOptions(run=run, method=aware, export=export)
         results[solver] = compress_checkpoint(src, tmp_path / solver, opts)
         runs[solver] = results[solver].out_dir
     assert any(single) and not all(single)  # the exact run never, the auto run on large ones
