@@ -43,23 +43,6 @@ def fail(message: str, command: str | None = None) -> None:
     raise typer.Exit(code=1)
 
 
-RECIPE_FLAGS = {
-    "targets.include": "--include",
-    "targets.exclude": "--exclude",
-    "ranks.keep": "--keep",
-    "ranks.energy": "--energy",
-    "ranks.rank": "--rank",
-    "ranks.multiple": "--multiple",
-    "chain.depth": "--depth",
-    "chain.outer_lr_scale": "--outer-lr-scale",
-    "finetune.objective": "--objective",
-    "finetune.lr": "--lr",
-    "finetune.steps": "--finetune-steps",
-    "finetune.batch_size": "--batch-size",
-    "finetune.max_length": "--max-length",
-}
-"""The flag that overrides each recipe key, for messages about a value given on the command line."""
-
 ALIASES = {"compress": {"steps": "--finetune-steps"}}
 """Where a command's flag for a parameter has another name."""
 

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import (
-    RECIPE_FLAGS,
     check_outputs,
     human_bytes,
     human_count,
@@ -27,6 +26,7 @@ from cli.flags import (
     EXPORT,
     LOAD,
     METHOD,
+    RECIPE_FLAGS,
     RUN,
     TARGETS,
     JsonOut,

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from cli.common import (
-    RECIPE_FLAGS,
     check_outputs,
     print_json,
     progress_bars,
@@ -23,6 +22,7 @@ from cli.flags import (
     DATA,
     LOAD,
     METHOD,
+    RECIPE_FLAGS,
     TARGETS,
     JsonOut,
     Plot,

@@ -11,7 +11,6 @@ from typing import Annotated
 import typer
 
 from cli.common import (
-    RECIPE_FLAGS,
     print_json,
     progress_bars,
     quiet_libraries,
@@ -19,7 +18,7 @@ from cli.common import (
     user_errors,
 )
 from cli.evaluate import eval_table
-from cli.flags import DATA, TRAINING, JsonOut, recipe_given, with_flags
+from cli.flags import DATA, RECIPE_FLAGS, TRAINING, JsonOut, recipe_given, with_flags
 
 DataPath = Annotated[
     Path,

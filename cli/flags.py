@@ -202,6 +202,10 @@ RECIPE_KEYS = {
 }
 """The recipe key each flag overrides (by parameter name)."""
 
+RECIPE_FLAGS = {key: "--" + name.replace("_", "-") for name, key in RECIPE_KEYS.items()}
+"""The flag that overrides each recipe key, for messages about a value given on the command
+line (`finetune.steps`: compress's --finetune-steps; `dlnc finetune` says --steps)."""
+
 
 def recipe_given(**values: Any) -> dict[str, Any]:
     """The given flags as recipe keys (None, or an empty list: not given)."""

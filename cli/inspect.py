@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from cli.common import (
-    RECIPE_FLAGS,
     check_outputs,
     print_json,
     progress_bars,
@@ -17,7 +16,7 @@ from cli.common import (
     stdout_console,
     user_errors,
 )
-from cli.flags import LOAD, TARGETS, JsonOut, Plot, recipe_given, with_flags
+from cli.flags import LOAD, RECIPE_FLAGS, TARGETS, JsonOut, Plot, recipe_given, with_flags
 
 RecipeSpec = Annotated[
     str,

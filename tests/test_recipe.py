@@ -13,7 +13,7 @@ import yaml
 from conftest import build_tiny
 from typer.testing import CliRunner
 
-from cli.common import RECIPE_FLAGS as FLAG_NAMES
+from cli.flags import RECIPE_FLAGS as FLAG_NAMES
 from cli.main import app
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint

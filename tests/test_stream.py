@@ -46,7 +46,10 @@ def both(src: Path, tmp_path: Path, **kw) -> tuple[Path, Path]:
     runs = []
     for stream in (False, True):
         run = RunOptions(stream=stream, solver="exact")
-        opts = CompressOptions(run=run, export=ExportOptions(max_shard_size="30KB"), **kw)
+        export = ExportOptions(kw.get("format", "factors"), max_shard_size="30KB")
+        opts = CompressOptions(
+            run=run, export=export, **{k: v for k, v in kw.items() if k != "format"}
+        )
         runs.append(compress_checkpoint(src, tmp_path / f"out-{stream}", opts).out_dir)
     return runs[0], runs[1]
 
@@ -73,7 +76,7 @@ def same_files(memory: Path, streamed: Path) -> None:
     [
         ("llama", torch.bfloat16, {}),
         ("gpt2", torch.float32, {}),  # Conv1D layout, tied LM head
-        ("bert", torch.float32, {"merge": True}),
+        ("bert", torch.float32, {"format": "dense"}),
         ("llama", torch.float32, {"policy": RankPolicy(energy=0.8)}),
     ],
 )
