@@ -3,7 +3,7 @@
 The verbs a Python user needs:
 
     from compressor import compress_checkpoint, CompressOptions, RankPolicy
-    result = compress_checkpoint("model", "model-dlnc", CompressOptions(RankPolicy(keep=0.5)))
+    result = compress_checkpoint("model", "model-dlnc", CompressOptions(policy=RankPolicy(keep=0.5)))
     model = load_pretrained("model-dlnc")
 
 In memory: `compress_(model, find_targets(model), RankPolicy(keep=0.5))`, `finetune(...)`,
