@@ -3,7 +3,8 @@
 The verbs a Python user needs:
 
     from compressor import compress_checkpoint, CompressOptions, RankPolicy
-    result = compress_checkpoint("model", "model-dlnc", CompressOptions(policy=RankPolicy(keep=0.5)))
+    options = CompressOptions(policy=RankPolicy(keep=0.5))
+    result = compress_checkpoint("model", "model-dlnc", options)
     model = load_pretrained("model-dlnc")
 
 In memory: `compress_(model, find_targets(model), RankPolicy(keep=0.5))`, `finetune(...)`,
