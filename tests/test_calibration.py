@@ -20,6 +20,15 @@ def padded_batches():
     return [{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask, strict=True)]
 
 
+def assert_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """`gram` is X^T X (float64) for the rows X of `x`, to the precision of float32 products
+    (the per-batch products run in float32): within 1e-6 of its largest entry."""
+    x = x.detach().double()
+    want = x.T @ x
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
 def captured_inputs(model, name, batches):
     """The layer's inputs on real tokens, captured independently with a forward hook."""
     seen = []
@@ -47,7 +56,7 @@ def test_gram_is_the_sum_over_real_tokens(family, layer):
     stats = collect_grams(model, find_targets(model), batches)
     x = captured_inputs(model, layer, batches)
     assert stats[layer].rows == x.shape[0] == int(sum(b["attention_mask"].sum() for b in batches))
-    torch.testing.assert_close(stats[layer].gram, x.T @ x)
+    assert_gram(stats[layer].gram, x)
 
 
 def test_layers_fed_the_same_input_share_one_matrix():
@@ -67,9 +76,7 @@ def test_plain_module_and_progress():
     stats = collect_grams(
         model, find_targets(model), [{"x": b} for b in x], progress=lambda *a: calls.append(a)
     )
-    torch.testing.assert_close(
-        stats["fc1"].gram, x.reshape(-1, 16).double().T @ x.reshape(-1, 16).double()
-    )
+    assert_gram(stats["fc1"].gram, x.reshape(-1, 16))
     assert calls[-1] == ("calibrate", 3, 3)
 
 
@@ -94,4 +101,40 @@ def test_t5_calibrates_with_teacher_forcing(tmp_path):
     shifted = torch.cat([torch.zeros(2, 1, dtype=ids.dtype), ids[:, :-1]], 1)
     block = model.decoder.block[0].layer[0]
     x = block.layer_norm(model.decoder.embed_tokens(shifted)).reshape(-1, 32).double()
-    torch.testing.assert_close(stats["decoder.block.0.layer.0.SelfAttention.q"].gram, x.T @ x)
+    assert_gram(stats["decoder.block.0.layer.0.SelfAttention.q"].gram, x)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_grams_counted_on_the_sensitivity_pass_equal_collect_grams(family):
+    # the sensitivity's forward passes (with grad) count the same inputs as collect_grams'
+    # own inference passes, and counting them changes no sensitivity
+    from compressor.methods.calibration import GramCollector
+    from compressor.methods.sensitivity import output_sensitivity
+
+    model = build_tiny(family)
+    targets = find_targets(model)
+    want = collect_grams(model, targets, padded_batches())
+    alone = output_sensitivity(model, targets, padded_batches(), probes=2)
+    collector = GramCollector(targets)
+    sens = output_sensitivity(model, targets, padded_batches(), probes=2, grams=collector)
+    got = collector.result()
+    for name in targets:
+        assert got[name].rows == want[name].rows
+        torch.testing.assert_close(got[name].gram, want[name].gram, rtol=1e-6, atol=1e-6)
+        assert torch.equal(sens[name], alone[name])
+    shared = "model.layers.0.self_attn."
+    if family == "llama":
+        assert got[shared + "q_proj"] is got[shared + "v_proj"]
+
+
+def test_the_sensitivity_pass_computes_no_weight_gradient():
+    # only the activations' gradients are needed: the weights' would double the backward pass
+    from compressor.methods.sensitivity import output_sensitivity
+
+    model = build_tiny("llama")
+    seen = []
+    for p in model.parameters():
+        p.register_hook(lambda g: seen.append(g))
+    output_sensitivity(model, find_targets(model), padded_batches())
+    assert not seen
+    assert all(p.requires_grad for p in model.parameters())  # flags back

@@ -46,8 +46,11 @@ class LayerStats:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.gram.dtype)
-        self.gram.addmm_(x.T, x)
+        """Add the rows of `x` (any leading shape): their product in float32 (several times
+        faster than float64 on a CPU; each batch's sum is within ~rows * eps_32 of exact),
+        summed into the float64 total."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.gram += x.T @ x
         self.rows += x.shape[0]
 
 

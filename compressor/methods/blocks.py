@@ -36,7 +36,7 @@ from compressor.core.progress import ProgressFn
 from compressor.core.tasks import model_inputs
 from compressor.core.whitening import LayerStats
 from compressor.errors import DlncError
-from compressor.methods.calibration import _Collector
+from compressor.methods.calibration import GramCollector
 
 __all__ = [
     "Activations",
@@ -269,18 +269,9 @@ def block_grams(
     or float32 for inputs at least `single_from` wide (half the memory: Llama-7B's FFN output
     projection's is 0.97 GB in float64)."""
     inside = {n: m for n, m in targets.items() if n.startswith(block.name + ".")}
-    collector = _Collector(single_from)
-    handles = [m.register_forward_pre_hook(collector.hook(n)) for n, m in inside.items()]
-    try:
+    collector = GramCollector(inside, single_from)
+    with collector.hooked():
         for i in range(len(block)):
-            collector.mask = block.masks[i]
-            collector.last = None
+            collector.batch(block.masks[i])
             block.run(i)
-            collector.first_batch = False
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in inside if n not in collector.stats]
-    if missing:
-        raise DlncError(f"{missing[0]}: never reached by the forward pass; exclude it")
-    return {n: collector.stats[n] for n in inside}
+    return collector.result()

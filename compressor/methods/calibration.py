@@ -15,7 +15,8 @@ at a time there (`--include`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,23 +27,56 @@ from compressor.core.tasks import model_inputs
 from compressor.core.whitening import LayerStats
 from compressor.errors import DlncError
 
-__all__ = ["collect_grams", "real_rows"]
+__all__ = ["GramCollector", "collect_grams", "real_rows"]
 
 
-class _Collector:
-    """Owns the hooks and the per-layer statistics for one calibration run."""
+class GramCollector:
+    """The input Gram of each of `targets` over the forward passes run while `hooked`, batch
+    by batch (`batch(mask)` before each): padding left out, one shared matrix for layers fed
+    the very same tensor; float64, or float32 for inputs at least `single_from` wide."""
 
-    def __init__(self, single_from: int | None = None) -> None:
+    def __init__(self, targets: Mapping[str, nn.Module], single_from: int | None = None) -> None:
+        self.targets = targets
         self.single_from = single_from  # inputs at least this wide: float32 Grams
         self.stats: dict[str, LayerStats] = {}
         self.aliases: dict[str, str] = {}  # layer -> the layer whose input (and Gram) it shares
         self.mask: torch.Tensor | None = None
         self.last: tuple[torch.Tensor, str] | None = None  # the last input counted, its layer
         self.first_batch = True
+        self.counting = True
+        self._batches = 0
 
-    def hook(self, name: str):
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Count the targets' inputs of the forward passes run meanwhile."""
+        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.targets.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def batch(self, mask: torch.Tensor | None, counting: bool = True) -> None:
+        """The next forward pass reads a new batch, whose real tokens are `mask` (None: all);
+        `counting=False`: that pass is not counted (it reads a batch already counted)."""
+        self.counting = counting
+        if not counting:
+            return
+        self.first_batch = self._batches == 0
+        self._batches += 1
+        self.mask = mask
+        self.last = None
+
+    def result(self) -> dict[str, LayerStats]:
+        """Each target's statistics; a target never reached is a `DlncError`."""
+        missing = [n for n in self.targets if n not in self.stats]
+        if missing:
+            raise DlncError(f"{missing[0]}: never reached by the forward pass; exclude it")
+        return {n: self.stats[n] for n in self.targets}
+
+    def _hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            if not args or not torch.is_tensor(args[0]):
+            if not self.counting or not args or not torch.is_tensor(args[0]):
                 return
             x = args[0]
             same = self.last is not None and self.last[0] is x
@@ -60,12 +94,9 @@ class _Collector:
                 single = self.single_from is not None and width >= self.single_from
                 dtype = torch.float32 if single else torch.float64
                 self.stats[name] = LayerStats(torch.zeros(width, width, dtype=dtype))
-            self.stats[name].add(self._real_rows(x))
+            self.stats[name].add(real_rows(x, self.mask))
 
         return pre_hook
-
-    def _real_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return real_rows(x, self.mask)
 
 
 def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -94,27 +125,20 @@ def collect_grams(
             "use `method` svd, or give its config.json with `config`"
         )
     batches = list(batches)
-    collector = _Collector()
-    handles = [m.register_forward_pre_hook(collector.hook(n)) for n, m in targets.items()]
+    collector = GramCollector(targets)
     was_training = model.training
     model.eval()
     try:
-        for i, batch in enumerate(batches):
-            mask = batch.get("attention_mask")
-            collector.mask = mask.bool() if mask is not None else None
-            collector.last = None
-            _forward(model, batch)
-            collector.first_batch = False
-            if progress:
-                progress("calibrate", i + 1, len(batches))
+        with collector.hooked():
+            for i, batch in enumerate(batches):
+                mask = batch.get("attention_mask")
+                collector.batch(mask.bool() if mask is not None else None)
+                _forward(model, batch)
+                if progress:
+                    progress("calibrate", i + 1, len(batches))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    missing = [n for n in targets if n not in collector.stats]
-    if missing:
-        raise DlncError(f"{missing[0]}: never reached by the forward pass; exclude it")
-    return {n: collector.stats[n] for n in targets}
+    return collector.result()
 
 
 def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:

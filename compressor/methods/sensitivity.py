@@ -18,7 +18,7 @@ padding) and `with_grads` (eval mode, every parameter requiring grad, as one bac
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from torch import nn
 from compressor.core.progress import ProgressFn
 from compressor.core.tasks import model_inputs
 from compressor.methods.blocks import real_mask
+from compressor.methods.calibration import GramCollector
 
 __all__ = [
     "ChannelSquares",
@@ -56,17 +57,23 @@ def output_sensitivity(
     probes: int = 1,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    grams: GramCollector | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per target and output channel: the mean over real tokens and probes of (d<r, f>/dy_j)^2
-    (a vector of the layer's output width; its mean is the layer's scalar sensitivity)."""
+    (a vector of the layer's output width; its mean is the layer's scalar sensitivity).
+    `grams`: also counts the targets' inputs on the same forward passes (the first probe's),
+    as `collect_grams` does, so the calibration statistics cost no pass of their own."""
     batches = list(batches)
     squares = ChannelSquares(targets)
     generator = torch.Generator().manual_seed(seed)
-    with squares.hooked(), with_grads(model):
+    counting = grams.hooked() if grams is not None else nullcontext()
+    with squares.hooked(), with_grads(model), counting:
         for i, batch in enumerate(batches):
             inputs = model_inputs(batch, model)
             squares.mask = real_mask(batch)
-            for _ in range(probes):
+            for p in range(probes):
+                if grams is not None:
+                    grams.batch(squares.mask if p == 0 else None, counting=p == 0)
                 with torch.enable_grad():
                     out = main_output(model(**inputs))
                     (out * probe(out, generator, squares.mask)).sum().backward()
@@ -130,15 +137,39 @@ class ChannelSquares:
 
 @contextmanager
 def with_grads(model: nn.Module) -> Iterator[None]:
-    """`model` in eval mode with every parameter requiring grad meanwhile (as one backward pass
-    of the sensitivity sees it); then its flags and mode back, its gradients dropped."""
+    """`model` in eval mode with gradients flowing through its activations meanwhile (as one
+    backward pass of the sensitivity sees it); then its flags and mode back, its gradients
+    dropped. Where the model has input embeddings their output requires grad and no parameter
+    does, so the backward pass computes the activations' gradients only (no weight gradients:
+    half its cost); otherwise every parameter requires grad."""
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-    model.eval().requires_grad_(True)
+    embeddings = _input_embeddings(model)
+    model.eval().requires_grad_(embeddings is None)
+    handle = embeddings.register_forward_hook(_requiring_grad) if embeddings else None
     try:
         yield
     finally:
+        if handle is not None:
+            handle.remove()
         model.zero_grad(set_to_none=True)
         for n, p in model.named_parameters(remove_duplicate=False):  # (some may be new)
             p.requires_grad_(flags.get(n, p.requires_grad))
         model.train(was_training)
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding module (a transformers model's), else None."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None
+
+
+def _requiring_grad(module: nn.Module, args, output):
+    """A forward hook: the module's output, a leaf of the graph that requires grad."""
+    if torch.is_tensor(output) and torch.is_grad_enabled() and not output.requires_grad:
+        return output.detach().requires_grad_(True)
+    return output

@@ -167,13 +167,11 @@ def correct_blocks(
             dense = {n: originals[n] for n in inside}
             before = Block(index, name, module, old, extras, masks)
             after = Block(index, name, module, new, new_extras, masks)
-            _refit_block(model, before, after, inside, dense, done, fit)
+            old = _refit_block(model, before, after, inside, dense, done, fit)
             if len(done.refit) + len(done.skipped) == len(factorized):
                 if progress:
                     progress("correct", len(stack), len(stack))
                 break  # nothing left to refit: the later blocks need no inputs
-            with _swapped(model, dense):
-                old = _outputs(before)
             new = _outputs(after)
             if progress:
                 progress("correct", index + 1, len(stack))
@@ -245,7 +243,7 @@ def correct_streamed(
         after = Block(block.index, block.name, block.module, new, block.extras, block.masks)
         previous = new
         with _swapped(model, inside):
-            _refit_block(model, block, after, inside, dense, done, fit)
+            _refit_block(model, block, after, inside, dense, done, fit).discard()
             new = _outputs(after, block.hidden.sibling(f"{block.index}-compressed"))
         if previous is not block.hidden:  # (the first block's: still the original's)
             previous.discard()
@@ -268,19 +266,21 @@ def _eligible(done: Correction, first: Activations, masks, sizes, per_feature, c
     return len(done.skipped) < len(sizes)
 
 
-def _refit_block(model, before: Block, after: Block, inside, dense, done, fit: _Fit) -> None:
+def _refit_block(model, before: Block, after: Block, inside, dense, done, fit: _Fit) -> Activations:
     """Refit the factorized layers `inside` one block (dense: their original modules) in
     place, in forward order, from their inputs in the original (`before`, with `dense` swapped
-    in) and in the compressed model (`after`, as the tree is)."""
+    in) and in the compressed model (`after`, as the tree is). Returns the original block's
+    outputs (what it hands the next block), from the same run that caught its inputs."""
     from compressor.methods.output_aware import channel_weights
 
     with _swapped(model, dense):
-        stages = _stages(model, before, list(inside))
+        stages, originals, outputs = _original_run(model, before, list(inside))
     for stage in stages:
+        leader = stage[0]
         stage = [n for n in stage if n not in done.skipped]
         if not stage:
             continue
-        fitted, held = _statistics(model, before, after, stage[0], dense)
+        fitted, held = _statistics(model, originals[leader], after, stage[0])
         both = (fitted[0] + held[0], fitted[1] + held[1])
         for layer_name in stage:
             layer = inside[layer_name]
@@ -293,6 +293,8 @@ def _refit_block(model, before: Block, after: Block, inside, dense, done, fit: _
             up, down = corrected_factors(w, *both, layer.rank, d, fit.damping, fit.alpha)
             layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
             done.refit.append(layer_name)
+        originals[leader].discard()
+    return outputs
 
 
 @contextmanager
@@ -306,8 +308,11 @@ def _swapped(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[Non
             replace_module(model, n, m)
 
 
-def _stages(model: nn.Module, block: Block, names: list[str]) -> list[list[str]]:
-    """`names` in forward order, grouped where consecutive layers read the same tensor."""
+def _original_run(model: nn.Module, block: Block, names: list[str]):
+    """One run of `block` (as the tree is: the original layers) over every batch, catching
+    what it hands the next block and the inputs of `names`: (the names in forward order,
+    grouped where consecutive layers read the same tensor; per group, the input its layers
+    share (real tokens x features, float32) per batch; the block's outputs per batch)."""
     seen: list[tuple[str, torch.Tensor]] = []
 
     def hook(name):
@@ -317,12 +322,31 @@ def _stages(model: nn.Module, block: Block, names: list[str]) -> list[list[str]]
 
         return pre
 
+    outputs = block.hidden.sibling(f"{block.index}-original")
+    inputs: dict[str, Activations] = {}
+    stages: list[list[str]] = []
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        block.run(0)
+        for i in range(len(block)):
+            seen.clear()
+            outputs.put(i, block.run(i))
+            if i == 0:
+                stages = _grouped(seen, names)
+            shared = dict(seen)
+            for stage in stages:
+                if stage[0] not in inputs:
+                    inputs[stage[0]] = block.hidden.sibling(f"{block.index}-{stage[0]}")
+                x = real_rows(shared[stage[0]], block.masks[i])
+                inputs[stage[0]].put(i, x.reshape(-1, x.shape[-1]).float())
     finally:
         for h in handles:
             h.remove()
+    return stages, inputs, outputs
+
+
+def _grouped(seen: list[tuple[str, torch.Tensor]], names: list[str]) -> list[list[str]]:
+    """The layers `seen` (name, input) in forward order, grouped where consecutive layers read
+    the same tensor; every one of `names` must be among them."""
     missing = [n for n in names if all(n != s for s, _ in seen)]
     if missing:
         raise ValueError(f"{missing[0]}: never reached by the forward pass of its block")
@@ -335,19 +359,21 @@ def _stages(model: nn.Module, block: Block, names: list[str]) -> list[list[str]]
     return stages
 
 
-def _statistics(model, before: Block, after: Block, name: str, dense):
+def _statistics(model, originals: Activations, after: Block, name: str):
     """(C, G') = (X^T X', X'^T X') of layer `name`, over the even batches (to fit on) and
-    over the odd ones (to check the fit on)."""
+    over the odd ones (to check the fit on); X per batch in `originals`."""
     halves = []
-    for i in range(len(before)):
-        with _swapped(model, dense):
-            x = _input_of(model, before, name, i)
+    for i in range(len(after)):
+        x = originals.get(i)
         x_new = _input_of(model, after, name, i)
         if not halves:
-            halves = [[x.new_zeros(x.shape[1], x.shape[1]) for _ in range(2)] for _ in range(2)]
+            square = (x.shape[1], x.shape[1])
+            halves = [
+                [x.new_zeros(square, dtype=torch.float64) for _ in range(2)] for _ in range(2)
+            ]
         cross, gram = halves[i % 2]
-        cross.addmm_(x.T, x_new)
-        gram.addmm_(x_new.T, x_new)
+        cross += x.T @ x_new  # float32 products (as `LayerStats.add`), float64 sums
+        gram += x_new.T @ x_new
     return halves[0], halves[1]
 
 
@@ -376,7 +402,7 @@ def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> int:
 
 
 def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor:
-    """The input (real tokens x features, float64) of layer `name` when `block` runs batch i."""
+    """The input (real tokens x features, float32) of layer `name` when `block` runs batch i."""
     got: dict[str, torch.Tensor] = {}
 
     def pre(module, args):
@@ -391,7 +417,7 @@ def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor
     finally:
         handle.remove()
     x = real_rows(got["x"], block.masks[i])
-    return x.reshape(-1, x.shape[-1]).double()
+    return x.reshape(-1, x.shape[-1]).float()
 
 
 def _outputs(block: Block, out: Activations | None = None) -> Activations:

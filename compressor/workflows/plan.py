@@ -98,28 +98,19 @@ def make_plans(
     needs = frozenset().union(*(methods.get(m).needs for m in wanted))
     data = info.data = _data(loaded, options.data, info) if options.data is not None else None
     # with data, every method's ranks follow the model's output: Grams and sensitivities
-    grams = _grams(loaded.model, targets, data, info, progress) if data is not None else None
+    grams, sensitivity = _statistics(loaded.model, targets, data, options, info, progress)
     inputs = methods.MethodInputs(
         grams=grams,
         updates=_updates(loaded, targets, options, data, info, progress)
         if "updates" in needs
         else None,
         damping=options.damping,
-        sensitivity=_sensitivity(loaded.model, targets, data, progress)
-        if grams is not None and options.output_aware
-        else None,
+        sensitivity=sensitivity,
     )
     info.sensitivity = inputs.sensitivity
     weights = methods.registry.decompose_weights(targets, solver)
     plans = {m: methods.registry.plan_of(m, weights, inputs, progress) for m in wanted}
     return plans, info
-
-
-def _sensitivity(model, targets, data: Batches, progress):
-    """Each layer's output sensitivity: one backward pass per calibration batch."""
-    from compressor.methods.sensitivity import output_sensitivity
-
-    return output_sensitivity(model, targets, data.train, progress=progress)
 
 
 def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batches:
@@ -133,15 +124,28 @@ def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batche
     return batches
 
 
-def _grams(model, targets, data: Batches, info: PlanInfo, progress):
-    from compressor.methods.calibration import collect_grams
+def _statistics(model, targets, data: Batches | None, options: AwareOptions, info, progress):
+    """The calibration Grams (None without data) and, when the ranks are output-aware, each
+    layer's output sensitivity, counted on the same forward passes as the Grams."""
+    from compressor.methods.calibration import GramCollector, collect_grams
+    from compressor.methods.sensitivity import output_sensitivity
 
+    if data is None:
+        return None, None
     started = time.perf_counter()
-    stats = collect_grams(model, targets, data.train, progress)
+    sensitivity = None
+    if options.output_aware:
+        collector = GramCollector(targets)
+        sensitivity = output_sensitivity(
+            model, targets, data.train, progress=progress, grams=collector
+        )
+        stats = collector.result()
+    else:
+        stats = collect_grams(model, targets, data.train, progress)
     info.calibration_seconds = time.perf_counter() - started
     distinct = {id(st): st.gram for st in stats.values()}
     info.statistics_bytes = sum(g.numel() * g.element_size() for g in distinct.values())
-    return stats
+    return stats, sensitivity
 
 
 def _updates(loaded, targets, options: AwareOptions, data: Batches | None, info, progress):
