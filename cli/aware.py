@@ -42,6 +42,16 @@ WarmupSteps = Annotated[
 WarmupLr = Annotated[float, typer.Option(help="Learning rate of the warm-up run (AdamW).")]
 
 
+Generate = Annotated[
+    bool,
+    typer.Option(
+        help="Without --data: a causal language model calibrates on 32 x 256 tokens of text it "
+        "generates itself (seeded, cached; about a minute on a CPU for 135M parameters). "
+        "--no-generate: ranks and factors from the weights alone."
+    ),
+]
+
+
 OutputAware = Annotated[
     bool,
     typer.Option(
@@ -77,6 +87,7 @@ def aware_options(
     warmup_lr: float,
     output_aware: bool = True,
     correct: bool = True,
+    generate: bool = False,
 ):
     """`AwareOptions` from the command line (through `compressor.workflows.options`)."""
     from compressor.training.data import DataOptions
@@ -90,5 +101,5 @@ def aware_options(
     return build(
         recipe, method, data_options,
         reference=reference, warmup_steps=warmup_steps, warmup_lr=warmup_lr,
-        output_aware=output_aware, correct=correct,
+        output_aware=output_aware, correct=correct, generate=generate,
     )  # fmt: skip

@@ -123,6 +123,7 @@ def compress(
     warmup_lr: opt.WarmupLr = 1e-4,
     output_aware: opt.OutputAware = True,
     correct: opt.Correct = True,
+    generate: opt.Generate = True,
     ranks: Annotated[
         Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
     ] = None,
@@ -167,7 +168,7 @@ def compress(
         options.aware = opt.aware_options(
             chosen, method, data, text_field, label_field, tokenizer, max_length,
             samples, seed, batch_size, reference, warmup_steps, warmup_lr, output_aware,
-            correct,
+            correct, generate,
         )  # fmt: skip
         if ranks is not None:
             apply_ranks_file(options, ranks)
@@ -234,4 +235,10 @@ def totals_table(report: dict) -> Table:
         table.add_row(label, human_count(before), human_count(after), f"{after / before:.3f}")
     b0, b1 = report["bytes_before"], report["bytes_after"]
     table.add_row("bytes on disk", human_bytes(b0), human_bytes(b1), f"{b1 / b0:.3f}")
+    ppl = report.get("perplexity")
+    if ppl is not None:
+        for stage, label in (("after", "perplexity"), ("after_finetune", "after fine-tuning")):
+            if stage in ppl:
+                before, after = ppl["before"], ppl[stage]
+                table.add_row(label, f"{before:.2f}", f"{after:.2f}", f"{after / before:.3f}")
     return table

@@ -29,6 +29,15 @@ def outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits
 
 
+@pytest.fixture(autouse=True)
+def dlnc_cache(tmp_path_factory, monkeypatch) -> Path:
+    """dlnc's cache (generated calibration text) in a folder of the test session's, never the
+    user's home."""
+    folder = tmp_path_factory.getbasetemp() / "dlnc-cache"
+    monkeypatch.setenv("DLNC_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny matrices: thread start-up costs more than it saves, worst on a loaded machine."""

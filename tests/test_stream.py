@@ -19,7 +19,7 @@ from compressor.io.load import load_pretrained
 from compressor.io.streaming import TensorSource, write_safetensors
 from compressor.methods.registry import unregister
 from compressor.workflows.compress import CompressOptions, compress_checkpoint
-from compressor.workflows.plan import AwareOptions
+from compressor.workflows.plan import HELD_OUT, AwareOptions
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -61,6 +61,7 @@ def same_files(memory: Path, streamed: Path) -> None:
                 (streamed / name).read_text()
             )
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (memory, streamed))
+    ra.pop("perplexity", None)  # measured in memory only: a streamed model is never whole
     assert ra == rb
 
 
@@ -265,7 +266,8 @@ def test_streamed_error_correction_is_the_in_memory_one(
     opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
     same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
     correction = json.loads((streamed / "report.json").read_text())["correction"]
-    assert correction["tokens"] == 64 * 20 and correction["refit"]
+    held = round(64 * HELD_OUT)  # a causal LM's samples held out to measure its perplexity
+    assert correction["tokens"] == (64 - held) * 20 and correction["refit"]
     plain = replace(aware, correct=False)
     one_shot = compress_checkpoint(
         src, tmp_path / "one-shot", CompressOptions(stream=True, solver="exact", aware=plain)

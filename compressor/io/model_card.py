@@ -40,6 +40,7 @@ class CardFacts:
     bytes_after: int
     groups: dict[str, list[int]]  # layer name pattern (numbers -> *) -> ranks
     shapes: dict[str, tuple[int, int]]  # layer name pattern -> (out, in)
+    perplexity: dict | None = None  # report.json's: before / after on held-out text
 
 
 def card_facts(model: nn.Module, method: str, format: str, report: dict | None) -> CardFacts:
@@ -71,6 +72,7 @@ def card_facts(model: nn.Module, method: str, format: str, report: dict | None) 
         method=method, merged=merged, keep=policy.get("keep"), params_before=before,
         params_after=before if merged else after, bytes_before=before_b,
         bytes_after=before_b if merged else after_b, groups=dict(groups), shapes=shapes,
+        perplexity=(report or {}).get("perplexity"),
     )  # fmt: skip
 
 
@@ -122,7 +124,7 @@ def report_facts(report: dict, section: dict) -> CardFacts:
         params_before=report.get("model_params_before") or 0,
         params_after=report.get("model_params_after") or 0,
         bytes_before=report.get("bytes_before") or 0, bytes_after=report.get("bytes_after") or 0,
-        groups=dict(groups), shapes=shapes,
+        groups=dict(groups), shapes=shapes, perplexity=report.get("perplexity"),
     )  # fmt: skip
 
 
@@ -175,6 +177,12 @@ def _size_table(facts: CardFacts) -> str:
         f"| parameters | {facts.params_before:,} | {facts.params_after:,} |",
         f"| weight bytes | {facts.bytes_before:,} | {facts.bytes_after:,} |",
     ]
+    ppl = facts.perplexity
+    if ppl and "after" in ppl:
+        text = f"perplexity on held-out {ppl['text']} ({ppl['held_out_samples']} samples)"
+        rows.append(f"| {text} | {ppl['before']:.2f} | {ppl['after']:.2f} |")
+        if "after_finetune" in ppl:
+            rows.append(f"| the same after fine-tuning | | {ppl['after_finetune']:.2f} |")
     ratio = facts.params_after / max(facts.params_before, 1)
     return (
         "## Compression\n\n"

@@ -139,18 +139,18 @@ class ChannelSquares:
 def with_grads(model: nn.Module) -> Iterator[None]:
     """`model` in eval mode with gradients flowing through its activations meanwhile (as one
     backward pass of the sensitivity sees it); then its flags and mode back, its gradients
-    dropped. Where the model has input embeddings their output requires grad and no parameter
-    does, so the backward pass computes the activations' gradients only (no weight gradients:
-    half its cost); otherwise every parameter requires grad."""
+    dropped. Where the model has embeddings their outputs require grad and no parameter does,
+    so the backward pass computes the activations' gradients only (no weight gradients: half
+    its cost); otherwise every parameter requires grad."""
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-    embeddings = _input_embeddings(model)
-    model.eval().requires_grad_(embeddings is None)
-    handle = embeddings.register_forward_hook(_requiring_grad) if embeddings else None
+    embeddings = _embeddings(model)
+    model.eval().requires_grad_(not embeddings)
+    handles = [e.register_forward_hook(_requiring_grad) for e in embeddings]
     try:
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
         model.zero_grad(set_to_none=True)
         for n, p in model.named_parameters(remove_duplicate=False):  # (some may be new)
@@ -158,14 +158,19 @@ def with_grads(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The model's input embedding module (a transformers model's), else None."""
+def _embeddings(model: nn.Module) -> list[nn.Module]:
+    """The modules that turn a model's inputs into vectors: its `nn.Embedding`s (an encoder-
+    decoder's encoder and decoder may each hold their own) and its input embeddings (a
+    transformers model's, e.g. ViT's patch embeddings). None: a plain module."""
+    found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     getter = getattr(model, "get_input_embeddings", None)
     try:
-        embeddings = getter() if callable(getter) else None
+        given = getter() if callable(getter) else None
     except (NotImplementedError, AttributeError):
-        return None
-    return embeddings if isinstance(embeddings, nn.Module) else None
+        given = None
+    if isinstance(given, nn.Module) and all(given is not m for m in found):
+        found.append(given)
+    return found
 
 
 def _requiring_grad(module: nn.Module, args, output):

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from compressor.core.tasks import TaskSpec
+from compressor.core.tasks import IGNORE_INDEX, TaskSpec, model_inputs
 from compressor.errors import DlncError
 
-__all__ = ["PROTOCOL", "Perplexity", "window_perplexity"]
+__all__ = ["PROTOCOL", "Perplexity", "batch_perplexity", "window_perplexity"]
 
 PROTOCOL = (
     "non-overlapping windows of {seq_len} tokens; the last {dropped} tokens (less than a window) "
@@ -73,3 +73,26 @@ def window_perplexity(
         perplexity=math.exp(nll), nll=nll, seq_len=seq_len, windows=windows,
         tokens_predicted=predicted, tokens_dropped=token_ids.numel() - windows * seq_len,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def batch_perplexity(model: nn.Module, batches: list) -> float:
+    """A causal LM's perplexity on model batches (`input_ids`, optional `attention_mask`):
+    exp of the mean negative log-likelihood over every next token that is not padding."""
+    causal = TaskSpec("causal_lm")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**model_inputs(batch, model), use_cache=False).logits
+            _, labels = causal.targets(logits, batch)
+            total += float(causal.loss(logits, batch, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if not count:
+        raise DlncError("no token to predict in the held-out batches")
+    return math.exp(total / count)

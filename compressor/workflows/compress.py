@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from compressor.io.files import scratch_beside
 from compressor.pipelines.reductions import keep_reductions
 from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
 from compressor.workflows.plan import AwareOptions, PlanInfo, make_plans
+from compressor.workflows.quality import generated_data, record_perplexity
 from compressor.workflows.report import (
     CompressResult,
     available_memory,
@@ -39,6 +40,7 @@ from compressor.workflows.targets import check_patterns, expand_overrides, selec
 
 if TYPE_CHECKING:
     from compressor.methods.sequential import Correction
+    from compressor.training.generated import Generated
 
 __all__ = [
     "CompressOptions",
@@ -142,6 +144,10 @@ def compress_checkpoint(
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
     policy = expand_overrides(options.policy, list(targets))
+    aware, generated = generated_data(loaded, options.aware or AwareOptions())
+    if generated is not None:
+        options = replace(options, aware=aware)
+        loaded.notices.append(_generated_notice(generated))
     teacher = teacher_copy(loaded.model) if options.finetune is not None else None
     with scratch_beside(out) as tmp:
         solver = options.solver_for()
@@ -154,12 +160,18 @@ def compress_checkpoint(
             loaded.model, targets, policy, options.depth, progress=progress, **method_kwargs
         )
     summary = build_report(loaded, report, total_before, options)
+    if generated is not None:
+        summary["generated_calibration"] = generated.to_dict()
     if measured.data is not None and options.aware.correct:
         done = _correct(loaded, targets, measured, options.aware, progress)
         record_correction(summary, done, loaded.notices)
+    record_perplexity(summary, loaded.notices, loaded.model, measured, "after", generated)
     if options.finetune is not None:
         tuned = finetune_compressed(loaded, teacher, out, options.finetune, progress)
         summary["finetune"] = tuned.report()
+        record_perplexity(
+            summary, loaded.notices, loaded.model, measured, "after_finetune", generated
+        )
         if not tuned.is_main_process:  # under `accelerate launch` only the main one writes
             return CompressResult(out, summary, loaded.notices, spectra)
     written = export(
@@ -175,6 +187,15 @@ def compress_checkpoint(
     )
     summary["bytes_after"] = weights_size(written)  # export wrote it into report.json
     return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def _generated_notice(generated: Generated) -> str:
+    spec = generated.spec
+    how = "cached" if generated.cached else f"{generated.seconds:.0f} s"
+    return (
+        f"no data: calibrated on {spec.samples} x {spec.length} tokens the model generated "
+        f"({how}; `generate` off for the weights alone)"
+    )
 
 
 def _notice(notices: list[str], notice: str | None) -> None:

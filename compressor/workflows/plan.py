@@ -22,7 +22,11 @@ from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
 from compressor.training.data import Batches, DataOptions, load_data
 
-__all__ = ["AwareOptions", "PlanInfo", "make_plans"]
+__all__ = ["HELD_OUT", "AwareOptions", "PlanInfo", "calibration_batches", "make_plans"]
+
+HELD_OUT = 0.125
+"""The share of a causal LM's calibration samples held out (none below 4 samples) to measure
+its perplexity before and after compression, so that a broken model never passes silently."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class AwareOptions:
     damping: float = DEFAULT_DAMPING  # whiten: relative damping of the Gram matrices
     output_aware: bool = True  # with data: ranks follow each layer's effect on the output
     correct: bool = True  # with data: refit the factors on the compressed model's own inputs
+    generate: bool = False  # without data: a causal LM calibrates on text it generates
 
     def __post_init__(self) -> None:
         if self.method != "auto":
@@ -78,6 +83,7 @@ class PlanInfo:
     notes: list[str] = field(default_factory=list)
     data: Batches | None = None  # the calibration data read (for error-correcting calibration)
     sensitivity: Mapping | None = None  # layer -> per-channel output sensitivity, if measured
+    perplexity_before: float | None = None  # a causal LM's, on the held-out calibration text
 
 
 def make_plans(
@@ -114,14 +120,29 @@ def make_plans(
 
 
 def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batches:
+    """The calibration batches (`calibration_batches`), and a causal LM's perplexity on the
+    held-out ones, before compression, in `info`."""
+    from compressor.training.perplexity import batch_perplexity
+
     if loaded.tensor_mode:
         raise DlncError(
             "this checkpoint has no architecture (tensor mode), so it cannot run on data; "
             "use `method` svd, or give its config.json with `config`"
         )
-    batches = load_data(data, loaded.source)
+    batches = calibration_batches(loaded, data)
     info.samples = batches.samples
+    if batches.held_out:
+        info.perplexity_before = batch_perplexity(loaded.model, batches.held_out)
     return batches
+
+
+def calibration_batches(loaded: LoadedCheckpoint, data: DataOptions) -> Batches:
+    """The calibration data as batches; a causal LM's last `HELD_OUT` of them held out (to
+    measure its perplexity), in memory and streamed alike."""
+    from compressor.core.tasks import task_of
+
+    causal = task_of(loaded.model) == "causal_lm"
+    return load_data(data, loaded.source, eval_fraction=HELD_OUT if causal else 0.0)
 
 
 def _statistics(model, targets, data: Batches | None, options: AwareOptions, info, progress):

@@ -181,9 +181,9 @@ def _sensitivity(ckpt, layers, options, tmp: Path, progress):
 
 def _data(options, loaded):
     """The calibration batches (read once per pass: each pass streams them block by block)."""
-    from compressor.training.data import load_data
+    from compressor.workflows.plan import calibration_batches
 
-    return load_data(options.aware.data, loaded.source).train
+    return calibration_batches(loaded, options.aware.data).train
 
 
 def _spill_over() -> int:

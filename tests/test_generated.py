@@ -1,0 +1,107 @@
+"""Calibration text a causal LM generates itself (training/generated.py), the perplexity on
+held-out calibration text before and after compression, and its warning
+(workflows/quality.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor.errors import DlncError
+from compressor.training.generated import GenerationSpec, can_generate, generate_calibration
+from compressor.training.perplexity import batch_perplexity
+from tests.tiny_models import build_tiny
+
+SMALL = GenerationSpec(samples=6, length=12, seed=3, batch_size=4)
+
+
+def test_generated_text_is_seeded_cached_and_leaves_the_rng_alone(tmp_path):
+    model, files = build_tiny("llama"), [tmp_path / "w"]
+    files[0].write_bytes(b"weights")
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = generate_calibration(model, files, SMALL, tmp_path / "a")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    ids = load_file(first.path)["input_ids"]
+    assert ids.shape == (6, 12) and ids.dtype == torch.long and not first.cached
+    assert ids[:, 0].eq(model.config.bos_token_id).all()
+    again = generate_calibration(model, files, SMALL, tmp_path / "a")
+    assert again.cached and again.path == first.path and again.seconds == 0
+    fresh = generate_calibration(model, files, SMALL, tmp_path / "b")  # no cache: same seed
+    assert torch.equal(load_file(fresh.path)["input_ids"], ids)
+    other = generate_calibration(model, files, GenerationSpec(6, 12, seed=4), tmp_path / "a")
+    assert other.path != first.path
+    assert not torch.equal(load_file(other.path)["input_ids"], ids)
+
+
+def test_only_a_causal_lm_generates(tmp_path):
+    bert = build_tiny("bert")
+    assert not can_generate(bert) and can_generate(build_tiny("gpt2"))
+    with pytest.raises(DlncError, match="causal language model"):
+        generate_calibration(bert, [], SMALL, tmp_path)
+    with pytest.raises(DlncError, match="generate_samples"):
+        GenerationSpec(samples=0)
+
+
+def test_batch_perplexity_is_exp_of_the_mean_loss_over_real_tokens():
+    model = build_tiny("llama")
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding: its tokens are neither inputs nor predicted
+    got = batch_perplexity(model, [{"input_ids": ids, "attention_mask": mask}])
+    with torch.no_grad():
+        full = model(input_ids=ids[:1], labels=ids[:1]).loss * 8  # 8 predictions, full row
+        short = model(input_ids=ids[1:, :5], labels=ids[1:, :5]).loss * 4
+    assert got == pytest.approx(math.exp(float(full + short) / 12), rel=1e-5)
+
+
+def test_compress_without_data_calibrates_a_causal_lm_on_its_own_text(tiny_model, tmp_path):
+    from cli_helpers import dlnc
+
+    from compressor.io.load import load_pretrained
+
+    model, folder = tiny_model("llama")
+    result = dlnc("compress", folder, "--keep", 0.5, "--out", tmp_path / "gen", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    generated = report["generated_calibration"]
+    assert (generated["samples"], generated["length"]) == (32, 256)
+    assert report["method"] == "whiten"
+    ppl = report["perplexity"]
+    assert ppl["text"] == "text the model generated" and ppl["held_out_samples"] == 4
+    # measured on the generated file's last 4 samples (held out of the calibration)
+    held = [{"input_ids": load_file(generated["path"])["input_ids"][-4:]}]
+    assert ppl["before"] == pytest.approx(batch_perplexity(model, held), rel=1e-4)
+    after = batch_perplexity(load_pretrained(tmp_path / "gen"), held)
+    assert ppl["after"] == pytest.approx(after, rel=1e-4)
+    card = (tmp_path / "gen" / "README.md").read_text()
+    assert f"{ppl['before']:.2f} | {ppl['after']:.2f}" in card
+    # --no-generate: the weights alone (plain SVD), nothing measured
+    result = dlnc("compress", folder, "--keep", 0.5, "--out", tmp_path / "svd", "--json",
+                  "--no-generate")  # fmt: skip
+    report = json.loads(result.output)
+    assert report["method"] == "svd"
+    assert "perplexity" not in report and "generated_calibration" not in report
+
+
+def test_a_model_much_worse_than_before_is_said_to_be(tiny_model):
+    from compressor.training.data import Batches
+    from compressor.workflows.plan import PlanInfo
+    from compressor.workflows.quality import WORSE, record_perplexity
+
+    model = build_tiny("llama")
+    ids = torch.randint(3, 64, (4, 10), generator=torch.Generator().manual_seed(1))
+    held = [{"input_ids": ids}]
+    real = batch_perplexity(model, held)
+    info = PlanInfo(data=Batches(train=held, held_out=held, tokenizer=None, samples=8))
+    for before, warned in ((real / (WORSE * 1.01), True), (real / (WORSE * 0.99), False)):
+        info.perplexity_before = before
+        summary, notices = {}, []
+        record_perplexity(summary, notices, model, info)
+        assert summary["perplexity"]["after"] == pytest.approx(real, rel=1e-3)
+        assert bool(notices) == warned
+    assert "raise `keep`" in notices[0] if notices else True
