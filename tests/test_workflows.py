@@ -17,7 +17,7 @@ from compressor.io.rankfile import save_ranks
 from compressor.recipes.schema import apply_overrides, choose_recipe, load_recipe, recipe_names
 from compressor.workflows.compress import CompressOptions, compress_checkpoint
 from compressor.workflows.estimate import estimate_checkpoint
-from compressor.workflows.options import apply_ranks_file, aware_options, compress_options
+from compressor.workflows.options import apply_ranks_file, compress_options, method_options
 
 RECIPE_MODELS = {
     "bert": "bert", "gpt2": "gpt2", "llama": "llama", "vit": "vit", "t5": "t5", "generic": "mlp",
@@ -100,7 +100,7 @@ def test_the_streamed_export_matches_the_in_memory_compression(tmp_path):
 
 def test_whiten_without_data_is_refused_before_any_work(tmp_path):
     with pytest.raises(DlncError, match="`method` whiten needs calibration data"):
-        aware_options(load_recipe("bert"), "whiten")
+        method_options(load_recipe("bert"), "whiten")
 
 
 def test_a_typo_in_include_names_where_it_came_from(tmp_path):
