@@ -48,6 +48,7 @@ __all__ = [
     "check_pattern",
 ]
 
+
 def check_pattern(pattern: str) -> str:
     """A module pattern: a name, a dotted suffix, or `re:REGEX` (which must compile)."""
     if not pattern:

@@ -276,7 +276,8 @@ def test_streamed_error_correction_is_the_in_memory_one(
     assert correction["tokens"] == 64 * 20 and correction["refit"]
     plain = replace(aware, correct=False)
     one_shot = compress_checkpoint(
-        src, tmp_path / "one-shot",
+        src,
+        tmp_path / "one-shot",
         CompressOptions(run=RunOptions(stream=True, solver="exact"), method=plain),
     ).out_dir
     refit = correction["refit"][0]
