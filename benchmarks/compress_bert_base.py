@@ -45,16 +45,17 @@ def compress_in_child(
     aware = "None"
     if data is not None:
         aware = (
-            f"AwareOptions(method='whiten', data=DataOptions(path={str(data)!r}, batch_size=8),"
+            f"MethodOptions(method='whiten', data=DataOptions(path={str(data)!r}, batch_size=8),"
             f" output_aware={output_aware})"
         )
     code = (
         "import sys, time;"
-        "from compressor.workflows.compress import CompressOptions, compress_checkpoint;"
-        "from compressor.workflows.plan import AwareOptions;"
+        "from compressor.workflows.compress import compress_checkpoint;"
+        "from compressor.options import CompressOptions, ExportOptions, MethodOptions;"
         "from compressor.training.data import DataOptions;"
         "from compressor.core.ranks import RankPolicy; t = time.perf_counter();"
-        f"opts = CompressOptions(policy=RankPolicy(keep={keep}), aware={aware}, overwrite=True);"
+        f"opts = CompressOptions(policy=RankPolicy(keep={keep}), method={aware},"
+        " export=ExportOptions(overwrite=True));"
         "compress_checkpoint(sys.argv[1], sys.argv[2], opts);"
         "print(time.perf_counter() - t)"
     )

@@ -58,7 +58,8 @@ print(json.dumps({{"seconds": seconds, "read": read, "ready": ready, "base": bas
 
 def compress(src: Path, out: Path, keep: float) -> None:
     from compressor.core.ranks import RankPolicy
-    from compressor.workflows.compress import CompressOptions, compress_checkpoint
+    from compressor.options import CompressOptions
+    from compressor.workflows.compress import compress_checkpoint
 
     compress_checkpoint(src, out, CompressOptions(policy=RankPolicy(keep=keep)))
 

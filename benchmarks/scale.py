@@ -46,14 +46,15 @@ if step == "baseline":  # what every run holds whatever the model's size (SciPy'
 elif step in ("stream", "memory", "whiten", "correct"):
     from compressor.core.ranks import RankPolicy
     from compressor.training.data import DataOptions
-    from compressor.workflows.compress import CompressOptions, compress_checkpoint
-    from compressor.workflows.plan import AwareOptions
+    from compressor.options import CompressOptions, ExportOptions, MethodOptions, RunOptions
+    from compressor.workflows.compress import compress_checkpoint
     aware = None
     if step in ("whiten", "correct"):
-        aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4),
-                             output_aware=False, correct=step == "correct")
-    opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=step != "memory", aware=aware,
-                           device=None if device == "auto" else device, overwrite=True)
+        aware = MethodOptions(method="whiten", data=DataOptions(path=data, batch_size=4),
+                              output_aware=False, correct=step == "correct")
+    run = RunOptions(stream=step != "memory", device=None if device == "auto" else device)
+    opts = CompressOptions(policy=RankPolicy(keep=0.5), run=run, method=aware,
+                           export=ExportOptions(overwrite=True))
     summary = compress_checkpoint(src, out, opts).report
     if "correction" in summary:  # which layers the error correction refit
         done = summary["correction"]

@@ -43,23 +43,6 @@ def fail(message: str, command: str | None = None) -> None:
     raise typer.Exit(code=1)
 
 
-RECIPE_FLAGS = {
-    "targets.include": "--include",
-    "targets.exclude": "--exclude",
-    "ranks.keep": "--keep",
-    "ranks.energy": "--energy",
-    "ranks.rank": "--rank",
-    "ranks.multiple": "--multiple",
-    "chain.depth": "--depth",
-    "chain.outer_lr_scale": "--outer-lr-scale",
-    "finetune.objective": "--objective",
-    "finetune.lr": "--lr",
-    "finetune.steps": "--finetune-steps",
-    "finetune.batch_size": "--batch-size",
-    "finetune.max_length": "--max-length",
-}
-"""The flag that overrides each recipe key, for messages about a value given on the command line."""
-
 ALIASES = {"compress": {"steps": "--finetune-steps"}}
 """Where a command's flag for a parameter has another name."""
 
@@ -83,15 +66,24 @@ def as_flags(message: str, command: str | None = None) -> str:
     return re.sub(r"`([a-z_]+)`", swap, message)
 
 
+COMMANDS: dict[str, typer.Typer] = {}
+"""The app whose commands `as_flags` reads, by name: `cli.main` registers itself here (so
+this module imports no command, and no command imports `cli.main`)."""
+
+
+def register_app(app: typer.Typer) -> None:
+    """Let `as_flags` read the flags of `app`'s commands."""
+    COMMANDS["dlnc"] = app
+    command_parameters.cache_clear()
+
+
 @functools.cache
 def command_parameters(command: str) -> frozenset[str]:
     """The parameters of the `dlnc command` whose flag has the same name (`warmup_steps` is
     --warmup-steps), read from the Typer app itself."""
     import typer.main
 
-    from cli.main import app
-
-    click_command = typer.main.get_command(app).commands[command]
+    click_command = typer.main.get_command(COMMANDS["dlnc"]).commands[command]
     return frozenset(
         p.name for p in click_command.params if f"--{p.name.replace('_', '-')}" in p.opts
     )

@@ -9,9 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli import aware as opt
 from cli.common import (
-    RECIPE_FLAGS,
     check_outputs,
     human_bytes,
     human_count,
@@ -21,169 +19,100 @@ from cli.common import (
     stdout_console,
     user_errors,
 )
+from cli.flags import (
+    BUDGET,
+    CALIBRATION_DATA,
+    DATA,
+    EXPORT,
+    LOAD,
+    METHOD,
+    RECIPE_FLAGS,
+    RUN,
+    TARGETS,
+    JsonOut,
+    Plot,
+    recipe_given,
+    with_flags,
+)
+
+Out = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder \\[default: <input>-dlnc beside the input]."),
+]
+RecipeSpec = Annotated[
+    str,
+    typer.Option(
+        help="Defaults for the model family: auto (by config.json's model_type), a shipped "
+        "name (dlnc recipes list) or a .yaml file. Flags given here override its values."
+    ),
+]
+FinetuneSteps = Annotated[
+    int | None,
+    typer.Option(help="Fine-tune this many steps before export, distilling from the input."),
+]
+FinetuneData = Annotated[
+    Path | None, typer.Option(exists=True, help="Fine-tuning data (with --finetune-steps).")
+]
+RanksFile = Annotated[
+    Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
+]
 
 
+@with_flags(BUDGET, TARGETS, LOAD, EXPORT, RUN, METHOD, DATA)
 def compress(
     model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", help="Output folder \\[default: <input>-dlnc beside the input]."
-        ),
-    ] = None,
-    recipe: Annotated[
-        str,
-        typer.Option(
-            help="Defaults for the model family: auto (by config.json's model_type), a shipped "
-            "name (dlnc recipes list) or a .yaml file. Flags given here override its values."
-        ),
-    ] = "auto",
-    keep: Annotated[
-        float | None,
-        typer.Option(
-            help="Fraction of the targeted layers' weight parameters to keep, in (0, 1); "
-            "allocated across layers by their spectra. \\[default: from the recipe]"
-        ),
-    ] = None,
-    energy: Annotated[
-        float | None,
-        typer.Option(help="Per layer, keep this fraction of the spectral energy sum s_i^2."),
-    ] = None,
-    rank: Annotated[int | None, typer.Option(help="One rank for every targeted layer.")] = None,
-    depth: Annotated[
-        int | None,
-        typer.Option(
-            help="Chain depth L >= 2 (export collapses to 2). \\[default: from the recipe]"
-        ),
-    ] = None,
-    multiple: Annotated[
-        int | None,
-        typer.Option(help="Round ranks to a multiple of this. \\[default: from the recipe]"),
-    ] = None,
-    include: Annotated[
-        list[str] | None,
-        typer.Option(help="Compress only these modules (name or re:REGEX); replaces the recipe's."),
-    ] = None,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(help="Leave these modules alone (name or re:REGEX); replaces the recipe's."),
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="config.json for a bare weights file.")
-    ] = None,
-    merge: Annotated[
-        bool, typer.Option(help="Export dense weights, loadable by any tool.")
-    ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    stream: Annotated[
-        bool | None,
-        typer.Option(
-            help="Read and write one tensor at a time (memory: a layer, not the model); with "
-            "--method whiten, calibrate block by block. Without fine-tuning only. "
-            "\\[default: on without data when the model would not fit in memory]"
-        ),
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help="Device of the streamed SVDs (cpu, cuda, cuda:1). \\[default: GPU if any]"
-        ),
-    ] = None,
-    allow_pickle: Annotated[
-        bool, typer.Option(help="Accept pickle weights (.bin/.pt); only from a trusted source.")
-    ] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Allow the checkpoint's own Python code to run.")
-    ] = False,
-    tensor_mode: Annotated[
-        bool, typer.Option(help="Ignore config.json; compress the 2-D weights directly.")
-    ] = False,
-    max_shard_size: Annotated[str, typer.Option(help="Shard exported weights above this.")] = "2GB",
-    plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG of the spectra and chosen ranks.")
-    ] = None,
-    finetune_steps: Annotated[
-        int | None,
-        typer.Option(help="Fine-tune this many steps before export, distilling from the input."),
-    ] = None,
-    finetune_data: Annotated[
-        Path | None, typer.Option(exists=True, help="Fine-tuning data (with --finetune-steps).")
-    ] = None,
-    method: opt.Method = None,
-    data: opt.Data = None,
-    text_field: opt.TextField = "text",
-    label_field: opt.LabelField = None,
-    tokenizer: opt.Tokenizer = None,
-    max_length: opt.MaxLength = 128,
-    samples: opt.Samples = 256,
-    seed: opt.Seed = 0,
-    batch_size: opt.BatchSize = 8,
-    reference: opt.Reference = None,
-    warmup_steps: opt.WarmupSteps = 0,
-    warmup_lr: opt.WarmupLr = 1e-4,
-    output_aware: opt.OutputAware = True,
-    correct: opt.Correct = True,
-    generate: opt.Generate = True,
-    ranks: Annotated[
-        Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
-    ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    out: Out = None,
+    recipe: RecipeSpec = "auto",
+    plot: Plot = None,
+    finetune_steps: FinetuneSteps = None,
+    finetune_data: FinetuneData = None,
+    data: CALIBRATION_DATA = None,
+    ranks: RanksFile = None,
+    json_out: JsonOut = False,
+    *,
+    budget: dict,
+    targets: dict,
+    load: dict,
+    export: dict,
+    run: dict,
+    rank_method: dict,
+    batches: dict,
 ) -> None:
     """Factorize the model's dense layers (spectral initialization) and export a slimmer checkpoint.
 
     Ratios: --keep is a fraction of the weight parameters of the *targeted* layers only
     (embeddings, heads and norms are untouched); --energy is per layer.
     """
+    from compressor.options import ExportOptions, LoadOptions, RunOptions
     from compressor.workflows.compress import compress_checkpoint
-    from compressor.workflows.options import apply_ranks_file, recipe_options, recovery_options
+    from compressor.workflows.options import recipe_options
 
     quiet_libraries()
     with user_errors("compress"):
         check_outputs(plot=plot)
-        flags = {
-            "ranks.keep": keep,
-            "ranks.energy": energy,
-            "ranks.rank": rank,
-            "ranks.multiple": multiple,
-            "chain.depth": depth,
-            "targets.include": include or None,
-            "targets.exclude": exclude or None,
-            "finetune.steps": finetune_steps,
-        }
-        options, chosen = recipe_options(
-            recipe,
-            model,
-            flags,
-            RECIPE_FLAGS,
-            config=config,
-            tensor_mode=tensor_mode,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            merge=merge,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
-            stream=stream,
-            device=device,
-        )
-        options.aware = opt.aware_options(
-            chosen, method, data, text_field, label_field, tokenizer, max_length,
-            samples, seed, batch_size, reference, warmup_steps, warmup_lr, output_aware,
-            correct, generate,
+        merge = export.pop("merge")
+        options, _ = recipe_options(
+            recipe, model, recipe_given(**budget, **targets, finetune_steps=finetune_steps),
+            RECIPE_FLAGS, load=LoadOptions(**load), method=rank_method,
+            data={"path": data, **batches}, run=RunOptions(**run),
+            export=ExportOptions(format="dense" if merge else "factors", **export),
+            ranks_file=ranks, finetune_data=finetune_data,
         )  # fmt: skip
-        if ranks is not None:
-            apply_ranks_file(options, ranks)
-        if finetune_steps is not None:
-            options.finetune = recovery_options(chosen, finetune_data)
         with progress_bars(not json_out) as progress:
             result = compress_checkpoint(model, out, options, progress)
         if plot is not None:
             from cli.plots import plot_spectra
 
-            ranks = {r["name"]: r["rank"] for r in result.report["layers"]}
-            plot_spectra(result.spectra, plot, ranks)
+            chosen = {r["name"]: r["rank"] for r in result.report["layers"]}
+            plot_spectra(result.spectra, plot, chosen)
     if json_out:
         print_json({"out_dir": str(result.out_dir), **result.report})
         return
+    print_report(result, plot)
+
+
+def print_report(result, plot: Path | None) -> None:
+    """The recipe, the notices, the per-layer and total tables, and what was written."""
     print_recipe(result.report["recipe"])
     console = stdout_console()
     for notice in result.notices:

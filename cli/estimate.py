@@ -8,9 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import aware as opt
 from cli.common import (
-    RECIPE_FLAGS,
     check_outputs,
     print_json,
     progress_bars,
@@ -18,52 +16,51 @@ from cli.common import (
     stdout_console,
     user_errors,
 )
+from cli.flags import (
+    BUDGET,
+    CALIBRATION_DATA,
+    DATA,
+    LOAD,
+    METHOD,
+    RECIPE_FLAGS,
+    TARGETS,
+    JsonOut,
+    Plot,
+    recipe_given,
+    with_flags,
+)
+
+Keep = BUDGET.only("keep").plus(keep=(Annotated[float | None, typer.Option(
+    help="Fraction of the targeted weights the chosen ranks keep. \\[default: the recipe's]"
+)], None))  # fmt: skip
+RecipeSpec = Annotated[
+    str,
+    typer.Option(
+        help="Targets and budget as `dlnc compress` uses them: auto (by model_type), a "
+        "shipped name or a .yaml file."
+    ),
+]
+Save = Annotated[
+    Path | None, typer.Option(help="Write the chosen ranks to a YAML file for --ranks.")
+]
 
 
+@with_flags(Keep, METHOD.only("method", "reference", "warmup_steps", "warmup_lr"), DATA,
+            TARGETS, LOAD)  # fmt: skip
 def estimate_ranks(
     model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
-    data: opt.Data = None,
-    method: opt.Method = None,
-    keep: Annotated[
-        float | None,
-        typer.Option(
-            help="Fraction of the targeted weights the chosen ranks keep. \\[default: the recipe's]"
-        ),
-    ] = None,
-    recipe: Annotated[
-        str,
-        typer.Option(
-            help="Targets and budget as `dlnc compress` uses them: auto (by model_type), a "
-            "shipped name or a .yaml file."
-        ),
-    ] = "auto",
+    data: CALIBRATION_DATA = None,
+    recipe: RecipeSpec = "auto",
     tau: Annotated[float, typer.Option(help="Energy fraction of the per-spectrum ranks.")] = 0.9,
-    text_field: opt.TextField = "text",
-    label_field: opt.LabelField = None,
-    tokenizer: opt.Tokenizer = None,
-    max_length: opt.MaxLength = 128,
-    samples: opt.Samples = 256,
-    seed: opt.Seed = 0,
-    batch_size: opt.BatchSize = 8,
-    reference: opt.Reference = None,
-    warmup_steps: opt.WarmupSteps = 0,
-    warmup_lr: opt.WarmupLr = 1e-4,
-    include: Annotated[
-        list[str] | None, typer.Option(help="Only these modules (name or re:REGEX).")
-    ] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option(help="Leave these modules out (name or re:REGEX).")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="config.json for a bare weights file.")
-    ] = None,
-    plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG of the spectra and chosen ranks.")
-    ] = None,
-    save: Annotated[
-        Path | None, typer.Option(help="Write the chosen ranks to a YAML file for --ranks.")
-    ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the estimates as JSON.")] = False,
+    plot: Plot = None,
+    save: Save = None,
+    json_out: JsonOut = False,
+    *,
+    budget: dict,
+    rank_method: dict,
+    batches: dict,
+    targets: dict,
+    load: dict,
 ) -> None:
     """Estimate per-layer ranks without compressing: the energy rank (at --tau) of the weight's
     spectrum, of its activation-aware spectrum (with --data), and of its update (with
@@ -72,21 +69,16 @@ def estimate_ranks(
     Save the chosen ranks with --save ranks.yaml and use them with `dlnc compress --ranks`.
     """
     from compressor.io.rankfile import save_ranks
+    from compressor.options import LoadOptions
     from compressor.workflows.estimate import estimate_checkpoint
     from compressor.workflows.options import recipe_options
 
     quiet_libraries()
     with user_errors("estimate-ranks"):
         check_outputs(plot=plot, save=save)
-        flags = {
-            "ranks.keep": keep,
-            "targets.include": include or None,
-            "targets.exclude": exclude or None,
-        }
-        options, chosen = recipe_options(recipe, model, flags, RECIPE_FLAGS, config=config)
-        options.aware = opt.aware_options(
-            chosen, method, data, text_field, label_field, tokenizer, max_length, samples, seed,
-            batch_size, reference, warmup_steps, warmup_lr,
+        options, chosen = recipe_options(
+            recipe, model, recipe_given(**budget, **targets), RECIPE_FLAGS,
+            load=LoadOptions(**load), method=rank_method, data={"path": data, **batches},
         )  # fmt: skip
         with progress_bars(not json_out) as progress:
             est = estimate_checkpoint(model, options, tau, progress)

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli import bench, estimate, finetune, recipes
+from cli import bench, estimate, evaluate, finetune, recipes
+from cli.common import register_app
 from cli.compress import compress
 from cli.demo import demo
 from cli.inspect import inspect
@@ -42,6 +43,7 @@ app.command("compress")(compress)
 app.command("inspect")(inspect)
 app.command("estimate-ranks")(estimate.estimate_ranks)
 app.command("finetune")(finetune.finetune)
-app.command("eval")(finetune.evaluate)
+app.command("eval")(evaluate.evaluate)
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(bench.app, name="bench")
+register_app(app)

@@ -3,7 +3,8 @@
 The verbs a Python user needs:
 
     from compressor import compress_checkpoint, CompressOptions, RankPolicy
-    result = compress_checkpoint("model", "model-dlnc", CompressOptions(RankPolicy(keep=0.5)))
+    options = CompressOptions(policy=RankPolicy(keep=0.5))
+    result = compress_checkpoint("model", "model-dlnc", options)
     model = load_pretrained("model-dlnc")
 
 In memory: `compress_(model, find_targets(model), RankPolicy(keep=0.5))`, `finetune(...)`,
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
     from compressor.core.compress import compress_
     from compressor.io.export import export
     from compressor.io.load import load_pretrained
+    from compressor.options import CompressOptions
     from compressor.training.loop import FinetuneConfig, finetune
-    from compressor.workflows.compress import CompressOptions, compress_checkpoint
+    from compressor.workflows.compress import compress_checkpoint
     from compressor.workflows.estimate import estimate_checkpoint
     from compressor.workflows.finetune import finetune_checkpoint
 from compressor.io.hf_register import register_when_imported
@@ -41,7 +43,7 @@ _LAZY = {
     "load_pretrained": "compressor.io.load",
     "finetune": "compressor.training.loop",
     "FinetuneConfig": "compressor.training.loop",
-    "CompressOptions": "compressor.workflows.compress",
+    "CompressOptions": "compressor.options",
     "compress_checkpoint": "compressor.workflows.compress",
     "estimate_checkpoint": "compressor.workflows.estimate",
     "finetune_checkpoint": "compressor.workflows.finetune",

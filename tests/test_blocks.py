@@ -9,8 +9,8 @@ from compressor.core.targets import find_targets
 from compressor.io.streaming import module_loader
 from compressor.methods.blocks import block_grams, find_blocks, stream_blocks
 from compressor.methods.calibration import collect_grams
+from compressor.options import LoadOptions
 from compressor.pipelines.source import open_streamed
-from compressor.workflows.compress import CompressOptions
 
 
 def padded_batches() -> list[dict[str, torch.Tensor]]:
@@ -25,7 +25,7 @@ def padded_batches() -> list[dict[str, torch.Tensor]]:
 
 
 def streamed_grams(folder, batches, spill_dir=None):
-    ckpt = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, LoadOptions())
     loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     targets = find_targets(loaded.model)
     grams, names = {}, []
@@ -62,7 +62,7 @@ def test_activations_spilled_to_disk_give_the_same_grams(
     _, in_memory, _ = streamed_grams(folder, batches)
     spill = tmp_path / "spill"
     spill.mkdir()
-    ckpt = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, LoadOptions())
     loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     targets = find_targets(loaded.model)
     load = module_loader(source, keys)
@@ -83,7 +83,7 @@ def test_a_block_changed_by_the_consumer_feeds_the_next_block(tiny_model, one_to
     # error-correcting calibration: block 1 sees what the (here: zeroed) block 0 produces
     _, folder = tiny_model("llama")
     batches = padded_batches()
-    ckpt = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, LoadOptions())
     loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     seen = []
     for block in stream_blocks(loaded.model, batches, module_loader(source, keys)):
@@ -100,7 +100,7 @@ def test_wide_inputs_can_be_collected_in_float32(tiny_model, one_torch_thread):
     _, folder = tiny_model("llama")  # inputs 32 wide, and 64 into down_proj
     batches = padded_batches()
     _, reference, _ = streamed_grams(folder, batches)
-    ckpt = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, LoadOptions())
     loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     targets = find_targets(loaded.model)
     single = {}
@@ -131,7 +131,7 @@ def test_block_by_block_sensitivity_is_the_whole_models(
     model, folder = tiny_model(family)
     targets = find_targets(model)
     want = output_sensitivity(model, targets, padded_batches(), probes=2, seed=3)
-    ckpt = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, LoadOptions())
     meta = ckpt.loaded.model
     (tmp_path / "spill").mkdir()
     for spill in (None, tmp_path / "spill"):

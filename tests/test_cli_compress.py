@@ -101,13 +101,32 @@ def test_inspect_prints_statistics_json_and_a_plot(tiny_model, tmp_path):
     result = dlnc("inspect", folder, "--json")
     assert result.exit_code == 0, result.output
     layers = json.loads(result.output)["layers"]
-    assert len(layers) == 14
-    k = next(r for r in layers if r["name"].endswith("k_proj"))
+    assert len(layers) == 10  # the llama recipe's targets: grouped-query k/v stay dense
+    q = next(r for r in layers if r["name"].endswith("q_proj"))
+    assert q["shape"] == [32, 32] and q["breakeven_rank"] == pytest.approx(32 * 32 / 64)
+    assert 1 <= q["energy_rank_90"] <= q["energy_rank_99"] <= 32
+    every = dlnc("inspect", folder, "--json", "--recipe", "generic")  # every dense layer
+    k = next(r for r in json.loads(every.output)["layers"] if r["name"].endswith("k_proj"))
     assert k["shape"] == [16, 32] and k["breakeven_rank"] == pytest.approx(32 * 16 / 48)
-    assert 1 <= k["energy_rank_90"] <= k["energy_rank_99"] <= 16
     png = tmp_path / "spectra.png"
     assert dlnc("inspect", folder, "--plot", png).exit_code == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inspect_reads_the_layers_compress_targets(tiny_model, tmp_path):
+    # the recipe's targets (gpt2: c_attn, c_proj, c_fc; include given: only those) are the
+    # layers inspect reads, as compress reads them; inspect once ignored the recipe
+    _, folder = tiny_model("llama")
+    recipe = tmp_path / "mlp.yaml"
+    recipe.write_text("name: mlp\ntargets: {include: [gate_proj, up_proj, down_proj]}\n")
+    inspected = dlnc("inspect", folder, "--json", "--recipe", recipe)
+    assert inspected.exit_code == 0, inspected.output
+    compressed = dlnc("compress", folder, "--json", "--recipe", recipe, "-o", tmp_path / "o")
+    names = [r["name"] for r in json.loads(inspected.output)["layers"]]
+    assert names == [r["name"] for r in json.loads(compressed.output)["layers"]]
+    assert {n.rsplit(".", 1)[1] for n in names} == {"gate_proj", "up_proj", "down_proj"}
+    given = dlnc("inspect", folder, "--json", "--recipe", recipe, "--include", "up_proj")
+    assert {r["name"].rsplit(".", 1)[1] for r in json.loads(given.output)["layers"]} == {"up_proj"}
 
 
 def test_tensor_mode_is_announced(tiny_mlp, tmp_path):

@@ -198,7 +198,8 @@ def test_fuzz_config_json(workdir, gpt2_weights, config):
 @pytest.fixture(scope="module")
 def export_folder(workdir, gpt2_weights):
     from compressor.core.ranks import RankPolicy
-    from compressor.workflows.compress import CompressOptions, compress_checkpoint
+    from compressor.options import CompressOptions
+    from compressor.workflows.compress import compress_checkpoint
 
     out = workdir / "gpt2-export"
     compress_checkpoint(gpt2_weights, out, CompressOptions(policy=RankPolicy(rank=4)))

@@ -13,7 +13,7 @@ import yaml
 from conftest import build_tiny
 from typer.testing import CliRunner
 
-from cli.common import RECIPE_FLAGS as FLAG_NAMES
+from cli.flags import RECIPE_FLAGS as FLAG_NAMES
 from cli.main import app
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint
@@ -263,8 +263,8 @@ def test_given_flags_override_recipe_values(name, flags, expected):
         keep, energy, rank, multiple, depth,
     )  # fmt: skip
     if include is not None:
-        assert options.include == include
-    origin = options.origins["include"]
+        assert options.targets.include == include
+    origin = options.targets.origins["include"]
     assert origin == (
         "--include" if "targets.include" in flags else f"recipe {name}: targets.include"
     )

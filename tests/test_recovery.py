@@ -14,10 +14,11 @@ from compressor.core.surgery import factorized_layers
 from compressor.errors import DlncError
 from compressor.io.export import export
 from compressor.io.load import load_pretrained
+from compressor.options import FinetuneOptions
 from compressor.recipes.schema import load_recipe
 from compressor.training.data import DataOptions, load_data
-from compressor.workflows.finetune import RecoveryOptions, finetune_checkpoint, load_model
-from compressor.workflows.options import recovery_options
+from compressor.workflows.finetune import finetune_checkpoint, load_model
+from compressor.workflows.options import finetune_options
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_held_out_share_comes_off_the_end_of_the_samples(folders):
 
 
 def test_finetune_checkpoint_exports_a_reloadable_student_with_its_report(folders):
-    options = recovery_options(load_recipe("gpt2"), folders / "train.safetensors",
+    options = finetune_options(load_recipe("gpt2"), folders / "train.safetensors",
                                config={"steps": 2, "warmup": 0.0})  # fmt: skip
     run = finetune_checkpoint(folders / "student", folders / "out", teacher=folders / "teacher",
                               options=options)  # fmt: skip
@@ -61,7 +62,7 @@ def test_finetune_checkpoint_exports_a_reloadable_student_with_its_report(folder
 
 
 def test_a_model_without_factors_is_refused(folders):
-    options = RecoveryOptions(DataOptions(folders / "train.safetensors"))
+    options = FinetuneOptions(DataOptions(folders / "train.safetensors"))
     with pytest.raises(DlncError, match="no factorized layers"):
         finetune_checkpoint(folders / "teacher", folders / "out", options=options)
     assert not (folders / "out").exists()
@@ -69,4 +70,4 @@ def test_a_model_without_factors_is_refused(folders):
 
 def test_fine_tuning_without_data_names_the_missing_parameter():
     with pytest.raises(DlncError, match="`finetune_data`"):
-        recovery_options(load_recipe("gpt2"), None)
+        finetune_options(load_recipe("gpt2"), None)

@@ -179,15 +179,15 @@ def test_streamed_correction_holds_one_block_and_hands_back_every_layer(
     from compressor.io.streaming import module_loader
     from compressor.methods.blocks import find_blocks
     from compressor.methods.sequential import correct_streamed
+    from compressor.options import LoadOptions
     from compressor.pipelines.source import open_streamed
-    from compressor.workflows.compress import CompressOptions
 
     batches = calibration()
     _, student, targets = one_shot("llama", batches)
     factorized = [n for n in targets if isinstance(student.get_submodule(n), FactorizedLinear)]
     assert len(factorized) >= 8
     _, folder = tiny_model("llama")
-    ckpt = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, LoadOptions())
     loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     _, stack = find_blocks(loaded.model)
     inner = module_loader(source, keys)
@@ -218,11 +218,11 @@ def test_streamed_correction_holds_one_block_and_hands_back_every_layer(
 def test_streamed_correction_with_too_few_tokens_runs_no_block(tiny_model, one_torch_thread):
     from compressor.io.streaming import module_loader
     from compressor.methods.sequential import correct_streamed
+    from compressor.options import LoadOptions
     from compressor.pipelines.source import open_streamed
-    from compressor.workflows.compress import CompressOptions
 
     _, folder = tiny_model("llama")
-    ckpt = open_streamed(folder, CompressOptions())
+    ckpt = open_streamed(folder, LoadOptions())
     loaded, source, keys = ckpt.loaded, ckpt.tensors, ckpt.keys
     names = list(find_targets(loaded.model))
     loads = []

@@ -18,8 +18,15 @@ from compressor.io import streaming
 from compressor.io.load import load_pretrained
 from compressor.io.streaming import TensorSource, write_safetensors
 from compressor.methods.registry import unregister
-from compressor.workflows.compress import CompressOptions, compress_checkpoint
-from compressor.workflows.plan import HELD_OUT, AwareOptions
+from compressor.options import (
+    CompressOptions,
+    ExportOptions,
+    LoadOptions,
+    MethodOptions,
+    RunOptions,
+)
+from compressor.workflows.compress import compress_checkpoint
+from compressor.workflows.plan import HELD_OUT
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -38,11 +45,14 @@ def sharded(family: str, tmp_path: Path, dtype=torch.float32) -> Path:
     return folder
 
 
-def both(src: Path, tmp_path: Path, **kw) -> tuple[Path, Path]:
+def both(src: Path, tmp_path: Path, format: str = "factors", **kw) -> tuple[Path, Path]:
+    """The in-memory and the streamed export (`kw`: `solver`, exact unless given, and
+    `large_from` go to `RunOptions`, the rest to `CompressOptions`)."""
     runs = []
-    kw = {"solver": "exact", **kw}
+    run = {"solver": "exact", **{k: kw.pop(k) for k in ("solver", "large_from") if k in kw}}
+    export = ExportOptions(format, max_shard_size="30KB")
     for stream in (False, True):
-        opts = CompressOptions(stream=stream, max_shard_size="30KB", **kw)
+        opts = CompressOptions(run=RunOptions(stream=stream, **run), export=export, **kw)
         runs.append(compress_checkpoint(src, tmp_path / f"out-{stream}", opts).out_dir)
     return runs[0], runs[1]
 
@@ -70,7 +80,7 @@ def same_files(memory: Path, streamed: Path) -> None:
     [
         ("llama", torch.bfloat16, {}),
         ("gpt2", torch.float32, {}),  # Conv1D layout, tied LM head
-        ("bert", torch.float32, {"merge": True}),
+        ("bert", torch.float32, {"format": "dense"}),
         ("llama", torch.float32, {"policy": RankPolicy(energy=0.8)}),
     ],
 )
@@ -126,8 +136,8 @@ def test_a_registered_data_free_method_streams(tmp_path, one_torch_thread):
     # a method registered in one file streams: the streamed export is the in-memory one
     methods.register(_TopRows())
     try:
-        aware = AwareOptions(method="toprows")
-        memory, streamed = both(sharded("llama", tmp_path), tmp_path, aware=aware)
+        aware = MethodOptions(method="toprows")
+        memory, streamed = both(sharded("llama", tmp_path), tmp_path, method=aware)
         same_files(memory, streamed)
         report = json.loads((streamed / "report.json").read_text())
         assert report["method"] == "toprows"
@@ -138,9 +148,11 @@ def test_a_registered_data_free_method_streams(tmp_path, one_torch_thread):
 
 def test_streamed_export_reloads_with_the_compressed_outputs(tmp_path, one_torch_thread):
     src = sharded("llama", tmp_path)
-    opts = CompressOptions(policy=RankPolicy(keep=0.5), stream=True)
+    opts = CompressOptions(policy=RankPolicy(keep=0.5), run=RunOptions(stream=True))
     out = compress_checkpoint(src, tmp_path / "out", opts).out_dir
-    memory = compress_checkpoint(src, tmp_path / "mem", CompressOptions(stream=False)).out_dir
+    memory = compress_checkpoint(
+        src, tmp_path / "mem", CompressOptions(run=RunOptions(stream=False))
+    ).out_dir
     inputs = example_inputs("llama")
     a, b = load_pretrained(out), load_pretrained(memory)
     torch.testing.assert_close(outputs(a, inputs), outputs(b, inputs), rtol=0, atol=0)
@@ -159,11 +171,12 @@ def test_pickle_weights_fall_back_to_memory_or_refuse_when_streaming_is_required
     folder = tmp_path / "pickled"
     model.config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    base = {"allow_pickle": True, "policy": RankPolicy(rank=4)}
+    base = {"load": LoadOptions(allow_pickle=True), "policy": RankPolicy(rank=4)}
     out = compress_checkpoint(folder, tmp_path / "out", CompressOptions(**base)).out_dir
     assert (out / "config.json").is_file()
     with pytest.raises(DlncError, match="`stream`: this checkpoint cannot be streamed"):
-        compress_checkpoint(folder, tmp_path / "out2", CompressOptions(stream=True, **base))
+        opts = CompressOptions(run=RunOptions(stream=True), **base)
+        compress_checkpoint(folder, tmp_path / "out2", opts)
     assert not (tmp_path / "out2").exists()
 
 
@@ -184,7 +197,7 @@ def test_a_nan_weight_is_a_clean_error_and_leaves_nothing(
         model.model.layers[1].mlp.up_proj.weight[0, 0] = value
     model.save_pretrained(tmp_path / "src")
     with pytest.raises(DlncError, match=message):
-        opts = CompressOptions(stream=True, large_from=large_from)
+        opts = CompressOptions(run=RunOptions(stream=True, large_from=large_from))
         compress_checkpoint(tmp_path / "src", tmp_path / "out", opts)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
@@ -225,7 +238,6 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     from safetensors.torch import save_file
 
     from compressor.training.data import DataOptions
-    from compressor.workflows.plan import AwareOptions
 
     src = sharded(family, tmp_path)
     data = tmp_path / "ids.safetensors"
@@ -233,8 +245,8 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     # one-shot whitening by each layer's own spectrum (output-aware ranks and the correction:
     # test_streamed_output_aware_whiten_is_the_in_memory_export)
     options = {"output_aware": False, "correct": False}
-    aware = AwareOptions(method="whiten", data=DataOptions(path=data, batch_size=4), **options)
-    memory, streamed = both(src, tmp_path, aware=aware)
+    aware = MethodOptions(method="whiten", data=DataOptions(path=data, batch_size=4), **options)
+    memory, streamed = both(src, tmp_path, method=aware)
     same_files(memory, streamed)
     assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"
 
@@ -249,28 +261,27 @@ def test_streamed_error_correction_is_the_in_memory_one(
     from safetensors.torch import save_file
 
     from compressor.training.data import DataOptions
-    from compressor.workflows import stream
-    from compressor.workflows.plan import AwareOptions
 
     src = sharded(family, tmp_path)
     data = tmp_path / "ids.safetensors"
     ids = torch.randint(1, 64, (64, 20), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": ids}, data)
     data_options = DataOptions(path=data, batch_size=8)
-    aware = AwareOptions(method="whiten", data=data_options, output_aware=False)
-    memory, streamed = both(src, tmp_path, aware=aware)
+    aware = MethodOptions(method="whiten", data=data_options, output_aware=False)
+    memory, streamed = both(src, tmp_path, method=aware)
     same_files(memory, streamed)
-    # activations past the memory budget go to disk: the same export (the streamed pass reads
-    # the budget in workflows/stream.py)
-    monkeypatch.setattr(stream, "available_memory", lambda: 8 * 20_000)
-    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
+    # activations past the memory budget go to disk: the same export
+    run = RunOptions(stream=True, solver="exact", memory=8 * 20_000)
+    opts = CompressOptions(run=run, export=ExportOptions(max_shard_size="30KB"), method=aware)
     same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
     correction = json.loads((streamed / "report.json").read_text())["correction"]
     held = round(64 * HELD_OUT)  # a causal LM's samples held out to measure its perplexity
     assert correction["tokens"] == (64 - held) * 20 and correction["refit"]
     plain = replace(aware, correct=False)
     one_shot = compress_checkpoint(
-        src, tmp_path / "one-shot", CompressOptions(stream=True, solver="exact", aware=plain)
+        src,
+        tmp_path / "one-shot",
+        CompressOptions(run=RunOptions(stream=True, solver="exact"), method=plain),
     ).out_dir
     refit = correction["refit"][0]
     key = f"{refit}.up.weight"
@@ -296,7 +307,8 @@ def test_two_processes_split_the_layers_and_write_the_same_export(tmp_path, one_
         {"world": 2, "main": True, "report": True},
         {"world": 2, "main": False, "report": False},
     ]
-    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB")
+    run = RunOptions(stream=True, solver="exact")
+    opts = CompressOptions(run=run, export=ExportOptions(max_shard_size="30KB"))
     single = compress_checkpoint(src, tmp_path / "out-single", opts).out_dir
     same_files(single, tmp_path / "out-dist")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no parts left
@@ -308,13 +320,14 @@ def test_a_checkpoint_too_big_for_memory_streams_by_itself(tmp_path, monkeypatch
     import compressor.workflows.compress as compress
 
     src = sharded("llama", tmp_path)
-    opts = {"solver": "exact", "max_shard_size": "30KB"}
-    memory = compress_checkpoint(src, tmp_path / "memory", CompressOptions(stream=False, **opts))
+    export = ExportOptions(max_shard_size="30KB")
+    run = RunOptions(stream=False, solver="exact")
+    memory = compress_checkpoint(src, tmp_path / "memory", CompressOptions(run=run, export=export))
     assert not any("streamed" in n for n in memory.notices)
-    monkeypatch.setattr(compress, "available_memory", lambda: 1)
-    assert compress.streams_by_itself(src, CompressOptions(**opts))
-    assert not compress.streams_by_itself(src, CompressOptions(stream=False, **opts))
-    auto = compress_checkpoint(src, tmp_path / "auto", CompressOptions(**opts))
+    tight = CompressOptions(run=RunOptions(solver="exact", memory=1), export=export)  # 1 byte
+    assert compress.streams_by_itself(src, tight)
+    assert not compress.streams_by_itself(src, replace(tight, run=replace(tight.run, stream=False)))
+    auto = compress_checkpoint(src, tmp_path / "auto", tight)
     assert auto.notices[0].startswith("streamed: in memory this would need about")
     same_files(memory.out_dir, auto.out_dir)
 
@@ -323,8 +336,7 @@ def test_plenty_of_memory_keeps_the_in_memory_path(tmp_path, monkeypatch):
     import compressor.workflows.compress as compress
 
     src = sharded("llama", tmp_path)
-    monkeypatch.setattr(compress, "available_memory", lambda: 10**15)
-    assert not compress.streams_by_itself(src, CompressOptions())
+    assert not compress.streams_by_itself(src, CompressOptions(run=RunOptions(memory=10**15)))
 
 
 @pytest.mark.parametrize(
@@ -359,7 +371,7 @@ def test_streaming_makes_the_in_memory_loading_checks(edit, message, tmp_path):
     for stream in (False, True):
         with pytest.raises(DlncError, match=message):
             compress_checkpoint(
-                path.parent, tmp_path / f"out-{stream}", CompressOptions(stream=stream)
+                path.parent, tmp_path / f"out-{stream}", CompressOptions(run=RunOptions(stream))
             )
         assert not (tmp_path / f"out-{stream}").exists()
 
@@ -406,8 +418,9 @@ def test_pass_one_keeps_the_gram_reductions_and_pass_two_forms_no_gram(
     grams = []
     real_gram = gram.gram_matrix
     monkeypatch.setattr(gram, "gram_matrix", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
-    opts = CompressOptions(  # large_from 16: the tiny model's layers count as large
-        stream=True, policy=RankPolicy(keep=0.5), max_shard_size="30KB", large_from=16
+    run = RunOptions(stream=True, large_from=16)  # 16: the tiny model's layers count as large
+    opts = CompressOptions(
+        run=run, policy=RankPolicy(keep=0.5), export=ExportOptions(max_shard_size="30KB")
     )
     kept = compress_checkpoint(src, tmp_path / "kept", opts)
     report = json.loads((kept.out_dir / "report.json").read_text())
@@ -439,12 +452,11 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
 
     from compressor.pipelines.reductions import Reductions
     from compressor.training.data import DataOptions
-    from compressor.workflows.plan import AwareOptions
 
     src = sharded("llama", tmp_path)
     data = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(1, 64, (12, 10), generator=torch.Generator())}, data)
-    aware = AwareOptions(
+    aware = MethodOptions(
         method="whiten", data=DataOptions(path=data, batch_size=4), output_aware=False,
         correct=False,
     )  # fmt: skip
@@ -459,10 +471,8 @@ def test_streamed_whiten_takes_the_float32_route_on_large_layers(
             return found
 
         monkeypatch.setattr(Reductions, "basis", basis)
-        opts = CompressOptions(
-            stream=True, solver=solver, aware=aware, max_shard_size="30KB",
-            large_from=16 if solver == "auto" else 512,
-        )  # fmt: skip
+        run = RunOptions(stream=True, solver=solver, large_from=16 if solver == "auto" else 512)
+        opts = CompressOptions(run=run, method=aware, export=ExportOptions(max_shard_size="30KB"))
         results[solver] = compress_checkpoint(src, tmp_path / solver, opts)
         runs[solver] = results[solver].out_dir
     # the exact run never takes the float32 route, the auto run does on its large layers
@@ -498,24 +508,24 @@ def test_streamed_output_aware_whiten_is_the_in_memory_export(
 
     from compressor.methods.blocks import Activations
     from compressor.training.data import DataOptions
-    from compressor.workflows import stream
 
     src = sharded(family, tmp_path)
     data = tmp_path / "ids.safetensors"
     ids = torch.randint(1, 64, (64, 20), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": ids}, data)
-    aware = AwareOptions(
+    aware = MethodOptions(
         method="whiten", data=DataOptions(path=data, batch_size=8), correct=correct
     )
     assert aware.output_aware  # the default
-    memory, streamed = both(src, tmp_path, aware=aware)
+    memory, streamed = both(src, tmp_path, method=aware)
     same_files(memory, streamed)
     report = json.loads((streamed / "report.json").read_text())
     assert report["method"] == "whiten"
     assert ("correction" in report) == correct and (not correct or report["correction"]["refit"])
     # the gains steered the allocation: without them the ranks are not these
     plain = replace(aware, output_aware=False)
-    opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=plain)
+    run, export = RunOptions(stream=True, solver="exact"), ExportOptions(max_shard_size="30KB")
+    opts = CompressOptions(run=run, export=export, method=plain)
     ranks = {
         run: [layer["rank"] for layer in json.loads((run / "report.json").read_text())["layers"]]
         for run in (streamed, compress_checkpoint(src, tmp_path / "plain", opts).out_dir)
@@ -527,7 +537,7 @@ def test_streamed_output_aware_whiten_is_the_in_memory_export(
         monkeypatch.setattr(
             Activations, "_save", lambda a, i, x: spilled.append(i) or save(a, i, x)
         )
-        monkeypatch.setattr(stream, "available_memory", lambda: 8 * 20_000)
-        opts = CompressOptions(stream=True, solver="exact", max_shard_size="30KB", aware=aware)
+        run = RunOptions(stream=True, solver="exact", memory=8 * 20_000)
+        opts = CompressOptions(run=run, export=export, method=aware)
         same_files(memory, compress_checkpoint(src, tmp_path / "spilled", opts).out_dir)
         assert spilled

@@ -14,10 +14,11 @@ from compressor.core.surgery import factorized_layers
 from compressor.errors import DlncError
 from compressor.io.load import load_pretrained
 from compressor.io.rankfile import save_ranks
+from compressor.options import CompressOptions, ExportOptions, RunOptions
 from compressor.recipes.schema import apply_overrides, choose_recipe, load_recipe, recipe_names
-from compressor.workflows.compress import CompressOptions, compress_checkpoint
+from compressor.workflows.compress import compress_checkpoint
 from compressor.workflows.estimate import estimate_checkpoint
-from compressor.workflows.options import apply_ranks_file, aware_options, compress_options
+from compressor.workflows.options import apply_ranks_file, compress_options, method_options
 
 RECIPE_MODELS = {
     "bert": "bert", "gpt2": "gpt2", "llama": "llama", "vit": "vit", "t5": "t5", "generic": "mlp",
@@ -77,7 +78,9 @@ def test_the_streamed_export_matches_the_in_memory_compression(tmp_path):
     _, folder = save_tiny("gpt2", tmp_path / "g")
     exports = {
         stream: compress_checkpoint(
-            folder, tmp_path / f"stream-{stream}", CompressOptions(stream=stream, solver="exact")
+            folder,
+            tmp_path / f"stream-{stream}",
+            CompressOptions(run=RunOptions(stream=stream, solver="exact")),
         )
         for stream in (False, True)
     }
@@ -100,7 +103,7 @@ def test_the_streamed_export_matches_the_in_memory_compression(tmp_path):
 
 def test_whiten_without_data_is_refused_before_any_work(tmp_path):
     with pytest.raises(DlncError, match="`method` whiten needs calibration data"):
-        aware_options(load_recipe("bert"), "whiten")
+        method_options(load_recipe("bert"), "whiten")
 
 
 def test_a_typo_in_include_names_where_it_came_from(tmp_path):
@@ -117,8 +120,6 @@ def test_a_typo_in_include_names_where_it_came_from(tmp_path):
 
 
 def test_max_shard_size_is_checked_by_the_options():
-    from compressor.workflows.compress import CompressOptions
-
     with pytest.raises(DlncError, match="max_shard_size"):
-        CompressOptions(max_shard_size="banana")
-    CompressOptions(max_shard_size="500MB")
+        ExportOptions(max_shard_size="banana")
+    ExportOptions(max_shard_size="500MB")

@@ -32,9 +32,9 @@ class RankPolicy:
     dense_at_breakeven: bool = True  # keep a layer dense when its rank reaches break-even
 
     def __post_init__(self) -> None:
-        chosen = [n for n in ("rank", "energy", "keep") if getattr(self, n) is not None]
+        chosen = [n for n in ("keep", "energy", "rank") if getattr(self, n) is not None]
         if len(chosen) != 1:
-            raise DlncError(f"give exactly one of rank, energy, keep (got {chosen or 'none'})")
+            raise DlncError(f"give exactly one of keep, energy, rank (got {chosen or 'none'})")
         if self.rank is not None and self.rank < 1:
             raise DlncError(f"`rank` must be >= 1, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 
 from torch import nn
@@ -50,12 +50,14 @@ def find_targets(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     exclude_defaults: bool = True,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> dict[str, nn.Module]:
     """The dense layers to compress, by full module name, in model order.
 
     `include=None` takes every dense layer; `exclude` drops names; the model's output
     embedding (the LM head, possibly tied to the input embedding) and `DEFAULT_EXCLUDE`
-    are dropped too unless `exclude_defaults=False`.
+    are dropped too unless `exclude_defaults=False`; `filter_fn(module, fqn)` (torchao's
+    filter, e.g. `compressor.options.TargetOptions.filter_fn`) chooses among the rest.
     """
     exclude = list(exclude or ())
     if exclude_defaults:
@@ -68,6 +70,8 @@ def find_targets(
         if include is not None and not _any(name, include):
             continue
         if _any(name, exclude) or (exclude_defaults and module is head):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
             continue
         found[name] = module
     return found

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import (
@@ -46,8 +46,14 @@ from pydantic import (
     model_validator,
 )
 
+from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
+from compressor.options import TargetOptions, check_pattern
+from compressor.training.config import FinetuneConfig
+from compressor.training.data import DataOptions
 from compressor.training.objectives import objective_names
+
+T = TypeVar("T")
 
 __all__ = [
     "GENERIC",
@@ -91,26 +97,6 @@ def _at_least(low: int) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _positive() -> AfterValidator:
-    def check(value: float, info: ValidationInfo) -> float:
-        if not value > 0:
-            raise ValueError(f"`{info.field_name}` must be > 0, got {value}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _in(low: float, high: float, close: str) -> AfterValidator:
-    """An interval open at `low`, closed at `high` when `close` is "]"."""
-
-    def check(value: float, info: ValidationInfo) -> float:
-        if not (low < value < high or (close == "]" and value == high)):
-            raise ValueError(f"`{info.field_name}` must be in ({low}, {high}{close}, got {value}")
-        return value
-
-    return AfterValidator(check)
-
-
 def _rank_method(name: str) -> str:
     """`auto` or a registered rank method (`compressor.methods`)."""
     from compressor import methods
@@ -130,15 +116,17 @@ def _registered(name: str, choices: tuple[str, ...]) -> str:
     return name
 
 
-def _check_pattern(pattern: str) -> str:
-    if not pattern:
-        raise ValueError("empty pattern")
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as e:
-            raise ValueError(f"bad regex {pattern!r} ({e})") from None
-    return pattern
+def _pattern(pattern: str) -> str:
+    return _checked(check_pattern, pattern)
+
+
+def _checked(build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`build(...)`, the option group that checks these values, its error a pydantic one: the
+    ranges live in the groups (`compressor.options`), never here too."""
+    try:
+        return build(*args, **kwargs)
+    except DlncError as e:
+        raise ValueError(str(e)) from None
 
 
 class Targets(_Section):
@@ -153,18 +141,24 @@ class Targets(_Section):
     @field_validator("include", "exclude", "square_only")
     @classmethod
     def _patterns(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else [_check_pattern(p) for p in value]
+        return None if value is None else [_pattern(p) for p in value]
+
+    def options(self, origins: Mapping[str, str] | None = None) -> TargetOptions:
+        """The `TargetOptions` of this section; `origins` says where the patterns came from."""
+        include = list(self.include) if self.include is not None else None
+        return TargetOptions(include, list(self.exclude), list(self.square_only),
+                             dict(origins or {}))  # fmt: skip
 
 
 class Ranks(_Section):
-    """How ranks are chosen: exactly one of `keep`, `energy`, `rank`."""
+    """How ranks are chosen: exactly one of `keep`, `energy`, `rank` (`RankPolicy` checks)."""
 
     # the spectral initialization; auto: whiten with --data, dynamics with --reference, else svd
     method: Annotated[str, AfterValidator(_rank_method)] = "auto"
-    keep: Annotated[float, _in(0, 1, ")")] | None = None  # fraction of targeted weights kept
-    energy: Annotated[float, _in(0, 1, "]")] | None = None  # per-layer spectral energy kept
-    rank: Annotated[int, _at_least(1)] | None = None  # one rank for every layer
-    multiple: Annotated[int, _at_least(1)] = 1  # round every rank to a multiple of this
+    keep: float | None = None  # fraction of targeted weights kept, in (0, 1)
+    energy: float | None = None  # per-layer spectral energy kept, in (0, 1]
+    rank: int | None = None  # one rank for every layer
+    multiple: int = 1  # round every rank to a multiple of this
     # fixed ranks by pattern (name, dotted suffix or re:), e.g. {down_proj: 256}
     overrides: dict[str, Annotated[int, _at_least(1)]] = Field(default_factory=dict)
     dense_at_breakeven: bool = True  # keep a layer dense when its rank reaches break-even
@@ -173,32 +167,52 @@ class Ranks(_Section):
     @classmethod
     def _override_patterns(cls, value: dict[str, int]) -> dict[str, int]:
         for pattern in value:
-            _check_pattern(pattern)
+            _pattern(pattern)
         return value
 
     @model_validator(mode="after")
-    def _one_budget(self) -> Ranks:
-        chosen = [k for k in BUDGET_KEYS if getattr(self, k) is not None]
-        if len(chosen) != 1:
-            raise ValueError(f"give exactly one of keep, energy, rank (got {chosen or 'none'})")
+    def _valid(self) -> Ranks:
+        _checked(self.policy)
         return self
+
+    def policy(self) -> RankPolicy:
+        """The `RankPolicy` of this section (override keys are still patterns)."""
+        return RankPolicy(rank=self.rank, energy=self.energy, keep=self.keep,
+                          multiple=self.multiple, overrides=dict(self.overrides),
+                          dense_at_breakeven=self.dense_at_breakeven)  # fmt: skip
 
 
 class Chain(_Section):
     """The factorized chain while it is fine-tuned (export always collapses to 2 factors)."""
 
-    depth: Annotated[int, _at_least(2)] = 2  # number of factors: U, depth-2 square C_i, V
-    outer_lr_scale: Annotated[float, _positive()] = 1.0  # discrepant lr: outer factors x this
+    depth: int = 2  # number of factors: U, depth-2 square C_i, V (>= 2)
+    outer_lr_scale: float = 1.0  # discrepant lr: outer factors x this (> 0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> Chain:
+        _checked(FinetuneConfig, depth=self.depth, outer_lr_scale=self.outer_lr_scale)
+        return self
 
 
 class Finetune(_Section):
     """Fine-tuning defaults, used when fine-tuning runs (`--finetune-steps`, `dlnc finetune`)."""
 
     objective: Annotated[str, AfterValidator(_objective)] = "distill"  # a registered objective
-    lr: Annotated[float, _positive()] = 1e-4  # learning rate of the inner factors
-    steps: Annotated[int, _at_least(1)] = 200  # optimizer steps when fine-tuning runs
-    batch_size: Annotated[int, _at_least(1)] = 8  # samples per step
-    max_length: Annotated[int, _at_least(1)] | None = 128  # tokens per sample (None: images)
+    lr: float = 1e-4  # learning rate of the inner factors (> 0)
+    steps: int = 200  # optimizer steps when fine-tuning runs (>= 1)
+    batch_size: int = 8  # samples per step (>= 1)
+    max_length: int | None = 128  # tokens per sample (>= 1; None: images)
+
+    @model_validator(mode="after")
+    def _valid(self) -> Finetune:
+        _checked(FinetuneConfig, steps=self.steps, lr=self.lr, objective=self.objective)
+        _checked(self.data_options, Path("."))
+        return self
+
+    def data_options(self, path: str | Path, **extra: Any) -> DataOptions:
+        """`DataOptions` for fine-tuning data: this batch size and max length."""
+        lengths = {} if self.max_length is None else {"max_length": self.max_length}
+        return DataOptions(Path(path), batch_size=self.batch_size, **{**lengths, **extra})
 
 
 class Recipe(_Section):
@@ -211,6 +225,15 @@ class Recipe(_Section):
     ranks: Ranks = Field(default_factory=lambda: Ranks(keep=0.5))
     chain: Chain = Field(default_factory=Chain)
     finetune: Finetune = Field(default_factory=Finetune)
+
+    def finetune_config(self, **extra: Any) -> FinetuneConfig:
+        """The `FinetuneConfig` of the `finetune` section plus the chain's depth and discrepant
+        learning rate; `extra` sets other fields (seed, save_every) and wins over the recipe."""
+        f = self.finetune
+        chain = self.chain
+        values = {"steps": f.steps, "lr": f.lr, "objective": f.objective,
+                  "outer_lr_scale": chain.outer_lr_scale, "depth": chain.depth}  # fmt: skip
+        return FinetuneConfig(**{**values, **extra})
 
 
 # ---- reading and writing ------------------------------------------------------------------
@@ -253,11 +276,14 @@ def _explain(error: ValidationError, flags: Mapping[str, str] | None = None) -> 
     """The first problem as `key.path: message`, naming the flag when one supplied the value."""
     first = error.errors()[0]
     loc = [str(p) for p in first["loc"]]
-    key = ".".join(loc)
     if first["type"] == "extra_forbidden":
         message = f"unknown key (allowed: {', '.join(_allowed_keys(loc[:-1]))})"
     else:
         message = first["msg"].removeprefix("Value error, ")
+        named = re.match(r"`(\w+)`", message)  # a section's group names the key at fault
+        if named and named.group(1) in _allowed_keys(loc) and named.group(1) not in loc:
+            loc.append(named.group(1))
+    key = ".".join(loc)
     more = error.error_count() - 1
     suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
     for path, flag in (flags or {}).items():

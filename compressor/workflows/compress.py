@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compressor import methods
 from compressor.core.compress import compress_
-from compressor.core.gram import RANDOMIZED_MIN_SIZE
-from compressor.core.layers import check_depth, dense_weight_of
+from compressor.core.layers import dense_weight_of
 from compressor.core.progress import ProgressFn
-from compressor.core.ranks import RankPolicy
 from compressor.core.solver import Solver
 from compressor.core.surgery import count_params
 from compressor.errors import DlncError
-from compressor.io.checkpoint import load_checkpoint, weight_files
-from compressor.io.export import (
-    check_output_dir,
-    check_shard_size,
-    default_output_dir,
-    disk_size,
-    export,
-)
+from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint, weight_files
+from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
 from compressor.io.files import scratch_beside
+from compressor.options import CompressOptions, LoadOptions, MethodOptions
 from compressor.pipelines.reductions import keep_reductions
-from compressor.workflows.finetune import RecoveryOptions, finetune_compressed, teacher_copy
-from compressor.workflows.plan import AwareOptions, PlanInfo, make_plans
+from compressor.workflows.finetune import finetune_compressed, teacher_copy
+from compressor.workflows.plan import PlanInfo, make_plans
 from compressor.workflows.quality import generated_data, record_perplexity
 from compressor.workflows.report import (
     CompressResult,
@@ -48,6 +40,7 @@ __all__ = [
     "check_patterns",
     "compress_checkpoint",
     "expand_overrides",
+    "load",
     "select_targets",
     "streams_by_itself",
 ]
@@ -55,56 +48,6 @@ __all__ = [
 IN_MEMORY_PEAK = 2.5
 """The in-memory path's peak RSS over the checkpoint's bytes (2.34-2.40x measured on
 BERT-base, docs/benchmarks.md): a data-free run whose peak would not fit streams by itself."""
-
-
-@dataclass
-class CompressOptions:
-    """Everything `compress_checkpoint` needs besides the input path."""
-
-    policy: RankPolicy = field(default_factory=lambda: RankPolicy(keep=0.5))
-    depth: int = 2  # chain depth while in memory (export always collapses to 2 factors)
-    include: list[str] | None = None  # names or `re:` regexes to compress (None: every dense)
-    exclude: list[str] = field(default_factory=list)  # names or `re:` regexes to leave alone
-    square_only: list[str] = field(default_factory=list)  # targeted only where in == out
-    config: Path | None = None  # config.json for a bare weights file
-    allow_pickle: bool = False  # accept .bin/.pt (pickle) weights
-    trust_remote_code: bool = False  # allow a checkpoint's own Python code
-    tensor_mode: bool = False  # ignore config.json: compress the state dict's 2-D weights
-    merge: bool = False  # export dense weights instead of factors
-    overwrite: bool = False  # replace an existing output folder
-    max_shard_size: str = "2GB"  # shard the exported weights above this size
-    origins: dict[str, str] = field(default_factory=dict)  # include/exclude/overrides: from where
-    recipe: dict | None = None  # the recipe these options came from, recorded in report.json
-    aware: AwareOptions | None = None  # data-aware rank method and its data (None: plain SVD)
-    finetune: RecoveryOptions | None = None  # fine-tune before export (--finetune-steps)
-    stream: bool | None = None  # one tensor at a time (memory ~ one layer); None: if too big
-    solver: str = "auto"  # how weights are decomposed: auto, exact or randomized
-    device: str | None = None  # where the linear algebra runs (None: GPU if there is one)
-    large_from: int = RANDOMIZED_MIN_SIZE  # `auto`: layers this wide take the float32 route
-
-    def __post_init__(self) -> None:
-        check_depth(self.depth)
-        check_shard_size(self.max_shard_size)
-        self.solver_for()  # checks `solver` and `large_from`
-        if self.stream and not (self.data_free or self.streamed_whiten):
-            raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
-
-    @property
-    def data_free(self) -> bool:
-        """A method that needs no data (svd, or any registered data-free one), without
-        fine-tuning: can be streamed (`stream=True`)."""
-        method = (self.aware or AwareOptions()).resolved
-        return not methods.get(method).needs and self.finetune is None
-
-    def solver_for(self, device: str | None = None) -> Solver:
-        """The solver these options ask for (`device`: instead of theirs, when given)."""
-        return Solver(self.solver, device or self.device, self.large_from)
-
-    @property
-    def streamed_whiten(self) -> bool:
-        """Whitened SVD without fine-tuning: streamed (block by block) with `stream=True`."""
-        whiten = self.aware is not None and self.aware.resolved == "whiten"
-        return whiten and self.finetune is None
 
 
 def compress_checkpoint(
@@ -116,12 +59,12 @@ def compress_checkpoint(
     """Compress the checkpoint at `path` and export it (default: `<input>-dlnc/` beside it)."""
     options = options or CompressOptions()
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
-    check_output_dir(out, options.overwrite, Path(path))
-    if options.stream and not (options.data_free or options.streamed_whiten):
+    check_output_dir(out, options.export.overwrite, Path(path))
+    if options.run.stream and not (options.data_free or options.streamed_whiten):
         raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
     by_itself = streams_by_itself(path, options)
     notices = []
-    if options.stream or by_itself:
+    if options.run.stream or by_itself:
         from compressor.workflows.stream import NotStreamable, stream_compress
 
         need = ""  # what the in-memory path would take, said when streaming by itself
@@ -130,27 +73,25 @@ def compress_checkpoint(
         try:
             done = stream_compress(path, out, options, progress)
         except NotStreamable as e:
-            if options.stream:
+            if options.run.stream:
                 raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
             notices.append(f"not streamed ({e}): loaded in memory ({need})")
         else:
             if by_itself:
                 done.notices.insert(0, f"streamed: in memory this would need {need}")
             return done
-    loaded = load_checkpoint(
-        path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
-    )
+    loaded = load(path, options.load)
     loaded.notices[:0] = notices
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
     policy = expand_overrides(options.policy, list(targets))
-    aware, generated = generated_data(loaded, options.aware or AwareOptions())
+    method, generated = generated_data(loaded, options.method or MethodOptions())
     if generated is not None:
-        options = replace(options, aware=aware)
+        options = replace(options, method=method)
         loaded.notices.append(_generated_notice(generated))
     teacher = teacher_copy(loaded.model) if options.finetune is not None else None
     with scratch_beside(out) as tmp:
-        solver = options.solver_for()
+        solver = options.run.solver_for()
         shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
         budget = disk_size(loaded.weight_files)  # the export takes at most the input's bytes
         _notice(loaded.notices, keep_reductions(solver, shapes, tmp, budget))
@@ -162,8 +103,8 @@ def compress_checkpoint(
     summary = build_report(loaded, report, total_before, options)
     if generated is not None:
         summary["generated_calibration"] = generated.to_dict()
-    if measured.data is not None and options.aware.correct:
-        done = _correct(loaded, targets, measured, options.aware, progress)
+    if measured.data is not None and options.method.correct:
+        done = _correct(loaded, targets, measured, options.method, progress)
         record_correction(summary, done, loaded.notices)
     record_perplexity(summary, loaded.notices, loaded.model, measured, "after", generated)
     if options.finetune is not None:
@@ -181,12 +122,19 @@ def compress_checkpoint(
         source=loaded.source,
         report=summary,
         method=report.method,
-        format="dense" if options.merge else "factors",
-        overwrite=options.overwrite,
-        max_shard_size=options.max_shard_size,
+        format=options.export.format,
+        overwrite=options.export.overwrite,
+        max_shard_size=options.export.max_shard_size,
     )
     summary["bytes_after"] = weights_size(written)  # export wrote it into report.json
     return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def load(path: str | os.PathLike, options: LoadOptions) -> LoadedCheckpoint:
+    """The checkpoint at `path`, read as `options` say."""
+    return load_checkpoint(
+        path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
+    )
 
 
 def _generated_notice(generated: Generated) -> str:
@@ -205,22 +153,24 @@ def _notice(notices: list[str], notice: str | None) -> None:
 
 def streams_by_itself(path: str | os.PathLike, options: CompressOptions) -> bool:
     """True when `stream` is unset, the run is data-free and the in-memory path's peak (about
-    `IN_MEMORY_PEAK` times the checkpoint) would not fit in the memory available now."""
-    if options.stream is not None or not options.data_free or not Path(path).exists():
+    `IN_MEMORY_PEAK` times the checkpoint) would not fit in the memory available now
+    (`options.run.memory`, measured when None)."""
+    if options.run.stream is not None or not options.data_free or not Path(path).exists():
         return False  # (a missing path gets load_checkpoint's error)
-    return IN_MEMORY_PEAK * _checkpoint_bytes(path, options) > available_memory()
+    memory = options.run.memory if options.run.memory is not None else available_memory()
+    return IN_MEMORY_PEAK * _checkpoint_bytes(path, options) > memory
 
 
 def _checkpoint_bytes(path: str | os.PathLike, options: CompressOptions) -> int:
-    _, files = weight_files(Path(path), options.allow_pickle)
+    _, files = weight_files(Path(path), options.load.allow_pickle)
     return sum(f.stat().st_size for f in files)
 
 
 def _method_inputs(loaded, targets, options: CompressOptions, solver: Solver, progress):
     """The weights' spectra, `compress_`'s spectra/factor_fn/method from the plan of the
-    chosen rank method (`options.aware`; plain SVD when there are none), and what was
+    chosen rank method (`options.method`; plain SVD when there are none), and what was
     measured on the way (the calibration data and sensitivities, for the correction)."""
-    aware = options.aware or AwareOptions()
+    aware = options.method or MethodOptions()
     plans, measured = make_plans(loaded, targets, aware, progress, solver=solver)
     plan = plans[aware.resolved]
     kwargs = {"spectra": plan.spectra, "factor_fn": plan.factor_fn, "method": plan.method,
@@ -228,7 +178,7 @@ def _method_inputs(loaded, targets, options: CompressOptions, solver: Solver, pr
     return plan.weight_spectra, kwargs, measured
 
 
-def _correct(loaded, targets, measured: PlanInfo, aware: AwareOptions, progress) -> Correction:
+def _correct(loaded, targets, measured: PlanInfo, aware: MethodOptions, progress) -> Correction:
     """Error-correcting calibration of the compressed model (methods/sequential.py), block by
     block on the calibration data."""
     from compressor.methods.blocks import find_blocks

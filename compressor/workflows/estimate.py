@@ -12,10 +12,10 @@ import torch
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
-from compressor.io.checkpoint import load_checkpoint
 from compressor.methods import LayerEstimate, estimate_layers
-from compressor.workflows.compress import CompressOptions, expand_overrides, select_targets
-from compressor.workflows.plan import AwareOptions, PlanInfo, make_plans
+from compressor.options import CompressOptions, MethodOptions
+from compressor.workflows.compress import expand_overrides, load, select_targets
+from compressor.workflows.plan import PlanInfo, make_plans
 
 __all__ = ["Estimate", "estimate_checkpoint"]
 
@@ -47,11 +47,9 @@ def estimate_checkpoint(
     method's ranks at energy `tau`."""
     if not 0.0 < tau <= 1.0:
         raise DlncError(f"`tau` must be in (0, 1], got {tau}")
-    loaded = load_checkpoint(
-        path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
-    )
+    loaded = load(path, options.load)
     targets = select_targets(loaded, options)
-    aware = options.aware or AwareOptions()
+    aware = options.method or MethodOptions()
     plans, info = make_plans(loaded, targets, aware, progress, everything=True)
     policy = expand_overrides(options.policy, list(targets))
     chosen = aware.resolved

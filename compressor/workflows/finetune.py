@@ -1,7 +1,7 @@
 """From folders on disk to a fine-tuned export: what `dlnc finetune` and
 `dlnc compress --finetune-steps` run around the training loop of `compressor.training.loop`.
 
-    options = RecoveryOptions(data=DataOptions("train.txt"), config=FinetuneConfig(steps=300))
+    options = FinetuneOptions(data=DataOptions("train.txt"), config=FinetuneConfig(steps=300))
     run = finetune_checkpoint("model-dlnc", "model-dlnc-ft", teacher="model", options=options)
 
 Data comes from `compressor.training.data`; the held-out part is `eval_data`, or the last
@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -24,11 +24,11 @@ from compressor.errors import DlncError
 from compressor.io.export import check_output_dir, export
 from compressor.io.load import load_pretrained
 from compressor.io.section import is_export
-from compressor.training.data import DataOptions, load_data
-from compressor.training.loop import FinetuneConfig, FinetuneResult, finetune
+from compressor.options import FinetuneOptions
+from compressor.training.data import load_data
+from compressor.training.loop import FinetuneResult, finetune
 
 __all__ = [
-    "RecoveryOptions",
     "RecoveryRun",
     "finetune_checkpoint",
     "finetune_compressed",
@@ -36,22 +36,6 @@ __all__ = [
     "recover",
     "teacher_copy",
 ]
-
-
-@dataclass
-class RecoveryOptions:
-    """The fine-tuning run besides the models: data, training config, resumable state."""
-
-    data: DataOptions  # training data (and the held-out part, unless eval_data is given)
-    config: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval_data: DataOptions | None = None  # held-out data (None: split eval_fraction off data)
-    eval_fraction: float = 0.1  # share of the samples held out when eval_data is None
-    state_dir: Path | None = None  # checkpoints of the training state (None: <out>.state)
-    resume: bool = False  # continue from the newest checkpoint in state_dir
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.eval_fraction < 1:
-            raise DlncError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}")
 
 
 @dataclass
@@ -80,7 +64,7 @@ def recover(
     student: nn.Module,
     teacher: nn.Module | None,
     model_folder: Path,
-    options: RecoveryOptions,
+    options: FinetuneOptions,
     state_dir: Path | None,
     progress: ProgressFn | None = None,
 ) -> FinetuneResult:
@@ -106,7 +90,7 @@ def finetune_checkpoint(
     out_dir: str | os.PathLike,
     *,
     teacher: str | os.PathLike | None = None,
-    options: RecoveryOptions,
+    options: FinetuneOptions,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> RecoveryRun:
@@ -138,7 +122,7 @@ def finetune_checkpoint(
 
 
 def finetune_compressed(
-    loaded, teacher: nn.Module, out_dir: Path, options: RecoveryOptions, progress=None
+    loaded, teacher: nn.Module, out_dir: Path, options: FinetuneOptions, progress=None
 ) -> FinetuneResult:
     """`compress_checkpoint`'s fine-tuning step: train `loaded.model` (just compressed, in
     memory) against `teacher`; `progress` hears the steps."""

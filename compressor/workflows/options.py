@@ -16,6 +16,15 @@ from typing import Any
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
 from compressor.io.rankfile import load_ranks, split_ranks
+from compressor.options import (
+    CompressOptions,
+    ExportOptions,
+    FinetuneOptions,
+    LoadOptions,
+    MethodOptions,
+    RunOptions,
+    TargetOptions,
+)
 from compressor.recipes.schema import (
     Ranks,
     Recipe,
@@ -26,20 +35,19 @@ from compressor.recipes.schema import (
 )
 from compressor.training.config import FinetuneConfig
 from compressor.training.data import DataOptions
-from compressor.workflows.compress import CompressOptions
-from compressor.workflows.finetune import RecoveryOptions
-from compressor.workflows.plan import AwareOptions
 
 __all__ = [
     "apply_ranks_file",
-    "aware_options",
     "compress_options",
     "data_options",
     "finetune_config",
+    "finetune_options",
+    "inspect_options",
+    "method_options",
     "rank_method",
     "rank_policy",
+    "recipe_finetune_options",
     "recipe_options",
-    "recovery_options",
 ]
 
 _ORIGIN_KEYS = (
@@ -52,27 +60,47 @@ _ORIGIN_KEYS = (
 def recipe_options(
     spec: str,
     model: str | Path,
-    given: Mapping[str, Any],
+    given: Mapping[str, Any] | None = None,
     flags: Mapping[str, str] | None = None,
     *,
-    config: str | Path | None = None,
-    tensor_mode: bool = False,
-    **runtime: Any,
+    load: LoadOptions | None = None,
+    method: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+    export: ExportOptions | None = None,
+    run: RunOptions | None = None,
+    ranks_file: str | Path | None = None,
+    finetune_data: str | Path | None = None,
 ) -> tuple[CompressOptions, Recipe]:
-    """The recipe `spec` (auto, a name or a path) for the checkpoint at `model`, with the
-    `given` values (recipe key -> value, None: not given) applied, as `CompressOptions`."""
-    recipe, source = choose_recipe(spec, model, config, tensor_mode)
+    """The one builder of `CompressOptions`: the recipe `spec` (auto, a name or a path) for
+    the checkpoint at `model`, with the `given` values (recipe key -> value, None: not given)
+    applied. `method` sets `MethodOptions` fields (the recipe's method unless it names one),
+    `data` the calibration `DataOptions` (none without a `path`), `ranks_file` per-layer
+    ranks (`apply_ranks_file`); a given `finetune.steps` fine-tunes on `finetune_data`."""
+    given = dict(given or {})
+    load = load or LoadOptions()
+    recipe, source = choose_recipe(spec, model, load.config, load.tensor_mode)
     recipe = apply_overrides(recipe, given, flags)
+    tune = given.get("finetune.steps") is not None
     options = compress_options(
         recipe,
         source,
         from_flags=[k for k, v in given.items() if v is not None],
         flags=flags,
-        config=config,
-        tensor_mode=tensor_mode,
-        **runtime,
+        load=load,
+        method=method_options(recipe, data=_data(data), **(method or {})),
+        export=export or ExportOptions(),
+        run=run or RunOptions(),
+        finetune=finetune_options(recipe, finetune_data) if tune else None,
     )
+    if ranks_file is not None:
+        options = apply_ranks_file(options, ranks_file)
     return options, recipe
+
+
+def _data(values: Mapping[str, Any] | None) -> DataOptions | None:
+    if not values or values.get("path") is None:
+        return None
+    return DataOptions(**values)
 
 
 def compress_options(
@@ -80,12 +108,12 @@ def compress_options(
     source: RecipeSource | None = None,
     from_flags: Collection[str] = (),
     flags: Mapping[str, str] | None = None,
-    **runtime: Any,
+    **groups: Any,
 ) -> CompressOptions:
     """`CompressOptions` from an (overridden) recipe. `from_flags` lists the recipe keys that
     were given rather than read from the recipe (errors then name the given value, through
-    `flags` or as a `parameter`); `runtime` passes what a recipe does not hold (config,
-    merge, overwrite, aware, finetune ...)."""
+    `flags` or as a `parameter`); `groups` passes the groups a recipe does not hold (load,
+    method, export, run, finetune)."""
     flags = flags or {}
     origins = {
         key: (
@@ -94,41 +122,30 @@ def compress_options(
         for key, path in _ORIGIN_KEYS
     }
     record = recipe_record(recipe, source) if source else {"name": recipe.name}
-    include = recipe.targets.include
     return CompressOptions(
         policy=rank_policy(recipe.ranks),
         depth=recipe.chain.depth,
-        include=list(include) if include is not None else None,
-        exclude=list(recipe.targets.exclude),
-        square_only=list(recipe.targets.square_only),
-        origins=origins,
+        targets=recipe.targets.options(origins),
         recipe=record,
-        **runtime,
+        **groups,
     )
 
 
 def rank_policy(ranks: Ranks) -> RankPolicy:
     """The `RankPolicy` of a recipe's `ranks` section (override keys are still patterns)."""
-    return RankPolicy(
-        rank=ranks.rank,
-        energy=ranks.energy,
-        keep=ranks.keep,
-        multiple=ranks.multiple,
-        overrides=dict(ranks.overrides),
-        dense_at_breakeven=ranks.dense_at_breakeven,
-    )
+    return ranks.policy()
 
 
-def aware_options(
+def method_options(
     recipe: Recipe | None = None,
     method: str | None = None,
     data: DataOptions | None = None,
     **given: Any,
-) -> AwareOptions:
-    """`AwareOptions`: `method` if given, else the recipe's (`auto` leaves it to what is given:
+) -> MethodOptions:
+    """`MethodOptions`: `method` if given, else the recipe's (`auto` leaves it to what is given:
     dynamics with a reference or warm-up, whiten with data, else svd). `given` sets the other
     fields (reference, warmup_steps, warmup_lr, damping, output_aware, correct)."""
-    return AwareOptions(method=rank_method(recipe, method), data=data, **given)
+    return MethodOptions(method=rank_method(recipe, method), data=data, **given)
 
 
 def rank_method(recipe: Recipe | None, method: str | None = None) -> str:
@@ -141,54 +158,80 @@ def rank_method(recipe: Recipe | None, method: str | None = None) -> str:
 def apply_ranks_file(options: CompressOptions, path: str | Path) -> CompressOptions:
     """`ranks` file: its ranks override the policy's, its `dense` layers are left alone."""
     overrides, dense = split_ranks(load_ranks(path))
-    options.policy = replace(options.policy, overrides={**options.policy.overrides, **overrides})
-    options.exclude = [*options.exclude, *dense]
-    options.origins = {**options.origins, "overrides": f"`ranks` {path}"}
+    policy = replace(options.policy, overrides={**options.policy.overrides, **overrides})
+    origins = {**options.targets.origins, "overrides": f"`ranks` {path}"}
     if dense:
-        options.origins["exclude"] = f"`exclude` / `ranks` {path}"
-    return options
+        origins["exclude"] = f"`exclude` / `ranks` {path}"
+    targets = replace(options.targets, exclude=[*options.targets.exclude, *dense], origins=origins)
+    return replace(options, policy=policy, targets=targets)
 
 
 def finetune_config(recipe: Recipe, **extra: Any) -> FinetuneConfig:
     """The `FinetuneConfig` of a recipe: its `finetune` section plus the chain's depth and
     discrepant learning rate; `extra` sets other fields (seed, save_every) and wins over the
     recipe, as a given value does."""
-    f = recipe.finetune
-    values = {
-        "steps": f.steps,
-        "lr": f.lr,
-        "objective": f.objective,
-        "outer_lr_scale": recipe.chain.outer_lr_scale,
-        "depth": recipe.chain.depth,
-    }
-    return FinetuneConfig(**{**values, **extra})
+    return recipe.finetune_config(**extra)
 
 
 def data_options(recipe: Recipe, path: str | Path, **extra: Any) -> DataOptions:
     """The `DataOptions` for fine-tuning data: the recipe's batch size and max length."""
-    lengths = (
-        {} if recipe.finetune.max_length is None else {"max_length": recipe.finetune.max_length}
-    )
-    return DataOptions(Path(path), batch_size=recipe.finetune.batch_size, **{**lengths, **extra})
+    return recipe.finetune.data_options(path, **extra)
 
 
-def recovery_options(
+def finetune_options(
     recipe: Recipe,
     data: str | Path | None,
     config: Mapping[str, Any] | None = None,
     data_kw: Mapping[str, Any] | None = None,
     eval_data: str | Path | None = None,
     **given: Any,
-) -> RecoveryOptions:
+) -> FinetuneOptions:
     """Fine-tuning on `data` (and held-out `eval_data`) with the recipe's settings: `config`
     overrides FinetuneConfig fields, `data_kw` DataOptions fields, `given` the other
-    RecoveryOptions fields (eval_fraction, state_dir, resume)."""
+    FinetuneOptions fields (eval_fraction, state_dir, resume)."""
     if data is None:
         raise DlncError("`finetune_steps` needs `finetune_data` FILE")
-    data_kw = dict(data_kw or {})
-    return RecoveryOptions(
+    data_kw = {k: v for k, v in (data_kw or {}).items() if v is not None}
+    return FinetuneOptions(
         data=data_options(recipe, data, **data_kw),
         eval_data=data_options(recipe, eval_data, **data_kw) if eval_data is not None else None,
         config=finetune_config(recipe, **(config or {})),
         **given,
     )
+
+
+def recipe_finetune_options(
+    spec: str,
+    model: str | Path,
+    given: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
+    **kwargs: Any,
+) -> tuple[FinetuneOptions, Recipe]:
+    """`dlnc finetune`'s builder: the recipe `spec` for the model at `model` with the `given`
+    recipe values applied, then `finetune_options(recipe, **kwargs)`."""
+    recipe, _ = choose_recipe(spec, model)
+    recipe = apply_overrides(recipe, given or {}, flags)
+    return finetune_options(recipe, **kwargs), recipe
+
+
+def inspect_options(
+    spec: str,
+    model: str | Path,
+    given: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
+    load: LoadOptions | None = None,
+) -> CompressOptions:
+    """`inspect`'s options: a checkpoint's layers as `compress` targets them (the recipe
+    `spec` with the `given` values); a dlnc export's factorized layers by the given
+    include/exclude only (its recipe chose them when it was compressed)."""
+    from compressor.io.section import is_export
+
+    if Path(model).is_dir() and is_export(Path(model)):
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        targets = TargetOptions(
+            given.get("targets.include"),
+            list(given.get("targets.exclude", [])),
+            origins={k.split(".")[1]: (flags or {}).get(k, f"`{k}`") for k in given},
+        )
+        return CompressOptions(load=load or LoadOptions(), targets=targets)
+    return recipe_options(spec, model, given, flags, load=load)[0]

@@ -10,66 +10,22 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import nn
 
 from compressor import methods
 from compressor.core.progress import ProgressFn
 from compressor.core.solver import Solver
-from compressor.core.whitening import DEFAULT_DAMPING
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint
+from compressor.options import MethodOptions
 from compressor.training.data import Batches, DataOptions, load_data
 
-__all__ = ["HELD_OUT", "AwareOptions", "PlanInfo", "calibration_batches", "make_plans"]
+__all__ = ["HELD_OUT", "PlanInfo", "calibration_batches", "make_plans"]
 
 HELD_OUT = 0.125
 """The share of a causal LM's calibration samples held out (none below 4 samples) to measure
 its perplexity before and after compression, so that a broken model never passes silently."""
-
-
-@dataclass(frozen=True)
-class AwareOptions:
-    """The rank method and what feeds it (data, a reference checkpoint, a warm-up run)."""
-
-    method: str = "auto"  # a registered method (methods.names()), or auto: by what is given
-    data: DataOptions | None = None  # calibration / warm-up data
-    reference: Path | None = None  # the checkpoint this one was trained or fine-tuned from
-    warmup_steps: int = 0  # dynamics: steps of a warm-up run on the data (0: none)
-    warmup_lr: float = 1e-4  # learning rate of the warm-up run (AdamW)
-    damping: float = DEFAULT_DAMPING  # whiten: relative damping of the Gram matrices
-    output_aware: bool = True  # with data: ranks follow each layer's effect on the output
-    correct: bool = True  # with data: refit the factors on the compressed model's own inputs
-    generate: bool = False  # without data: a causal LM calibrates on text it generates
-
-    def __post_init__(self) -> None:
-        if self.method != "auto":
-            methods.get(self.method)  # an unknown name is an error listing the known ones
-        if self.warmup_steps < 0:
-            raise DlncError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
-        if self.warmup_steps and self.data is None:
-            raise DlncError("`warmup_steps` trains on data: give `data`")
-        if not self.warmup_lr > 0:
-            raise DlncError(f"`warmup_lr` must be > 0, got {self.warmup_lr}")
-        if self.damping < 0:
-            raise DlncError(f"`damping` must be >= 0, got {self.damping}")
-        methods.check_inputs(self.resolved, self.available)
-
-    @property
-    def available(self) -> frozenset[str]:
-        """The method inputs these options can provide."""
-        found = {"grams"} if self.data is not None else set()
-        if self.reference is not None or self.warmup_steps:
-            found.add("updates")
-        return frozenset(found)
-
-    @property
-    def resolved(self) -> str:
-        """The method that runs: the named one, or the "auto" rule's choice."""
-        if self.method == "auto":
-            return methods.auto_method(self.available)
-        return methods.get(self.method).name
 
 
 @dataclass
@@ -89,7 +45,7 @@ class PlanInfo:
 def make_plans(
     loaded: LoadedCheckpoint,
     targets: Mapping[str, nn.Module],
-    options: AwareOptions,
+    options: MethodOptions,
     progress: ProgressFn | None = None,
     everything: bool = False,
     solver: Solver | None = None,
@@ -145,7 +101,7 @@ def calibration_batches(loaded: LoadedCheckpoint, data: DataOptions) -> Batches:
     return load_data(data, loaded.source, eval_fraction=HELD_OUT if causal else 0.0)
 
 
-def _statistics(model, targets, data: Batches | None, options: AwareOptions, info, progress):
+def _statistics(model, targets, data: Batches | None, options: MethodOptions, info, progress):
     """The calibration Grams (None without data) and, when the ranks are output-aware, each
     layer's output sensitivity, counted on the same forward passes as the Grams."""
     from compressor.methods.calibration import GramCollector, collect_grams
@@ -169,7 +125,7 @@ def _statistics(model, targets, data: Batches | None, options: AwareOptions, inf
     return stats, sensitivity
 
 
-def _updates(loaded, targets, options: AwareOptions, data: Batches | None, info, progress):
+def _updates(loaded, targets, options: MethodOptions, data: Batches | None, info, progress):
     from compressor.methods.dynamics import reference_updates, warmup_updates
 
     if options.reference is not None:

@@ -14,9 +14,10 @@ from torch import nn
 
 from compressor.core.compress import check_finite
 from compressor.io.checkpoint import LoadedCheckpoint
+from compressor.options import MethodOptions
 from compressor.training.data import DataOptions
 from compressor.training.generated import GENERATED, Generated, can_generate
-from compressor.workflows.plan import AwareOptions, PlanInfo
+from compressor.workflows.plan import PlanInfo
 
 __all__ = ["WORSE", "generated_data", "record_perplexity"]
 
@@ -27,8 +28,8 @@ _BATCH = 8  # generated sequences per calibration batch
 
 
 def generated_data(
-    loaded: LoadedCheckpoint, aware: AwareOptions
-) -> tuple[AwareOptions, Generated | None]:
+    loaded: LoadedCheckpoint, aware: MethodOptions
+) -> tuple[MethodOptions, Generated | None]:
     """`aware` with the model's generated text as its calibration data, when it has none,
     asks for it (`generate`), feeds a method that reads data (auto or whiten) and the model
     can generate; else `aware` unchanged and None."""

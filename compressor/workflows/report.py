@@ -73,10 +73,10 @@ def build_report(
         "tensor_mode": loaded.tensor_mode,
         "policy": _policy_dict(options.policy),
         "recipe": options.recipe,
-        "merged": options.merge,
+        "merged": options.export.merge,
         **report.to_dict(),
         "model_params_before": total_before,
-        "model_params_after": total_before if options.merge else total_before - saved,
+        "model_params_after": total_before if options.export.merge else total_before - saved,
         "bytes_before": disk_size(loaded.weight_files),
         "bytes_after": None,
         "notes": {

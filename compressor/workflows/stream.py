@@ -35,6 +35,7 @@ from compressor.core.surgery import count_params
 from compressor.io.export import dlnc_section, write_folder
 from compressor.io.files import scratch_beside
 from compressor.io.streaming import return_freed_memory
+from compressor.options import CompressOptions
 from compressor.pipelines import parallel
 from compressor.pipelines.reductions import keep_reductions
 from compressor.pipelines.sensitivity import sensitivity_pass
@@ -58,13 +59,13 @@ __all__ = ["NotStreamable", "stream_compress"]
 
 
 def stream_compress(
-    path: str | os.PathLike, out: Path, options, progress: ProgressFn | None
+    path: str | os.PathLike, out: Path, options: CompressOptions, progress: ProgressFn | None
 ) -> CompressResult:
     """`compress_checkpoint` streamed (see the module docstring).
 
     Raises `NotStreamable` before writing anything when the checkpoint needs the in-memory
     path (pickle weights, keys the model does not name, an architecture without a class)."""
-    ckpt = open_streamed(path, options)
+    ckpt = open_streamed(path, options.load)
     return_freed_memory()  # memory bounded by one layer, not by what malloc keeps
     loaded = ckpt.loaded
     total_before = count_params(loaded.model)
@@ -80,7 +81,7 @@ def stream_compress(
             loaded.notices.append(notice)
         gains = sensitivity = None
         if options.data_free:
-            method = options.aware.resolved if options.aware else "svd"
+            method = options.resolved
             spectra, weight_spectra, factor = _datafree(
                 ckpt, targets, layers, method, solver, state, progress
             )
@@ -88,17 +89,17 @@ def stream_compress(
             method, weight_spectra = "whiten", _weight_spectra(ckpt, layers, solver)
             sensitivity = _sensitivity(ckpt, layers, options, tmp, progress)
             spectra, factor, gains = whiten_pass(
-                ckpt, layers, _data(options, loaded), options.aware.damping, solver, tmp,
-                _spill_over(), progress, sensitivity,
+                ckpt, layers, _data(options, loaded), options.method.damping, solver, tmp,
+                _spill_over(options), progress, sensitivity,
             )  # fmt: skip
         policy = expand_overrides(options.policy, list(layers))
         for name, decision in allocate_ranks(spectra, shapes, policy, gains).items():
             layers[name].decision = decision
         correction = None
-        if method == "whiten" and options.aware.correct:
+        if method == "whiten" and options.method.correct:
             factor, correction = correct_pass(
-                ckpt, layers, factor, _data(options, loaded), options.aware.damping,
-                options.depth, tmp, _spill_over(), progress, sensitivity,
+                ckpt, layers, factor, _data(options, loaded), options.method.damping,
+                options.depth, tmp, _spill_over(options), progress, sensitivity,
             )  # fmt: skip
         factorize_skeleton(loaded.model, layers)
         if state is not None:  # each process factorizes its share; the main one writes
@@ -106,8 +107,8 @@ def stream_compress(
             if not state.is_main_process:
                 state.wait_for_everyone()
                 return CompressResult(Path(out).resolve(), {}, loaded.notices, weight_spectra)
-        fmt = "dense" if options.merge else "factors"
-        writer = ShardWriter(ckpt, layers, factor, fmt, options.max_shard_size, progress)
+        fmt = options.export.format
+        writer = ShardWriter(ckpt, layers, factor, fmt, options.export.max_shard_size, progress)
         section = dlnc_section(loaded.model, method, fmt, loaded.tensor_mode)
         summary: dict = {}
 
@@ -121,7 +122,7 @@ def stream_compress(
         try:
             done = write_folder(
                 out, writer.write, config=loaded.config, section=section, source=loaded.source,
-                report=report, overwrite=options.overwrite,
+                report=report, overwrite=options.export.overwrite,
             )  # fmt: skip
         finally:
             if state is not None:
@@ -133,9 +134,9 @@ def stream_compress(
 
 def _solver(options, state) -> Solver:
     """The options' solver; with several processes on GPUs, each on its own GPU."""
-    if state is not None and options.device is None and state.device.type == "cuda":
-        return options.solver_for(str(state.device))
-    return options.solver_for()
+    if state is not None and options.run.device is None and state.device.type == "cuda":
+        return options.run.solver_for(str(state.device))
+    return options.run.solver_for()
 
 
 def _readers(ckpt: StreamedCheckpoint, layers: dict[str, LayerSpec]) -> dict:
@@ -173,21 +174,23 @@ def _weight_spectra(ckpt, layers, solver: Solver):
 def _sensitivity(ckpt, layers, options, tmp: Path, progress):
     """With `output_aware`: each target's output sensitivity, block by block
     (`pipelines.sensitivity`), for the output-aware gains, factors and correction."""
-    if not options.aware.output_aware:
+    if not options.method.output_aware:
         return None
     data = _data(options, ckpt.loaded)
-    return sensitivity_pass(ckpt, layers, data, tmp, _spill_over(), progress)
+    return sensitivity_pass(ckpt, layers, data, tmp, _spill_over(options), progress)
 
 
 def _data(options, loaded):
     """The calibration batches (read once per pass: each pass streams them block by block)."""
     from compressor.workflows.plan import calibration_batches
 
-    return calibration_batches(loaded, options.aware.data).train
+    return calibration_batches(loaded, options.method.data).train
 
 
-def _spill_over() -> int:
+def _spill_over(options: CompressOptions) -> int:
     """Bytes of one block's calibration activations kept in memory before they go to disk
-    (beside the output): an eighth of the memory available now (up to three sets are alive
-    at once with error correction, one block's weights and statistics beside them)."""
-    return available_memory() // 8
+    (beside the output): an eighth of the memory available (`options.run.memory`, measured
+    now when None; up to three sets are alive at once with error correction, one block's
+    weights and statistics beside them)."""
+    memory = options.run.memory
+    return (memory if memory is not None else available_memory()) // 8
