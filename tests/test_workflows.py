@@ -21,6 +21,7 @@ from compressor.workflows.options import apply_ranks_file, aware_options, compre
 
 RECIPE_MODELS = {
     "bert": "bert", "gpt2": "gpt2", "llama": "llama", "vit": "vit", "t5": "t5", "generic": "mlp",
+    "phi3": "phi3", "gemma3": "gemma3", "moe": "mixtral",
 }  # fmt: skip
 """Each shipped recipe -> the tiny family (`tiny_models.TINY_MODELS`) it is checked on; the
 generic recipe on a bare MLP in tensor mode."""
