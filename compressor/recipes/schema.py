@@ -21,18 +21,18 @@ Details:
 Heads (the LM head, classifiers, poolers) are always left alone (`targets.DEFAULT_EXCLUDE`);
 recipes need not list them. docs/recipes.md says the same for users.
 
-`--recipe auto` picks by the checkpoint's `model_type` (`select_recipe`); an unknown family
-gets the `generic` recipe with a warning, and tensor mode (no config) gets it silently.
+`--recipe auto` picks by the checkpoint's `model_type` (`select_recipe`); a family no recipe
+claims gets the recipe whose target names match its layers (`structure`), and only when none
+does the `generic` recipe with a warning; tensor mode (no config) gets generic silently.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from pydantic import (
@@ -47,7 +47,11 @@ from pydantic import (
 )
 
 from compressor.errors import DlncError
+from compressor.recipes.structure import best_fit, checkpoint_model_type, skeleton
 from compressor.training.objectives import objective_names
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "GENERIC",
@@ -60,6 +64,7 @@ __all__ = [
     "apply_overrides",
     "checkpoint_model_type",
     "choose_recipe",
+    "claimed",
     "find_recipe",
     "load_recipe",
     "parse_recipe",
@@ -323,35 +328,35 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return parse_recipe(text, where)
 
 
-def select_recipe(model_type: str | None) -> tuple[Recipe, str | None]:
-    """The shipped recipe serving `model_type`, and a warning when it falls back to generic.
+def select_recipe(
+    model_type: str | None, model: nn.Module | None = None
+) -> tuple[Recipe, str | None]:
+    """The shipped recipe for `model_type`, and a warning when it falls back to generic.
 
-    `model_type=None` (tensor mode: no architecture) takes the generic recipe without warning.
+    A recipe claiming `model_type` wins; else the one that fits `model`'s structure (its
+    module tree, see `structure`); else generic with a warning. `model_type=None` (tensor
+    mode: no architecture) takes the generic recipe without warning.
     """
-    for name in recipe_names():
-        recipe = load_recipe(name)
+    recipes = [load_recipe(name) for name in recipe_names()]
+    for recipe in recipes:
         if model_type is not None and model_type in recipe.model_types:
             return recipe, None
-    generic = load_recipe(GENERIC)
     if model_type is None:
-        return generic, None
-    return generic, (
-        f"no recipe for model_type {model_type!r}: using the generic recipe "
-        "(every Linear but embeddings and heads); pass `recipe` to choose another"
+        return load_recipe(GENERIC), None
+    if model is not None:
+        fits = best_fit(model, ((r, r.targets.include, r.targets.exclude) for r in recipes))
+        if fits is not None:
+            return fits, None
+    return load_recipe(GENERIC), (
+        f"no recipe for model_type {model_type!r} and no recipe's layer names match its "
+        "structure: using the generic recipe (every Linear but embeddings and heads); pass "
+        "`recipe` to choose another"
     )
 
 
-def checkpoint_model_type(path: str | Path, config: str | Path | None = None) -> str | None:
-    """`model_type` from the checkpoint's config.json without loading the model (None if none)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    config_file = Path(config) if config else folder / "config.json"
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # load_checkpoint reports a missing or broken config properly
-    value = data.get("model_type") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
+def claimed(model_type: str | None) -> bool:
+    """True when a shipped recipe lists `model_type` in its `model_types`."""
+    return any(model_type in load_recipe(name).model_types for name in recipe_names())
 
 
 # ---- recipe + flags -> options --------------------------------------------------------------
@@ -391,21 +396,33 @@ class RecipeSource:
     """Where a recipe came from, for messages and report.json."""
 
     path: str  # the YAML file it was read from
-    picked_by: str  # "auto (model_type llama)", "auto (tensor mode)" or "--recipe"
+    # "auto (model_type llama)", "auto (model_type olmo2, by its layer names)",
+    # "auto (tensor mode)" or "--recipe"
+    picked_by: str
     warning: str | None = None  # set when `auto` fell back to the generic recipe
 
 
 def choose_recipe(
-    spec: str, model_path: str | Path, config: str | Path | None = None, tensor_mode: bool = False
+    spec: str,
+    model_path: str | Path,
+    config: str | Path | None = None,
+    tensor_mode: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[Recipe, RecipeSource]:
-    """The recipe for `--recipe SPEC`: `auto` picks by the checkpoint's model_type (generic
-    in tensor mode or for an unknown family); anything else is a shipped name or a path."""
+    """The recipe for `--recipe SPEC`: `auto` picks by the checkpoint's model_type, else by
+    its structure (`select_recipe`; the module tree is built on the meta device only then),
+    else generic (also in tensor mode); anything else is a shipped name or a path."""
     if spec != "auto":
         path = find_recipe(spec)
         return load_recipe(path), RecipeSource(str(path), "--recipe")
     model_type = None if tensor_mode else checkpoint_model_type(model_path, config)
-    recipe, warning = select_recipe(model_type)
+    model = None
+    if model_type is not None and not claimed(model_type):
+        model = skeleton(model_path, config, trust_remote_code)
+    recipe, warning = select_recipe(model_type, model)
     how = f"auto (model_type {model_type})" if model_type else "auto (tensor mode)"
+    if model_type and model_type not in recipe.model_types and warning is None:
+        how = f"auto (model_type {model_type}, by its layer names)"
     return recipe, RecipeSource(str(find_recipe(recipe.name)), how, warning)
 
 

@@ -61,7 +61,8 @@ def recipe_options(
 ) -> tuple[CompressOptions, Recipe]:
     """The recipe `spec` (auto, a name or a path) for the checkpoint at `model`, with the
     `given` values (recipe key -> value, None: not given) applied, as `CompressOptions`."""
-    recipe, source = choose_recipe(spec, model, config, tensor_mode)
+    trusted = runtime.get("trust_remote_code", False)  # to build an unclaimed family's tree
+    recipe, source = choose_recipe(spec, model, config, tensor_mode, trusted)
     recipe = apply_overrides(recipe, given, flags)
     options = compress_options(
         recipe,
