@@ -12,6 +12,7 @@ from rich.table import Table
 from cli import aware as opt
 from cli.common import (
     RECIPE_FLAGS,
+    as_flags,
     check_outputs,
     human_bytes,
     human_count,
@@ -197,7 +198,7 @@ def print_recipe(record: dict) -> None:
     console = Console(soft_wrap=True, highlight=False)  # a path stays whole, copyable
     console.print(f"recipe: {record['name']} ({record['picked_by']}: {record['path']})")
     if record["warning"]:
-        console.print(f"[yellow]warning:[/] {record['warning']}")
+        console.print(f"[yellow]warning:[/] {as_flags(record['warning'], 'compress')}")
 
 
 def layer_table(report: dict) -> Table:

@@ -356,6 +356,7 @@ def test_an_unknown_family_compresses_with_the_generic_recipe_and_says_so(tmp_pa
     result = dlnc("compress", tmp_path / "distil", "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     assert "warning: no recipe for model_type 'distilbert'" in result.output
+    assert "pass --recipe to choose another" in result.output  # the flag, not the parameter
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["recipe"]["name"] == GENERIC and "distilbert" in report["recipe"]["warning"]
     names = {r["name"] for r in report["layers"]}
