@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import (
+    as_flags,
     check_outputs,
     human_bytes,
     human_count,
@@ -127,7 +128,7 @@ def print_recipe(record: dict) -> None:
     console = Console(soft_wrap=True, highlight=False)  # a path stays whole, copyable
     console.print(f"recipe: {record['name']} ({record['picked_by']}: {record['path']})")
     if record["warning"]:
-        console.print(f"[yellow]warning:[/] {record['warning']}")
+        console.print(f"[yellow]warning:[/] {as_flags(record['warning'], 'compress')}")
 
 
 def layer_table(report: dict) -> Table:

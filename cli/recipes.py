@@ -23,7 +23,10 @@ def list_recipes() -> None:
 
     with user_errors():
         recipes = [load_recipe(name) for name in recipe_names()]
-    table = Table(title=f"dlnc recipes ({recipes_dir()})")
+    table = Table(
+        title=f"dlnc recipes ({recipes_dir()})",
+        caption="a model type none lists: the recipe whose layer names match, else generic",
+    )
     for col in ("name", "model types", "budget", "depth", "description"):
         table.add_column(col, overflow="fold")
     for r in recipes:

@@ -18,6 +18,7 @@ from cli.main import app
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.methods import names as method_names
+from compressor.recipes.choose import select_recipe
 from compressor.recipes.schema import (
     GENERIC,
     Recipe,
@@ -29,7 +30,6 @@ from compressor.recipes.schema import (
     recipe_names,
     recipe_to_yaml,
     recipes_dir,
-    select_recipe,
 )
 from compressor.training.objectives import objective_names
 from compressor.workflows.compress import select_targets
@@ -107,6 +107,8 @@ def test_rank_method_flag_wins_and_auto_leaves_the_choice_to_the_data_options(
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
          "intermediate_size": 64, "vocab_size": 64, "max_position_embeddings": 32}  # fmt: skip
+MOE = {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+       "moe_intermediate_size": 16}  # fmt: skip
 SEQ2SEQ = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4, "vocab_size": 64}
 TINY_CONFIGS = {
     "bert": SMALL, "roberta": SMALL, "xlm-roberta": SMALL, "camembert": SMALL,
@@ -116,6 +118,15 @@ TINY_CONFIGS = {
     "qwen2": {**SMALL, "num_key_value_heads": 2},
     "qwen3": {**SMALL, "num_key_value_heads": 2, "head_dim": 8},
     "gemma": {**SMALL, "num_key_value_heads": 2, "head_dim": 8},
+    "gemma2": {**SMALL, "num_key_value_heads": 2, "head_dim": 8},
+    "gemma3_text": {**SMALL, "num_key_value_heads": 2, "head_dim": 8},
+    "gemma3": {"text_config": {**SMALL, "num_key_value_heads": 2, "head_dim": 8},
+               "vision_config": {**SMALL, "image_size": 16, "patch_size": 4}},
+    "phi3": {**SMALL, "num_key_value_heads": 2, "pad_token_id": 0},
+    "qwen2_moe": {**SMALL, **MOE, "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {**SMALL, **MOE, "head_dim": 8},
+    "mixtral": {**SMALL, "num_key_value_heads": 2, "num_local_experts": 4,
+                "num_experts_per_tok": 2},
     "vit": {**SMALL, "image_size": 16, "patch_size": 8, "vocab_size": None},
     "deit": {**SMALL, "image_size": 16, "patch_size": 8, "vocab_size": None},
     "t5": SEQ2SEQ, "mt5": SEQ2SEQ,
@@ -146,8 +157,19 @@ def test_auto_picks_the_recipe_and_its_patterns_fit_the_architecture(model_type,
     targets = select_targets(loaded, compress_options(recipe))  # every pattern must match
     assert targets
     leaves = {n.rsplit(".", 1)[-1] for n in targets}
-    if name == "llama":  # grouped-query k/v stay dense
-        assert leaves == {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    if name in LEAVES:  # grouped-query k/v stay dense
+        assert leaves == LEAVES[name]
+    if name == "gemma3":  # the language model only
+        assert all(".language_model." in f".{n}" for n in targets)
+
+
+LEAVES = {
+    "llama": {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gemma3": {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+    "moe": {"q_proj", "o_proj"},
+}
+"""The layers each decoder recipe targets in the tiny models (grouped-query attention)."""
 
 
 def test_unknown_family_falls_back_to_generic_with_a_warning():
@@ -334,6 +356,7 @@ def test_an_unknown_family_compresses_with_the_generic_recipe_and_says_so(tmp_pa
     result = dlnc("compress", tmp_path / "distil", "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     assert "warning: no recipe for model_type 'distilbert'" in result.output
+    assert "pass --recipe to choose another" in result.output  # the flag, not the parameter
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["recipe"]["name"] == GENERIC and "distilbert" in report["recipe"]["warning"]
     names = {r["name"] for r in report["layers"]}

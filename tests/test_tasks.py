@@ -22,7 +22,8 @@ def _batch(pad: bool = True) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("family", "task"),
     [("gpt2", "causal_lm"), ("llama", "causal_lm"), ("bert", "masked_lm"),
-     ("vit", "classification"), ("t5", "seq2seq_lm")],
+     ("vit", "classification"), ("t5", "seq2seq_lm"), ("phi3", "causal_lm"),
+     ("gemma3", "causal_lm")],  # Gemma 3 with its vision tower: a decoder, not a seq2seq
 )  # fmt: skip
 def test_the_spec_reads_the_head(family, task):
     spec = task_spec(build_tiny(family))

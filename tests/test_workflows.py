@@ -15,13 +15,15 @@ from compressor.errors import DlncError
 from compressor.io.load import load_pretrained
 from compressor.io.rankfile import save_ranks
 from compressor.options import CompressOptions, ExportOptions, RunOptions
-from compressor.recipes.schema import apply_overrides, choose_recipe, load_recipe, recipe_names
+from compressor.recipes.choose import choose_recipe
+from compressor.recipes.schema import apply_overrides, load_recipe, recipe_names
 from compressor.workflows.compress import compress_checkpoint
 from compressor.workflows.estimate import estimate_checkpoint
 from compressor.workflows.options import apply_ranks_file, compress_options, method_options
 
 RECIPE_MODELS = {
     "bert": "bert", "gpt2": "gpt2", "llama": "llama", "vit": "vit", "t5": "t5", "generic": "mlp",
+    "phi3": "phi3", "gemma3": "gemma3", "moe": "mixtral",
 }  # fmt: skip
 """Each shipped recipe -> the tiny family (`tiny_models.TINY_MODELS`) it is checked on; the
 generic recipe on a bare MLP in tensor mode."""

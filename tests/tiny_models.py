@@ -55,6 +55,23 @@ _LLAMA = dict(
     intermediate_size=64, vocab_size=64, max_position_embeddings=32,
     bos_token_id=0, eos_token_id=0, pad_token_id=0,
 )  # fmt: skip
+_ROPE_LLAMA3 = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)  # fmt: skip
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+_QWEN2_MOE = _LLAMA | _MOE | dict(shared_expert_intermediate_size=32)
+_QWEN3_MOE = _LLAMA | _MOE | dict(head_dim=8)
+_MIXTRAL = _LLAMA | dict(num_local_experts=4, num_experts_per_tok=2)
+_GEMMA3_TEXT = _LLAMA | dict(head_dim=8, sliding_window=8)
+_GEMMA3 = dict(  # a vision-language model: Gemma 3 text beside a SigLIP tower
+    text_config=_GEMMA3_TEXT | dict(vocab_size=68), mm_tokens_per_image=4,
+    boi_token_index=65, eoi_token_index=66, image_token_index=67,  # above the test's token ids
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=16, patch_size=4,
+    ),
+)  # fmt: skip
 _VIT = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
     image_size=16, patch_size=8, num_channels=3, num_labels=3,
@@ -73,6 +90,23 @@ TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
     "llama-mha": _transformers(
         "LlamaConfig", "LlamaForCausalLM", **_LLAMA | {"num_key_value_heads": 4}
     ),
+    # the causal-LM families of today (transformers 5 names; all grouped-query, 2 of 4 heads)
+    "llama3": _transformers("LlamaConfig", "LlamaForCausalLM", **_LLAMA, rope_scaling=_ROPE_LLAMA3),
+    "mistral": _transformers("MistralConfig", "MistralForCausalLM", **_LLAMA),
+    "qwen2": _transformers("Qwen2Config", "Qwen2ForCausalLM", **_LLAMA),  # q/k/v with bias
+    "qwen3": _transformers("Qwen3Config", "Qwen3ForCausalLM", **_LLAMA, head_dim=8),  # q/k_norm
+    "gemma": _transformers("GemmaConfig", "GemmaForCausalLM", **_LLAMA, head_dim=8),
+    "gemma2": _transformers("Gemma2Config", "Gemma2ForCausalLM", **_GEMMA3_TEXT),
+    "gemma3-text": _transformers("Gemma3TextConfig", "Gemma3ForCausalLM", **_GEMMA3_TEXT),
+    "gemma3": _transformers("Gemma3Config", "Gemma3ForConditionalGeneration", **_GEMMA3),
+    "phi3": _transformers("Phi3Config", "Phi3ForCausalLM", **_LLAMA),  # fused qkv, gate_up
+    # experts fused into 3-D tensors (not dense layers); Qwen2-MoE adds a dense shared expert
+    "qwen2-moe": _transformers("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_QWEN2_MOE),
+    "qwen3-moe": _transformers("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_QWEN3_MOE),
+    "mixtral": _transformers("MixtralConfig", "MixtralForCausalLM", **_MIXTRAL),
+    # families no recipe claims, whose layer names match one (chosen by structure)
+    "olmo2": _transformers("Olmo2Config", "Olmo2ForCausalLM", **_LLAMA),
+    "gpt-bigcode": _transformers("GPTBigCodeConfig", "GPTBigCodeForCausalLM", **_GPT2),
     "vit": _transformers("ViTConfig", "ViTForImageClassification", **_VIT),
     "t5": _transformers("T5Config", "T5ForConditionalGeneration", **_T5),
     # no config of its own: saved as a bare model.safetensors, read in tensor mode

@@ -168,8 +168,8 @@ def task_of(model: nn.Module) -> str | None:
     if declared in TASKS:
         return declared
     name = type(model).__name__
-    if name.endswith("ForConditionalGeneration") and _is_encoder_decoder(model):
-        return "seq2seq_lm"
+    if name.endswith("ForConditionalGeneration"):  # T5; or a decoder that also sees images
+        return "seq2seq_lm" if _is_encoder_decoder(model) else "causal_lm"  # (Gemma 3)
     for task, suffixes in _TASK_SUFFIXES.items():
         if name.endswith(suffixes):
             return task

@@ -21,16 +21,15 @@ Details:
 Heads (the LM head, classifiers, poolers) are always left alone (`targets.DEFAULT_EXCLUDE`);
 recipes need not list them. docs/recipes.md says the same for users.
 
-`--recipe auto` picks by the checkpoint's `model_type` (`select_recipe`); an unknown family
-gets the `generic` recipe with a warning, and tensor mode (no config) gets it silently.
+`--recipe auto` picks by the checkpoint's `model_type` (`select_recipe`); a family no recipe
+claims gets the recipe whose target names match its layers (`structure`), and only when none
+does the `generic` recipe with a warning; tensor mode (no config) gets generic silently.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -61,19 +60,14 @@ __all__ = [
     "Finetune",
     "Ranks",
     "Recipe",
-    "RecipeSource",
     "Targets",
     "apply_overrides",
-    "checkpoint_model_type",
-    "choose_recipe",
     "find_recipe",
     "load_recipe",
     "parse_recipe",
     "recipe_names",
-    "recipe_record",
     "recipe_to_yaml",
     "recipes_dir",
-    "select_recipe",
 ]
 
 GENERIC = "generic"
@@ -349,37 +343,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return parse_recipe(text, where)
 
 
-def select_recipe(model_type: str | None) -> tuple[Recipe, str | None]:
-    """The shipped recipe serving `model_type`, and a warning when it falls back to generic.
-
-    `model_type=None` (tensor mode: no architecture) takes the generic recipe without warning.
-    """
-    for name in recipe_names():
-        recipe = load_recipe(name)
-        if model_type is not None and model_type in recipe.model_types:
-            return recipe, None
-    generic = load_recipe(GENERIC)
-    if model_type is None:
-        return generic, None
-    return generic, (
-        f"no recipe for model_type {model_type!r}: using the generic recipe "
-        "(every Linear but embeddings and heads); pass `recipe` to choose another"
-    )
-
-
-def checkpoint_model_type(path: str | Path, config: str | Path | None = None) -> str | None:
-    """`model_type` from the checkpoint's config.json without loading the model (None if none)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    config_file = Path(config) if config else folder / "config.json"
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # load_checkpoint reports a missing or broken config properly
-    value = data.get("model_type") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
-
-
 # ---- recipe + flags -> options --------------------------------------------------------------
 
 
@@ -410,38 +373,3 @@ def apply_overrides(
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise DlncError(_explain(e, {k: flags.get(k, k) for k in given})) from e
-
-
-@dataclass(frozen=True)
-class RecipeSource:
-    """Where a recipe came from, for messages and report.json."""
-
-    path: str  # the YAML file it was read from
-    picked_by: str  # "auto (model_type llama)", "auto (tensor mode)" or "--recipe"
-    warning: str | None = None  # set when `auto` fell back to the generic recipe
-
-
-def choose_recipe(
-    spec: str, model_path: str | Path, config: str | Path | None = None, tensor_mode: bool = False
-) -> tuple[Recipe, RecipeSource]:
-    """The recipe for `--recipe SPEC`: `auto` picks by the checkpoint's model_type (generic
-    in tensor mode or for an unknown family); anything else is a shipped name or a path."""
-    if spec != "auto":
-        path = find_recipe(spec)
-        return load_recipe(path), RecipeSource(str(path), "--recipe")
-    model_type = None if tensor_mode else checkpoint_model_type(model_path, config)
-    recipe, warning = select_recipe(model_type)
-    how = f"auto (model_type {model_type})" if model_type else "auto (tensor mode)"
-    return recipe, RecipeSource(str(find_recipe(recipe.name)), how, warning)
-
-
-def recipe_record(recipe: Recipe, source: RecipeSource) -> dict:
-    """What report.json records: the recipe's name, file, how it was picked, and the
-    effective values (after command-line overrides)."""
-    return {
-        "name": recipe.name,
-        "path": source.path,
-        "picked_by": source.picked_by,
-        "warning": source.warning,
-        "values": recipe.model_dump(mode="json"),
-    }

@@ -25,14 +25,8 @@ from compressor.options import (
     RunOptions,
     TargetOptions,
 )
-from compressor.recipes.schema import (
-    Ranks,
-    Recipe,
-    RecipeSource,
-    apply_overrides,
-    choose_recipe,
-    recipe_record,
-)
+from compressor.recipes.choose import RecipeSource, choose_recipe, recipe_record
+from compressor.recipes.schema import Ranks, Recipe, apply_overrides
 from compressor.training.config import FinetuneConfig
 from compressor.training.data import DataOptions
 
@@ -78,7 +72,9 @@ def recipe_options(
     ranks (`apply_ranks_file`); a given `finetune.steps` fine-tunes on `finetune_data`."""
     given = dict(given or {})
     load = load or LoadOptions()
-    recipe, source = choose_recipe(spec, model, load.config, load.tensor_mode)
+    recipe, source = choose_recipe(
+        spec, model, load.config, load.tensor_mode, load.trust_remote_code
+    )
     recipe = apply_overrides(recipe, given, flags)
     tune = given.get("finetune.steps") is not None
     options = compress_options(
