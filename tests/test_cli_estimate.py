@@ -136,8 +136,9 @@ def test_bad_ranks_file(tiny_model, tmp_path, content, message):
 
 
 def test_compress_refits_the_layers_the_data_can_fit(tiny_model, tmp_path):
-    # 96 x 12 = 1152 calibration tokens: enough for the 32-wide inputs (16 per feature:
-    # 512), not for the 128-wide MLP output projections (2048)
+    # 84 x 12 = 1008 calibration tokens (12 of the 96 samples held out to measure perplexity):
+    # enough for the 32-wide inputs (16 per feature: 512), not for the 128-wide MLP output
+    # projections (2048)
     _, folder = tiny_model("gpt2")
     data = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(1, 64, (96, 12), generator=torch.Generator())}, data)
@@ -149,7 +150,7 @@ def test_compress_refits_the_layers_the_data_can_fit(tiny_model, tmp_path):
     wide = {n for n, r in layers.items() if r["rank"] and r["shape"][1] == 128}
     few = {n for n, why in correction["skipped"].items() if why.endswith("needed")}
     assert wide and few == wide
-    assert correction["skipped"][min(wide)] == "1152 calibration tokens, 2048 needed"
+    assert correction["skipped"][min(wide)] == "1008 calibration tokens, 2048 needed"
     narrow = {n for n, r in layers.items() if r["rank"]} - wide  # refit, or failed the check
     assert (
         correction["refit"]

@@ -107,3 +107,13 @@ def test_a_model_much_worse_than_before_is_said_to_be(tiny_model):
         assert summary["perplexity"]["after"] == pytest.approx(real, rel=1e-3)
         assert bool(notices) == warned
     assert "raise `keep`" in notices[0] if notices else True
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    def fail(tensors, filename, *args, **kwargs):
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(DlncError, match=r"No space left on device.*DLNC_CACHE"):
+        generate_calibration(build_tiny("llama"), [], SMALL, tmp_path)
+    assert not any(tmp_path.rglob("*.partial"))

@@ -45,7 +45,8 @@ def test_card_metadata_command_and_loading(tmp_path, monkeypatch):
 
     source = tmp_path / "hub" / "models--acme--tiny-gpt2" / "snapshots" / "abc123"
     build_tiny("gpt2").save_pretrained(source)
-    argv = ["dlnc", "compress", str(source), "--keep", "0.5", "--out", str(tmp_path / "out")]
+    out = str(tmp_path / "out")
+    argv = ["dlnc", "compress", str(source), "--keep", "0.5", "--out", out, "--no-generate"]
     monkeypatch.setattr(sys, "argv", argv)
     result = CliRunner().invoke(app, argv[1:])
     assert result.exit_code == 0, result.output
@@ -53,7 +54,7 @@ def test_card_metadata_command_and_loading(tmp_path, monkeypatch):
     assert card.data.base_model == "acme/tiny-gpt2"
     assert card.data.library_name == "transformers"
     assert {"dlnc", "low-rank", "compressed"} <= set(card.data.tags)
-    assert f"dlnc compress {source} --keep 0.5 --out {tmp_path / 'out'}" in card.text
+    assert f"dlnc compress {source} --keep 0.5 --out {out} --no-generate" in card.text
     assert "method `svd`, keep 0.5" in card.text
     assert "| `transformer.h.*.attn.c_attn` | 96 x 32 | 2 |" in card.text
     assert "import compressor" in card.text

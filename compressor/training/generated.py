@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compressor.core.tasks import task_of
-from compressor.errors import DlncError
+from compressor.errors import DlncError, first_line
 
 __all__ = ["GENERATED", "Generated", "GenerationSpec", "can_generate", "generate_calibration"]
 
@@ -93,6 +93,7 @@ def generate_calibration(
 ) -> Generated:
     """Sample `spec.samples` sequences from `model` (module docstring) into a cached
     `.safetensors` file of `input_ids`; the model's RNG state and mode are left as they were."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if not can_generate(model):
@@ -103,10 +104,17 @@ def generate_calibration(
         return Generated(path, 0.0, True, spec)
     started = time.perf_counter()
     ids = _sample(model, spec)
-    folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
-    save_file({"input_ids": ids}, str(partial))
-    os.replace(partial, path)  # atomic: a crash leaves no half file under the cached name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"input_ids": ids}, str(partial))
+        os.replace(partial, path)  # atomic: a crash leaves no half file under the cached name
+    except (OSError, SafetensorError) as e:
+        partial.unlink(missing_ok=True)
+        raise DlncError(
+            f"{folder}: cannot keep the generated calibration text there ({first_line(e)}); "
+            "set DLNC_CACHE to a writable folder, or give `data`"
+        ) from e
     return Generated(path, time.perf_counter() - started, False, spec)
 
 
