@@ -106,10 +106,11 @@ def float32_folder(cache: Path = CACHE) -> Path:
 
 
 def load(folder: Path) -> nn.Module:
-    """The model of a folder: dlnc's loader (a dlnc export has factorized layers)."""
+    """The model of a folder, float32 as saved: dlnc's loader (a dlnc export has factorized
+    layers, loaded through a quantizer hook of dlnc's, which refuses `.float()`)."""
     from compressor.workflows.finetune import load_model
 
-    return load_model(folder).float().eval()
+    return load_model(folder).eval()
 
 
 def windows(tok, texts: list[str], length: int) -> torch.Tensor:
@@ -392,7 +393,7 @@ class Bench:
         out = self.runs / f"{name}-k{keep:g}"
         cmd = ["compress", str(self.f32), *flags, "--keep", f"{keep:g}", "--out", str(out)]
         return out, dlnc(
-            [*cmd, "--overwrite", "--json"], out.with_suffix(".log"), self.args.threads
+            [*cmd, "--overwrite", "--json"], out.with_name(out.name + ".log"), self.args.threads
         )
 
     def dlnc_finetune(self, keep: float, export: Path, start_s: float, steps: int) -> None:
@@ -401,7 +402,7 @@ class Bench:
         cmd = ["finetune", str(export), "--data", str(self.train_file), "--teacher", str(self.f32),
                "--steps", str(steps), "--batch-size", str(BATCH), "--max-length", str(BLOCK),
                "--samples", str(n), "--out", str(out), "--overwrite", "--json"]  # fmt: skip
-        seconds = dlnc(cmd, out.with_suffix(".log"), self.args.threads)
+        seconds = dlnc(cmd, out.with_name(out.name + ".log"), self.args.threads)
         self.record(keep, f"`dlnc compress --data` + `dlnc finetune --steps {steps}`", load(out),
                     start_s + seconds, note=f"k/v dense; finetune {seconds:.0f} s")  # fmt: skip
 
