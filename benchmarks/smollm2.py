@@ -13,27 +13,34 @@ Metric: the papers' perplexity, over `--heldout` non-overlapping windows of 512 
 (evenly spread over the held-out split's "\\n\\n"-joined text), each scoring its 511
 next-token predictions.
 Rows (`--rows`, each at every `--keeps`; "keep" is the fraction of the targeted weights):
-  dense        the float32 model
+  dense        the float32 model (always measured: the reference of every ratio)
   svd          plain truncated SVD of every decoder linear (q, k, v, o, gate, up, down), the
                same fraction of each; no data
   uniform      an SVD-LLM-style whitening written here, independent of dlnc's code: per layer
                the Gram of its inputs over the calibration windows (forward hooks), Cholesky
-               whitening with damping `--damp` x mean diagonal, truncated SVD of W L, the same
+               whitening with damping `--damp` x mean diagonal (x 10 until positive definite;
+               1e-4: 58.4 at keep 0.8, 1e-3: 58.6, 1e-2: 59.6), truncated SVD of W L, the same
                fraction of every decoder linear
   dlnc-free    `dlnc compress F32 --keep K` (no data)
   dlnc-data    `dlnc compress F32 --data CALIB --keep K`
   dlnc-ft      `dlnc finetune` of the dlnc-data export with the teacher, `--steps` steps of
-               4 x 128 tokens of the train split (one row per step count)
+               4 x 128 tokens of the train split (one row per step count): its `--data` is a
+               .safetensors of the training blocks, `--samples` steps x 4 / 0.9 of them (dlnc
+               holds the last 10% out, to keep the better of before and after)
   distill      plain distillation from the uniform start, written here: KL(teacher||student)
                of the next-token distribution, AdamW, linear warm-up then cosine decay, clip
                1.0, all weights trained (the factors as two linears); the best of the `--lrs`
-               sweep on a validation slice of the train split (never the held-out)
+               sweep on a validation slice of the train split (never the held-out); the
+               first steps x 4 of the same training blocks, in their seeded order
   rtn          round-to-nearest int8 and int4 of every decoder linear, symmetric, groups of 64
                inputs per output row, one 16-bit scale a group (weights fake-quantized)
 The dlnc rows use dlnc's llama recipe as is: under GQA it keeps k_proj/v_proj dense, so its
 keep is a fraction of q, o, gate, up and down only; the table's "kept" column is the fraction
 of all seven decoder linears' weights for every row. dlnc runs as a user runs it (a
 subprocess of the CLI, `--threads` threads); its wall time includes loading and export.
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set by quality_lm.py before torch
+loads, inherited by the dlnc subprocesses): on cores shared with other jobs, spinning threads
+made each SVD and forward pass several times slower, and timings meaningless.
 
     python benchmarks/quality_lm.py --model smollm2 [--rows dense svd uniform rtn]
         [--keeps 0.8] [--heldout 20] [--calib 64] [--steps 100] [--threads 2]
@@ -213,13 +220,15 @@ def uniform_whitening(model: nn.Module, calib: torch.Tensor, keep: float, damp: 
 
     handles = [linears[n].register_forward_hook(hook(n)) for n in grams]
     for b in calib.split(4):
-        model(input_ids=b, use_cache=False)
+        model.model(input_ids=b, use_cache=False)  # the decoder: the LM head adds nothing here
     for h in handles:
         h.remove()
     for name, linear in linears.items():
-        gram = grams[source[name]]
-        gram = gram + damp * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-        chol = torch.linalg.cholesky(gram)  # gram = L L^T
+        gram, ridge, info = grams[source[name]], damp, 1
+        while info:  # gram + ridge = L L^T; ten times the ridge until it is positive definite
+            eye = ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+            chol, info = torch.linalg.cholesky_ex(gram + eye)
+            ridge *= 10
         u, s, vh = torch.linalg.svd(linear.weight.double() @ chol, full_matrices=False)
         k = uniform_rank(linear, keep)
         a = torch.linalg.solve_triangular(chol.T, vh[:k].T, upper=True).T  # V_k^T L^-1
@@ -323,7 +332,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--valid", type=int, default=4,
                         help="validation windows of 512 tokens (train split) judging the "
                         "distillation's sweep")  # fmt: skip
-    parser.add_argument("--damp", type=float, default=1e-2,
+    parser.add_argument("--damp", type=float, default=1e-4,
                         help="uniform whitening: Gram damping, x its mean diagonal")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=CACHE, help="float32 model, data, exports")
