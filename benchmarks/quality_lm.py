@@ -30,6 +30,9 @@ tokens. Cells: held-out perplexity; after fine-tuning also the wall time at that
     python benchmarks/quality_lm.py [--keeps 0.3 0.5 0.7] [--finetune default distill prune]
                                     [--ft-keep 0.5] [--steps 100 300] [--threads 1]
                                     [--train-minutes 10] [--cache DIR] [--out FILE]
+
+`--model smollm2` benchmarks a real pretrained LM instead, SmolLM2-135M-Instruct (its rows,
+flags and table: benchmarks/smollm2.py; `--model smollm2 --help`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that sleep when idle instead of spinning: on a machine whose cores other jobs
+# share, spinning threads made a 576 x 576 SVD take seconds instead of 0.1 s (read when torch
+# loads, so set here; the dlnc subprocesses of --model smollm2 inherit it; override it by
+# setting OMP_WAIT_POLICY yourself)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
@@ -299,7 +307,17 @@ def fmt(score, start: float = 0.0) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2",
+                      help="gpt2: the GPT-2 trained here (this file); smollm2: "
+                      "SmolLM2-135M-Instruct (benchmarks/smollm2.py, its own flags)")  # fmt: skip
+    chosen, rest = pick.parse_known_args()
+    if chosen.model == "smollm2":
+        from smollm2 import main as smollm2_main
+
+        smollm2_main(rest)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pick])
     parser.add_argument("--keeps", type=float, nargs="*", default=[0.3, 0.5, 0.7])
     rows = ["default", "uniform", "svd", "prune"]
     parser.add_argument("--rows", nargs="+", default=rows)
