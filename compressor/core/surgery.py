@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ __all__ = [
     "deepen_",
     "factorized_layers",
     "merge_",
+    "module_hooks",
     "replace_module",
     "tied_keys",
 ]
@@ -85,3 +87,20 @@ def tied_keys(model: nn.Module) -> list[str]:
 def count_params(model: nn.Module) -> int:
     """Parameters of a model, a tied tensor counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def module_hooks(
+    modules: Mapping[str, nn.Module], hook_for: Callable[[str], Callable], pre: bool = False
+) -> Iterator[None]:
+    """Meanwhile each of `modules` (name -> module) runs `hook_for(name)` as a forward hook
+    (`pre`: a forward pre-hook); then the hooks are removed."""
+    handles = [
+        (m.register_forward_pre_hook if pre else m.register_forward_hook)(hook_for(n))
+        for n, m in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -15,14 +15,15 @@ at a time there (`--include`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
 from compressor.core.layers import dense_weight_of
 from compressor.core.progress import ProgressFn
+from compressor.core.surgery import module_hooks
 from compressor.core.tasks import model_inputs
 from compressor.core.whitening import LayerStats
 from compressor.errors import DlncError
@@ -42,19 +43,12 @@ class GramCollector:
         self.aliases: dict[str, str] = {}  # layer -> the layer whose input (and Gram) it shares
         self.mask: torch.Tensor | None = None
         self.last: tuple[torch.Tensor, str] | None = None  # the last input counted, its layer
-        self.first_batch = True
         self.counting = True
         self._batches = 0
 
-    @contextmanager
-    def hooked(self) -> Iterator[None]:
+    def hooked(self) -> AbstractContextManager[None]:
         """Count the targets' inputs of the forward passes run meanwhile."""
-        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.targets.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return module_hooks(self.targets, self._hook, pre=True)
 
     def batch(self, mask: torch.Tensor | None, counting: bool = True) -> None:
         """The next forward pass reads a new batch, whose real tokens are `mask` (None: all);
@@ -62,10 +56,14 @@ class GramCollector:
         self.counting = counting
         if not counting:
             return
-        self.first_batch = self._batches == 0
         self._batches += 1
         self.mask = mask
         self.last = None
+
+    @property
+    def first_batch(self) -> bool:
+        """The pass being counted reads the first batch (layers sharing an input are found)."""
+        return self._batches <= 1
 
     def result(self) -> dict[str, LayerStats]:
         """Each target's statistics; a target never reached is a `DlncError`."""

@@ -18,12 +18,13 @@ padding) and `with_grads` (eval mode, every parameter requiring grad, as one bac
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from compressor.core.progress import ProgressFn
+from compressor.core.surgery import module_hooks
 from compressor.core.tasks import model_inputs
 from compressor.methods.blocks import real_mask
 from compressor.methods.calibration import GramCollector
@@ -102,15 +103,9 @@ class ChannelSquares:
         self.counts = dict.fromkeys(targets, 0)
         self.mask: torch.Tensor | None = None
 
-    @contextmanager
-    def hooked(self) -> Iterator[None]:
+    def hooked(self) -> AbstractContextManager[None]:
         """Catch the output gradients of the targets' forward passes meanwhile."""
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.targets.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return module_hooks(self.targets, self._hook)
 
     def _hook(self, name: str):
         def forward_hook(module, args, output):

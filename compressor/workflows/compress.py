@@ -20,7 +20,7 @@ from compressor.options import CompressOptions, LoadOptions, MethodOptions
 from compressor.pipelines.reductions import keep_reductions
 from compressor.workflows.finetune import finetune_compressed, teacher_copy
 from compressor.workflows.plan import PlanInfo, make_plans
-from compressor.workflows.quality import generated_data, record_perplexity
+from compressor.workflows.quality import generated_data, measure_before, record_perplexity
 from compressor.workflows.report import (
     CompressResult,
     available_memory,
@@ -97,6 +97,7 @@ def compress_checkpoint(
         _notice(loaded.notices, keep_reductions(solver, shapes, tmp, budget))
         kwargs = _method_inputs(loaded, targets, options, solver, progress)
         spectra, method_kwargs, measured = kwargs
+        measure_before(loaded.model, measured)
         report = compress_(
             loaded.model, targets, policy, options.depth, progress=progress, **method_kwargs
         )

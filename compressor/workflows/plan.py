@@ -40,6 +40,7 @@ class PlanInfo:
     data: Batches | None = None  # the calibration data read (for error-correcting calibration)
     sensitivity: Mapping | None = None  # layer -> per-channel output sensitivity, if measured
     perplexity_before: float | None = None  # a causal LM's, on the held-out calibration text
+    # (measured by `compress` before it compresses: `workflows.quality.measure_before`)
 
 
 def make_plans(
@@ -76,10 +77,6 @@ def make_plans(
 
 
 def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batches:
-    """The calibration batches (`calibration_batches`), and a causal LM's perplexity on the
-    held-out ones, before compression, in `info`."""
-    from compressor.training.perplexity import batch_perplexity
-
     if loaded.tensor_mode:
         raise DlncError(
             "this checkpoint has no architecture (tensor mode), so it cannot run on data; "
@@ -87,8 +84,6 @@ def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batche
         )
     batches = calibration_batches(loaded, data)
     info.samples = batches.samples
-    if batches.held_out:
-        info.perplexity_before = batch_perplexity(loaded.model, batches.held_out)
     return batches
 
 

@@ -19,7 +19,7 @@ from compressor.training.data import DataOptions
 from compressor.training.generated import GENERATED, Generated, can_generate
 from compressor.workflows.plan import PlanInfo
 
-__all__ = ["WORSE", "generated_data", "record_perplexity"]
+__all__ = ["WORSE", "generated_data", "measure_before", "record_perplexity"]
 
 WORSE = 2.0
 """Perplexity after over before above which `compress` warns that the model is badly hurt."""
@@ -56,6 +56,15 @@ def _positions(config) -> int | None:
         if isinstance(value, int) and value > 1:
             return value
     return None
+
+
+def measure_before(model: nn.Module, measured: PlanInfo) -> None:
+    """The uncompressed model's perplexity on the held-out calibration batches (a causal LM's
+    calibration holds some out: `plan.calibration_batches`) into `measured`."""
+    from compressor.training.perplexity import batch_perplexity
+
+    if measured.data is not None and measured.data.held_out:
+        measured.perplexity_before = batch_perplexity(model, measured.data.held_out)
 
 
 def record_perplexity(
