@@ -133,6 +133,41 @@ def test_block_by_block_equals_refitting_on_whole_model_passes(family, one_torch
         torch.testing.assert_close(got.dense_weight(), want.dense_weight(), msg=name)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_settled_layers_play_back_their_outputs_with_the_same_numbers(
+    family, one_torch_thread, monkeypatch
+):
+    # the correction's runs of a compressed block play back the outputs of the layers already
+    # refit: the factors equal those of runs that recompute every layer, bit for bit, and
+    # the factorized layers run fewer times
+    from compressor.core.layers import FactorizedLinear
+    from compressor.methods import replays
+
+    batches = calibration(3)
+    _, student, originals = one_shot(family, batches)
+    recomputed = copy.deepcopy(student)
+    calls = {"played": 0, "recomputed": 0}
+
+    def counting(key):
+        def hook(module, args, output):
+            calls[key] += 1
+
+        return hook
+
+    for model, key in ((student, "played"), (recomputed, "recomputed")):
+        for m in model.modules():
+            if isinstance(m, FactorizedLinear):
+                m.register_forward_hook(counting(key))
+    correct_blocks(student, originals, batches, tokens_per_feature=0, check=False)
+    monkeypatch.setattr(replays, "REPLAY_BYTES", 0)  # no room: every layer recomputed
+    correct_blocks(recomputed, originals, batches, tokens_per_feature=0, check=False)
+    for name in factorized_layers(student):
+        got, want = student.get_submodule(name), recomputed.get_submodule(name)
+        assert torch.equal(got.up.weight, want.up.weight), name
+        assert torch.equal(got.down.weight, want.down.weight), name
+    assert calls["played"] < 0.8 * calls["recomputed"]
+
+
 def test_too_few_tokens_per_feature_keep_the_one_shot_factors(one_torch_thread):
     batches = calibration(1)  # 112 tokens: 3.5 per feature of the 32-wide layers
     _, student, originals = one_shot("llama", batches)

@@ -105,16 +105,20 @@ def test_the_float32_route_reaches_the_float64_optimum(shape):
     damped = exact.root @ exact.root.T
     rebuilt = (single.root @ single.root.T).double()
     assert float((rebuilt - damped).norm() / damped.norm()) < 1e-5
-    # another root than the float64 one: the damped Gram's Cholesky factor, and its inverse
-    assert torch.equal(single.root, single.root.tril()) and not torch.equal(
+    # both the damped Gram's Cholesky factor (the same root in two precisions), and its inverse
+    assert torch.equal(single.root, single.root.tril()) and torch.equal(
         exact.root, exact.root.tril()
     )
+    torch.testing.assert_close(single.root.double(), exact.root, rtol=1e-4, atol=1e-4)
     identity = torch.eye(in_f)
     assert float((single.root_pinv @ single.root - identity).abs().max()) < 1e-4
-    assert single.lower and not exact.lower  # W L through the triangular product
+    assert single.lower and exact.lower  # W L through the triangular product
     torch.testing.assert_close(single.whiten(w), w.float() @ single.root, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exact.whiten(w), w.float() @ exact.root.float())
     # the inverse is not held; X L^-1 is a triangular solve, equal to the product with it
-    assert single.pinv is None and exact.pinv is not None
+    assert single.pinv is None and exact.pinv is None
+    m = torch.randn(4, in_f, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(exact.inverse_t(m), m @ exact.root_pinv.T)
     rows = torch.randn(3, in_f, generator=torch.Generator().manual_seed(5))
     for whitener in (single, exact):
         got = whitener.unwhiten(rows.to(whitener.root.dtype))

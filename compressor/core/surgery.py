@@ -18,6 +18,7 @@ __all__ = [
     "merge_",
     "module_hooks",
     "replace_module",
+    "swapped",
     "tied_keys",
 ]
 
@@ -29,6 +30,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | N
     old = getattr(parent, child, None)
     setattr(parent, child, new)
     return old
+
+
+@contextmanager
+def swapped(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Put `modules` (full name -> module) into `model` for the duration, then put back."""
+    replaced = {n: replace_module(model, n, m) for n, m in modules.items()}
+    try:
+        yield
+    finally:
+        for n, m in replaced.items():
+            replace_module(model, n, m)
 
 
 def factorized_layers(model: nn.Module) -> dict[str, FactorizedLinear]:

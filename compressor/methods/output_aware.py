@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compressor.core.compress import FactorFn
-from compressor.core.whitening import Whitener, whitened_factors, whiteners
+from compressor.core.whitening import Whitener, whitened_factors, whitened_spectrum, whiteners
 
 __all__ = [
     "CHANNEL_DAMPING",
@@ -48,9 +48,8 @@ def channel_weights(sensitivity: torch.Tensor, damping: float = CHANNEL_DAMPING)
 def output_whitened_spectrum(
     w: torch.Tensor, whitener: Whitener | None, d: torch.Tensor
 ) -> torch.Tensor:
-    """Singular values of D W L (of D W without a whitener)."""
-    target = d[:, None] * w.detach().double()
-    return torch.linalg.svdvals(target if whitener is None else target @ whitener.root)
+    """Singular values of D W L (of D W without a whitener), as `whitened_spectrum`."""
+    return whitened_spectrum(d[:, None] * w.detach().double(), whitener)
 
 
 def output_whitened_factor_fn(

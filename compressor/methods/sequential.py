@@ -29,8 +29,7 @@ original's, each block's layers factorized on the way and handed back once refit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +37,9 @@ import torch
 from torch import nn
 
 from compressor.core.layers import FactorizedLinear, dense_weight_of
+from compressor.core.linalg import decompose, factors_from
 from compressor.core.progress import ProgressFn
-from compressor.core.surgery import replace_module
+from compressor.core.surgery import swapped
 from compressor.core.whitening import DEFAULT_DAMPING, Whitener
 from compressor.methods.blocks import (
     Activations,
@@ -51,6 +51,7 @@ from compressor.methods.blocks import (
     stream_blocks,
 )
 from compressor.methods.calibration import real_rows
+from compressor.methods.replays import Replays
 
 __all__ = [
     "ALPHA",
@@ -96,13 +97,9 @@ def corrected_factors(
     w64 = w.detach().double()
     d = torch.ones(w.shape[0], dtype=torch.float64) if d is None else d.double()
     cross = alpha * cross.double() + (1 - alpha) * gram.double()
-    pinv = whitener.root_pinv.double()
-    target = d[:, None] * (w64 @ cross @ pinv.T)  # D W C L'^-T
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    root = s[:rank].sqrt()
-    up = u[:, :rank] * root / d[:, None]
-    down = (root[:, None] * vh[:rank]) @ pinv
-    return up, down
+    target = d[:, None] * whitener.inverse_t(w64 @ cross)  # D W C L'^-T
+    up, down = factors_from(target, decompose(target, rank), rank)
+    return up / d[:, None], whitener.unwhiten(down)
 
 
 @dataclass
@@ -115,10 +112,6 @@ class Correction:
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "refit": self.refit, "skipped": self.skipped}
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layers being refit have their input."""
 
 
 @torch.no_grad()
@@ -152,7 +145,7 @@ def correct_blocks(
     was = model.training
     model.eval()
     try:
-        with _swapped(model, outside):
+        with swapped(model, outside):
             old, extras = first_inputs(model, stack, batches, Activations())
         new, new_extras = (
             first_inputs(model, stack, batches, Activations()) if outside else (old, extras)
@@ -167,12 +160,13 @@ def correct_blocks(
             dense = {n: originals[n] for n in inside}
             before = Block(index, name, module, old, extras, masks)
             after = Block(index, name, module, new, new_extras, masks)
-            old = _refit_block(model, before, after, inside, dense, done, fit)
+            old, replays = _refit_block(model, before, after, inside, dense, done, fit)
             if len(done.refit) + len(done.skipped) == len(factorized):
                 if progress:
                     progress("correct", len(stack), len(stack))
                 break  # nothing left to refit: the later blocks need no inputs
-            new = _outputs(after)
+            new = replays.outputs(Activations())
+            replays.discard()
             if progress:
                 progress("correct", index + 1, len(stack))
     finally:
@@ -242,9 +236,11 @@ def correct_streamed(
         inside = {n: factorize(n, m) for n, m in dense.items()}
         after = Block(block.index, block.name, block.module, new, block.extras, block.masks)
         previous = new
-        with _swapped(model, inside):
-            _refit_block(model, block, after, inside, dense, done, fit).discard()
-            new = _outputs(after, block.hidden.sibling(f"{block.index}-compressed"))
+        with swapped(model, inside):
+            outputs, replays = _refit_block(model, block, after, inside, dense, done, fit)
+            outputs.discard()
+            new = replays.outputs(block.hidden.sibling(f"{block.index}-compressed"))
+            replays.discard()
         if previous is not block.hidden:  # (the first block's: still the original's)
             previous.discard()
         for n, layer in inside.items():
@@ -266,21 +262,24 @@ def _eligible(done: Correction, first: Activations, masks, sizes, per_feature, c
     return len(done.skipped) < len(sizes)
 
 
-def _refit_block(model, before: Block, after: Block, inside, dense, done, fit: _Fit) -> Activations:
+def _refit_block(model, before: Block, after: Block, inside, dense, done, fit: _Fit):
     """Refit the factorized layers `inside` one block (dense: their original modules) in
     place, in forward order, from their inputs in the original (`before`, with `dense` swapped
     in) and in the compressed model (`after`, as the tree is). Returns the original block's
-    outputs (what it hands the next block), from the same run that caught its inputs."""
+    outputs (what it hands the next block), from the same run that caught its inputs, and the
+    `Replays` of the compressed block (its outputs from them: `Replays.outputs`)."""
     from compressor.methods.output_aware import channel_weights
 
-    with _swapped(model, dense):
+    with swapped(model, dense):
         stages, originals, outputs = _original_run(model, before, list(inside))
-    for stage in stages:
-        leader = stage[0]
-        stage = [n for n in stage if n not in done.skipped]
+    replays = Replays(model, after)
+    for group in stages:
+        leader = group[0]
+        stage = [n for n in group if n not in done.skipped]
         if not stage:
+            replays.settled(group)
             continue
-        fitted, held = _statistics(model, originals[leader], after, stage[0])
+        fitted, held = _statistics(replays, originals[leader], stage[0])
         both = (fitted[0] + held[0], fitted[1] + held[1])
         for layer_name in stage:
             layer = inside[layer_name]
@@ -294,18 +293,8 @@ def _refit_block(model, before: Block, after: Block, inside, dense, done, fit: _
             layer.load_factors(up.to(layer.up.weight), down.to(layer.up.weight))
             done.refit.append(layer_name)
         originals[leader].discard()
-    return outputs
-
-
-@contextmanager
-def _swapped(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[None]:
-    """Put `modules` (full name -> module) into `model` for the duration, then put back."""
-    replaced = {n: replace_module(model, n, m) for n, m in modules.items()}
-    try:
-        yield
-    finally:
-        for n, m in replaced.items():
-            replace_module(model, n, m)
+        replays.settled(group)
+    return outputs, replays
 
 
 def _original_run(model: nn.Module, block: Block, names: list[str]):
@@ -359,13 +348,14 @@ def _grouped(seen: list[tuple[str, torch.Tensor]], names: list[str]) -> list[lis
     return stages
 
 
-def _statistics(model, originals: Activations, after: Block, name: str):
+def _statistics(replays: Replays, originals: Activations, name: str):
     """(C, G') = (X^T X', X'^T X') of layer `name`, over the even batches (to fit on) and
-    over the odd ones (to check the fit on); X per batch in `originals`."""
+    over the odd ones (to check the fit on); X per batch in `originals`, X' from the
+    compressed block's runs (`replays`)."""
     halves = []
-    for i in range(len(after)):
+    for i in range(len(replays.block)):
         x = originals.get(i)
-        x_new = _input_of(model, after, name, i)
+        x_new = replays.input_of(name, i)
         if not halves:
             square = (x.shape[1], x.shape[1])
             halves = [
@@ -396,30 +386,6 @@ def _held_out_error(w, candidate, cross, gram, d) -> float:
 
 
 def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> int:
-    """The real tokens of one batch entering the blocks (as `_input_of` counts its rows)."""
+    """The real tokens of one batch entering the blocks (as `Replays.input_of` counts its rows)."""
     rows = real_rows(hidden, mask)
     return rows.numel() // rows.shape[-1]
-
-
-def _input_of(model: nn.Module, block: Block, name: str, i: int) -> torch.Tensor:
-    """The input (real tokens x features, float32) of layer `name` when `block` runs batch i."""
-    got: dict[str, torch.Tensor] = {}
-
-    def pre(module, args):
-        got["x"] = args[0]
-        raise _Stop
-
-    handle = model.get_submodule(name).register_forward_pre_hook(pre)
-    try:
-        block.run(i)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    x = real_rows(got["x"], block.masks[i])
-    return x.reshape(-1, x.shape[-1]).float()
-
-
-def _outputs(block: Block, out: Activations | None = None) -> Activations:
-    """What the block (as it is now) hands the next one, for every batch (into `out`)."""
-    return block.outputs(Activations() if out is None else out)
