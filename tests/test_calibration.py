@@ -138,3 +138,31 @@ def test_the_sensitivity_pass_computes_no_weight_gradient():
     output_sensitivity(model, find_targets(model), padded_batches())
     assert not seen
     assert all(p.requires_grad for p in model.parameters())  # flags back
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_head_stand_in_has_the_heads_covariance_and_the_same_sensitivity(family, monkeypatch):
+    # C C^T = W^T W for the square stand-in of a vocabulary-wide head, so its probes'
+    # gradients have the logits' covariance: with many probes both sensitivities agree;
+    # the head is back afterwards
+    from contextlib import nullcontext
+
+    from compressor.methods import sensitivity
+
+    model = build_tiny(family, vocab_size=256)
+    head = model.get_output_embeddings()
+    w = head.weight.detach().double()
+    with sensitivity.head_probe(model):
+        stand_in = model.get_output_embeddings()
+        assert stand_in is not head and stand_in.weight.shape == (w.shape[1], w.shape[1])
+        c = stand_in.weight.detach().double().T
+        torch.testing.assert_close(c @ c.T, w.T @ w, rtol=1e-5, atol=1e-5)
+    assert model.get_output_embeddings() is head
+    targets = find_targets(model)
+    batches = padded_batches()
+    square = sensitivity.output_sensitivity(model, targets, batches, probes=24, seed=1)
+    monkeypatch.setattr(sensitivity, "head_probe", lambda model: nullcontext())
+    wide = sensitivity.output_sensitivity(model, targets, batches, probes=24, seed=1)
+    for name in targets:
+        ratio = float(square[name].mean() / wide[name].mean())
+        assert 0.85 < ratio < 1.18, (name, ratio)  # measured 0.97-1.07

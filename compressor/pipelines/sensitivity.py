@@ -6,8 +6,9 @@ the modules outside the block stack: embeddings, final norm, head).
    states kept (on disk past `spill_over` bytes each).
 2. The tail: the model runs on each batch with its blocks stood in for (the first hands on the
    last block's output, a leaf; the others pass it through), so what follows the stack (final
-   norm, head, the main output) runs as the whole model runs it; the same seeded probes, drawn
-   in the same order as `output_sensitivity`, are backpropagated to that leaf.
+   norm, head or its `head_probe` stand-in, the main output) runs as the whole model runs it;
+   the same seeded probes, drawn in the same order as `output_sensitivity`, are
+   backpropagated to that leaf.
 3. Backward, last block first: the block is loaded, its forward recomputed with grad from the
    input kept, the gradient that reached its output backpropagated (the targets' output
    gradients caught by the same hooks as in memory, batch by batch and probe by probe, so
@@ -40,7 +41,13 @@ from compressor.methods.blocks import (
     outside_modules,
     walk_blocks,
 )
-from compressor.methods.sensitivity import ChannelSquares, main_output, probe, with_grads
+from compressor.methods.sensitivity import (
+    ChannelSquares,
+    head_probe,
+    main_output,
+    probe,
+    with_grads,
+)
 from compressor.pipelines.source import LayerSpec, NotStreamable, StreamedCheckpoint, release
 
 __all__ = ["blockwise_sensitivity", "sensitivity_pass"]
@@ -123,7 +130,7 @@ def _tail(model: nn.Module, last: Block, batches, probes, seed, squares, load) -
     generator = torch.Generator().manual_seed(seed)
     grads = last.output.sibling("grad-tail")
     given: list[torch.Tensor] = []
-    with _stood_in(stack, given, last.returns_tuple):
+    with _stood_in(stack, given, last.returns_tuple), head_probe(model):
         for b, batch in enumerate(batches):
             inputs = model_inputs(batch, model)
             squares.mask = last.masks[b]
