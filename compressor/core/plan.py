@@ -13,7 +13,7 @@ from compressor.core.compress import FactorFn
 from compressor.core.solver import Factors, Read, Solver
 from compressor.core.whitening import DEFAULT_DAMPING
 
-__all__ = ["INPUTS", "MethodInputs", "Plan", "Weights"]
+__all__ = ["INPUTS", "Lazy", "MethodInputs", "Plan", "Weights"]
 
 INPUTS = ("grams", "updates")
 """What a method may need besides the weights: calibration Gram matrices, weight updates."""
@@ -114,12 +114,34 @@ class _Spectra(Mapping[str, torch.Tensor]):
         return len(self.weights.readers)
 
 
+class Lazy(Mapping[str, torch.Tensor]):
+    """name -> `compute(name)`, each computed when first read and kept: spectra that only
+    some readers need (output-aware ranks under `keep` read the gains instead)."""
+
+    def __init__(self, names: Iterable[str], compute: Callable[[str], torch.Tensor]) -> None:
+        self.names, self.compute = list(names), compute
+        self.known: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.known:
+            if name not in self.names:
+                raise KeyError(name)
+            self.known[name] = self.compute(name)
+        return self.known[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @dataclass
 class Plan:
     """What `compress_` needs for one method, plus what `estimate-ranks` reads from it."""
 
     method: str
-    spectra: dict[str, torch.Tensor]  # drive the rank allocation
+    spectra: Mapping[str, torch.Tensor]  # drive the rank allocation
     factor_fn: FactorFn
     shapes: dict[str, tuple[int, int]]  # (out, in) of each target
     weight_spectra: dict[str, torch.Tensor]  # singular values of W

@@ -3,13 +3,15 @@ input Gram (the maths on bare tensors: `compressor.core.whitening`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from compressor.core.compress import FactorFn
 from compressor.core.linalg import energy_rank
-from compressor.core.plan import MethodInputs, Weights
-from compressor.core.progress import ProgressFn, report
+from compressor.core.plan import Lazy, MethodInputs, Weights
+from compressor.core.progress import ProgressFn
 from compressor.core.whitening import Whitener, whitened_factors, whitened_spectrum, whiteners
 from compressor.methods.output_aware import (
     channel_weights,
@@ -33,13 +35,10 @@ class Whiten(RankMethod):
 
     def spectra(
         self, weights: Weights, inputs: MethodInputs, progress: ProgressFn | None
-    ) -> dict[str, torch.Tensor]:
+    ) -> Mapping[str, torch.Tensor]:
+        """Computed when read (output-aware ranks under `keep` never read them)."""
         roots = self._roots(inputs)
-        out = {}
-        for i, (name, w) in enumerate(weights.tensors.items()):
-            out[name] = whitened_spectrum(w, roots[name])
-            report(progress, "whiten", i + 1, len(weights.tensors))
-        return out
+        return Lazy(weights.tensors, lambda n: whitened_spectrum(weights.tensors[n], roots[n]))
 
     def factor_fn(self, weights: Weights, inputs: MethodInputs, spectra: dict) -> FactorFn:
         """rel error: the relative output error on calibration inputs, ||(W - W')L|| / ||WL||."""
