@@ -26,6 +26,9 @@ def test_save_then_load_gives_the_same_ranks(tmp_path):
         ("ranks: {a: 2}\nextra: 1\n", "unknown key `extra`"),
         ("dlnc_ranks: 99\nranks: {a: 2}\n", "written by a newer dlnc"),
         ("ranks: {a: [\n", "not valid YAML"),
+        # a layer listed twice was accepted, the last rank winning silently
+        ("ranks:\n  a: 2\n  b: 3\n  a: 4\n", r"a is listed twice \(line 4\)"),
+        ("ranks: {a: 2}\nranks: {a: 3}\n", "ranks is listed twice"),
     ],
 )
 def test_a_bad_ranks_file_is_one_error(tmp_path, text, message):
