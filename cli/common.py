@@ -102,7 +102,7 @@ def user_errors(command: str | None = None) -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
-        typer.echo(first_line(e), err=True)
+        typer.echo(as_flags(first_line(e), command), err=True)
         raise typer.Exit(code=INTERRUPTED) from None
     except DlncError as e:
         fail(first_line(e), command)
