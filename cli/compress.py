@@ -117,7 +117,7 @@ def print_report(result, plot: Path | None) -> None:
     print_recipe(result.report["recipe"])
     console = stdout_console()
     for notice in result.notices:
-        console.print(f"[yellow]note:[/] {notice}")
+        console.print(f"[yellow]note:[/] {as_flags(notice, 'compress')}")
     console.print(layer_table(result.report))
     console.print(totals_table(result.report))
     console.print(f"wrote {result.out_dir}" + (f" and {plot}" if plot else ""))
