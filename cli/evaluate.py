@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import (
+    as_flags,
+    err_console,
     fail,
     is_main_process,
     print_json,
@@ -59,15 +61,21 @@ def evaluate(
     from compressor.workflows.evaluate import evaluate_checkpoint
 
     quiet_libraries()
+    notices: list[str] = []
     with user_errors("eval"):
-        metrics = evaluate_checkpoint(model, DataOptions(data, **batches), teacher)
+        metrics = evaluate_checkpoint(model, DataOptions(data, **batches), teacher, notices)
     if not is_main_process():
         return
     rows = {k: v.to_dict() for k, v in metrics.items()}
     if json_out:
+        for notice in notices:  # stdout is the JSON
+            err_console.print(f"note: {as_flags(notice, 'eval')}", highlight=False)
         print_json(rows)
         return
-    stdout_console().print(eval_table(rows))
+    console = stdout_console()
+    for notice in notices:
+        console.print(f"[yellow]note:[/] {as_flags(notice, 'eval')}")
+    console.print(eval_table(rows))
 
 
 def eval_table(rows: dict[str, dict]) -> Table:
@@ -101,7 +109,7 @@ def standard_eval(
 
     quiet_libraries()
     rows: dict = {}
-    with user_errors():
+    with user_errors("eval"):
         if seq_len is not None:
             if data is None:
                 fail("--seq-len needs --data TEXT_FILE")
