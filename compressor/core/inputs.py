@@ -22,8 +22,6 @@ __all__ = ["POSITION_KEYS", "InputLimits", "input_limits"]
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 """The config fields that give the longest sequence a model's positions cover."""
 
-INTEGER_IDS = (torch.int64, torch.int32)  # what an embedding lookup takes as it is
-
 
 @dataclass(frozen=True)
 class InputLimits:
@@ -34,14 +32,15 @@ class InputLimits:
     main_input: str | None = None  # the input it cannot run without (`input_ids`, `pixel_values`)
 
     def check_ids(self, ids: torch.Tensor, where: str, hint: str = "") -> torch.Tensor:
-        """`ids` as token ids the model's embedding takes (a narrow integer type widened to
-        int64); a `DlncError` naming `where` (and ending with `hint`) for ids that are not
-        integers or fall outside the vocabulary."""
+        """`ids` as token ids the model's embedding and losses take (int64: a narrower
+        integer type is widened; int32 ids fail in cross-entropy); a `DlncError` naming
+        `where` (and ending with `hint`) for ids that are not integers or fall outside the
+        vocabulary."""
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise DlncError(
                 f"{where}: `input_ids` holds {_dtype(ids)} values; token ids are integers"
             )
-        if ids.dtype not in INTEGER_IDS:
+        if ids.dtype != torch.int64:
             ids = ids.long()
         if ids.numel() and self.vocab is not None:
             low, high = int(ids.min()), int(ids.max())
