@@ -115,6 +115,16 @@ def user_errors(command: str | None = None) -> Iterator[None]:
         raise typer.Exit(code=INTERRUPTED) from None
 
 
+def print_notes(notices: list[str], command: str, console: Console | None = None) -> None:
+    """The library's notices, one `note:` line each, its `parameter`s named as `command`'s
+    flags: on `console` (a command's output), else on stderr (when stdout carries JSON)."""
+    from rich.markup import escape
+
+    out = console or err_console
+    for notice in notices:
+        out.print(f"[yellow]note:[/] {escape(as_flags(notice, command))}", soft_wrap=True)
+
+
 def check_outputs(**files: Path | None) -> None:
     """Before any work: every file a command will write (by option name: plot, save) goes
     into an existing, writable folder, and a plot has a type matplotlib writes."""

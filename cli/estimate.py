@@ -12,6 +12,7 @@ from cli.common import (
     as_flags,
     check_outputs,
     print_json,
+    print_notes,
     progress_bars,
     quiet_libraries,
     stdout_console,
@@ -121,8 +122,7 @@ def _print(est, written: list[Path], recipe: dict | None) -> None:
     console = stdout_console()
     if recipe and recipe.get("warning"):  # auto fell back to the generic recipe
         console.print(f"[yellow]warning:[/] {as_flags(recipe['warning'], 'estimate-ranks')}")
-    for notice in est.notices:
-        console.print(f"[yellow]note:[/] {as_flags(notice, 'estimate-ranks')}")
+    print_notes(est.notices, "estimate-ranks", console)
     console.print(table)
     info = est.info
     if info.samples:

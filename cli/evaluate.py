@@ -11,11 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import (
-    as_flags,
-    err_console,
     fail,
     is_main_process,
     print_json,
+    print_notes,
     quiet_libraries,
     stdout_console,
     user_errors,
@@ -68,13 +67,11 @@ def evaluate(
         return
     rows = {k: v.to_dict() for k, v in metrics.items()}
     if json_out:
-        for notice in notices:  # stdout is the JSON
-            err_console.print(f"note: {as_flags(notice, 'eval')}", highlight=False)
+        print_notes(notices, "eval")  # on stderr: stdout is the JSON
         print_json(rows)
         return
     console = stdout_console()
-    for notice in notices:
-        console.print(f"[yellow]note:[/] {as_flags(notice, 'eval')}")
+    print_notes(notices, "eval", console)
     console.print(eval_table(rows))
 
 

@@ -11,9 +11,8 @@ from typing import Annotated
 import typer
 
 from cli.common import (
-    as_flags,
-    err_console,
     print_json,
+    print_notes,
     progress_bars,
     quiet_libraries,
     stdout_console,
@@ -104,13 +103,11 @@ def finetune(
     if run.out_dir is None:  # not the main process
         return
     if json_out:
-        for notice in run.notices:  # stdout is the JSON
-            err_console.print(f"note: {as_flags(notice, 'finetune')}", highlight=False)
+        print_notes(run.notices, "finetune")  # on stderr: stdout is the JSON
         print_json({"out_dir": str(run.out_dir), **run.report})
         return
     console = stdout_console()
-    for notice in run.notices:
-        console.print(f"[yellow]note:[/] {as_flags(notice, 'finetune')}")
+    print_notes(run.notices, "finetune", console)
     section = run.report["finetune"]
     console.print(f"objective: {section['objective']}")
     if section["eval"]:

@@ -109,7 +109,7 @@ def test_load_data_truncates_to_the_model_and_says_so_once(lm):
     data = load_data(DataOptions(lm.long), lm.gpt2, eval_fraction=0.25, model=model)
     widths = {b["input_ids"].shape[1] for b in [*data.train, *data.held_out]}
     assert widths == {POSITIONS}
-    assert data.notices == [f"12 of 12 {TRUNCATED} tokens"]
+    assert data.notices == [f"{lm.long}: 12 of 12 {TRUNCATED} tokens"]
     # without the model (or with short samples) nothing changes
     alone = load_data(DataOptions(lm.long), lm.gpt2)
     assert alone.train[0]["input_ids"].shape[1] == 100 and alone.notices == []
@@ -134,7 +134,7 @@ def test_tensor_samples_are_cut_with_their_mask_and_labels(lm, tmp_path):
         "input_ids": (4, 32), "attention_mask": (4, 32), "labels": (4, 32),
     }  # fmt: skip
     assert torch.equal(batch["input_ids"], ids[:4, :POSITIONS])
-    assert data.notices == [f"6 of 6 {TRUNCATED} tokens"]
+    assert data.notices == [f"{path}: 6 of 6 {TRUNCATED} tokens"]
 
 
 def test_compress_with_long_samples_in_memory_and_streamed(lm, tmp_path):

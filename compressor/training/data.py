@@ -409,10 +409,10 @@ def load_data(
     total, cut = sum(len(p) for p in parts), sum(n for _, n in made)
     notices = []
     if cut:
-        positions = limits.positions
+        where = options.path if eval_data is None else f"{options.path} and {eval_data.path}"
         notices.append(
-            f"{cut} of {total} samples are longer than the model's {positions} positions: "
-            f"truncated to {positions} tokens"
+            f"{where}: {cut} of {total} samples are longer than the model's "
+            f"{limits.positions} positions: truncated to {limits.positions} tokens"
         )
     return Batches(
         train=made[0][0],

@@ -90,8 +90,8 @@ def recover(
         options.data, model_folder, eval_data=options.eval_data,
         eval_fraction=options.eval_fraction, model=student,
     )  # fmt: skip
-    if notices is not None:
-        notices.extend(data.notices)
+    if notices is not None:  # (compress: its calibration data may have said the same)
+        notices.extend(n for n in data.notices if n not in notices)
     return finetune(
         student,
         data.train,
