@@ -135,12 +135,23 @@ def test_every_command_on_every_kind_of_data(world, tmp_path, name, case, write,
 
 
 @pytest.mark.parametrize("name", ["finetune", "eval"])
-@pytest.mark.parametrize("teacher", [VOCAB, 80, 16])
-def test_teachers_of_every_vocabulary(world, tmp_path, name, teacher):
-    data = ids(tmp_path / "d.safetensors", top=15)  # ids every model reads
+@pytest.mark.parametrize("teacher", [VOCAB, 80, 16, "16-positions", "64-positions"])
+def test_teachers_of_every_vocabulary_and_length(world, tmp_path, name, teacher):
+    """Another vocabulary, or fewer positions than the model's (the samples are cut to the
+    model's), is one line; more positions are fine."""
+    data = ids(tmp_path / "d.safetensors", length=40, top=15)  # ids every model reads
     args = command(name, world, VOCAB, data, tmp_path / "out")
-    args[args.index("--teacher") + 1] = world.models[teacher]
-    expected = OK if teacher == VOCAB else f"a vocabulary of {teacher} tokens and the model 64"
+    if isinstance(teacher, str):
+        positions = int(teacher.partition("-")[0])
+        folder = tmp_path / teacher
+        build_tiny("gpt2", n_positions=positions).save_pretrained(folder)
+        args[args.index("--teacher") + 1] = folder
+        expected = (
+            OK if positions > POSITIONS else "the teacher covers 16 positions and the model 32"
+        )
+    else:
+        args[args.index("--teacher") + 1] = world.models[teacher]
+        expected = OK if teacher == VOCAB else f"a vocabulary of {teacher} tokens and the model 64"
     clean(dlnc(*args), expected)
 
 

@@ -64,14 +64,22 @@ def load_model(path: str | os.PathLike) -> nn.Module:
 
 def check_teacher(model: nn.Module, teacher: nn.Module, where: str | os.PathLike) -> None:
     """A `DlncError` before any work when the teacher at `where` reads other token ids than
-    `model` (another vocabulary size): they are compared token by token."""
+    `model` (another vocabulary size: they are compared token by token), or covers fewer
+    positions (the samples are cut to the model's)."""
     from compressor.core.inputs import input_limits
 
-    ours, theirs = input_limits(model).vocab, input_limits(teacher).vocab
-    if ours is not None and theirs is not None and ours != theirs:
+    ours, theirs = input_limits(model), input_limits(teacher)
+    hint = "give the original the model was compressed from"
+    if None not in (ours.vocab, theirs.vocab) and ours.vocab != theirs.vocab:
         raise DlncError(
-            f"{where}: the teacher has a vocabulary of {theirs} tokens and the model {ours}; "
-            "give the original the model was compressed from"
+            f"{where}: the teacher has a vocabulary of {theirs.vocab} tokens and the model "
+            f"{ours.vocab}; {hint}"
+        )
+    bounded = theirs.positions is not None
+    if bounded and (ours.positions is None or ours.positions > theirs.positions):
+        raise DlncError(
+            f"{where}: the teacher covers {theirs.positions} positions and the model "
+            f"{ours.positions or 'any number'}; {hint}"
         )
 
 
