@@ -56,7 +56,8 @@ class InputLimits:
         self, tensors: dict[str, torch.Tensor], where: str
     ) -> dict[str, torch.Tensor]:
         """Input tensors (a `.safetensors` data file's, named `where`) with the model's main
-        input present and their `input_ids` checked (`check_ids`); a `DlncError` if not."""
+        input present and their `input_ids` checked (`check_ids`) when the model embeds token
+        ids; a `DlncError` if not."""
         main = self.main_input
         embeds = main == "input_ids" and "inputs_embeds" in tensors
         if main is not None and main not in tensors and not embeds:
@@ -64,7 +65,7 @@ class InputLimits:
                 f"{where}: no `{main}` tensor, the input this model reads "
                 f"(the file holds {', '.join(sorted(tensors))})"
             )
-        if "input_ids" not in tensors:
+        if "input_ids" not in tensors or self.vocab is None:
             return dict(tensors)
         return {**tensors, "input_ids": self.check_ids(tensors["input_ids"], where)}
 

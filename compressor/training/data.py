@@ -321,11 +321,11 @@ def _batches(
         raise DlncError(f"`batch_size` must be >= 1, got {batch_size}")
     if samples.is_text and tokenizer is None:
         raise DlncError("text data needs a tokenizer, and this model has none: pass `tokenizer`")
-    limits = limits or InputLimits()
     where = str(samples.source or "the data")
     cut = 0
-    if not samples.is_text:
+    if not samples.is_text and limits is not None:
         samples, cut = _fit_tensors(samples, limits, where)
+    limits = limits or InputLimits()  # (none: the batches as they come)
     batches = []
     for start in range(0, len(samples), batch_size):
         stop = min(start + batch_size, len(samples))
