@@ -102,7 +102,7 @@ def user_errors(command: str | None = None) -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
-        typer.echo(first_line(e), err=True)
+        typer.echo(as_flags(first_line(e), command), err=True)
         raise typer.Exit(code=INTERRUPTED) from None
     except DlncError as e:
         fail(first_line(e), command)
@@ -113,6 +113,16 @@ def user_errors(command: str | None = None) -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         raise typer.Exit(code=INTERRUPTED) from None
+
+
+def print_notes(notices: list[str], command: str, console: Console | None = None) -> None:
+    """The library's notices, one `note:` line each, its `parameter`s named as `command`'s
+    flags: on `console` (a command's output), else on stderr (when stdout carries JSON)."""
+    from rich.markup import escape
+
+    out = console or err_console
+    for notice in notices:
+        out.print(f"[yellow]note:[/] {escape(as_flags(notice, command))}", soft_wrap=True)
 
 
 def check_outputs(**files: Path | None) -> None:

@@ -15,6 +15,7 @@ from cli.common import (
     human_bytes,
     human_count,
     print_json,
+    print_notes,
     progress_bars,
     quiet_libraries,
     stdout_console,
@@ -116,8 +117,7 @@ def print_report(result, plot: Path | None) -> None:
     """The recipe, the notices, the per-layer and total tables, and what was written."""
     print_recipe(result.report["recipe"])
     console = stdout_console()
-    for notice in result.notices:
-        console.print(f"[yellow]note:[/] {notice}")
+    print_notes(result.notices, "compress", console)
     console.print(layer_table(result.report))
     console.print(totals_table(result.report))
     console.print(f"wrote {result.out_dir}" + (f" and {plot}" if plot else ""))

@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 
 from cli.common import (
+    as_flags,
     check_outputs,
     print_json,
+    print_notes,
     progress_bars,
     quiet_libraries,
     stdout_console,
@@ -91,13 +93,13 @@ def estimate_ranks(
             save_ranks(save, est.chosen, method=est.method, keep=est.policy.keep, model=str(model))
     if json_out:
         print_json({"method": est.method, "keep": est.policy.keep, "tau": tau,
-                    "recipe": chosen.name, "info": asdict(est.info),
+                    "recipe": chosen.name, "info": asdict(est.info), "notices": est.notices,
                     "layers": [r.to_dict() for r in est.layers]})  # fmt: skip
         return
-    _print(est, [p for p in (plot, save) if p])
+    _print(est, [p for p in (plot, save) if p], options.recipe)
 
 
-def _print(est, written: list[Path]) -> None:
+def _print(est, written: list[Path], recipe: dict | None) -> None:
     from rich.table import Table
 
     from compressor import methods
@@ -118,6 +120,9 @@ def _print(est, written: list[Path]) -> None:
             f"{r.breakeven:.0f}",
         )
     console = stdout_console()
+    if recipe and recipe.get("warning"):  # auto fell back to the generic recipe
+        console.print(f"[yellow]warning:[/] {as_flags(recipe['warning'], 'estimate-ranks')}")
+    print_notes(est.notices, "estimate-ranks", console)
     console.print(table)
     info = est.info
     if info.samples:

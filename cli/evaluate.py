@@ -14,6 +14,7 @@ from cli.common import (
     fail,
     is_main_process,
     print_json,
+    print_notes,
     quiet_libraries,
     stdout_console,
     user_errors,
@@ -59,15 +60,19 @@ def evaluate(
     from compressor.workflows.evaluate import evaluate_checkpoint
 
     quiet_libraries()
+    notices: list[str] = []
     with user_errors("eval"):
-        metrics = evaluate_checkpoint(model, DataOptions(data, **batches), teacher)
+        metrics = evaluate_checkpoint(model, DataOptions(data, **batches), teacher, notices)
     if not is_main_process():
         return
     rows = {k: v.to_dict() for k, v in metrics.items()}
     if json_out:
+        print_notes(notices, "eval")  # on stderr: stdout is the JSON
         print_json(rows)
         return
-    stdout_console().print(eval_table(rows))
+    console = stdout_console()
+    print_notes(notices, "eval", console)
+    console.print(eval_table(rows))
 
 
 def eval_table(rows: dict[str, dict]) -> Table:
@@ -101,7 +106,7 @@ def standard_eval(
 
     quiet_libraries()
     rows: dict = {}
-    with user_errors():
+    with user_errors("eval"):
         if seq_len is not None:
             if data is None:
                 fail("--seq-len needs --data TEXT_FILE")

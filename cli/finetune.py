@@ -12,6 +12,7 @@ import typer
 
 from cli.common import (
     print_json,
+    print_notes,
     progress_bars,
     quiet_libraries,
     stdout_console,
@@ -102,9 +103,11 @@ def finetune(
     if run.out_dir is None:  # not the main process
         return
     if json_out:
+        print_notes(run.notices, "finetune")  # on stderr: stdout is the JSON
         print_json({"out_dir": str(run.out_dir), **run.report})
         return
     console = stdout_console()
+    print_notes(run.notices, "finetune", console)
     section = run.report["finetune"]
     console.print(f"objective: {section['objective']}")
     if section["eval"]:

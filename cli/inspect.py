@@ -11,6 +11,7 @@ from rich.table import Table
 from cli.common import (
     check_outputs,
     print_json,
+    print_notes,
     progress_bars,
     quiet_libraries,
     stdout_console,
@@ -58,8 +59,7 @@ def inspect(
         print_json({"notices": found.notices, "layers": found.rows})
         return
     console = stdout_console()
-    for notice in found.notices:
-        console.print(f"[yellow]note:[/] {notice}")
+    print_notes(found.notices, "inspect", console)
     console.print(stats_table(found.rows))
     if plot is not None:
         console.print(f"wrote {plot}")

@@ -226,6 +226,7 @@ class CompressOptions:
     run: RunOptions = field(default_factory=RunOptions)
     finetune: FinetuneOptions | None = None  # fine-tune before export (--finetune-steps)
     recipe: dict | None = None  # the recipe these options came from, recorded in report.json
+    ranks_file: Path | None = None  # the ranks file behind `policy.overrides` (for its notice)
 
     def __post_init__(self) -> None:
         check_depth(self.depth)

@@ -397,3 +397,21 @@ def test_a_piped_table_keeps_every_column(gpt2, tmp_path):
     header = next(line for line in lines if "layer" in line and not line.startswith("note"))
     assert "rel error" in header and "params after" in header
     assert "transformer.h.0.attn.c_attn" in result.stdout  # names are not folded
+
+
+def test_a_keep_below_rank_one_everywhere_says_what_was_kept(gpt2, tmp_path):
+    """--keep 0.01 cannot be met (rank 1 in every layer keeps 0.04 of the tiny GPT-2's
+    targeted weights): it used to drop every layer to rank 1 without a word."""
+    for stream in ([], ["--stream"]):
+        out = tmp_path / f"out{len(stream)}"
+        result = dlnc("compress", gpt2, "--keep", 0.01, "--no-generate", "--out", out, *stream)
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        assert {r["rank"] for r in report["layers"]} == {1}
+        kept = report["targeted_keep"]
+        said = "--keep 0.01 is below rank 1 in every layer: every targeted layer is at rank 1"
+        assert f"{said}, which keeps {kept:.3f} of the targeted weights" in " ".join(
+            result.output.split()
+        )
+    result = dlnc("compress", gpt2, "--keep", 0.2, "--no-generate", "--out", tmp_path / "o")
+    assert result.exit_code == 0 and "below rank 1" not in result.output

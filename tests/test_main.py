@@ -56,3 +56,17 @@ def test_ctrl_c_in_finetune_exits_130(monkeypatch):
     with pytest.raises(typer.Exit) as info, user_errors():
         raise FinetuneInterrupted("interrupted after step 3/10; state saved to s")
     assert info.value.exit_code == 130
+
+
+def test_the_ctrl_c_message_names_the_flag_of_the_command(capsys):
+    """The library says `resume`; `dlnc finetune`'s user types --resume (the interrupt line
+    skipped the parameter -> flag mapping every other message gets)."""
+    import typer
+
+    from cli.common import user_errors
+    from compressor.training.loop import FinetuneInterrupted
+
+    with pytest.raises(typer.Exit) as info, user_errors("finetune"):
+        raise FinetuneInterrupted("interrupted; state saved to s; run again with `resume`")
+    assert info.value.exit_code == 130
+    assert capsys.readouterr().err == "interrupted; state saved to s; run again with --resume\n"

@@ -361,6 +361,11 @@ def test_an_unknown_family_compresses_with_the_generic_recipe_and_says_so(tmp_pa
     assert report["recipe"]["name"] == GENERIC and "distilbert" in report["recipe"]["warning"]
     names = {r["name"] for r in report["layers"]}
     assert "vocab_projector" not in names and any(n.endswith("ffn.lin1") for n in names)
+    # estimate-ranks picks its recipe the same way, and said nothing when it fell back
+    result = dlnc("estimate-ranks", tmp_path / "distil")
+    assert result.exit_code == 0, result.output
+    assert "warning: no recipe for model_type 'distilbert'" in result.output
+    assert "pass --recipe to choose another" in result.output
 
 
 # ---- what the other parts of dlnc take from a recipe ---------------------------------------

@@ -82,6 +82,9 @@ def same_files(memory: Path, streamed: Path) -> None:
         ("gpt2", torch.float32, {}),  # Conv1D layout, tied LM head
         ("bert", torch.float32, {"format": "dense"}),
         ("llama", torch.float32, {"policy": RankPolicy(energy=0.8)}),
+        # its file keeps the names transformers renamed since (encoder.layer.0.attention.
+        # attention.query, now layers.0.attention.q_proj): streaming it used to be refused
+        ("vit", torch.float32, {}),
     ],
 )
 def test_streamed_export_is_the_in_memory_export_bit_for_bit(
@@ -249,6 +252,20 @@ def test_streamed_whiten_block_by_block_is_the_in_memory_export(family, tmp_path
     memory, streamed = both(src, tmp_path, method=aware)
     same_files(memory, streamed)
     assert json.loads((streamed / "report.json").read_text())["method"] == "whiten"
+
+
+def test_streamed_whiten_of_a_vit_is_the_in_memory_export(tmp_path, one_torch_thread):
+    """Block by block on images, through the renamed keys of a ViT checkpoint."""
+    from safetensors.torch import save_file
+
+    from compressor.training.data import DataOptions
+
+    data = tmp_path / "pixels.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"pixel_values": torch.randn(8, 3, 16, 16, generator=g)}, data)
+    aware = MethodOptions(method="whiten", data=DataOptions(path=data, batch_size=4))
+    memory, streamed = both(sharded("vit", tmp_path), tmp_path, method=aware)
+    same_files(memory, streamed)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -116,10 +116,10 @@ def _check_format(path: Path, allow_pickle: bool) -> None:
         if allow_pickle:
             return
         raise DlncError(
-            f"{path.name} is a pickle file, which can run arbitrary code when loaded; "
+            f"{path} is a pickle file, which can run arbitrary code when loaded; "
             "convert it to safetensors, or pass `allow_pickle` if you trust its source"
         )
-    raise DlncError(f"{path.name}: not a safetensors file (give a .safetensors file or a folder)")
+    raise DlncError(f"{path}: not a safetensors file (give a .safetensors file or a folder)")
 
 
 def _validate(files: list[Path]) -> None:
@@ -135,7 +135,7 @@ def _validate(files: list[Path]) -> None:
             with safe_open(f, framework="pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError, ValueError) as e:
-            raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
+            raise DlncError(f"{f}: not a valid safetensors file ({first_line(e)})") from e
 
 
 def read_shapes(files: list[Path]) -> dict[str, list[int]]:
@@ -148,7 +148,7 @@ def read_shapes(files: list[Path]) -> dict[str, list[int]]:
             with safe_open(f, framework="pt") as handle:
                 shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as e:
-            raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
+            raise DlncError(f"{f}: not a valid safetensors file ({first_line(e)})") from e
     return shapes
 
 
@@ -167,7 +167,7 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(f))
         except (SafetensorError, OSError, ValueError) as e:
-            raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
+            raise DlncError(f"{f}: not a valid safetensors file ({first_line(e)})") from e
     if not state:
         raise DlncError(f"{files[0]}: holds no tensors")
     return state
@@ -178,9 +178,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise DlncError(f"{path.name}: {NOT_WEIGHTS} ({first_line(e)})") from e
+        raise DlncError(f"{path}: {NOT_WEIGHTS} ({first_line(e)})") from e
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise DlncError(f"{path.name}: {NOT_WEIGHTS} (it holds a {type(state).__name__})")
+        raise DlncError(f"{path}: {NOT_WEIGHTS} (it holds a {type(state).__name__})")
     return state
 
 
@@ -205,7 +205,7 @@ def read_config(config_file: Path, trust_remote_code: bool):
             raise DlncError(f"{config_file}: not a valid {kind} config ({first_line(e)})") from e
         hint = " or `trust_remote_code`" if "auto_map" in raw else ""
         raise DlncError(
-            f"{config_file.name}: unknown architecture (model_type {kind!r}); "
+            f"{config_file}: unknown architecture (model_type {kind!r}); "
             f"pass `tensor_mode`{hint} to compress its 2-D weights directly"
         ) from e
 
@@ -248,7 +248,7 @@ def _load_hf_model(config, config_file, files, trust_remote_code, notices) -> nn
                 ignore_mismatched_sizes=True,  # reported below, naming the tensor and shapes
             )
         except pickle.UnpicklingError as e:
-            raise DlncError(f"{files[0].name}: {NOT_WEIGHTS} ({first_line(e)})") from e
+            raise DlncError(f"{files[0]}: {NOT_WEIGHTS} ({first_line(e)})") from e
         except (RuntimeError, ValueError, OSError) as e:
             raise DlncError(f"weights do not match the config: {first_line(e)}") from e
         except Exception as e:  # the architecture's own code fails on a value of the config

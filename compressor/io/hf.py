@@ -31,7 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from compressor.core.surgery import factorized_layers, merge_
 from compressor.io.export import LOAD_GUARD, QUANT_METHOD, dlnc_section, export_state_dict
 from compressor.io.install import install_factorized
-from compressor.io.section import FORMAT_VERSION
+from compressor.io.section import FORMAT_VERSION, check_export, check_section
 
 __all__ = ["DlncHfQuantizer", "DlncQuantizationConfig", "register"]
 
@@ -64,11 +64,17 @@ class DlncHfQuantizer(HfQuantizer):
             del config.transformers_weights
         return config
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs
+    ) -> nn.Module:
+        """The export checked as `load_pretrained` checks it (`check_export`: its section,
+        weight files and factors), then its layers built as empty `FactorizedLinear`s."""
+        files = [Path(f) for f in checkpoint_files or []]
+        folder = files[0].parent if files else getattr(model.config, "name_or_path", "")
         section = getattr(model.config, "dlnc", None)
-        if not isinstance(section, dict) or "layers" not in section:
-            raise ValueError("config.json has `quant_method: dlnc` but no `dlnc` layer table")
-        install_factorized(model, section["layers"], device="meta")
+        # (no files: weights given as a state dict, nothing on disk to check)
+        section = check_export(folder, section, files) if files else check_section(section, folder)
+        install_factorized(model, section.get("layers", {}), device="meta")
         _skip_parent_init(model)
         return model
 

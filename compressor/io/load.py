@@ -13,7 +13,7 @@ from torch import nn
 from compressor.core.surgery import tied_keys
 from compressor.errors import DlncError, first_line
 from compressor.io.install import install_factorized
-from compressor.io.section import check_factors, read_section
+from compressor.io.section import check_export, export_files, read_section
 
 __all__ = ["load_pretrained"]
 
@@ -34,14 +34,12 @@ def load_pretrained(
     unless `model`, an instance of the original torch module, is given: its layers are then
     swapped for the exported factors and its weights loaded.
     """
-    from compressor.io.checkpoint import read_shapes, read_state_dict
+    from compressor.io.checkpoint import read_state_dict
 
     folder = Path(path)
-    section = read_section(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise DlncError(f"{folder}: no .safetensors weights")
-    check_factors(folder, section, read_shapes(files))
+    section = read_section(folder)  # its own errors first
+    files = export_files(folder)
+    check_export(folder, section, files)  # as `from_pretrained` checks it (the dlnc quantizer)
     if model is None and not section.get("tensor_mode"):
         return _from_pretrained(folder, section, dtype, device_map)
     state = read_state_dict(files)
@@ -90,6 +88,8 @@ def _from_pretrained(
             str(folder), config=config, dtype=dtype, device_map=device_map,
             output_loading_info=True, local_files_only=True, **extra,
         )  # fmt: skip
+    except DlncError:
+        raise  # the quantizer's checks (compressor.io.section.check_export)
     except (RuntimeError, ValueError, OSError, KeyError, AttributeError) as e:
         raise DlncError(f"{folder}: weights do not match its config ({first_line(e)})") from e
     check_loading_info(model, info, [])

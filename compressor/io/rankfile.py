@@ -13,6 +13,7 @@ Unknown keys and malformed ranks are errors (a typo must not be silently ignored
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -43,14 +44,17 @@ def save_ranks(
 
 
 def load_ranks(path: str | os.PathLike) -> dict[str, int | None]:
-    """The ranks of a ranks file, by layer name (None: keep the layer dense)."""
+    """The ranks of a ranks file, by layer name (None: keep the layer dense); a layer listed
+    twice is an error."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise DlncError(f"{path}: no such ranks file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys())  # a SafeLoader
+    except _Duplicate as e:
+        raise DlncError(f"{path}: {e.key} is listed twice (line {e.line}); keep one") from None
     except UnicodeDecodeError as e:
         raise DlncError(f"{path}: not a UTF-8 text file (byte {e.start})") from e
     except yaml.YAMLError as e:
@@ -78,6 +82,32 @@ def load_ranks(path: str | os.PathLike) -> dict[str, int | None]:
                 f"{path}: rank of {name} must be an integer >= 1 or `dense`, got {rank!r}"
             )
     return ranks
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+@functools.cache
+def _unique_keys() -> type:
+    """A SafeLoader that refuses a key given twice in one mapping (YAML would keep the last
+    silently: a layer listed twice must not get whichever rank came last). Built on first
+    use, so importing dlnc does not import yaml."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen = []
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise _Duplicate(key, key_node.start_mark.line + 1)
+                seen.append(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
 
 
 def split_ranks(ranks: dict[str, int | None]) -> tuple[dict[str, int], list[str]]:

@@ -6,7 +6,9 @@ and the export formats (`EXPORT_FORMATS`) whose choice it records (`merged`).
                                    "bias": true}}}
 
 A hand-edited or damaged section is a one-line `DlncError` that names the key, or the tensor
-with the shape the section expects and the one the weights hold.
+with the shape the section expects and the one the weights hold. `check_export` is every check
+an export gets before anything is built, by `load_pretrained` and by `from_pretrained` (the
+dlnc quantizer, compressor/io/hf.py) alike.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from compressor.errors import DlncError
 __all__ = [
     "EXPORT_FORMATS",
     "FORMAT_VERSION",
+    "check_export",
     "check_factors",
     "check_format",
+    "check_section",
+    "export_files",
     "is_export",
     "read_config",
     "read_section",
@@ -62,7 +67,37 @@ def is_export(folder: str | os.PathLike) -> bool:
 
 def read_section(folder: str | os.PathLike) -> dict:
     """The checked `dlnc` section of the export at `folder`."""
-    section = read_config(folder).get("dlnc")
+    return check_section(read_config(folder).get("dlnc"), folder)
+
+
+def export_files(folder: str | os.PathLike) -> list[Path]:
+    """The export's weight files: those its index lists (each must exist), else every
+    .safetensors file of `folder`."""
+    from compressor.io.checkpoint import weight_files
+
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors*")):
+        raise DlncError(f"{folder}: no .safetensors weights")
+    return weight_files(folder, allow_pickle=False)[1]
+
+
+def check_export(folder: str | os.PathLike, section: object, files: Sequence[Path]) -> dict:
+    """`section` (config.json's `dlnc` value) checked, every weight file present, and the
+    factors of every layer it lists there, of the shapes it implies, and none of a layer it
+    does not list; the checked section. `folder` names the export in messages."""
+    from compressor.io.checkpoint import read_shapes
+
+    section = check_section(section, folder)
+    for f in files:
+        if not Path(f).is_file():
+            raise DlncError(f"{f}: weight file listed in the index is missing")
+    check_factors(folder, section, read_shapes([Path(f) for f in files]))
+    return section
+
+
+def check_section(section: object, folder: str | os.PathLike) -> dict:
+    """`section`, the `dlnc` value of the config.json in `folder`, checked: a mapping of the
+    format this dlnc reads, with a well-formed layer table."""
     where = f"{folder}: config.json's `dlnc` section"
     if section is None:
         raise DlncError(f"{folder}: config.json has no `dlnc` section; not a dlnc export")
@@ -82,6 +117,11 @@ def read_section(folder: str | os.PathLike) -> dict:
     for name, spec in layers.items():
         _check_layer(where, name, spec)
     return section
+
+
+def _pair(up: Sequence[int], down: Sequence[int]) -> bool:
+    """Two shapes that are the factors of one layer: [out, rank] and [rank, in]."""
+    return len(up) == 2 and len(down) == 2 and up[1] == down[0]
 
 
 def _is_int(value: object) -> bool:
@@ -110,8 +150,18 @@ def check_factors(
     folder: str | os.PathLike, section: dict, shapes: Mapping[str, Sequence[int]]
 ) -> None:
     """Every layer of the section has its factors in `shapes` (tensor name -> shape, e.g.
-    from the safetensors headers), of the shapes the section implies."""
-    for name, spec in section.get("layers", {}).items():
+    from the safetensors headers), of the shapes the section implies; factors of a layer the
+    section does not list (it would load as a randomly initialised dense layer) are refused."""
+    layers = section.get("layers", {})
+    for key, up in shapes.items():
+        name = key.removesuffix(".up.weight")
+        down = shapes.get(f"{name}.down.weight")
+        if name != key and name not in layers and down is not None and _pair(up, down):
+            raise DlncError(
+                f"{folder}: {name} is stored as factors ({key}), but the `dlnc` section does "
+                "not list it"
+            )
+    for name, spec in layers.items():
         (out_f, in_f), rank = spec["shape"], spec["rank"]
         expected = {f"{name}.up.weight": [out_f, rank], f"{name}.down.weight": [rank, in_f]}
         if spec.get("bias", False):

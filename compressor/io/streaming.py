@@ -86,12 +86,12 @@ class TensorSource:
                         part = handle.get_slice(key)
                         dtype = _DTYPES.get(part.get_dtype())
                         if dtype is None:
-                            raise DlncError(f"{f.name}: {key} has dtype {part.get_dtype()}")
+                            raise DlncError(f"{f}: {key} has dtype {part.get_dtype()}")
                         self.specs[key] = TensorSpec(f, tuple(part.get_shape()), dtype)
                 for key, offset in _data_offsets(f).items():
                     self.specs[key] = replace(self.specs[key], offset=offset)
             except (SafetensorError, OSError, ValueError) as e:
-                raise DlncError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from e
+                raise DlncError(f"{f}: not a valid safetensors file ({first_line(e)})") from e
 
     def __contains__(self, key: str) -> bool:
         return key in self.specs
@@ -130,7 +130,7 @@ class TensorSource:
                 for row in range(rows):
                     at = spec.offset + (row * width + start) * size
                     if _read_at(f, buffer[row * step : (row + 1) * step], at) != step:
-                        raise DlncError(f"{spec.file.name}: the file ends inside a tensor")
+                        raise DlncError(f"{spec.file}: the file ends inside a tensor")
                 yield out.T.contiguous()
 
     def meta_state(self) -> dict[str, torch.Tensor]:
@@ -170,7 +170,7 @@ def _read(spec: TensorSpec, start: int, rows: int) -> torch.Tensor:
     with open(spec.file, "rb") as f:
         f.seek(spec.offset + start * row_bytes)
         if f.readinto(buffer) != len(buffer):
-            raise DlncError(f"{spec.file.name}: the file ends inside a tensor (truncated?)")
+            raise DlncError(f"{spec.file}: the file ends inside a tensor (truncated?)")
     return out
 
 

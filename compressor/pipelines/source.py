@@ -166,19 +166,49 @@ def tensor_mode_notice(path: Path) -> str:
 def _key_map(model: nn.Module, source: TensorSource) -> dict[str, str | None]:
     """Model state-dict key -> checkpoint key (None: a buffer the model computes itself).
 
-    Checkpoints saved from the base model lack (or have extra) `base_model_prefix.`; any other
-    renaming is left to transformers' loader (the in-memory path)."""
+    Checkpoints saved from the base model lack (or have extra) `base_model_prefix.`; a
+    checkpoint that keeps the names transformers renamed since (ViT's `encoder.layer.0.
+    attention.attention.query`, now `layers.0.attention.q_proj`) is read through
+    transformers' own renaming (`_renamed`); a tensor it must convert (split, merge) is
+    left to its loader (the in-memory path)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     buffers = dict(model.named_buffers())
     tied = set(tied_keys(model))
+    state = model.state_dict()
+    renamed: dict[str, str] | None = None
     found: dict[str, str | None] = {}
-    for key in model.state_dict():
+    for key in state:
         candidates = [key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")] if prefix else [key]
         hit = next((c for c in candidates if c in source), None)
+        if hit is None:
+            renamed = _renamed(model, source, state) if renamed is None else renamed
+            hit = renamed.get(key)
         if hit is None and key not in buffers and key not in tied:
             raise NotStreamable(f"the checkpoint has no tensor {key}")
         found[key] = hit
     return found
+
+
+def _renamed(model: nn.Module, source: TensorSource, state: dict) -> dict[str, str]:
+    """Model key -> checkpoint key for the checkpoint keys transformers' loader only renames
+    (as `from_pretrained` does: its conversion mapping, then the base-model prefix)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # a transformers without conversion mappings renames nothing
+        return {}
+    if not hasattr(model, "config"):
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    out: dict[str, str] = {}
+    for src in source.specs:
+        key, converted = rename_source_key(src, renamings, converters, prefix, state)
+        if converted is None and key in state:
+            out.setdefault(key, src)
+    return out
 
 
 def _check_tensors(loaded: LoadedCheckpoint, source: TensorSource, keys) -> None:

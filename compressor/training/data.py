@@ -21,9 +21,11 @@ Supported inputs (`load_samples`):
     for batch in batches:
         model(**batch)
 
-`load_data(DataOptions(...), model_folder)` does the three steps at once (and holds out a
-share for evaluation when asked). Every user
-error (a missing file or field, an empty file, text without a tokenizer) is a `DlncError`.
+`load_data(DataOptions(...), model_folder, model=model)` does the three steps at once (and
+holds out a share for evaluation when asked), fitting the batches to `model`: samples longer
+than its positions are truncated (said once, in `Batches.notices`). Every user error (a
+missing file or field, an empty file, text without a tokenizer, token ids outside the model's
+vocabulary or not integers, a tensor file without the model's input) is a `DlncError`.
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from compressor.core.inputs import InputLimits, input_limits
 from compressor.errors import DlncError, first_line
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
@@ -90,6 +94,17 @@ class Samples:
             label_names=self.label_names,
             source=self.source,
         )
+
+    def truncated(self, length: int) -> Samples:
+        """Tensor samples cut to `length` tokens: every tensor (and per-token labels) whose
+        first two dimensions are those of `input_ids`."""
+        shape = self.tensors["input_ids"].shape[:2]
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :length] if t.ndim >= 2 and t.shape[:2] == shape else t
+
+        labels = cut(self.labels) if self.labels is not None else None
+        return replace(self, tensors={k: cut(v) for k, v in self.tensors.items()}, labels=labels)
 
 
 @dataclass(frozen=True)
@@ -286,36 +301,74 @@ def make_batches(
     tokenizer=None,
     max_length: int = 128,
     batch_size: int = 8,
+    limits: InputLimits | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Model-ready batches, in sample order: keyword dicts for `model(**batch)`.
 
     Text: `input_ids`, `attention_mask` (+ `token_type_ids` when the tokenizer makes them),
     padded to the longest sample of the batch and truncated to `max_length`. Tensors: each
     input tensor sliced along its first dimension. `labels` is added when samples have them.
-    """
+    With a model's `limits`, samples are also truncated to its positions and checked against
+    its vocabulary and main input (`load_data` says how many were truncated)."""
+    return _batches(samples, tokenizer, max_length, batch_size, limits)[0]
+
+
+def _batches(
+    samples: Samples, tokenizer, max_length: int, batch_size: int, limits: InputLimits | None
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """`make_batches`' batches and how many samples were cut to the model's positions."""
     if batch_size < 1:
         raise DlncError(f"`batch_size` must be >= 1, got {batch_size}")
     if samples.is_text and tokenizer is None:
         raise DlncError("text data needs a tokenizer, and this model has none: pass `tokenizer`")
+    where = str(samples.source or "the data")
+    cut = 0
+    if not samples.is_text and limits is not None:
+        samples, cut = _fit_tensors(samples, limits, where)
+    limits = limits or InputLimits()  # (none: the batches as they come)
     batches = []
     for start in range(0, len(samples), batch_size):
         stop = min(start + batch_size, len(samples))
         if samples.is_text:
-            batch = dict(
-                tokenizer(
-                    samples.texts[start:stop],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-            )
+            batch, longer = _tokenize(tokenizer, samples.texts[start:stop], max_length, limits)
+            hint = "; give the model's own `tokenizer`"
+            batch["input_ids"] = limits.check_ids(batch["input_ids"], f"{where}, tokenized", hint)
+            cut += longer
         else:
             batch = {k: v[start:stop] for k, v in samples.tensors.items()}
         if samples.labels is not None:
             batch["labels"] = samples.labels[start:stop]
         batches.append(batch)
-    return batches
+    return batches, cut
+
+
+def _tokenize(
+    tokenizer, texts: list[str], max_length: int, limits: InputLimits
+) -> tuple[dict[str, torch.Tensor], int]:
+    """A batch of `texts` truncated to `max_length`, and to the model's positions when some
+    are longer (with how many were)."""
+
+    def encode(length: int) -> dict[str, torch.Tensor]:
+        return dict(tokenizer(texts, padding=True, truncation=True, max_length=length,
+                              return_tensors="pt"))  # fmt: skip
+
+    batch = encode(max_length)
+    positions = limits.positions
+    if positions is None or batch["input_ids"].shape[1] <= positions:
+        return batch, 0
+    mask = batch.get("attention_mask")
+    longer = int((mask.sum(1) > positions).sum()) if mask is not None else len(texts)
+    return encode(positions), longer
+
+
+def _fit_tensors(samples: Samples, limits: InputLimits, where: str) -> tuple[Samples, int]:
+    """Tensor samples the model can read (`InputLimits.check_tensors`), cut to its positions
+    (with how many samples were)."""
+    fitted = replace(samples, tensors=limits.check_tensors(samples.tensors, where))
+    ids = fitted.tensors.get("input_ids")
+    if ids is None or ids.ndim < 2 or limits.positions is None or ids.shape[1] <= limits.positions:
+        return fitted, 0
+    return fitted.truncated(limits.positions), len(samples)
 
 
 @dataclass
@@ -326,6 +379,7 @@ class Batches:
     held_out: list[dict[str, torch.Tensor]] | None  # None: nothing held out
     tokenizer: PreTrainedTokenizerBase | None  # None for tensor data
     samples: int  # samples read (train + held out)
+    notices: list[str] = field(default_factory=list)  # what the user should be told
 
     @property
     def mask_token_id(self) -> int | None:
@@ -338,22 +392,34 @@ def load_data(
     *,
     eval_data: DataOptions | None = None,
     eval_fraction: float = 0.0,
+    model: nn.Module | None = None,
 ) -> Batches:
     """The one way data is read: samples, the tokenizer (text only; from `options.tokenizer`,
     else the model's folder) and batches. The held-out part is `eval_data`, else the last
-    `eval_fraction` of the samples (none when 0)."""
+    `eval_fraction` of the samples (none when 0). With `model`, the batches fit it
+    (`make_batches`' limits): how many samples were cut to its positions is one notice."""
     samples = load_samples(
         options.path, options.text_field, options.label_field, options.samples, options.seed
     )
     tokenizer = load_tokenizer(model_folder, options.tokenizer) if samples.is_text else None
+    limits = input_limits(model) if model is not None else None
     train, held = _split(samples, options, eval_data, eval_fraction)
+    parts = [p for p in (train, held) if p is not None]
+    made = [_batches(p, tokenizer, options.max_length, options.batch_size, limits) for p in parts]
+    total, cut = sum(len(p) for p in parts), sum(n for _, n in made)
+    notices = []
+    if cut:
+        where = options.path if eval_data is None else f"{options.path} and {eval_data.path}"
+        notices.append(
+            f"{where}: {cut} of {total} samples are longer than the model's "
+            f"{limits.positions} positions: truncated to {limits.positions} tokens"
+        )
     return Batches(
-        train=make_batches(train, tokenizer, options.max_length, options.batch_size),
-        held_out=make_batches(held, tokenizer, options.max_length, options.batch_size)
-        if held is not None
-        else None,
+        train=made[0][0],
+        held_out=made[1][0] if held is not None else None,
         tokenizer=tokenizer,
-        samples=len(train) + (len(held) if held is not None else 0),
+        samples=total,
+        notices=notices,
     )
 
 

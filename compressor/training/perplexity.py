@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from compressor.core.inputs import input_limits
 from compressor.core.tasks import IGNORE_INDEX, TaskSpec, model_inputs
 from compressor.errors import DlncError
 
-__all__ = ["PROTOCOL", "Perplexity", "batch_perplexity", "window_perplexity"]
+__all__ = ["PROTOCOL", "Perplexity", "batch_perplexity", "check_window", "window_perplexity"]
 
 PROTOCOL = (
     "non-overlapping windows of {seq_len} tokens; the last {dropped} tokens (less than a window) "
@@ -51,10 +52,11 @@ def window_perplexity(
     model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int = 1
 ) -> Perplexity:
     """Perplexity of a causal LM on a 1-D tensor of token ids (see the module docstring)."""
-    if seq_len < 2:
-        raise DlncError(f"`seq_len` must be >= 2, got {seq_len}")
+    check_window(model, seq_len)
     if batch_size < 1:
         raise DlncError(f"`batch_size` must be >= 1, got {batch_size}")
+    hint = "; give the model's own `tokenizer`"
+    token_ids = input_limits(model).check_ids(token_ids, "the text, tokenized", hint)
     windows = token_ids.numel() // seq_len
     if windows == 0:
         raise DlncError(f"`seq_len` {seq_len}: the text has only {token_ids.numel()} tokens")
@@ -73,6 +75,19 @@ def window_perplexity(
         perplexity=math.exp(nll), nll=nll, seq_len=seq_len, windows=windows,
         tokens_predicted=predicted, tokens_dropped=token_ids.numel() - windows * seq_len,
     )  # fmt: skip
+
+
+def check_window(model: nn.Module, seq_len: int) -> None:
+    """A `DlncError` unless windows of `seq_len` tokens fit the model: at least 2 tokens,
+    at most its positions (a longer window would not be the protocol asked for)."""
+    if seq_len < 2:
+        raise DlncError(f"`seq_len` must be >= 2, got {seq_len}")
+    positions = input_limits(model).positions
+    if positions is not None and seq_len > positions:
+        raise DlncError(
+            f"`seq_len` {seq_len} is longer than the model's {positions} positions; "
+            f"give at most {positions}"
+        )
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ policy as `compress_checkpoint` (so a saved ranks file always fits `compress`)."
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ class Estimate:
     layers: list[LayerEstimate]
     spectra: dict[str, torch.Tensor]  # the chosen method's spectra (for plots)
     info: PlanInfo
+    notices: list[str] = field(default_factory=list)  # what the user should be told
 
     @property
     def chosen(self) -> dict[str, int | None]:
@@ -54,4 +55,4 @@ def estimate_checkpoint(
     policy = expand_overrides(options.policy, list(targets))
     chosen = aware.resolved
     layers = estimate_layers(plans, chosen, policy, tau)
-    return Estimate(chosen, policy, tau, layers, plans[chosen].spectra, info)
+    return Estimate(chosen, policy, tau, layers, plans[chosen].spectra, info, loaded.notices)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -30,6 +30,7 @@ from compressor.training.loop import FinetuneResult, finetune
 
 __all__ = [
     "RecoveryRun",
+    "check_teacher",
     "finetune_checkpoint",
     "finetune_compressed",
     "load_model",
@@ -45,6 +46,7 @@ class RecoveryRun:
     out_dir: Path | None
     report: dict
     result: FinetuneResult
+    notices: list[str] = field(default_factory=list)  # what the user should be told
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
@@ -60,6 +62,27 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     return loaded.model
 
 
+def check_teacher(model: nn.Module, teacher: nn.Module, where: str | os.PathLike) -> None:
+    """A `DlncError` before any work when the teacher at `where` reads other token ids than
+    `model` (another vocabulary size: they are compared token by token), or covers fewer
+    positions (the samples are cut to the model's)."""
+    from compressor.core.inputs import input_limits
+
+    ours, theirs = input_limits(model), input_limits(teacher)
+    hint = "give the original the model was compressed from"
+    if None not in (ours.vocab, theirs.vocab) and ours.vocab != theirs.vocab:
+        raise DlncError(
+            f"{where}: the teacher has a vocabulary of {theirs.vocab} tokens and the model "
+            f"{ours.vocab}; {hint}"
+        )
+    bounded = theirs.positions is not None
+    if bounded and (ours.positions is None or ours.positions > theirs.positions):
+        raise DlncError(
+            f"{where}: the teacher covers {theirs.positions} positions and the model "
+            f"{ours.positions or 'any number'}; {hint}"
+        )
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -67,11 +90,16 @@ def recover(
     options: FinetuneOptions,
     state_dir: Path | None,
     progress: ProgressFn | None = None,
+    notices: list[str] | None = None,
 ) -> FinetuneResult:
-    """Load the data (tokenizer from `model_folder`) and fine-tune `student` in place."""
+    """Load the data (tokenizer from `model_folder`, batches fitted to `student`) and
+    fine-tune `student` in place; what reading the data noticed goes to `notices`."""
     data = load_data(
-        options.data, model_folder, eval_data=options.eval_data, eval_fraction=options.eval_fraction
-    )
+        options.data, model_folder, eval_data=options.eval_data,
+        eval_fraction=options.eval_fraction, model=student,
+    )  # fmt: skip
+    if notices is not None:  # (compress: its calibration data may have said the same)
+        notices.extend(n for n in data.notices if n not in notices)
     return finetune(
         student,
         data.train,
@@ -103,12 +131,15 @@ def finetune_checkpoint(
     if not any(True for _ in _factorized(student)):
         raise DlncError(f"{compressed}: no factorized layers; give a `dlnc compress` output")
     original = load_model(teacher) if teacher is not None else None
+    if original is not None:
+        check_teacher(student, original, teacher)
     state_dir = options.state_dir or out.parent / f"{out.name}.state"
-    result = recover(student, original, compressed, options, state_dir, progress)
+    notices: list[str] = []
+    result = recover(student, original, compressed, options, state_dir, progress, notices)
     report = _read_report(compressed)
     report["finetune"] = {**result.report(), "state_dir": str(state_dir)}
     if not result.is_main_process:
-        return RecoveryRun(None, report, result)
+        return RecoveryRun(None, report, result, notices)
     written = export(
         result.model,
         out,
@@ -118,7 +149,7 @@ def finetune_checkpoint(
         method=_method(compressed),
         overwrite=overwrite or options.resume,
     )
-    return RecoveryRun(written, report, result)
+    return RecoveryRun(written, report, result, notices)
 
 
 def finetune_compressed(
@@ -128,7 +159,8 @@ def finetune_compressed(
     memory) against `teacher`; `progress` hears the steps."""
 
     state_dir = options.state_dir or out_dir.parent / f"{out_dir.name}.state"
-    result = recover(loaded.model, teacher, loaded.source, options, state_dir, progress)
+    notices = loaded.notices
+    result = recover(loaded.model, teacher, loaded.source, options, state_dir, progress, notices)
     loaded.model = result.model
     return result
 

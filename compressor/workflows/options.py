@@ -159,7 +159,7 @@ def apply_ranks_file(options: CompressOptions, path: str | Path) -> CompressOpti
     if dense:
         origins["exclude"] = f"`exclude` / `ranks` {path}"
     targets = replace(options.targets, exclude=[*options.targets.exclude, *dense], origins=origins)
-    return replace(options, policy=policy, targets=targets)
+    return replace(options, policy=policy, targets=targets, ranks_file=Path(path))
 
 
 def finetune_config(recipe: Recipe, **extra: Any) -> FinetuneConfig:

@@ -88,12 +88,16 @@ def _data(loaded: LoadedCheckpoint, data: DataOptions, info: PlanInfo) -> Batche
 
 
 def calibration_batches(loaded: LoadedCheckpoint, data: DataOptions) -> Batches:
-    """The calibration data as batches; a causal LM's last `HELD_OUT` of them held out (to
-    measure its perplexity), in memory and streamed alike."""
+    """The calibration data as batches fitted to the model; a causal LM's last `HELD_OUT` of
+    them held out (to measure its perplexity), in memory and streamed alike. What reading it
+    noticed goes to `loaded.notices` once, however many passes read it."""
     from compressor.core.tasks import task_of
 
     causal = task_of(loaded.model) == "causal_lm"
-    return load_data(data, loaded.source, eval_fraction=HELD_OUT if causal else 0.0)
+    held = HELD_OUT if causal else 0.0
+    batches = load_data(data, loaded.source, eval_fraction=held, model=loaded.model)
+    loaded.notices.extend(n for n in batches.notices if n not in loaded.notices)
+    return batches
 
 
 def _statistics(model, targets, data: Batches | None, options: MethodOptions, info, progress):

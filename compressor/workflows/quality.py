@@ -13,6 +13,7 @@ from dataclasses import replace
 from torch import nn
 
 from compressor.core.compress import check_finite
+from compressor.core.inputs import input_limits
 from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.options import MethodOptions
 from compressor.training.data import DataOptions
@@ -41,21 +42,12 @@ def generated_data(
     for name, param in loaded.model.named_parameters():  # sampling from NaNs fails obscurely
         check_finite(name, param.detach())
     spec = GENERATED
-    positions = _positions(loaded.model.config)
+    positions = input_limits(loaded.model).positions
     if positions is not None and positions < spec.length:
         spec = replace(spec, length=positions)  # never past the model's position table
     done = generate_calibration(loaded.model, loaded.weight_files, spec)
     data = DataOptions(done.path, max_length=spec.length, batch_size=_BATCH)
     return replace(aware, data=data), done
-
-
-def _positions(config) -> int | None:
-    """The longest sequence the model's position embeddings cover (None: unbounded)."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
 
 
 def measure_before(model: nn.Module, measured: PlanInfo) -> None:

@@ -67,6 +67,7 @@ def build_report(
 ) -> dict:
     """report.json: the per-layer report plus whole-model totals and what the ratios mean."""
     saved = report.params_before - report.params_after
+    _floor_notice(report, options.policy, loaded.notices)
     return {
         "input": str(loaded.source),
         "model_type": loaded.model_type,
@@ -85,6 +86,17 @@ def build_report(
         },
         "notices": loaded.notices,
     }
+
+
+def _floor_notice(report: CompressionReport, policy: RankPolicy, notices: list[str]) -> None:
+    """A `keep` below what rank 1 in every layer keeps cannot be met: say what was kept."""
+    ranks = {r.rank for r in report.layers}
+    kept = report.params_after / max(report.params_before, 1)
+    if policy.keep is not None and ranks == {1} and kept > policy.keep:
+        notices.append(
+            f"`keep` {policy.keep:g} is below rank 1 in every layer: every targeted layer is "
+            f"at rank 1, which keeps {kept:.3f} of the targeted weights"
+        )
 
 
 def weights_size(folder: Path) -> int:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from torch import nn
 
 from compressor.errors import DlncError, first_line
-from compressor.training.perplexity import Perplexity, window_perplexity
+from compressor.training.perplexity import Perplexity, check_window, window_perplexity
 
 __all__ = ["run_tasks", "text_perplexity"]
 
@@ -31,6 +31,7 @@ def text_perplexity(
     from compressor.training.data import load_tokenizer
 
     model = _causal_lm(model_path)
+    check_window(model, seq_len)  # before the text is read and tokenized
     tok = load_tokenizer(model_path, tokenizer)
     text = Path(text_file).read_text(encoding="utf-8")
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]

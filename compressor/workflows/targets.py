@@ -38,6 +38,7 @@ def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[s
     if not targets:
         raise DlncError("no layer to compress: the include/exclude patterns matched nothing")
     _check_overrides(options, targets)
+    _ranks_file_notice(options, targets, loaded.notices)
     return targets
 
 
@@ -76,6 +77,22 @@ def _check_overrides(options: CompressOptions, targets: dict[str, nn.Module]) ->
         if not any(matches(n, pattern) for n in targets):
             where = options.targets.where("overrides")
             raise DlncError(f"{where}: '{pattern}' matches no targeted layer")
+
+
+def _ranks_file_notice(options: CompressOptions, targets: dict, notices: list[str]) -> None:
+    """A ranks file that sets some targeted layers only: the others are ranked by the policy,
+    which the user may not expect from a file of ranks."""
+    if options.ranks_file is None:
+        return
+    policy = options.policy
+    unset = [n for n in targets if not any(matches(n, p) for p in policy.overrides)]
+    if unset:
+        by = next(f"{k} {getattr(policy, k)}" for k in ("keep", "energy", "rank")
+                  if getattr(policy, k) is not None)  # fmt: skip
+        notices.append(
+            f"ranks file {options.ranks_file} sets {len(targets) - len(unset)} of the "
+            f"{len(targets)} targeted layers; the other {len(unset)} are ranked by {by}"
+        )
 
 
 def expand_overrides(policy: RankPolicy, names: list[str]) -> RankPolicy:
