@@ -23,6 +23,10 @@ Rows (`--rows`, each at every `--keeps`; "keep" is the fraction of the targeted 
                fraction of every decoder linear
   dlnc-free    `dlnc compress F32 --keep K` (no data)
   dlnc-data    `dlnc compress F32 --data CALIB --keep K`
+  dlnc-kv      dlnc-data with k_proj/v_proj targeted too: a copy of the llama recipe without
+               `square_only` (`--recipe COPY`), so the GQA projections share the budget
+  dlnc-fast    dlnc-data without the error correction (`--no-correct`): what the correction's
+               passes buy, and cost
   dlnc-ft      `dlnc finetune` of the dlnc-data export with the teacher, `--steps` steps of
                4 x 128 tokens of the train split (one row per step count): its `--data` is a
                .safetensors of the training blocks, `--samples` steps x 4 / 0.9 of them (dlnc
@@ -72,7 +76,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "quality_lm_smollm2.md"
 CACHE = Path("/tmp/dlnc-smollm2")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-ft", "distill", "rtn")
+ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-kv", "dlnc-fast", "dlnc-ft",
+        "distill", "rtn")  # fmt: skip
 WINDOW = 512  # held-out and calibration windows (tokens)
 BLOCK = 128  # fine-tuning blocks (tokens)
 BATCH = 4  # fine-tuning batch (blocks)
@@ -302,6 +307,18 @@ def dlnc(args: list[str], log: Path, threads: int) -> float:
     return seconds
 
 
+def kv_recipe(cache: Path) -> Path:
+    """A copy of the shipped llama recipe that targets k_proj/v_proj under GQA too."""
+    text = (ROOT / "recipes" / "llama.yaml").read_text()
+    line = "  square_only: [k_proj, v_proj]"
+    if line not in text:
+        sys.exit("recipes/llama.yaml changed: update kv_recipe in benchmarks/smollm2.py")
+    path = cache / "llama-kv.yaml"
+    text = text.replace(line, "  square_only: []").replace("name: llama\n", "name: llama-kv\n")
+    path.write_text(text)
+    return path
+
+
 def save_ids(path: Path, ids: torch.Tensor) -> Path:
     """A .safetensors of `input_ids` [n, length] (int64): data that `dlnc --data` takes as is."""
     from safetensors.torch import save_file
@@ -464,6 +481,16 @@ def main(argv: list[str] | None = None) -> None:
             if "dlnc-data" in rows:
                 note = f"k/v dense; {len(bench.calib)} x {WINDOW} calibration tokens"
                 bench.record(keep, "`dlnc compress --data`", load(export), data_s, note=note)
+        if "dlnc-kv" in rows:
+            _, seconds = kv = bench.dlnc(keep, "kv", "--data", str(bench.calib_file),
+                                         "--recipe", str(kv_recipe(args.cache)))  # fmt: skip
+            bench.record(keep, "`dlnc compress --data`, k/v targeted", load(kv[0]), seconds,
+                         note="a llama recipe copy without square_only")  # fmt: skip
+        if "dlnc-fast" in rows:
+            fast, seconds = bench.dlnc(keep, "fast", "--data", str(bench.calib_file),
+                                       "--no-correct")  # fmt: skip
+            bench.record(keep, "`dlnc compress --data --no-correct`", load(fast), seconds,
+                         note="k/v dense; no error correction")  # fmt: skip
         for steps in args.steps if "dlnc-ft" in rows else []:
             bench.dlnc_finetune(keep, export, data_s, steps)
         for steps in args.steps if "distill" in rows else []:
