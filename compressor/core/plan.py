@@ -66,7 +66,7 @@ class Weights:
     @property
     def spectra(self) -> Mapping[str, torch.Tensor]:
         """Each weight's singular values (computed when first read)."""
-        return _Spectra(self)
+        return Lazy(self.readers, self.spectrum)
 
     def spectrum(self, name: str) -> torch.Tensor:
         if name not in self.known:
@@ -100,23 +100,10 @@ class _Read(Mapping[str, torch.Tensor]):
         return len(self.readers)
 
 
-class _Spectra(Mapping[str, torch.Tensor]):
-    def __init__(self, weights: Weights) -> None:
-        self.weights = weights
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.weights.spectrum(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.weights.readers)
-
-    def __len__(self) -> int:
-        return len(self.weights.readers)
-
-
 class Lazy(Mapping[str, torch.Tensor]):
     """name -> `compute(name)`, each computed when first read and kept: spectra that only
-    some readers need (output-aware ranks under `keep` read the gains instead)."""
+    some readers need (`Weights.spectra`; the whiten method's, which output-aware ranks
+    under `keep` never read)."""
 
     def __init__(self, names: Iterable[str], compute: Callable[[str], torch.Tensor]) -> None:
         self.names, self.compute = list(names), compute
