@@ -72,7 +72,13 @@ generation and sentence-transformers settings)."""
 
 
 def default_output_dir(input_path: str | os.PathLike) -> Path:
-    """`model.safetensors` -> `model-dlnc/`, `folder/` -> `folder-dlnc/` (beside the input)."""
+    """`model.safetensors` -> `model-dlnc/`, `folder/` -> `folder-dlnc/` (beside the input);
+    a model in the Hugging Face cache (`org/name`) -> `name-dlnc/` in the working folder."""
+    from compressor.io.checkpoint import hub_cache_id
+
+    hub = hub_cache_id(input_path)
+    if hub is not None:
+        return Path.cwd() / f"{hub.split('/')[1]}-dlnc"
     path = Path(input_path).resolve()
     stem = path.stem if path.is_file() else path.name
     return path.parent / f"{stem}-dlnc"

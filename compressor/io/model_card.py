@@ -265,10 +265,10 @@ def write_model_card(
 def base_model_id(source: str | Path | None, config: object | None) -> str | None:
     """The Hub id of the original model: from a Hub cache path (`models--org--name`), else the
     config's `_name_or_path` when it is an id rather than a local folder; None if unknown."""
-    if source is not None:
-        found = re.search(r"models--([\w.-]+?)--([\w.-]+)", str(source))
-        if found:
-            return f"{found.group(1)}/{found.group(2)}"
+    from compressor.io.checkpoint import hub_cache_id
+
+    if source is not None and hub_cache_id(source) is not None:
+        return hub_cache_id(source)
     name = getattr(config, "_name_or_path", "") or ""
     looks_like_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
     return name if looks_like_id and not Path(name).exists() else None
