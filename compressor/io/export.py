@@ -313,7 +313,8 @@ def _write_weights(model: nn.Module, folder: Path, format: str, max_shard_size) 
 
 
 def weights_metadata() -> dict[str, str]:
-    """The safetensors header metadata of an export's weight files."""
+    """The safetensors header metadata of an export's weights (of its index when sharded:
+    huggingface_hub writes only the format into each shard, and the streamed writer does too)."""
     return {"format": "pt", "dlnc_version": dlnc_version()}
 
 

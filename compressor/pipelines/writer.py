@@ -105,7 +105,7 @@ class ShardWriter:
             if t.decision.dense:
                 self.reports[name] = dense_report(name, t.shape, t.decision.reason)
         metadata = {**weights_metadata(), **shared}
-        per_file = weights_metadata() if split.is_sharded else metadata
+        per_file = {"format": "pt"} if split.is_sharded else metadata  # as huggingface_hub's
         with ThreadPoolExecutor(1) as self.pool:
             self._submit_next()
             for filename, specs in files.items():
