@@ -62,7 +62,12 @@ RanksFile = Annotated[
 
 @with_flags(BUDGET, TARGETS, LOAD, EXPORT, RUN, METHOD, DATA)
 def compress(
-    model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Model folder, a .safetensors file, or a Hub name (org/name) in the local cache."
+        ),
+    ],
     out: Out = None,
     recipe: RecipeSpec = "auto",
     plot: Plot = None,

@@ -33,7 +33,11 @@ def demo(
         with progress_bars() as progress:
             result = run_demo(out, settings, progress)
         png = result.out_dir / "report.png"
-        plot_report(result.spectra, result.ranks, result.losses, png, "dlnc demo: digits MLP")
+        stages = {"wide": result.wide_accuracy, "compressed": result.compressed_accuracy,
+                  "fine-tuned": result.finetuned_accuracy}  # fmt: skip
+        plot_report(
+            result.spectra, result.ranks, result.losses, png, "dlnc demo: digits MLP", stages
+        )
     console.print(_ranks_table(result))
     console.print(_before_after(result))
     console.print(f"checkpoints: {result.out_dir / 'wide'} -> {result.out_dir / 'compressed'}")
@@ -62,8 +66,8 @@ def _ranks_table(result) -> Table:
 
 
 def _before_after(result) -> Table:
-    table = Table(title="before / after")
-    for col in ("", "wide", "compressed"):
+    table = Table(title="wide / compressed / fine-tuned")
+    for col in ("", "wide", "compressed", "fine-tuned"):
         table.add_column(col, justify="right")
     for row in result.rows:
         table.add_row(*row)

@@ -50,7 +50,12 @@ Save = Annotated[
 @with_flags(Keep, METHOD.only("method", "reference", "warmup_steps", "warmup_lr"), DATA,
             TARGETS, LOAD)  # fmt: skip
 def estimate_ranks(
-    model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Model folder, a .safetensors file, or a Hub name (org/name) in the local cache."
+        ),
+    ],
     data: CALIBRATION_DATA = None,
     recipe: RecipeSpec = "auto",
     tau: Annotated[float, typer.Option(help="Energy fraction of the per-spectrum ranks.")] = 0.9,

@@ -98,6 +98,8 @@ LOAD = FlagGroup("load", {
                              "source."), False),
     "trust_remote_code": (_option(bool, "Allow the checkpoint's own Python code to run."), False),
     "tensor_mode": (_option(bool, "Ignore config.json; compress the 2-D weights directly."), False),
+    "revision": (_option(str | None, "With a Hub name (org/name, read offline from the "
+                         "local Hugging Face cache): its branch, tag or commit."), None),
 })  # fmt: skip
 
 TARGETS = FlagGroup("targets", {

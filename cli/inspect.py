@@ -30,7 +30,12 @@ RecipeSpec = Annotated[
 
 @with_flags(TARGETS, LOAD)
 def inspect(
-    model: Annotated[Path, typer.Argument(help="Model folder, or a .safetensors file.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Model folder, a .safetensors file, or a Hub name (org/name) in the local cache."
+        ),
+    ],
     recipe: RecipeSpec = "auto",
     plot: Plot = None,
     json_out: JsonOut = False,

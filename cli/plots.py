@@ -81,14 +81,18 @@ def plot_report(
     losses: list[float],
     path: str | os.PathLike,
     title: str = "dlnc report",
+    stages: Mapping[str, float] | None = None,
 ) -> None:
-    """One PNG: normalized spectra with the chosen ranks, and the fine-tuning loss curve."""
+    """One PNG: normalized spectra with the chosen ranks, the fine-tuning loss curve and, with
+    `stages` (stage -> test accuracy), a bar per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = 3 if stages else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    ax, bx = axes[0], axes[1]
     for name, s in spectra.items():
         s = s.double()
         (line,) = ax.semilogy(range(1, s.numel() + 1), (s / s[0].clamp_min(1e-30)).numpy(), lw=1)
@@ -103,6 +107,11 @@ def plot_report(
         bx.plot(range(1, len(losses) + 1), losses, lw=1)
         bx.set_yscale("log")
     bx.set(title="Recovery fine-tuning loss", xlabel="step", ylabel="loss")
+    if stages:
+        cx = axes[2]
+        bars = cx.bar(list(stages), list(stages.values()), color=["C0", "C3", "C2"][: len(stages)])
+        cx.bar_label(bars, fmt="%.3f")
+        cx.set(title="Test accuracy", ylim=(0, 1.05))
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

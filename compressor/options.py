@@ -69,6 +69,7 @@ class LoadOptions:
     allow_pickle: bool = False  # accept .bin/.pt (pickle) weights
     trust_remote_code: bool = False  # allow a checkpoint's own Python code
     tensor_mode: bool = False  # ignore config.json: compress the state dict's 2-D weights
+    revision: str | None = None  # a Hub name's branch, tag or commit in the local cache
 
 
 @dataclass(frozen=True)

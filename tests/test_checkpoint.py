@@ -141,3 +141,56 @@ def test_a_pickle_beside_a_config_that_is_not_weights_is_one_line(gpt2, tmp_path
     (gpt2 / "pytorch_model.bin").write_bytes(pickle.dumps({"a": [1, 2]}))
     result = dlnc("compress", gpt2, "--allow-pickle", "--out", tmp_path / "out")
     one_line_error(result, "pytorch_model.bin", "not a weights file")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache in tmp_path holding acme/tiny at two commits: a GPT-2 on `main`,
+    a Llama at the other commit (the cache's layout: refs/main -> snapshots/<commit>/)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    for commit, family in (("a" * 40, "gpt2"), ("b" * 40, "llama")):
+        build_tiny(family).save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import
+    monkeypatch.chdir(tmp_path)
+    return repo
+
+
+def test_a_hub_name_compresses_from_the_local_cache(hub_cache, tmp_path):
+    from huggingface_hub import ModelCard
+
+    done = dlnc("compress", "acme/tiny", "--keep", "0.5", "--no-generate", "--json")
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "tiny-dlnc"  # in the working folder, not in the cache
+    assert json.loads(done.stdout)["out_dir"] == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["dlnc"]["base_model"] == "acme/tiny"
+    assert ModelCard.load(out / "README.md").data.base_model == "acme/tiny"
+    assert not list(hub_cache.glob("snapshots/*-dlnc"))
+
+    done = dlnc("compress", "acme/tiny", "--revision", "b" * 40, "--keep", "0.5",
+                "--no-generate", "--out", tmp_path / "other")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "other" / "config.json").read_text())["model_type"] == "llama"
+    done = dlnc("inspect", "acme/tiny", "--revision", "b" * 40, "--json")
+    assert done.exit_code == 0, done.output
+    assert any("mlp.gate_proj" in row["name"] for row in json.loads(done.stdout)["layers"])
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["acme/missing"], ["acme/missing", "not in the local Hugging Face cache"]),
+        (["acme/tiny", "--revision", "v9"], ["at revision v9", "hf download acme/tiny"]),
+        (["hub", "--revision", "main"], ["--revision picks a snapshot of a Hub name"]),
+    ],
+)
+def test_a_name_not_in_the_cache_is_a_one_line_error(hub_cache, tmp_path, args, needles):
+    done = dlnc("compress", *args, "--keep", "0.5", "--out", tmp_path / "out")
+    one_line_error(done, *needles)
+    assert not (tmp_path / "out").exists()

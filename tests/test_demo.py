@@ -19,7 +19,7 @@ def test_demo_fast_runs_the_whole_pipeline(tmp_path):
     compressed = load_file(out / "compressed" / "model.safetensors")
     n_wide = sum(t.numel() for t in wide.values())
     n_comp = sum(t.numel() for t in compressed.values())
-    assert n_comp < 0.3 * n_wide
+    assert n_comp < 0.15 * n_wide
     assert any(k.endswith(".down.weight") for k in compressed)
     report = json.loads((out / "compressed" / "report.json").read_text())
     assert report["method"] == "dynamics"
@@ -33,9 +33,24 @@ def test_demo_fast_runs_the_whole_pipeline(tmp_path):
     model.load_state_dict(wide)
     small = load_pretrained(out / "compressed", model=WideMLP(width))
     assert accuracy(model, test) > 0.9
-    assert accuracy(small, test) > accuracy(model, test) - 0.04
+    # each stage shows its value: the cut visibly costs accuracy, fine-tuning wins it back
+    row = next(r for r in _table_rows(result.output) if r[0] == "test accuracy")
+    wide_acc, compressed_acc, tuned_acc = map(float, row[1:])
+    assert wide_acc == round(accuracy(model, test), 3)
+    assert tuned_acc == round(accuracy(small, test), 3)
+    assert compressed_acc < wide_acc - 0.1
+    assert tuned_acc > compressed_acc + 0.1
     with torch.no_grad():
         assert small(test["x"]).shape == (len(test["x"]), 10)
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    """The cells of each row of the rich tables in `output`."""
+    return [
+        [c.strip() for c in line.strip("│┃ ").split("│")]
+        for line in output.splitlines()
+        if line.count("│") >= 3
+    ]
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path):

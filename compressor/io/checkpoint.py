@@ -25,17 +25,51 @@ from compressor.io.tensor_model import TensorModel
 __all__ = [
     "LoadedCheckpoint",
     "check_loading_info",
+    "hub_cache_id",
     "load_checkpoint",
     "model_class",
     "read_config",
     "read_shapes",
     "read_state_dict",
+    "resolve_model",
     "weight_files",
 ]
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 NOT_WEIGHTS = "not a weights file torch can load safely; nothing in it was run"
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # org/name
+CACHE_PATH = re.compile(r"models--([\w.-]+?)--([\w.-]+)")  # the Hub cache's folder of org/name
+
+
+def hub_cache_id(path: str | os.PathLike) -> str | None:
+    """`org/name` when `path` lies in the Hugging Face cache's folder of that model
+    (`models--org--name/snapshots/<commit>`), else None."""
+    found = CACHE_PATH.search(str(path))
+    return f"{found.group(1)}/{found.group(2)}" if found else None
+
+
+def resolve_model(model: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local path of `model`: a file or folder as given, or a Hub name (`org/name`, when
+    no such path exists) found in the local Hugging Face cache, offline, at `revision` (a
+    branch, tag or commit; the cache's `main` by default). Nothing is downloaded."""
+    path = Path(model)
+    resolved = path.parent.name == "snapshots" and hub_cache_id(path) is not None
+    if path.exists() or not HUB_NAME.fullmatch(str(model)):
+        if revision is not None and not resolved:
+            raise DlncError(f"`revision` picks a snapshot of a Hub name (org/name), not of {path}")
+        return path  # (a missing path gets load_checkpoint's error)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model), revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as e:
+        at = f" at revision {revision}" if revision else ""
+        raise DlncError(
+            f"{model}: no such file or folder, and not in the local Hugging Face cache{at} "
+            f"({constants.HF_HUB_CACHE}); download it first (hf download {model})"
+        ) from e
 
 
 @dataclass

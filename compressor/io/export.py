@@ -2,10 +2,11 @@
 
 Layout of an export folder:
   model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
-  config.json       the original config plus a `dlnc` section (format, method, layer ranks);
+  config.json       the original config plus a `dlnc` section (format, method, layer ranks;
+                    the provenance: dlnc version, base model, the commands of the chain);
                     factorized: `quantization_config` (quant_method dlnc) for from_pretrained
                     and the `transformers_weights` guard (LOAD_GUARD)
-  report.json       the compression report
+  report.json       the compression report (with `dlnc_version`)
   README.md         the model card (compressor/io/model_card.py)
   tokenizer / processor files copied from the input folder
 A factorized layer `<name>` is stored as `<name>.down.weight` (k x in), `<name>.up.weight`
@@ -29,7 +30,7 @@ from compressor.core.surgery import factorized_layers, tied_keys
 from compressor.errors import DlncError
 from compressor.io.files import check_writable, write_error
 from compressor.io.model_card import CardFacts
-from compressor.io.section import EXPORT_FORMATS, FORMAT_VERSION, check_format
+from compressor.io.section import EXPORT_FORMATS, FORMAT_VERSION, check_format, dlnc_version
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -46,6 +47,7 @@ __all__ = [
     "export_state_dict",
     "quantization_fields",
     "remove_stale_temps",
+    "weights_metadata",
     "write_folder",
 ]
 
@@ -70,7 +72,13 @@ generation and sentence-transformers settings)."""
 
 
 def default_output_dir(input_path: str | os.PathLike) -> Path:
-    """`model.safetensors` -> `model-dlnc/`, `folder/` -> `folder-dlnc/` (beside the input)."""
+    """`model.safetensors` -> `model-dlnc/`, `folder/` -> `folder-dlnc/` (beside the input);
+    a model in the Hugging Face cache (`org/name`) -> `name-dlnc/` in the working folder."""
+    from compressor.io.checkpoint import hub_cache_id
+
+    hub = hub_cache_id(input_path)
+    if hub is not None:
+        return Path.cwd() / f"{hub.split('/')[1]}-dlnc"
     path = Path(input_path).resolve()
     stem = path.stem if path.is_file() else path.name
     return path.parent / f"{stem}-dlnc"
@@ -197,14 +205,18 @@ def write_folder(
     """The export folder, atomically: `write_weights(tmp)` writes the weights into a hidden
     temp folder, then config.json (with the `dlnc` section), report.json, the side files and
     the model card (from `facts`, else from the report) join them, and the folder is renamed
-    into place. `report` may be a function, called once the weights are written (a streamed
-    export knows its per-layer errors only then). A failed write (permission, read-only
+    into place. The section, the report and the card record the provenance (the dlnc
+    version, the base model, the commands; an export `source` passes on its own). `report`
+    may be a function, called once the weights are written (a streamed export knows its
+    per-layer errors only then). A failed write (permission, read-only
     mount, full disk) is a one-line `DlncError` and leaves nothing; temp folders of earlier
     exports killed mid-write go."""
     from safetensors import SafetensorError
 
-    from compressor.io.model_card import report_facts, write_model_card
+    from compressor.io.model_card import provenance, report_facts, write_model_card
 
+    origin = provenance(source, config)
+    section = {**section, **origin.section()}
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite)
     if source is not None:  # the folder of the input's side files (the input may sit in it)
@@ -221,14 +233,14 @@ def write_folder(
             report = report()
         _write_json(tmp / "config.json", _config_dict(config, section))
         if report is not None:
-            report = _with_size(report, tmp)
+            report = {**_with_size(report, tmp), "dlnc_version": origin.version}
             _write_json(tmp / "report.json", report)
         if source is not None:
             _copy_side_files(Path(source), tmp)
         if facts is None and report is not None:
             facts = report_facts(report, section)
         if facts is not None:
-            write_model_card(tmp, facts, config=config, source=source)
+            write_model_card(tmp, facts, config=config, source=source, origin=origin)
         _replace(tmp, out_dir)
         done = True
     except (OSError, SafetensorError) as e:
@@ -295,9 +307,15 @@ def _write_weights(model: nn.Module, folder: Path, format: str, max_shard_size) 
         state,
         folder,
         max_shard_size=max_shard_size,
-        metadata={"format": "pt"},
+        metadata=weights_metadata(),
         shared_tensors_to_discard=tied_keys(model),
     )
+
+
+def weights_metadata() -> dict[str, str]:
+    """The safetensors header metadata of an export's weights (of its index when sharded:
+    huggingface_hub writes only the format into each shard, and the streamed writer does too)."""
+    return {"format": "pt", "dlnc_version": dlnc_version()}
 
 
 def _config_dict(config: object | None, section: dict) -> dict:

@@ -1,9 +1,16 @@
 """README.md of an export: a Hugging Face model card.
 
-Metadata (`base_model` when the source is a Hub model, `library_name`, tags) in the YAML
-header that the Hub reads; then the compression table (method, keep, ranks per layer group,
-parameters and weight bytes before and after), the command that produced it and how to load
-it. Every number comes from the model being exported, so the card is right for API exports too.
+Metadata in the YAML header that the Hub reads (huggingface_hub's `ModelCardData`):
+`base_model` with `base_model_relation: quantized` (the Hub's relation for a smaller copy of
+the same model), `library_name`, `pipeline_tag`, tags, and the base card's license, language
+and datasets. Then the compression table (method, keep, ranks per layer group, parameters and
+weight bytes before and after), the held-out numbers before and after (compression and
+fine-tuning), every dlnc command of the chain with the dlnc version, and how to load it.
+Every number comes from the model being exported, so the card is right for API exports too.
+
+The provenance (`base_model`, the commands, the version) is carried from export to export in
+config.json's `dlnc` section: an export made from an export (`dlnc finetune`) keeps its base
+and appends its own command.
 """
 
 from __future__ import annotations
@@ -13,18 +20,51 @@ import shlex
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
 from compressor.core.surgery import count_params, factorized_layers
-from compressor.io.section import check_format
+from compressor.io.section import check_format, dlnc_version
 
-__all__ = ["CardFacts", "card_facts", "model_card", "report_facts", "write_model_card"]
+__all__ = [
+    "CardFacts",
+    "Provenance",
+    "base_card_metadata",
+    "card_facts",
+    "model_card",
+    "provenance",
+    "report_facts",
+    "write_model_card",
+]
 
 TAGS = ["dlnc", "low-rank", "compressed"]
 FOLDER = "path/to/this/folder"
+RELATION = "quantized"
+"""`base_model_relation`: of the Hub's four (adapter, merge, quantized, finetune), the one for
+a smaller copy of the base model that stands in for it (the model tree's "Quantizations");
+dlnc's fine-tuning recovers the base's behaviour, so a fine-tuned export keeps it."""
+CARRIED = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag")
+"""The base card's metadata that holds for the compressed model too (its evaluation results,
+`model-index`, do not)."""
+ST_FILES = ("modules.json", "config_sentence_transformers.json")
+"""A folder with one of these is a sentence-transformers model."""
+AUTO_CLASSES = (
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text-generation"),
+    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask"),
+    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+     "text-classification"),
+    ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+     "token-classification"),
+    ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+     "question-answering"),
+    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+     "image-classification"),
+    ("AutoModel", "MODEL_MAPPING_NAMES", "feature-extraction"),
+)  # fmt: skip
+"""The transformers class that loads an architecture (the first whose table names it) and
+the card's `pipeline_tag` when the base card has none."""
 
 
 @dataclass
@@ -41,6 +81,68 @@ class CardFacts:
     groups: dict[str, list[int]]  # layer name pattern (numbers -> *) -> ranks
     shapes: dict[str, tuple[int, int]]  # layer name pattern -> (out, in)
     perplexity: dict | None = None  # report.json's: before / after on held-out text
+    evaluation: dict | None = None  # report.json's finetune.eval: original / before / after
+
+
+@dataclass
+class Provenance:
+    """Where an export comes from, kept in config.json's `dlnc` section from export to export."""
+
+    base_model: str | None  # the Hub id of the original model (None: not a Hub model)
+    commands: list[str]  # the dlnc commands of the chain, the first one first, this one last
+    metadata: dict  # the base card's `CARRIED` fields and its tags
+    version: str = field(default_factory=dlnc_version)  # the dlnc that wrote this export
+
+    def section(self) -> dict:
+        """What config.json's `dlnc` section records of it."""
+        return {"dlnc_version": self.version, "base_model": self.base_model,
+                "commands": self.commands}  # fmt: skip
+
+
+def provenance(
+    source: str | Path | None, config: object | None, command: str | None = None
+) -> Provenance:
+    """The provenance of an export of the model read from `source` by `command` (this
+    process's command line by default): an export's `source` passes on its base model, its
+    commands and its card's metadata; any other's base is found from its path or config."""
+    earlier = _earlier_section(source)
+    base = earlier.get("base_model") or base_model_id(source, config)
+    commands = [*earlier.get("commands", []), command or invocation()]
+    return Provenance(base, commands, base_card_metadata(source))
+
+
+def _earlier_section(source: str | Path | None) -> dict:
+    """config.json's `dlnc` section of `source` when it is an export (else empty)."""
+    import json
+
+    path = Path(source) / "config.json" if source is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        section = json.loads(path.read_text(encoding="utf-8")).get("dlnc")
+    except (ValueError, AttributeError):
+        return {}
+    return section if isinstance(section, dict) else {}
+
+
+def base_card_metadata(source: str | Path | None) -> dict:
+    """The `CARRIED` fields and the tags of the YAML header of `source`'s README.md (empty
+    when there is none, or it cannot be read: a base card never stops an export)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    path = Path(source) / "README.md" if source is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    kept = {k: data[k] for k in CARRIED if data.get(k)}
+    tags = data.get("tags")
+    if isinstance(tags, list) and tags:
+        kept["tags"] = [str(t) for t in tags if t != "merged"]
+    return kept
 
 
 def card_facts(model: nn.Module, method: str, format: str, report: dict | None) -> CardFacts:
@@ -72,8 +174,12 @@ def card_facts(model: nn.Module, method: str, format: str, report: dict | None) 
         method=method, merged=merged, keep=policy.get("keep"), params_before=before,
         params_after=before if merged else after, bytes_before=before_b,
         bytes_after=before_b if merged else after_b, groups=dict(groups), shapes=shapes,
-        perplexity=(report or {}).get("perplexity"),
+        perplexity=(report or {}).get("perplexity"), evaluation=_evaluation(report),
     )  # fmt: skip
+
+
+def _evaluation(report: dict | None) -> dict | None:
+    return ((report or {}).get("finetune") or {}).get("eval") or None
 
 
 def _bias(layer: nn.Module) -> int:
@@ -86,14 +192,25 @@ def model_card(
     config: object | None,
     source: str | Path | None,
     command: str | None = None,
+    origin: Provenance | None = None,
+    folder: str | Path | None = None,
 ) -> str:
-    """The README.md text."""
+    """The README.md text. `origin` is the export's provenance (by default: `source`'s,
+    with `command`); `folder` the export's files (a sentence-transformers model is
+    recognised by its side files there, else in `source`)."""
     from huggingface_hub import ModelCardData
 
-    base = base_model_id(source, config)
-    library = "transformers" if config is not None else "dlnc"
+    origin = origin or provenance(source, config, command)
+    base = origin.base_model
+    library = _library(config, folder if folder is not None else source)
     tags = [*TAGS, facts.method] + (["merged"] if facts.merged else [])
-    meta = ModelCardData(base_model=base, library_name=library, tags=tags).to_yaml()
+    tags += [t for t in origin.metadata.get("tags", []) if t not in tags]
+    carried = {k: v for k, v in origin.metadata.items() if k != "tags"}
+    carried.setdefault("pipeline_tag", _pipeline_tag(config, library))
+    meta = ModelCardData(
+        base_model=base, base_model_relation=RELATION if base else None,
+        library_name=library, tags=tags, **carried,
+    ).to_yaml()  # fmt: skip
     name = base or (Path(source).name if source is not None else "model")
     title = f"{name}, compressed with dlnc"
     parts = [
@@ -102,8 +219,9 @@ def model_card(
         _intro(facts, base, source),
         _size_table(facts),
         _rank_table(facts),
-        "## How it was made\n\n```bash\n" + (command or invocation()) + "\n```\n",
-        "## How to load it\n\n```python\n" + _load_snippet(config, facts) + "```\n",
+        _evaluation_table(facts),
+        _chain(origin),
+        "## How to load it\n\n```python\n" + _load_snippet(config, facts, library) + "```\n",
     ]
     return "\n".join(p for p in parts if p)
 
@@ -125,25 +243,32 @@ def report_facts(report: dict, section: dict) -> CardFacts:
         params_after=report.get("model_params_after") or 0,
         bytes_before=report.get("bytes_before") or 0, bytes_after=report.get("bytes_after") or 0,
         groups=dict(groups), shapes=shapes, perplexity=report.get("perplexity"),
+        evaluation=_evaluation(report),
     )  # fmt: skip
 
 
 def write_model_card(
-    folder: Path, facts: CardFacts, *, config: object | None, source: str | Path | None
+    folder: Path,
+    facts: CardFacts,
+    *,
+    config: object | None,
+    source: str | Path | None,
+    origin: Provenance | None = None,
 ) -> Path:
     """Write `folder/README.md` for an export (replacing a copied base-model card)."""
     path = folder / "README.md"
-    path.write_text(model_card(facts, config=config, source=source), encoding="utf-8")
+    text = model_card(facts, config=config, source=source, origin=origin, folder=folder)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
 def base_model_id(source: str | Path | None, config: object | None) -> str | None:
     """The Hub id of the original model: from a Hub cache path (`models--org--name`), else the
     config's `_name_or_path` when it is an id rather than a local folder; None if unknown."""
-    if source is not None:
-        found = re.search(r"models--([\w.-]+?)--([\w.-]+)", str(source))
-        if found:
-            return f"{found.group(1)}/{found.group(2)}"
+    from compressor.io.checkpoint import hub_cache_id
+
+    if source is not None and hub_cache_id(source) is not None:
+        return hub_cache_id(source)
     name = getattr(config, "_name_or_path", "") or ""
     looks_like_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
     return name if looks_like_id and not Path(name).exists() else None
@@ -207,19 +332,91 @@ def _rank_table(facts: CardFacts) -> str:
     return "### Ranks\n\n" + "\n".join(rows) + "\n"
 
 
-def _load_snippet(config: object | None, facts: CardFacts) -> str:
+def _evaluation_table(facts: CardFacts) -> str:
+    """Fine-tuning's held-out numbers: the original, the compressed model before, and after."""
+    evals = facts.evaluation or {}
+    if "after" not in evals:
+        return ""
+    stages = [evals.get(k) or {} for k in ("original", "before", "after")]
+    rows = ["| held-out metric | original | compressed | fine-tuned |", "|---|---:|---:|---:|"]
+    for key, label in EVAL_ROWS:
+        values = [s.get(key) for s in stages]
+        if values[2] is not None:
+            cells = " | ".join("-" if v is None else f"{v:.4g}" for v in values)
+            rows.append(f"| {label} | {cells} |")
+    samples = stages[2].get("samples")
+    return (
+        f"## Fine-tuning\n\nheld out: {samples} samples the training did not see\n\n"
+        + "\n".join(rows) + "\n"
+    )  # fmt: skip
+
+
+EVAL_ROWS = (
+    ("loss", "task loss"),
+    ("perplexity", "perplexity"),
+    ("accuracy", "accuracy"),
+    ("distill", "distillation loss to the original"),
+    ("cosine", "cosine to the original's embeddings"),
+)
+
+
+def _chain(origin: Provenance) -> str:
+    commands = "\n".join(origin.commands)
+    return (
+        f"## How it was made\n\nwith dlnc {origin.version}, by these commands in turn:\n\n"
+        f"```bash\n{commands}\n```\n"
+    )
+
+
+def _library(config: object | None, folder: str | Path | None) -> str:
+    """The card's `library_name`: dlnc (tensor mode), sentence-transformers or transformers."""
+    if config is None:
+        return "dlnc"
+    if folder is not None and any((Path(folder) / f).is_file() for f in ST_FILES):
+        return "sentence-transformers"
+    return "transformers"
+
+
+def _auto_class(config: object) -> tuple[str, str | None]:
+    """The transformers class that loads `config`'s architecture and its pipeline tag."""
+    from transformers.models.auto import modeling_auto
+
+    arch = next(iter(getattr(config, "architectures", None) or ()), None)
+    for auto, table, tag in AUTO_CLASSES:
+        names = getattr(modeling_auto, table, {}).values()
+        if any(arch == n or (isinstance(n, tuple) and arch in n) for n in names):
+            return auto, tag
+    return arch or "AutoModel", None
+
+
+def _pipeline_tag(config: object | None, library: str) -> str | None:
+    if library == "sentence-transformers":
+        return "sentence-similarity"
+    return _auto_class(config)[1] if config is not None else None
+
+
+def _load_snippet(config: object | None, facts: CardFacts, library: str) -> str:
+    """How to load the export: the one place that says it (tensor mode, sentence-transformers,
+    transformers; factorized layers need `import compressor`, merged ones do not)."""
     if config is None:
         return (
             "import compressor\n\n"
             "# tensor mode: weights only; pass an instance of the original module to run it\n"
             f'model = compressor.load_pretrained("{FOLDER}", model=MyModule())\n'
         )
-    arch = next(iter(getattr(config, "architectures", None) or ()), "AutoModel")
-    if facts.merged:
-        return f'from transformers import {arch}\n\nmodel = {arch}.from_pretrained("{FOLDER}")\n'
-    return (
-        "import compressor  # pip install dlnc; registers the loader of factorized layers\n"
-        f"from transformers import {arch}\n\n"
-        f'model = {arch}.from_pretrained("{FOLDER}")\n'
-        f'# or: model = compressor.load_pretrained("{FOLDER}")\n'
+    importing = (
+        ""
+        if facts.merged
+        else "import compressor  # pip install dlnc; registers the loader of factorized layers\n"
     )
+    if library == "sentence-transformers":
+        return (
+            f"{importing}from sentence_transformers import SentenceTransformer\n\n"
+            f'model = SentenceTransformer("{FOLDER}")\n'
+            'embeddings = model.encode(["The first sentence.", "The second one."])\n'
+        )
+    arch = _auto_class(config)[0]
+    loading = f'from transformers import {arch}\n\nmodel = {arch}.from_pretrained("{FOLDER}")\n'
+    if facts.merged:
+        return loading
+    return f'{importing}{loading}# or: model = compressor.load_pretrained("{FOLDER}")\n'

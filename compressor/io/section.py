@@ -27,6 +27,7 @@ __all__ = [
     "check_factors",
     "check_format",
     "check_section",
+    "dlnc_version",
     "export_files",
     "is_export",
     "read_config",
@@ -38,6 +39,17 @@ LAYOUTS = ("linear", "conv1d")
 EXPORT_FORMATS = ("factors", "dense")
 """How factorized layers are written: as their two factors (reloaded by dlnc), or multiplied
 back into dense weights of the original architecture (any tool reads them; no smaller)."""
+
+
+def dlnc_version() -> str:
+    """The installed dlnc's version (its package metadata), recorded in every export; "unknown"
+    when run from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dlnc")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def check_format(format: str) -> None:

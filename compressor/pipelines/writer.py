@@ -19,7 +19,7 @@ from compressor.core.linalg import breakeven_rank
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import factor_params
 from compressor.core.surgery import replace_module, tied_keys
-from compressor.io.export import export_state_dict
+from compressor.io.export import export_state_dict, weights_metadata
 from compressor.io.streaming import file_order, write_safetensors
 from compressor.pipelines.source import LayerSpec, StreamedCheckpoint, WeightReader
 
@@ -104,8 +104,8 @@ class ShardWriter:
         for name, t in self.layers.items():
             if t.decision.dense:
                 self.reports[name] = dense_report(name, t.shape, t.decision.reason)
-        metadata = {"format": "pt", **shared}
-        per_file = {"format": "pt"} if split.is_sharded else metadata
+        metadata = {**weights_metadata(), **shared}
+        per_file = {"format": "pt"} if split.is_sharded else metadata  # as huggingface_hub's
         with ThreadPoolExecutor(1) as self.pool:
             self._submit_next()
             for filename, specs in files.items():

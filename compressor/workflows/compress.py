@@ -13,7 +13,12 @@ from compressor.core.progress import ProgressFn
 from compressor.core.solver import Solver
 from compressor.core.surgery import count_params
 from compressor.errors import DlncError
-from compressor.io.checkpoint import LoadedCheckpoint, load_checkpoint, weight_files
+from compressor.io.checkpoint import (
+    LoadedCheckpoint,
+    load_checkpoint,
+    resolve_model,
+    weight_files,
+)
 from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
 from compressor.io.files import scratch_beside
 from compressor.options import CompressOptions, LoadOptions, MethodOptions
@@ -56,8 +61,9 @@ def compress_checkpoint(
     options: CompressOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> CompressResult:
-    """Compress the checkpoint at `path` and export it (default: `<input>-dlnc/` beside it)."""
+    """Compress the checkpoint at `path` (or cached Hub name) and export it (`<input>-dlnc/`)."""
     options = options or CompressOptions()
+    path = resolve_model(path, options.load.revision)
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
     check_output_dir(out, options.export.overwrite, Path(path))
     if options.run.stream and not (options.data_free or options.streamed_whiten):
@@ -132,9 +138,13 @@ def compress_checkpoint(
 
 
 def load(path: str | os.PathLike, options: LoadOptions) -> LoadedCheckpoint:
-    """The checkpoint at `path`, read as `options` say."""
+    """The checkpoint at `path` (a Hub name: from the local cache), read as `options` say."""
     return load_checkpoint(
-        path, options.config, options.allow_pickle, options.trust_remote_code, options.tensor_mode
+        resolve_model(path, options.revision),
+        options.config,
+        options.allow_pickle,
+        options.trust_remote_code,
+        options.tensor_mode,
     )
 
 

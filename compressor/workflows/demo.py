@@ -5,7 +5,9 @@ A deliberately wide MLP is trained for a few seconds on scikit-learn's handwritt
 inspect its spectra, estimate ranks from a short warm-up run (the learning dynamics),
 compress with a spectral initialization in the joint subspace of the weight and its update,
 fine-tune the deep chains (distillation + task loss, discrepant outer learning rate), export,
-reload, and compare before/after. The library reports progress through a callback.
+reload, and compare the three stages: the wide network, the compressed one (the cut is deep
+enough to cost accuracy) and the fine-tuned one (which wins most of it back). The library
+reports progress through a callback.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class DemoSettings:
     width: int = 1024  # hidden width of the wide network
     epochs: int = 30  # training epochs of the wide network
     warmup_steps: int = 40  # warm-up steps whose updates reveal each layer's rank
-    keep: float = 0.15  # fraction of the targeted weight parameters kept
+    keep: float = 0.03  # fraction of the targeted weight parameters kept (a cut that costs)
     depth: int = 3  # chain depth while fine-tuning (export collapses to 2)
     finetune_steps: int = 300  # recovery fine-tuning steps
     finetune_lr: float = 1e-4  # peak lr of the recovery (AdamW); 1e-3 kicks the model off
@@ -57,7 +59,7 @@ class DemoSettings:
 
     @classmethod
     def fast(cls) -> DemoSettings:
-        return cls(width=256, epochs=12, warmup_steps=20, finetune_steps=60)
+        return cls(width=256, epochs=12, warmup_steps=20, keep=0.08, finetune_steps=60)
 
 
 class WideMLP(nn.Module):
@@ -80,15 +82,16 @@ class WideMLP(nn.Module):
 
 @dataclass
 class DemoResult:
-    """Before/after numbers, per-layer ranks, and where things were written."""
+    """The three stages' numbers, per-layer ranks, and where things were written."""
 
-    rows: list[tuple[str, str, str]]  # (measure, wide, compressed)
+    rows: list[tuple[str, str, str, str]]  # (measure, wide, compressed, fine-tuned)
     ranks: dict[str, int | None]
     spectra: dict[str, torch.Tensor]
     losses: list[float]
     out_dir: Path
     wide_accuracy: float
-    compressed_accuracy: float
+    compressed_accuracy: float  # before fine-tuning
+    finetuned_accuracy: float
     wide_params: int
     compressed_params: int
     layers: list[dict] = field(default_factory=list)  # per layer: ranks seen and chosen
@@ -149,7 +152,8 @@ def _run(out: Path, settings: DemoSettings, progress: ProgressFn) -> DemoResult:
         losses=losses,
         out_dir=out,
         wide_accuracy=accs[0],
-        compressed_accuracy=accs[1],
+        compressed_accuracy=before_ft,
+        finetuned_accuracy=accs[1],
         wide_params=count_params(wide),
         compressed_params=count_params(reloaded),
         layers=layers,
@@ -258,11 +262,14 @@ def _table(wide, compressed, before_ft: float, out: Path, test: dict):
     acc = accuracy(wide, test), accuracy(compressed, test)
     lat = latency(wide, x), latency(compressed, x)
     size = disk_size(out / "wide" / "model.safetensors"), _weights(out / "compressed")
+    params = f"{count_params(compressed):,}"
+    mb = f"{size[1] / 1e6:.2f} MB"
+    ms = f"{lat[1] * 1e3:.2f} ms"  # the fine-tuned model has the compressed one's layers
     rows = [
-        ("parameters", f"{count_params(wide):,}", f"{count_params(compressed):,}"),
-        ("bytes on disk", f"{size[0] / 1e6:.2f} MB", f"{size[1] / 1e6:.2f} MB"),
-        ("test accuracy", f"{acc[0]:.3f}", f"{acc[1]:.3f} (before fine-tuning {before_ft:.3f})"),
-        ("CPU latency, 2048 digits", f"{lat[0] * 1e3:.2f} ms", f"{lat[1] * 1e3:.2f} ms"),
+        ("parameters", f"{count_params(wide):,}", params, params),
+        ("bytes on disk", f"{size[0] / 1e6:.2f} MB", mb, mb),
+        ("test accuracy", f"{acc[0]:.3f}", f"{before_ft:.3f}", f"{acc[1]:.3f}"),
+        ("CPU latency, 2048 digits", f"{lat[0] * 1e3:.2f} ms", ms, ms),
     ]
     return rows, acc
 

@@ -23,7 +23,7 @@ from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.io.export import check_output_dir, export
 from compressor.io.load import load_pretrained
-from compressor.io.section import is_export
+from compressor.io.section import dlnc_version, is_export
 from compressor.options import FinetuneOptions
 from compressor.training.data import load_data
 from compressor.training.loop import FinetuneResult, finetune
@@ -136,7 +136,7 @@ def finetune_checkpoint(
     state_dir = options.state_dir or out.parent / f"{out.name}.state"
     notices: list[str] = []
     result = recover(student, original, compressed, options, state_dir, progress, notices)
-    report = _read_report(compressed)
+    report = {**_read_report(compressed), "dlnc_version": dlnc_version()}
     report["finetune"] = {**result.report(), "state_dir": str(state_dir)}
     if not result.is_main_process:
         return RecoveryRun(None, report, result, notices)

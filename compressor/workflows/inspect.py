@@ -16,6 +16,7 @@ from compressor.core.layers import dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.stats import spectrum_stats
 from compressor.errors import DlncError
+from compressor.io.checkpoint import resolve_model
 from compressor.io.section import is_export
 from compressor.options import CompressOptions
 from compressor.workflows.compress import check_patterns, load, select_targets
@@ -36,8 +37,9 @@ class Inspection:
 def inspect_checkpoint(
     path: str | os.PathLike, options: CompressOptions, progress: ProgressFn | None = None
 ) -> Inspection:
-    """Spectrum statistics of the layers `options.targets` chooses in the checkpoint at `path`."""
-    path = Path(path)
+    """Spectrum statistics of the layers `options.targets` chooses in the checkpoint at `path`
+    (a Hub name: from the local cache)."""
+    path = resolve_model(path, options.load.revision)
     exported = path.is_dir() and is_export(path)
     targets, notices = _export_layers(path, options) if exported else _dense(path, options)
     spectra = layer_spectra(targets, progress)

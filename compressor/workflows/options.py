@@ -15,6 +15,7 @@ from typing import Any
 
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
+from compressor.io.checkpoint import resolve_model
 from compressor.io.rankfile import load_ranks, split_ranks
 from compressor.options import (
     CompressOptions,
@@ -72,6 +73,7 @@ def recipe_options(
     ranks (`apply_ranks_file`); a given `finetune.steps` fine-tunes on `finetune_data`."""
     given = dict(given or {})
     load = load or LoadOptions()
+    model = resolve_model(model, load.revision)
     recipe, source = choose_recipe(
         spec, model, load.config, load.tensor_mode, load.trust_remote_code
     )
@@ -222,6 +224,7 @@ def inspect_options(
     include/exclude only (its recipe chose them when it was compressed)."""
     from compressor.io.section import is_export
 
+    model = resolve_model(model, (load or LoadOptions()).revision)
     if Path(model).is_dir() and is_export(Path(model)):
         given = {k: v for k, v in (given or {}).items() if v is not None}
         targets = TargetOptions(

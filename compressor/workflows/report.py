@@ -14,6 +14,7 @@ from compressor.core.compress import CompressionReport
 from compressor.core.ranks import RankPolicy
 from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.io.export import disk_size
+from compressor.io.section import dlnc_version
 
 if TYPE_CHECKING:
     from compressor.methods.sequential import Correction
@@ -69,6 +70,7 @@ def build_report(
     saved = report.params_before - report.params_after
     _floor_notice(report, options.policy, loaded.notices)
     return {
+        "dlnc_version": dlnc_version(),
         "input": str(loaded.source),
         "model_type": loaded.model_type,
         "tensor_mode": loaded.tensor_mode,
