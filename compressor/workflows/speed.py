@@ -27,7 +27,14 @@ from compressor.core.layers import FactorizedLinear
 from compressor.core.tasks import task_spec
 from compressor.errors import DlncError
 
-__all__ = ["DTYPES", "ModelSpeed", "SpeedOptions", "check_device", "measure_speed"]
+__all__ = [
+    "DTYPES",
+    "ModelSpeed",
+    "SpeedOptions",
+    "check_device",
+    "measure_models",
+    "measure_speed",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The dtypes a model can be timed in, by name."""
@@ -112,20 +119,32 @@ def measure_speed(
     from compressor.workflows.finetune import check_teacher, load_model
 
     options = options or SpeedOptions()
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
     paths = {"model": path} | ({"dense": against} if against is not None else {})
-    models = {label: _prepared(load_model(p), options) for label, p in paths.items()}
+    models = {label: load_model(p) for label, p in paths.items()}
     if "dense" in models:
         check_teacher(models["model"], models["dense"], against)
+    return measure_models(models, options, {label: str(p) for label, p in paths.items()})
+
+
+def measure_models(
+    models: dict[str, nn.Module],
+    options: SpeedOptions,
+    names: dict[str, str] | None = None,
+) -> dict[str, ModelSpeed]:
+    """Each model's timings under `options`, by label, the models taking turns in every
+    repeat (all causal LMs, or none); `names` (where each came from) default to the labels."""
+    names = names or {label: label for label in models}
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    models = {label: _prepared(m, options) for label, m in models.items()}
     kinds = {label: _kind(m) for label, m in models.items()}
     for label, m in models.items():
-        _check_lengths(m, paths[label], kinds[label], options)
+        _check_lengths(m, names[label], kinds[label], options)
     if len(set(kinds.values())) > 1:
-        raise DlncError(f"{path} and {against}: one is a causal LM and the other is not")
-    results = {label: _describe(str(paths[label]), m, kinds[label]) for label, m in models.items()}
+        raise DlncError(f"{', '.join(names.values())}: some are causal LMs and some are not")
+    results = {label: _describe(names[label], m, kinds[label]) for label, m in models.items()}
     timers = {label: _timers(m, kinds[label], options) for label, m in models.items()}
-    for key in timers["model"]:
+    for key in next(iter(timers.values())):
         best = _alternate({label: t[key] for label, t in timers.items()}, options.repeats)
         for label, seconds in best.items():
             _record(results[label], key, seconds, options)
