@@ -43,7 +43,7 @@ def fail(message: str, command: str | None = None) -> None:
     raise typer.Exit(code=1)
 
 
-ALIASES = {"compress": {"steps": "--finetune-steps"}}
+ALIASES = {"compress": {"steps": "--finetune-steps"}, "speed": {"decode_batches": "--batch"}}
 """Where a command's flag for a parameter has another name."""
 
 
