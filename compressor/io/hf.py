@@ -8,7 +8,8 @@ dense weights are never allocated. `import compressor` registers the quantizer l
 (compressor/io/hf_register.py); this module imports transformers' quantizer machinery.
 
 Without dlnc, the config's `transformers_weights` field (LOAD_GUARD) makes `from_pretrained` stop
-with a message naming `pip install dlnc` / `import compressor`; the quantizer removes it.
+with a message naming `trust_remote_code=True` (the export's own loader, modeling_dlnc.py) and
+`import compressor`; the quantizer removes it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from compressor.core.surgery import factorized_layers, merge_
 from compressor.io.export import LOAD_GUARD, QUANT_METHOD, dlnc_section, export_state_dict
 from compressor.io.install import install_factorized
+from compressor.io.portable import write_portable
 from compressor.io.section import FORMAT_VERSION, check_export, check_section
 
 __all__ = ["DlncHfQuantizer", "DlncQuantizationConfig", "register"]
@@ -49,7 +51,7 @@ class DlncQuantizationConfig(QuantizationConfigMixin):
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"`format_version` {self.format_version}: written by a newer dlnc "
-                f"(this one reads up to {FORMAT_VERSION}); upgrade with `pip install -U dlnc`"
+                f"(this one reads up to {FORMAT_VERSION}); upgrade dlnc from its source"
             )
 
 
@@ -135,6 +137,7 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs) -> None:
     if factorized_layers(self):
         data["dlnc"] = dlnc_section(self, method, format="factors", tensor_mode=False)
         data["transformers_weights"] = LOAD_GUARD
+        data = write_portable(path.parent, self.config, data)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -1,0 +1,60 @@
+"""What makes a factorized export load without dlnc: `modeling_dlnc.py` (the template
+compressor/io/modeling_dlnc.py, torch and transformers only) copied beside the weights, and
+config.json's `auto_map` pointing every `AutoModel*` class that builds the architecture at its
+loaders there, so `AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)` works
+where dlnc is not installed. Without `trust_remote_code`, transformers ignores both and a load
+goes through the dlnc quantizer (compressor/io/hf.py) as before."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+__all__ = ["MODULE", "auto_class_for", "auto_map", "write_portable"]
+
+MODULE = "modeling_dlnc"
+"""The module's name in an export (`auto_map` values are `modeling_dlnc.<class>`)."""
+
+
+def _auto_classes(config: object) -> list[str]:
+    """The auto classes (most specific first) that build a model for `config`'s type."""
+    import transformers
+
+    from compressor.io.modeling_dlnc import AUTO_CLASSES
+
+    kind = type(config)
+    return [a for a in AUTO_CLASSES if kind in getattr(transformers, a)._model_mapping]
+
+
+def auto_map(config: object) -> dict[str, str]:
+    """config.json's `auto_map` for a factorized export of `config`'s architecture; empty when
+    the config already names remote code of its own (its classes are not transformers')."""
+    own = getattr(config, "auto_map", None) or {}
+    if any(not str(v).startswith(f"{MODULE}.") for v in own.values()):
+        return {}
+    return {a: f"{MODULE}.Dlnc{a.removeprefix('Auto')}" for a in _auto_classes(config)}
+
+
+def auto_class_for(config: object) -> str:
+    """The auto class that builds `config`'s architecture (`GPT2LMHeadModel` ->
+    `AutoModelForCausalLM`); `AutoModel` if none names it."""
+    import transformers
+
+    arch = next(iter(getattr(config, "architectures", None) or ()), None)
+    for name in _auto_classes(config):
+        built = getattr(transformers, name)._model_mapping.get(type(config))
+        if getattr(built, "__name__", None) == arch:
+            return name
+    return "AutoModel"
+
+
+def write_portable(folder: Path, config: object, data: dict) -> dict:
+    """Put `modeling_dlnc.py` in `folder` and return `data` (the config.json of a factorized
+    export of `config`) with its `auto_map`."""
+    entries = auto_map(config)
+    if not entries:
+        return data
+    from compressor.io import modeling_dlnc
+
+    shutil.copyfile(modeling_dlnc.__file__, Path(folder) / f"{MODULE}.py")
+    return {**data, "auto_map": entries}
