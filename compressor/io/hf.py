@@ -61,10 +61,17 @@ class DlncHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def update_attn_implementation(self, config):
-        """The one hook that sees the config before the weights are looked up: drop the guard."""
-        if getattr(config, "transformers_weights", None) == LOAD_GUARD:
-            del config.transformers_weights
-        return config
+        """A hook that sees the config before the weights are looked up (transformers >= 5.18):
+        drop the guard."""
+        return _without_guard(config)
+
+    def update_tp_plan(self, config):
+        """The same, where transformers 5.0 to 5.19 call this hook instead (before the weights
+        are looked up; later versions no longer call it)."""
+        return _without_guard(config)
+
+    def update_ep_plan(self, config):
+        return _without_guard(config)
 
     def _process_model_before_weight_loading(
         self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs
@@ -111,6 +118,13 @@ class DlncHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _without_guard(config):
+    """`config` without the `transformers_weights` guard (LOAD_GUARD, or an older dlnc's)."""
+    if str(getattr(config, "transformers_weights", "")).startswith("a dlnc factorized export"):
+        del config.transformers_weights
+    return config
 
 
 def _skip_parent_init(model: nn.Module) -> None:

@@ -42,7 +42,7 @@ def auto_class_for(config: object) -> str:
 
     arch = next(iter(getattr(config, "architectures", None) or ()), None)
     for name in _auto_classes(config):
-        built = getattr(transformers, name)._model_mapping.get(type(config))
+        built = getattr(transformers, name)._model_mapping[type(config)]
         if getattr(built, "__name__", None) == arch:
             return name
     return "AutoModel"
