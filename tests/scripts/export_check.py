@@ -39,6 +39,7 @@ def write(folder: Path, cases: dict = CASES) -> None:
 
     from cli.main import app
 
+    folder.mkdir(parents=True, exist_ok=True)
     for name, (family, flags) in cases.items():
         source, out = folder / f"{name}-dense", folder / name
         save_tiny(family, source)
