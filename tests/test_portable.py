@@ -60,6 +60,12 @@ def test_an_export_names_its_loader(tmp_path):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_dlnc.DlncModelForCausalLM"
     assert config["auto_map"]["AutoModel"] == "modeling_dlnc.DlncModel"
     assert "AutoModelForMaskedLM" not in config["auto_map"]  # transformers has none for Llama
+    card = (out / "README.md").read_text()
+    assert (
+        'AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)'
+        in card
+    )
+    assert "pip install dlnc" not in card
     module = (out / "modeling_dlnc.py").read_text()
     imported = {
         line.split()[1] for line in module.splitlines() if line.startswith(("import", "from"))

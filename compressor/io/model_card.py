@@ -217,9 +217,18 @@ def _load_snippet(config: object | None, facts: CardFacts) -> str:
     arch = next(iter(getattr(config, "architectures", None) or ()), "AutoModel")
     if facts.merged:
         return f'from transformers import {arch}\n\nmodel = {arch}.from_pretrained("{FOLDER}")\n'
+    from compressor.io.portable import auto_class_for, auto_map
+
+    portable = ""
+    if auto_map(config):
+        auto = auto_class_for(config)
+        portable = (
+            f"# without dlnc (transformers alone, the export's modeling_dlnc.py):\n"
+            f'# model = transformers.{auto}.from_pretrained("{FOLDER}", trust_remote_code=True)\n'
+        )
     return (
-        "import compressor  # pip install dlnc; registers the loader of factorized layers\n"
+        "import compressor  # dlnc, installed from its source: registers the factorized layers\n"
         f"from transformers import {arch}\n\n"
         f'model = {arch}.from_pretrained("{FOLDER}")\n'
-        f'# or: model = compressor.load_pretrained("{FOLDER}")\n'
+        f'# or: model = compressor.load_pretrained("{FOLDER}")\n' + portable
     )
