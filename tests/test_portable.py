@@ -103,12 +103,17 @@ def test_saving_a_portable_load_writes_an_export(tmp_path, one_torch_thread):
 
 
 def test_a_merged_export_needs_no_loader(tmp_path):
+    """Also from a model loaded from a factorized export (its config has dlnc's auto_map)."""
     from compressor.io.export import export
 
-    compressed, _ = compressed_export("gpt2", tmp_path)
-    out = export(compressed, tmp_path / "merged", config=compressed.config, format="dense")
+    _, factorized = compressed_export("gpt2", tmp_path)
+    model = tf.AutoModelForCausalLM.from_pretrained(factorized)
+    out = export(model, tmp_path / "merged", config=model.config, format="dense")
     assert "auto_map" not in json.loads((out / "config.json").read_text())
     assert not (out / "modeling_dlnc.py").exists()
+    model.dequantize()
+    model.save_pretrained(tmp_path / "dequantized")
+    assert "auto_map" not in json.loads((tmp_path / "dequantized" / "config.json").read_text())
 
 
 AUTO = {

@@ -314,8 +314,7 @@ def _config_dict(config: object | None, section: dict, folder: Path) -> dict:
     data["dlnc"] = section
     if config is not None and section["layers"]:
         data.update(quantization_fields())
-        data = write_portable(folder, config, data)
-    return data
+    return write_portable(folder, config, data) if config is not None else data
 
 
 def quantization_fields() -> dict:

@@ -32,7 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from compressor.core.surgery import factorized_layers, merge_
 from compressor.io.export import LOAD_GUARD, QUANT_METHOD, dlnc_section, export_state_dict
 from compressor.io.install import install_factorized
-from compressor.io.portable import write_portable
+from compressor.io.portable import is_own, write_portable
 from compressor.io.section import FORMAT_VERSION, check_export, check_section
 
 __all__ = ["DlncHfQuantizer", "DlncQuantizationConfig", "register"]
@@ -101,6 +101,8 @@ class DlncHfQuantizer(HfQuantizer):
         model.__dict__.pop("save_pretrained", None)
         if isinstance(getattr(model.config, "dlnc", None), dict):
             model.config.dlnc = {**model.config.dlnc, "merged": True, "layers": {}}
+        if is_own(getattr(model.config, "auto_map", None)):
+            del model.config.auto_map  # its modeling_dlnc.py would build factorized layers
         return model
 
     def is_serializable(self) -> bool:
@@ -151,7 +153,7 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs) -> None:
     if factorized_layers(self):
         data["dlnc"] = dlnc_section(self, method, format="factors", tensor_mode=False)
         data["transformers_weights"] = LOAD_GUARD
-        data = write_portable(path.parent, self.config, data)
+    data = write_portable(path.parent, self.config, data)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

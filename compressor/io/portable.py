@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-__all__ = ["MODULE", "auto_class_for", "auto_map", "write_portable"]
+__all__ = ["MODULE", "auto_class_for", "auto_map", "is_own", "write_portable"]
 
 MODULE = "modeling_dlnc"
 """The module's name in an export (`auto_map` values are `modeling_dlnc.<class>`)."""
@@ -29,8 +29,7 @@ def _auto_classes(config: object) -> list[str]:
 def auto_map(config: object) -> dict[str, str]:
     """config.json's `auto_map` for a factorized export of `config`'s architecture; empty when
     the config already names remote code of its own (its classes are not transformers')."""
-    own = getattr(config, "auto_map", None) or {}
-    if any(not str(v).startswith(f"{MODULE}.") for v in own.values()):
+    if getattr(config, "auto_map", None) and not is_own(config.auto_map):
         return {}
     return {a: f"{MODULE}.Dlnc{a.removeprefix('Auto')}" for a in _auto_classes(config)}
 
@@ -48,10 +47,18 @@ def auto_class_for(config: object) -> str:
     return "AutoModel"
 
 
+def is_own(entries: dict | None) -> bool:
+    """Whether an `auto_map` is the one dlnc writes (every class in `modeling_dlnc`)."""
+    return bool(entries) and all(str(v).startswith(f"{MODULE}.") for v in entries.values())
+
+
 def write_portable(folder: Path, config: object, data: dict) -> dict:
-    """Put `modeling_dlnc.py` in `folder` and return `data` (the config.json of a factorized
-    export of `config`) with its `auto_map`."""
-    entries = auto_map(config)
+    """`data` (config.json of a transformers export of `config`) with its `auto_map` and
+    `modeling_dlnc.py` put in `folder` when it is factorized; without factors, an `auto_map`
+    dlnc wrote before (a model loaded from an export) is dropped: no file for it to name."""
+    if is_own(data.get("auto_map")):
+        data = {k: v for k, v in data.items() if k != "auto_map"}
+    entries = auto_map(config) if (data.get("dlnc") or {}).get("layers") else {}
     if not entries:
         return data
     from compressor.io import modeling_dlnc
