@@ -59,6 +59,7 @@ def test_an_export_names_its_loader(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_dlnc.DlncModelForCausalLM"
     assert config["auto_map"]["AutoModel"] == "modeling_dlnc.DlncModel"
+    assert config["auto_map"]["AutoConfig"] == "modeling_dlnc.DlncConfig"
     assert "AutoModelForMaskedLM" not in config["auto_map"]  # transformers has none for Llama
     card = (out / "README.md").read_text()
     assert (
@@ -84,6 +85,17 @@ def test_with_dlnc_installed_trust_remote_code_loads_the_same(tmp_path, one_torc
     batch = inputs("gpt2")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, ours(**batch).logits)
+
+
+def test_the_remote_config_leaves_out_what_needs_dlnc(tmp_path):
+    """Tools that read `quantization_config` from the config alone (lm-eval's HFLM) take the
+    export with trust_remote_code=True; without it the config is the export's as written."""
+    _, out = compressed_export("gpt2", tmp_path)
+    config = tf.AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert type(config) is tf.GPT2Config and config.dlnc["layers"]
+    assert not hasattr(config, "quantization_config")
+    assert not hasattr(config, "transformers_weights")
+    assert hasattr(tf.AutoConfig.from_pretrained(out), "quantization_config")
 
 
 def test_saving_a_portable_load_writes_an_export(tmp_path, one_torch_thread):

@@ -130,7 +130,9 @@ class DlncAutoLoader:
         kwargs.pop("trust_remote_code", None)
         if config is None:
             config = transformers.AutoConfig.from_pretrained(path, **_hub_kwargs(kwargs))
-        config, removed = _plain_config(config)
+        config = _plain_config(config)
+        raw, _ = transformers.PretrainedConfig.get_config_dict(path, **_hub_kwargs(kwargs))
+        removed = {k: raw[k] for k in GUARD_KEYS if k in raw}  # for save_pretrained
         base = _architecture_class(getattr(transformers, cls.auto_class), config)
         model = factorized_class(base).from_pretrained(path, *args, config=config, **kwargs)
         model.__class__ = base  # the same class as a plain load: pipelines, isinstance
@@ -143,15 +145,33 @@ def _hub_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in keys if k in kwargs}
 
 
-def _plain_config(config) -> tuple[object, dict]:
-    """A copy of `config` without the fields that need dlnc (`GUARD_KEYS`), and those fields."""
-    config, removed = copy.deepcopy(config), {}
+def _plain_config(config):
+    """A copy of `config` without the fields that need dlnc (`GUARD_KEYS`)."""
+    config = copy.deepcopy(config)
     for key in GUARD_KEYS:
-        if getattr(config, key, None) is not None:
-            value = getattr(config, key)
-            removed[key] = value if isinstance(value, (str, dict)) else value.to_dict()
+        if hasattr(config, key):
             delattr(config, key)
-    return config, removed
+    return config
+
+
+class DlncConfig:
+    """What `auto_map` names for `AutoConfig`: with `trust_remote_code=True`, transformers' own
+    config of the export without the fields that need dlnc (`GUARD_KEYS`), so tools that read
+    `quantization_config` from the config alone (lm-evaluation-harness) do not refuse it."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """Called by transformers on remote classes; nothing to register."""
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        kwargs.pop("trust_remote_code", None)
+        got = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
+        config = got[0] if isinstance(got, tuple) else got  # (config, unused kwargs)
+        for key in GUARD_KEYS:
+            if hasattr(config, key):
+                delattr(config, key)
+        return got
 
 
 def _architecture_class(auto: type, config) -> type:

@@ -31,7 +31,8 @@ def auto_map(config: object) -> dict[str, str]:
     the config already names remote code of its own (its classes are not transformers')."""
     if getattr(config, "auto_map", None) and not is_own(config.auto_map):
         return {}
-    return {a: f"{MODULE}.Dlnc{a.removeprefix('Auto')}" for a in _auto_classes(config)}
+    models = {a: f"{MODULE}.Dlnc{a.removeprefix('Auto')}" for a in _auto_classes(config)}
+    return {"AutoConfig": f"{MODULE}.DlncConfig", **models} if models else {}
 
 
 def auto_class_for(config: object) -> str:
