@@ -62,7 +62,8 @@ def test_card_metadata_command_and_loading(tmp_path, monkeypatch):
     assert "method `svd`, keep 0.5" in card.text
     assert "| `transformer.h.*.attn.c_attn` | 96 x 32 | 2 |" in card.text
     assert "import compressor" in card.text
-    assert "import compressor  # pip install dlnc" in card.text
+    assert "import compressor  # dlnc (from its source)" in card.text
+    assert "pip install dlnc" not in card.text
     assert "AutoModelForCausalLM.from_pretrained" in card.text
     assert card.data.base_model_relation == "quantized"
     assert card.data.pipeline_tag == "text-generation"

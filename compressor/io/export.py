@@ -4,8 +4,9 @@ Layout of an export folder:
   model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
   config.json       the original config plus a `dlnc` section (format, method, layer ranks;
                     the provenance: dlnc version, base model, the commands of the chain);
-                    factorized: `quantization_config` (quant_method dlnc) for from_pretrained
-                    and the `transformers_weights` guard (LOAD_GUARD)
+                    factorized: `quantization_config` (quant_method dlnc) for from_pretrained,
+                    the `transformers_weights` guard (LOAD_GUARD) and `auto_map`
+  modeling_dlnc.py  factorized: the loader for `trust_remote_code=True` without dlnc
   report.json       the compression report (with `dlnc_version`)
   README.md         the model card (compressor/io/model_card.py)
   tokenizer / processor files copied from the input folder
@@ -55,8 +56,9 @@ QUANT_METHOD = "dlnc"
 """`quantization_config.quant_method` of a factorized export: routes `from_pretrained` to the
 dlnc quantizer (compressor/io/hf.py)."""
 LOAD_GUARD = (
-    "a dlnc factorized export: `pip install dlnc` and `import compressor` before loading it, "
-    "or its factorized layers would load as random weights"
+    "a dlnc factorized export: load it with `trust_remote_code=True` (transformers alone), or "
+    "install dlnc from its source and `import compressor` before loading it; otherwise its "
+    "factorized layers would load as random weights"
 )
 """config.json's `transformers_weights` in a factorized export. transformers refuses a value
 that is not a .safetensors name, with this text in its error, so loading without dlnc fails
@@ -231,7 +233,7 @@ def write_folder(
         write_weights(tmp)
         if callable(report):
             report = report()
-        _write_json(tmp / "config.json", _config_dict(config, section))
+        _write_json(tmp / "config.json", _config_dict(config, section, tmp))
         if report is not None:
             report = {**_with_size(report, tmp), "dlnc_version": origin.version}
             _write_json(tmp / "report.json", report)
@@ -318,14 +320,19 @@ def weights_metadata() -> dict[str, str]:
     return {"format": "pt", "dlnc_version": dlnc_version()}
 
 
-def _config_dict(config: object | None, section: dict) -> dict:
+def _config_dict(config: object | None, section: dict, folder: Path) -> dict:
+    """config.json: the model's config with the `dlnc` section; a factorized transformers
+    export adds the fields `from_pretrained` reads, and `modeling_dlnc.py` in `folder` with the
+    `auto_map` that loads it without dlnc (compressor/io/portable.py)."""
+    from compressor.io.portable import write_portable
+
     data = config.to_dict() if config is not None else {}
     if (data.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
         del data["quantization_config"]  # a model loaded by the dlnc quantizer: written afresh
     data["dlnc"] = section
     if config is not None and section["layers"]:
         data.update(quantization_fields())
-    return data
+    return write_portable(folder, config, data) if config is not None else data
 
 
 def quantization_fields() -> dict:

@@ -8,7 +8,8 @@ dense weights are never allocated. `import compressor` registers the quantizer l
 (compressor/io/hf_register.py); this module imports transformers' quantizer machinery.
 
 Without dlnc, the config's `transformers_weights` field (LOAD_GUARD) makes `from_pretrained` stop
-with a message naming `pip install dlnc` / `import compressor`; the quantizer removes it.
+with a message naming `trust_remote_code=True` (the export's own loader, modeling_dlnc.py) and
+`import compressor`; the quantizer removes it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from compressor.core.surgery import factorized_layers, merge_
 from compressor.io.export import LOAD_GUARD, QUANT_METHOD, dlnc_section, export_state_dict
 from compressor.io.install import install_factorized
+from compressor.io.portable import is_own, write_portable
 from compressor.io.section import FORMAT_VERSION, check_export, check_section
 
 __all__ = ["DlncHfQuantizer", "DlncQuantizationConfig", "register"]
@@ -49,7 +51,7 @@ class DlncQuantizationConfig(QuantizationConfigMixin):
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"`format_version` {self.format_version}: written by a newer dlnc "
-                f"(this one reads up to {FORMAT_VERSION}); upgrade with `pip install -U dlnc`"
+                f"(this one reads up to {FORMAT_VERSION}); upgrade dlnc from its source"
             )
 
 
@@ -59,10 +61,17 @@ class DlncHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def update_attn_implementation(self, config):
-        """The one hook that sees the config before the weights are looked up: drop the guard."""
-        if getattr(config, "transformers_weights", None) == LOAD_GUARD:
-            del config.transformers_weights
-        return config
+        """A hook that sees the config before the weights are looked up (transformers >= 5.18):
+        drop the guard."""
+        return _without_guard(config)
+
+    def update_tp_plan(self, config):
+        """The same, where transformers 5.0 to 5.19 call this hook instead (before the weights
+        are looked up; later versions no longer call it)."""
+        return _without_guard(config)
+
+    def update_ep_plan(self, config):
+        return _without_guard(config)
 
     def _process_model_before_weight_loading(
         self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs
@@ -92,6 +101,8 @@ class DlncHfQuantizer(HfQuantizer):
         model.__dict__.pop("save_pretrained", None)
         if isinstance(getattr(model.config, "dlnc", None), dict):
             model.config.dlnc = {**model.config.dlnc, "merged": True, "layers": {}}
+        if is_own(getattr(model.config, "auto_map", None)):
+            del model.config.auto_map  # its modeling_dlnc.py would build factorized layers
         return model
 
     def is_serializable(self) -> bool:
@@ -109,6 +120,13 @@ class DlncHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _without_guard(config):
+    """`config` without the `transformers_weights` guard (LOAD_GUARD, or an older dlnc's)."""
+    if str(getattr(config, "transformers_weights", "")).startswith("a dlnc factorized export"):
+        del config.transformers_weights
+    return config
 
 
 def _skip_parent_init(model: nn.Module) -> None:
@@ -135,6 +153,7 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs) -> None:
     if factorized_layers(self):
         data["dlnc"] = dlnc_section(self, method, format="factors", tensor_mode=False)
         data["transformers_weights"] = LOAD_GUARD
+    data = write_portable(path.parent, self.config, data)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -407,7 +407,7 @@ def _load_snippet(config: object | None, facts: CardFacts, library: str) -> str:
     importing = (
         ""
         if facts.merged
-        else "import compressor  # pip install dlnc; registers the loader of factorized layers\n"
+        else "import compressor  # dlnc (from its source): registers the factorized layers\n"
     )
     if library == "sentence-transformers":
         return (
@@ -419,4 +419,20 @@ def _load_snippet(config: object | None, facts: CardFacts, library: str) -> str:
     loading = f'from transformers import {arch}\n\nmodel = {arch}.from_pretrained("{FOLDER}")\n'
     if facts.merged:
         return loading
-    return f'{importing}{loading}# or: model = compressor.load_pretrained("{FOLDER}")\n'
+    return (
+        f'{importing}{loading}# or: model = compressor.load_pretrained("{FOLDER}")\n'
+        + _portable(config)
+    )
+
+
+def _portable(config: object) -> str:
+    """The line that loads a factorized export without dlnc, when it carries modeling_dlnc.py."""
+    from compressor.io.portable import auto_class_for, auto_map
+
+    if not auto_map(config):
+        return ""
+    return (
+        "# without dlnc (transformers alone, the export's modeling_dlnc.py):\n"
+        f'# model = transformers.{auto_class_for(config)}.from_pretrained("{FOLDER}", '
+        "trust_remote_code=True)\n"
+    )

@@ -1,0 +1,198 @@
+"""Loading a dlnc factorized export with transformers alone: `trust_remote_code=True`.
+
+This file is copied into every factorized export as `modeling_dlnc.py`, and config.json's
+`auto_map` points each `AutoModel*` class that serves the architecture at a loader here
+(`AutoModelForCausalLM` -> `modeling_dlnc.DlncModelForCausalLM`). It imports only torch and
+transformers, so someone without dlnc loads the export with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`: transformers' own class
+for the architecture, built with each layer of config.json's `dlnc` section replaced by two
+plain `nn.Linear` factors (`<name>.down`, `<name>.up`), into which the stored factors load.
+The outputs are those of `compressor.load_pretrained`, bit for bit (the same matmuls).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+from types import MethodType
+
+import torch
+import transformers
+from torch import nn
+
+AUTO_CLASSES = (
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForMultipleChoice",
+    "AutoModelForNextSentencePrediction",
+    "AutoModelForImageClassification",
+    "AutoModelForMaskedImageModeling",
+    "AutoModelForSpeechSeq2Seq",
+    "AutoModelForAudioClassification",
+    "AutoModelForCTC",
+    "AutoModelForPreTraining",
+    "AutoModel",
+)
+"""The auto classes an export may name in `auto_map`, the most specific first (a model card's
+snippet names the first that builds the export's architecture)."""
+GUARD_KEYS = ("quantization_config", "transformers_weights")
+"""config.json fields that route a load to the dlnc quantizer or stop a load without dlnc;
+this loader does not need them and removes them from the config it builds with."""
+
+
+class FactorizedLinear(nn.Module):
+    """A linear layer stored as two factors: `up(down(x))`, down k x in, up out x k (+ bias)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def install(model: nn.Module, layers: dict) -> None:
+    """Swap in a `FactorizedLinear` for each entry of the layer table (`name` -> rank, shape,
+    bias); a layer of a head this model lacks (the base model of a head model's export) is
+    skipped. The parents of the new layers are marked initialised when they hold no tensors
+    of their own: their `_init_weights` may read a `.weight` the factors do not have."""
+    for name, spec in layers.items():
+        local = _local_name(model, name)
+        if local is None:
+            continue
+        (out_f, in_f), parent_name, _, child = spec["shape"], *local.rpartition(".")
+        dtype = next(model.get_submodule(local).parameters()).dtype
+        layer = FactorizedLinear(in_f, out_f, spec["rank"], spec.get("bias", False)).to(dtype)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, layer)
+        if not [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]:
+            parent._is_hf_initialized = True
+
+
+def _local_name(model: nn.Module, name: str) -> str | None:
+    """`name` as a path in `model`, across the base-model prefix (`transformer.`, `bert.`)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = [name, f"{prefix}.{name}"] if prefix else [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1 :])
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+            return candidate
+        except AttributeError:
+            continue
+    if prefix and not hasattr(model, prefix) and not name.startswith(prefix + "."):
+        return None  # a head layer; this model is the base alone
+    raise KeyError(f"no module at {name}")
+
+
+_FACTORIZED: dict[type, type] = {}
+
+
+def factorized_class(base: type) -> type:
+    """`base` (transformers' class for the architecture) whose `__init__` ends by installing
+    the factorized layers its config's `dlnc` section lists (on the meta device, as
+    `from_pretrained` builds it: the dense weights are never allocated)."""
+    if base not in _FACTORIZED:
+
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            install(self, (getattr(config, "dlnc", None) or {}).get("layers", {}))
+
+        _FACTORIZED[base] = type(base.__name__, (base,), {"__init__": __init__})
+    return _FACTORIZED[base]
+
+
+class DlncAutoLoader:
+    """What `auto_map` names: `from_pretrained` loads the export through transformers' own
+    class for its architecture (the one `auto_class` picks) with the factorized layers."""
+
+    auto_class = "AutoModel"
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel") -> None:
+        """Called by transformers on remote classes; nothing to register."""
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, **kwargs) -> nn.Module:
+        kwargs.pop("trust_remote_code", None)
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(path, **_hub_kwargs(kwargs))
+        config = _plain_config(config)
+        raw, _ = transformers.PretrainedConfig.get_config_dict(path, **_hub_kwargs(kwargs))
+        removed = {k: raw[k] for k in GUARD_KEYS if k in raw}  # for save_pretrained
+        base = _architecture_class(getattr(transformers, cls.auto_class), config)
+        model = factorized_class(base).from_pretrained(path, *args, config=config, **kwargs)
+        model.__class__ = base  # the same class as a plain load: pipelines, isinstance
+        model.save_pretrained = MethodType(partial(_save_pretrained, removed=removed), model)
+        return model
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+def _plain_config(config):
+    """A copy of `config` without the fields that need dlnc (`GUARD_KEYS`)."""
+    config = copy.deepcopy(config)
+    for key in GUARD_KEYS:
+        if hasattr(config, key):
+            delattr(config, key)
+    return config
+
+
+class DlncConfig:
+    """What `auto_map` names for `AutoConfig`: with `trust_remote_code=True`, transformers' own
+    config of the export without the fields that need dlnc (`GUARD_KEYS`), so tools that read
+    `quantization_config` from the config alone (lm-evaluation-harness) do not refuse it."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """Called by transformers on remote classes; nothing to register."""
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        kwargs.pop("trust_remote_code", None)
+        got = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
+        config = got[0] if isinstance(got, tuple) else got  # (config, unused kwargs)
+        for key in GUARD_KEYS:
+            if hasattr(config, key):
+                delattr(config, key)
+        return got
+
+
+def _architecture_class(auto: type, config) -> type:
+    """transformers' class that `auto` builds for `config` (not the remote one)."""
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    return _get_model_class(config, auto._model_mapping)
+
+
+def _save_pretrained(self: nn.Module, save_directory, *args, removed: dict, **kwargs) -> None:
+    """`save_pretrained`, then what makes the copy an export again: the fields this loader
+    removed from the config, and this file beside it."""
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    path = Path(save_directory) / "config.json"
+    if not path.is_file():  # not the main process
+        return
+    data = {**json.loads(path.read_text()), **removed}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    shutil.copyfile(__file__, Path(save_directory) / "modeling_dlnc.py")
+
+
+for _auto in AUTO_CLASSES:  # DlncModelForCausalLM, ..., DlncModel: what auto_map names
+    _name = "Dlnc" + _auto.removeprefix("Auto")
+    globals()[_name] = type(_name, (DlncAutoLoader,), {"auto_class": _auto})
