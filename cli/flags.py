@@ -34,6 +34,7 @@ __all__ = [
     "FlagGroup",
     "JsonOut",
     "Plot",
+    "Quiet",
     "with_flags",
 ]
 
@@ -90,6 +91,9 @@ def _option(kind: Any, help: str, *decls: str, **kw: Any) -> Any:
 
 
 JsonOut = _option(bool, "Print the result as JSON.", "--json")
+Quiet = _option(
+    bool, "No progress bars, per-step lines or notes; the result and errors only.", "--quiet", "-q"
+)
 Plot = _option(Path | None, "Write a PNG of the spectra (and the chosen ranks).")
 
 LOAD = FlagGroup("load", {

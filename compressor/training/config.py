@@ -10,11 +10,13 @@ from compressor.core.layers import check_depth
 from compressor.errors import DlncError
 from compressor.training.objectives import check_params, objective_names
 
-__all__ = ["PRECISIONS", "SCHEDULE_FIELDS", "TEACHER_DTYPES", "FinetuneConfig"]
+__all__ = ["DTYPES", "PRECISIONS", "SCHEDULE_FIELDS", "TEACHER_DTYPES", "FinetuneConfig"]
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                  "float16": torch.float16}  # fmt: skip
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}  # fmt: skip
+"""The dtypes a model can be cast to by name (`auto`: as it is)."""
+TEACHER_DTYPES = DTYPES
 SCHEDULE_FIELDS = ("steps", "lr", "outer_lr_scale", "depth", "warmup", "grad_accum", "seed")
 """Fields a resumed run must share with the saved one, or it would not end where it would have."""
 
