@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -110,3 +111,52 @@ def test_compress_finetune_steps_needs_data(setup, tmp_path):
     done = runner.invoke(app, ["compress", str(original), "--out", str(out),
                                "--finetune-steps", "3"])  # fmt: skip
     assert done.exit_code == 1 and "--finetune-data" in done.stderr and not out.exists()
+
+
+def read_scalars(folder):
+    """The scalars of the tensorboard event files in `folder`: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}  # fmt: skip
+
+
+def test_training_logs_history_plot_and_tensorboard(setup, tmp_path):
+    """Without a terminal a line every --log-every steps; report.json keeps every step's loss
+    and lr, loss.png is drawn beside it, and tensorboard's event file holds the same losses."""
+    original, compressed, data = setup
+    out = tmp_path / "ft"
+    args = ["finetune", str(compressed), "--data", str(data), "--teacher", str(original),
+            "--steps", "5", "--lr", "3e-3", "--out", str(out), "--log-every", "2",
+            "--report-to", "tensorboard"]  # fmt: skip
+    done = runner.invoke(app, args)  # CliRunner's stderr is no terminal
+    assert done.exit_code == 0, done.output
+    lines = [line for line in done.stderr.splitlines() if line.startswith("finetune step")]
+    assert [line.split()[2] for line in lines] == ["2/5", "4/5", "5/5"]
+    assert all(re.search(r"loss [0-9.e+-]+  lr [0-9.e+-]+  [0-9.]+ steps/s", x) for x in lines)
+    section = json.loads((out / "report.json").read_text())["finetune"]
+    history = section["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["loss"] == section["final_loss"] and history[0]["lr"] > history[-1]["lr"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logs = tmp_path / "ft.state" / "logs"
+    assert section["logs"] == str(logs) and str(logs) in done.stdout
+    scalars = read_scalars(logs / "finetune")
+    as_float32 = [float(torch.tensor(h["loss"], dtype=torch.float32)) for h in history]
+    assert scalars["loss"] == list(enumerate(as_float32, start=1))
+    assert [v for _, v in scalars["lr"]] == pytest.approx([h["lr"] for h in history], rel=1e-6)
+
+
+def test_an_unknown_or_missing_tracker_is_refused_before_work(setup, tmp_path):
+    _, compressed, data = setup
+    out = tmp_path / "ft"
+    for tracker, message in (("tensorbored", "unknown tracker 'tensorbored'"),
+                             ("aim", "--report-to aim: aim is not installed")):  # fmt: skip
+        args = ["finetune", str(compressed), "--data", str(data), "--steps", "2",
+                "--out", str(out), "--report-to", tracker]  # fmt: skip
+        done = runner.invoke(app, args)
+        assert done.exit_code == 1 and message in done.stderr, done.output
+        assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+        assert not (tmp_path / "ft.state").exists()

@@ -9,6 +9,7 @@ import torch
 from compressor.core.layers import check_depth
 from compressor.errors import DlncError
 from compressor.training.objectives import check_params, objective_names
+from compressor.training.tracking import check_trackers
 
 __all__ = ["DTYPES", "PRECISIONS", "SCHEDULE_FIELDS", "TEACHER_DTYPES", "FinetuneConfig"]
 
@@ -44,6 +45,9 @@ class FinetuneConfig:
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     shuffle: bool = True  # reshuffle the batches every epoch (seeded)
     seed: int = 0  # seeds the shuffle, dropout and masking
+    # experiment trackers each step's loss and lr go to (accelerate's `log_with`: tensorboard,
+    # wandb, mlflow, ...), writing under the run's state folder
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _at_least("steps", self.steps, 1)
@@ -66,6 +70,7 @@ class FinetuneConfig:
         _one_of("objective", self.objective, objective_names())
         self.objective_params = check_params(self.objective_params)
         _one_of("trainable", self.trainable, ("all", "factors"))
+        self.report_to = check_trackers(self.report_to)
 
 
 def _at_least(name: str, value: int, low: int) -> None:
