@@ -57,6 +57,13 @@ FinetuneSteps = Annotated[
 FinetuneData = Annotated[
     Path | None, typer.Option(exists=True, help="Fine-tuning data (with --finetune-steps).")
 ]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        help="With --finetune-steps: continue an interrupted fine-tuning from <out>.state "
+        "(give the same flags again)."
+    ),
+]
 RanksFile = Annotated[
     Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
 ]
@@ -70,6 +77,7 @@ def compress(
     plot: Plot = None,
     finetune_steps: FinetuneSteps = None,
     finetune_data: FinetuneData = None,
+    resume: Resume = False,
     data: CALIBRATION_DATA = None,
     ranks: RanksFile = None,
     json_out: JsonOut = False,
@@ -102,7 +110,7 @@ def compress(
             RECIPE_FLAGS, load=LoadOptions(**load), method=rank_method,
             data={"path": data, **batches}, run=RunOptions(**run),
             export=ExportOptions(format="dense" if merge else "factors", **export),
-            ranks_file=ranks, finetune_data=finetune_data,
+            ranks_file=ranks, finetune_data=finetune_data, resume=resume,
         )  # fmt: skip
         with progress_bars(not (json_out or quiet), log_every) as progress:
             result = compress_checkpoint(model, out, options, progress)

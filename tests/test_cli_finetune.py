@@ -160,3 +160,64 @@ def test_an_unknown_or_missing_tracker_is_refused_before_work(setup, tmp_path):
         assert done.exit_code == 1 and message in done.stderr, done.output
         assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
         assert not (tmp_path / "ft.state").exists()
+
+
+def test_compress_interrupted_in_fine_tuning_says_resume_and_resumes(setup, tmp_path, monkeypatch):
+    """Ctrl-C in `compress --finetune-steps` names a flag compress has (--resume), and
+    --resume continues from the saved step to the same history as an uninterrupted run."""
+    import os
+    import signal
+
+    from compressor.training import loop
+
+    original, _, data = setup
+    base = ["compress", str(original), "--keep", "0.3", "--finetune-steps", "4",
+            "--finetune-data", str(data), "--quiet"]  # fmt: skip
+    whole = runner.invoke(app, [*base, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    report = loop._Loop._report
+
+    def ctrl_c_after_step_2(self, start):
+        report(self, start)
+        if self.state.step == 2 and not self.config.save_every:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop._Loop, "_report", ctrl_c_after_step_2)
+    out = tmp_path / "out"
+    stopped = runner.invoke(app, [*base, "--out", str(out)])
+    assert stopped.exit_code == 130 and not out.exists()
+    assert stopped.stderr.strip().endswith("run again with --resume to continue")
+    monkeypatch.setattr(loop._Loop, "_report", report)
+    resumed = runner.invoke(app, [*base, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    section = json.loads((out / "report.json").read_text())["finetune"]
+    expected = json.loads((tmp_path / "whole" / "report.json").read_text())["finetune"]
+    assert section["resumed_from"] == 2 and section["history"] == expected["history"]
+
+
+def test_quiet_leaves_out_progress_lines_and_notes(setup, tmp_path):
+    original, compressed, data = setup
+    args = ["finetune", str(compressed), "--data", str(data), "--steps", "2",
+            "--objective", "task", "--log-every", "1", "--eval-fraction", "0"]  # fmt: skip
+    loud = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert loud.exit_code == 0 and "finetune step 1/2" in loud.stderr, loud.output
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.output
+    assert "wrote" in quiet.stdout  # the result is still printed
+    done = runner.invoke(app, ["compress", str(original), "--out", str(tmp_path / "c"),
+                               "--keep", "0.01", "--quiet"])  # fmt: skip
+    assert done.exit_code == 0 and done.stderr == "", done.output
+    assert "recipe:" not in done.stdout and "note:" not in done.stdout and "wrote" in done.stdout
+    loud = runner.invoke(app, ["compress", str(original), "--out", str(tmp_path / "d"),
+                               "--keep", "0.01"])  # fmt: skip
+    assert "recipe:" in loud.stdout and "note:" in loud.stdout  # what --quiet left out
+
+
+def test_compress_resume_needs_finetune_steps(setup, tmp_path):
+    original, _, _ = setup
+    done = runner.invoke(app, ["compress", str(original), "--out", str(tmp_path / "x"),
+                               "--resume"])  # fmt: skip
+    assert done.exit_code == 1 and not (tmp_path / "x").exists()
+    assert done.stderr.strip() == (
+        "error: --resume continues an interrupted fine-tuning; give --finetune-steps"
+    )
