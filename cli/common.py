@@ -149,11 +149,21 @@ def check_outputs(**files: Path | None) -> None:
             check_plot_path(path)
 
 
+LOG_EVERY = 10
+"""Steps between two plain progress lines when no bar can be drawn (`--log-every`)."""
+
+
 @contextmanager
-def progress_bars(enabled: bool = True) -> Iterator:
+def progress_bars(enabled: bool = True, log_every: int = LOG_EVERY) -> Iterator:
     """A rich Progress and the library's `progress(stage, done, total, **metrics)` callback
-    that drives it: one bar per stage, its metrics (loss, steps/s, time left) beside it.
+    that drives it: one bar per stage, its metrics (loss, lr, steps/s, time left) beside it.
+    Where no bar can be drawn (stderr is a log file, SLURM's output, CI's), a stage that
+    reports a loss writes a plain line every `log_every` steps and at its last (0: none).
     Only the main process of a multi-process launch draws."""
+    if log_every < 0:
+        fail(f"--log-every must be >= 0, got {log_every}")
+    shown = enabled and is_main_process()
+    plain = shown and not err_console.is_terminal
     progress = Progress(
         TextColumn("{task.description:<12}"),
         BarColumn(),
@@ -162,11 +172,15 @@ def progress_bars(enabled: bool = True) -> Iterator:
         TextColumn("{task.fields[info]}"),
         console=err_console,
         transient=True,
-        disable=not (enabled and is_main_process()),
+        disable=plain or not shown,
     )
     tasks: dict[str, int] = {}
 
     def callback(stage: str, done: int, total: int, /, **metrics: float) -> None:
+        if plain:
+            if "loss" in metrics and log_every and (done % log_every == 0 or done == total):
+                typer.echo(f"{stage} step {done}/{total}  {_metrics(metrics)}", err=True)
+            return
         if not tasks:
             progress.start()  # lazily, so an early error prints nothing but its line
         if stage not in tasks:
@@ -184,6 +198,8 @@ def _metrics(metrics: dict[str, float]) -> str:
     parts = []
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4g}")
+    if metrics.get("lr") is not None:
+        parts.append(f"lr {metrics['lr']:.3g}")
     if "steps_per_s" in metrics:
         parts.append(f"{metrics['steps_per_s']:.2f} steps/s")
     if "eta_s" in metrics and metrics["eta_s"] != float("inf"):

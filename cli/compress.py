@@ -32,7 +32,9 @@ from cli.flags import (
     RUN,
     TARGETS,
     JsonOut,
+    LogEvery,
     Plot,
+    Quiet,
     recipe_given,
     with_flags,
 )
@@ -55,6 +57,13 @@ FinetuneSteps = Annotated[
 FinetuneData = Annotated[
     Path | None, typer.Option(exists=True, help="Fine-tuning data (with --finetune-steps).")
 ]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        help="With --finetune-steps: continue an interrupted fine-tuning from <out>.state "
+        "(give the same flags again)."
+    ),
+]
 RanksFile = Annotated[
     Path | None, typer.Option(help="Per-layer ranks from `dlnc estimate-ranks --save`.")
 ]
@@ -73,9 +82,12 @@ def compress(
     plot: Plot = None,
     finetune_steps: FinetuneSteps = None,
     finetune_data: FinetuneData = None,
+    resume: Resume = False,
     data: CALIBRATION_DATA = None,
     ranks: RanksFile = None,
     json_out: JsonOut = False,
+    log_every: LogEvery = 10,
+    quiet: Quiet = False,
     *,
     budget: dict,
     targets: dict,
@@ -103,10 +115,13 @@ def compress(
             RECIPE_FLAGS, load=LoadOptions(**load), method=rank_method,
             data={"path": data, **batches}, run=RunOptions(**run),
             export=ExportOptions(format="dense" if merge else "factors", **export),
-            ranks_file=ranks, finetune_data=finetune_data,
+            ranks_file=ranks, finetune_data=finetune_data, resume=resume,
         )  # fmt: skip
-        with progress_bars(not json_out) as progress:
+        with progress_bars(not (json_out or quiet), log_every) as progress:
             result = compress_checkpoint(model, out, options, progress)
+        from cli.plots import write_loss_plot
+
+        write_loss_plot(result.report, result.out_dir)
         if plot is not None:
             from cli.plots import plot_spectra
 
@@ -115,23 +130,27 @@ def compress(
     if json_out:
         print_json({"out_dir": str(result.out_dir), **result.report})
         return
-    print_report(result, plot)
+    print_report(result, plot, quiet)
 
 
-def print_report(result, plot: Path | None) -> None:
-    """The recipe, the notices, the per-layer and total tables, and what was written."""
-    print_recipe(result.report["recipe"])
+def print_report(result, plot: Path | None, quiet: bool = False) -> None:
+    """The recipe, the notices, the per-layer and total tables, and what was written
+    (`quiet`: without the recipe line and the notes)."""
+    print_recipe(result.report["recipe"], quiet)
     console = stdout_console()
-    print_notes(result.notices, "compress", console)
+    if not quiet:
+        print_notes(result.notices, "compress", console)
     console.print(layer_table(result.report))
     console.print(totals_table(result.report))
     console.print(f"wrote {result.out_dir}" + (f" and {plot}" if plot else ""))
 
 
-def print_recipe(record: dict) -> None:
-    """Which recipe was used, and the fallback warning (with --json: in the report only)."""
+def print_recipe(record: dict, quiet: bool = False) -> None:
+    """Which recipe was used (not when `quiet`), and the fallback warning (with --json: in
+    the report only)."""
     console = Console(soft_wrap=True, highlight=False)  # a path stays whole, copyable
-    console.print(f"recipe: {record['name']} ({record['picked_by']}: {record['path']})")
+    if not quiet:
+        console.print(f"recipe: {record['name']} ({record['picked_by']}: {record['path']})")
     if record["warning"]:
         console.print(f"[yellow]warning:[/] {as_flags(record['warning'], 'compress')}")
 

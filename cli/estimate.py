@@ -28,6 +28,7 @@ from cli.flags import (
     TARGETS,
     JsonOut,
     Plot,
+    Quiet,
     recipe_given,
     with_flags,
 )
@@ -62,6 +63,7 @@ def estimate_ranks(
     plot: Plot = None,
     save: Save = None,
     json_out: JsonOut = False,
+    quiet: Quiet = False,
     *,
     budget: dict,
     rank_method: dict,
@@ -87,7 +89,7 @@ def estimate_ranks(
             recipe, model, recipe_given(**budget, **targets), RECIPE_FLAGS,
             load=LoadOptions(**load), method=rank_method, data={"path": data, **batches},
         )  # fmt: skip
-        with progress_bars(not json_out) as progress:
+        with progress_bars(not (json_out or quiet)) as progress:
             est = estimate_checkpoint(model, options, tau, progress)
         if plot is not None:
             from cli.plots import plot_spectra
@@ -101,10 +103,10 @@ def estimate_ranks(
                     "recipe": chosen.name, "info": asdict(est.info), "notices": est.notices,
                     "layers": [r.to_dict() for r in est.layers]})  # fmt: skip
         return
-    _print(est, [p for p in (plot, save) if p], options.recipe)
+    _print(est, [p for p in (plot, save) if p], options.recipe, quiet)
 
 
-def _print(est, written: list[Path], recipe: dict | None) -> None:
+def _print(est, written: list[Path], recipe: dict | None, quiet: bool = False) -> None:
     from rich.table import Table
 
     from compressor import methods
@@ -127,7 +129,8 @@ def _print(est, written: list[Path], recipe: dict | None) -> None:
     console = stdout_console()
     if recipe and recipe.get("warning"):  # auto fell back to the generic recipe
         console.print(f"[yellow]warning:[/] {as_flags(recipe['warning'], 'estimate-ranks')}")
-    print_notes(est.notices, "estimate-ranks", console)
+    if not quiet:
+        print_notes(est.notices, "estimate-ranks", console)
     console.print(table)
     info = est.info
     if info.samples:

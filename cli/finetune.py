@@ -1,6 +1,6 @@
 """`dlnc finetune`: recovery fine-tuning of a compressed model.
 
-It runs unchanged on CPU, one GPU, or many processes: `accelerate launch -m cli.main finetune ...`.
+It runs unchanged on CPU, one GPU, or many processes (`LAUNCH`, as the README says).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from cli.flags import (
     RECIPE_FLAGS,
     TRAINING,
     JsonOut,
+    LogEvery,
+    Quiet,
     recipe_given,
     with_flags,
 )
@@ -43,6 +45,8 @@ RECIPE_VALUES = {
     "depth": (Annotated[int | None, typer.Option(
         help="Train chains of this depth L >= 2 \\[recipe].")], None),
 }  # fmt: skip
+LAUNCH = 'accelerate launch --multi_gpu --num_processes 4 "$(which dlnc)" finetune ...'
+"""How to run `dlnc finetune` on several GPUs (the README and the help say this same line)."""
 FINETUNE_DATA = DATA.defaults(batch_size=None, max_length=None, samples=None)
 """Batch size and max length default to the recipe's (`finetune` section)."""
 
@@ -71,6 +75,8 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     json_out: JsonOut = False,
+    log_every: LogEvery = 10,
+    quiet: Quiet = False,
     *,
     training: dict,
     batches: dict,
@@ -79,7 +85,9 @@ def finetune(
 
     Distils from --teacher (KL on logits, or MSE on hidden states for encoders) and/or trains
     on the task, then exports (chains collapse to two factors). Ctrl-C saves a resumable
-    state; --resume continues it. Many GPUs: accelerate launch -m cli.main finetune ...
+    state; --resume continues it. Writes report.json (the loss and lr of every step) and
+    loss.png beside the export. Several GPUs: accelerate launch --multi_gpu --num_processes 4
+    "$(which dlnc)" finetune ...
     """
     from compressor.workflows.finetune import finetune_checkpoint
     from compressor.workflows.options import recipe_finetune_options
@@ -92,22 +100,34 @@ def finetune(
                              max_length=batches.pop("max_length"))  # fmt: skip
         training["clip"] = training["clip"] or None
         training["objective_params"] = {n: training.pop(n) for n in OBJECTIVE_PARAMS}
+        trackers = training.pop("report_to") or ""
+        training["report_to"] = tuple(t.strip() for t in trackers.split(",") if t.strip())
         options, _ = recipe_finetune_options(
             recipe, model, given, {**RECIPE_FLAGS, "finetune.steps": "--steps"}, data=data,
             config={**training, "seed": batches["seed"]}, data_kw=batches, eval_data=eval_data,
             eval_fraction=eval_fraction, state_dir=state_dir, resume=resume,
         )  # fmt: skip
-        with progress_bars(not json_out) as progress:
+        with progress_bars(not (json_out or quiet), log_every) as progress:
             run = finetune_checkpoint(model, out, teacher=teacher, options=options,
                                       overwrite=overwrite, progress=progress)  # fmt: skip
-    if run.out_dir is None:  # not the main process
-        return
+        if run.out_dir is not None:
+            from cli.plots import write_loss_plot
+
+            write_loss_plot(run.report, run.out_dir)
+    if run.out_dir is not None:  # the main process
+        print_run(run, json_out, quiet)
+
+
+def print_run(run, json_out: bool, quiet: bool) -> None:
+    """The notes (not when `quiet`), then the report as JSON, or the held-out table and what
+    was written."""
+    notices = [] if quiet else run.notices
     if json_out:
-        print_notes(run.notices, "finetune")  # on stderr: stdout is the JSON
+        print_notes(notices, "finetune")  # on stderr: stdout is the JSON
         print_json({"out_dir": str(run.out_dir), **run.report})
         return
     console = stdout_console()
-    print_notes(run.notices, "finetune", console)
+    print_notes(notices, "finetune", console)
     section = run.report["finetune"]
     console.print(f"objective: {section['objective']}")
     if section["eval"]:
@@ -116,3 +136,5 @@ def finetune(
         f"{section['steps']} steps in {section['seconds']:.1f} s "
         f"({section['steps_per_s']:.2f} steps/s); wrote {run.out_dir}"
     )
+    if section.get("logs"):
+        console.print(f"tracker logs: {section['logs']}", soft_wrap=True)

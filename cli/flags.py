@@ -33,7 +33,9 @@ __all__ = [
     "TRAINING",
     "FlagGroup",
     "JsonOut",
+    "LogEvery",
     "Plot",
+    "Quiet",
     "with_flags",
 ]
 
@@ -90,6 +92,14 @@ def _option(kind: Any, help: str, *decls: str, **kw: Any) -> Any:
 
 
 JsonOut = _option(bool, "Print the result as JSON.", "--json")
+LogEvery = _option(
+    int,
+    "Where no progress bar can be drawn (stderr not a terminal: a log file, SLURM, CI), "
+    "write a line with the loss, lr and steps/s every N steps (0: none).",
+)
+Quiet = _option(
+    bool, "No progress bars, per-step lines or notes; the result and errors only.", "--quiet", "-q"
+)
 Plot = _option(Path | None, "Write a PNG of the spectra (and the chosen ranks).")
 
 LOAD = FlagGroup("load", {
@@ -188,6 +198,9 @@ TRAINING = FlagGroup("training", {
     "trainable": (_option(str, "all | factors (only the chains)."), "all"),
     "mixed_precision": (_option(str, "auto | no | fp16 | bf16."), "auto"),
     "save_every": (_option(int, "Checkpoint the state every K steps."), 0),
+    "report_to": (_option(str | None, "Log each step's loss and lr to these trackers, "
+                          "comma-separated (accelerate's: tensorboard, wandb, mlflow, ...), "
+                          "under <state-dir>/logs."), None),
 })  # fmt: skip
 """The fine-tuning run's settings a recipe does not hold."""
 

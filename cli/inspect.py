@@ -17,7 +17,7 @@ from cli.common import (
     stdout_console,
     user_errors,
 )
-from cli.flags import LOAD, RECIPE_FLAGS, TARGETS, JsonOut, Plot, recipe_given, with_flags
+from cli.flags import LOAD, RECIPE_FLAGS, TARGETS, JsonOut, Plot, Quiet, recipe_given, with_flags
 
 RecipeSpec = Annotated[
     str,
@@ -39,6 +39,7 @@ def inspect(
     recipe: RecipeSpec = "auto",
     plot: Plot = None,
     json_out: JsonOut = False,
+    quiet: Quiet = False,
     *,
     targets: dict,
     load: dict,
@@ -54,7 +55,7 @@ def inspect(
         check_outputs(plot=plot)
         given = recipe_given(**targets)
         options = inspect_options(recipe, model, given, RECIPE_FLAGS, LoadOptions(**load))
-        with progress_bars(not json_out) as progress:
+        with progress_bars(not (json_out or quiet)) as progress:
             found = inspect_checkpoint(model, options, progress)
         if plot is not None:
             from cli.plots import plot_spectra
@@ -64,7 +65,8 @@ def inspect(
         print_json({"notices": found.notices, "layers": found.rows})
         return
     console = stdout_console()
-    print_notes(found.notices, "inspect", console)
+    if not quiet:
+        print_notes(found.notices, "inspect", console)
     console.print(stats_table(found.rows))
     if plot is not None:
         console.print(f"wrote {plot}")

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
-__all__ = ["check_plot_path", "plot_report", "plot_spectra"]
+__all__ = [
+    "LOSS_PLOT",
+    "check_plot_path",
+    "plot_losses",
+    "plot_report",
+    "plot_spectra",
+    "write_loss_plot",
+]
+
+LOSS_PLOT = "loss.png"
+"""The loss curve's file name, beside report.json in a fine-tuned export."""
 
 
 def check_plot_path(path: str | os.PathLike) -> None:
     """Raise a `DlncError` naming `--plot` unless matplotlib can write `path` (by its
     extension) into an existing, writable folder: checked before any work starts."""
-    from pathlib import Path
-
     from matplotlib.backend_bases import FigureCanvasBase
 
     from compressor.errors import DlncError
@@ -55,6 +64,38 @@ def plot_spectra(
         bx.legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_losses(history: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """The training loss per step (report.json's `finetune.history`), with the learning rate
+    on a second axis when it was recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h["loss"] for h in history], lw=1, color="C0")
+    ax.set(title=title or "Fine-tuning loss", xlabel="step", ylabel="training loss")
+    if all(h["loss"] > 0 for h in history):
+        ax.set_yscale("log")
+    if history and all(h.get("lr") is not None for h in history):
+        lr_axis = ax.twinx()
+        lr_axis.plot(steps, [h["lr"] for h in history], lw=0.8, ls="--", color="C1")
+        lr_axis.set_ylabel("learning rate (dashed)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_loss_plot(report: dict, out_dir: Path) -> Path | None:
+    """`LOSS_PLOT` beside an export's report.json: the loss (and lr) of every fine-tuning
+    step; None (and nothing written) when the report has no fine-tuning history."""
+    history = (report.get("finetune") or {}).get("history")
+    if not history:
+        return None
+    plot_losses(history, out_dir / LOSS_PLOT, title=f"Fine-tuning loss ({out_dir.name})")
+    return out_dir / LOSS_PLOT
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import stdout_console, user_errors
+from cli.common import print_json, stdout_console, user_errors
+from cli.flags import JsonOut
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -17,12 +18,19 @@ app = typer.Typer(
 
 
 @app.command("list")
-def list_recipes() -> None:
-    """The shipped recipes: name, the model_types `--recipe auto` picks them for, and budget."""
-    from compressor.recipes.schema import load_recipe, recipe_names, recipes_dir
+def list_recipes(json_out: JsonOut = False) -> None:
+    """The shipped recipes: name, the model_types `--recipe auto` picks them for, and budget.
+
+    With --json, every recipe whole (each key with its value, defaults included) and its file.
+    """
+    from compressor.recipes.schema import find_recipe, load_recipe, recipe_names, recipes_dir
 
     with user_errors():
         recipes = [load_recipe(name) for name in recipe_names()]
+    if json_out:
+        print_json([{**r.model_dump(mode="json"), "path": str(find_recipe(r.name))}
+                    for r in recipes])  # fmt: skip
+        return
     table = Table(
         title=f"dlnc recipes ({recipes_dir()})",
         caption="a model type none lists: the recipe whose layer names match, else generic",

@@ -4,6 +4,7 @@ stops cleanly on a NaN."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 
@@ -107,6 +108,11 @@ def test_resume_after_interrupt_ends_with_the_same_weights(gpt2_pair, tmp_path):
                        state_dir=tmp_path / "b", resume=True)  # fmt: skip
     assert resumed.resumed_from == 3
     assert resumed.losses == full.losses
+    assert resumed.history == full.history  # each step's loss and lr, across the resume
+    assert [h["step"] for h in full.history] == list(range(1, 8))
+    # the lr of each update: warm-up to 3e-3 (0 steps here), then cosine decay (7 steps)
+    expected = [3e-3 * 0.5 * (1 + math.cos(math.pi * i / 7)) for i in range(7)]
+    assert [h["lr"] for h in full.history] == pytest.approx(expected, rel=1e-9)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

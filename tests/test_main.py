@@ -70,3 +70,40 @@ def test_the_ctrl_c_message_names_the_flag_of_the_command(capsys):
         raise FinetuneInterrupted("interrupted; state saved to s; run again with `resume`")
     assert info.value.exit_code == 130
     assert capsys.readouterr().err == "interrupted; state saved to s; run again with --resume\n"
+
+
+def test_recipes_list_as_json():
+    import json
+
+    from compressor.recipes.schema import find_recipe, load_recipe, recipe_names
+
+    result = runner.invoke(app, ["recipes", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [r["name"] for r in listed] == list(recipe_names())
+    for row in listed:
+        recipe = load_recipe(row["name"])
+        assert row["model_types"] == list(recipe.model_types)
+        assert row["ranks"]["keep"] == recipe.ranks.keep
+        assert row["chain"]["depth"] == recipe.chain.depth
+        assert row["path"] == str(find_recipe(row["name"]))
+
+
+def test_finetune_help_and_the_docs_give_the_same_launch_command():
+    """`accelerate launch -m cli.main` ran nothing (cli.main has no __main__ block); the
+    help now says what the README and docs/finetune.md say, and that is a script accelerate
+    can launch: the `dlnc` console script."""
+    from pathlib import Path
+
+    from cli.finetune import LAUNCH
+
+    root = Path(__file__).resolve().parents[1]
+    result = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    help_text = " ".join(result.stdout.replace("│", " ").split())
+    assert LAUNCH in help_text
+    assert LAUNCH.replace("...", "") in " ".join((root / "README.md").read_text().split())
+    assert LAUNCH.split(" finetune")[0] in (root / "docs" / "finetune.md").read_text()
+    assert "-m cli.main" not in help_text
+    assert '"$(which dlnc)"' in LAUNCH  # the console script, as pyproject declares it
+    assert 'dlnc = "cli.main:app"' in (root / "pyproject.toml").read_text()

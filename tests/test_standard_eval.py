@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,12 @@ from hf_helpers import WORDS, compressed_export
 
 from compressor.errors import DlncError
 from compressor.training.perplexity import window_perplexity
-from compressor.workflows.standard_eval import run_tasks, text_perplexity
+from compressor.workflows.standard_eval import (
+    StandardEvalOptions,
+    run_tasks,
+    standard_eval,
+    text_perplexity,
+)
 
 
 def hand_perplexity(model, ids, seq_len):
@@ -150,3 +156,85 @@ def test_missing_harness_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     with pytest.raises(DlncError, match=r"pip install 'dlnc\[eval\]'"):
         run_tasks(tmp_path, ["hellaswag"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("device", "tpu", "`device` must be cpu, cuda, cuda:N or mps, got 'tpu'"),
+        ("device", "cuda:99", "`device` 'cuda:99'"),
+        ("dtype", "float8", "`dtype` must be one of auto, float32, bfloat16, float16"),
+        ("limit", 0, "`limit` must be a number of docs >= 1 or a fraction in (0, 1), got 0"),
+        ("limit", -2, "`limit` must be"),
+        ("limit", 2.5, "`limit` must be"),
+        ("num_fewshot", -1, "`num_fewshot` must be >= 0, got -1"),
+        ("batch_size", 0, "`batch_size` must be >= 1, got 0"),
+    ],
+)
+def test_every_option_is_checked_when_made(field, value, message):
+    with pytest.raises(DlncError) as info:
+        StandardEvalOptions(**{field: value})
+    assert message in str(info.value)
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(DlncError, match="is not a folder"):
+        StandardEvalOptions(output_path=blocker / "results")
+
+
+def test_perplexity_runs_in_the_dtype_asked_for(tmp_path, one_torch_thread):
+    _, out = compressed_export("llama", tmp_path, tokenizer=True)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS[i % 60] for i in range(6 * 8)))
+    result = text_perplexity(out, text, seq_len=8, dtype="bfloat16", device="cpu")
+    model = tf.AutoModelForCausalLM.from_pretrained(out).to(torch.bfloat16)
+    ids = tf.AutoTokenizer.from_pretrained(out)(text.read_text(), return_tensors="pt").input_ids[0]
+    assert result.perplexity == window_perplexity(model, ids, 8).perplexity
+    assert result.perplexity != text_perplexity(out, text, seq_len=8).perplexity
+
+
+def test_lm_eval_flags_and_its_results_file(tmp_path, one_torch_thread, monkeypatch):
+    """--limit, --num-fewshot and --output-path reach lm-eval; the file has lm-eval's layout
+    (results, configs, versions, n-shot, ...) where its own --output_path puts it."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    _, out = compressed_export("llama", tmp_path, tokenizer=True)
+    options = StandardEvalOptions(dtype="float32", limit=2, num_fewshot=1,
+                                  output_path=tmp_path / "lm-eval")  # fmt: skip
+    rows = standard_eval(out, tasks=[str(local_task(tmp_path))], options=options)
+    written = Path(rows["results_file"])
+    assert written.parent == tmp_path / "lm-eval" / re.sub(r"[\"<>:/|\\?*\[\]]+", "__", str(out))
+    assert re.fullmatch(r"results_.*\.json", written.name)
+    saved = json.loads(written.read_text())
+    assert {"results", "configs", "versions", "n-shot", "n-samples", "config"} <= set(saved)
+    task = "dlnc_tiny_choice"
+    assert saved["results"][task]["acc,none"] == rows["tasks"][task]["acc"]
+    assert saved["n-shot"][task] == 1 and saved["configs"][task]["num_fewshot"] == 1
+    assert saved["n-samples"][task] == {"original": 4, "effective": 2}
+    assert saved["config"]["limit"] == 2 and saved["model_name"] == str(out)
+
+
+def test_cli_eval_checks_its_options_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    _, out = compressed_export("gpt2", tmp_path, tokenizer=True)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS[i % 60] for i in range(100)))
+    runner = CliRunner()
+    cases = [
+        (["--seq-len", "33"], "error: --seq-len 33 is longer than the model's 32 positions; "
+                              "give at most 32"),
+        (["--seq-len", "8", "--dtype", "half"], "error: --dtype must be one of auto, float32, "
+                                                "bfloat16, float16, got 'half'"),
+        (["--seq-len", "8", "--limit", "5"], "error: --limit, --num-fewshot and --output-path "
+                                             "apply to --tasks; give --tasks"),
+        (["--device", "cpu"], "error: --device applies to --seq-len and --tasks"),
+        (["--tasks", "x.yaml", "--limit", "0"], "error: --limit must be a number of docs >= 1 "
+                                                "or a fraction in (0, 1), got 0.0"),
+    ]  # fmt: skip
+    for extra, line in cases:
+        result = runner.invoke(app, ["eval", str(out), "--data", str(text), *extra])
+        assert result.exit_code == 1 and result.stderr.strip() == line, (extra, result.output)

@@ -9,12 +9,15 @@ import torch
 from compressor.core.layers import check_depth
 from compressor.errors import DlncError
 from compressor.training.objectives import check_params, objective_names
+from compressor.training.tracking import check_trackers
 
-__all__ = ["PRECISIONS", "SCHEDULE_FIELDS", "TEACHER_DTYPES", "FinetuneConfig"]
+__all__ = ["DTYPES", "PRECISIONS", "SCHEDULE_FIELDS", "TEACHER_DTYPES", "FinetuneConfig"]
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                  "float16": torch.float16}  # fmt: skip
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}  # fmt: skip
+"""The dtypes a model can be cast to by name (`auto`: as it is)."""
+TEACHER_DTYPES = DTYPES
 SCHEDULE_FIELDS = ("steps", "lr", "outer_lr_scale", "depth", "warmup", "grad_accum", "seed")
 """Fields a resumed run must share with the saved one, or it would not end where it would have."""
 
@@ -42,6 +45,9 @@ class FinetuneConfig:
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     shuffle: bool = True  # reshuffle the batches every epoch (seeded)
     seed: int = 0  # seeds the shuffle, dropout and masking
+    # experiment trackers each step's loss and lr go to (accelerate's `log_with`: tensorboard,
+    # wandb, mlflow, ...), writing under the run's state folder
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _at_least("steps", self.steps, 1)
@@ -64,6 +70,7 @@ class FinetuneConfig:
         _one_of("objective", self.objective, objective_names())
         self.objective_params = check_params(self.objective_params)
         _one_of("trainable", self.trainable, ("all", "factors"))
+        self.report_to = check_trackers(self.report_to)
 
 
 def _at_least(name: str, value: int, low: int) -> None:

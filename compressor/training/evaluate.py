@@ -21,7 +21,7 @@ from compressor.core.tasks import IGNORE_INDEX, TaskSpec, is_regression, task_sp
 from compressor.errors import DlncError
 from compressor.training.objectives import hidden_mse, kl_logits
 
-__all__ = ["EvalResult", "batch_loader", "cpu_launch", "evaluate"]
+__all__ = ["EvalResult", "HeldOut", "batch_loader", "cpu_launch", "evaluate"]
 
 Batch = dict[str, torch.Tensor]
 _FIELDS = (
@@ -209,3 +209,26 @@ def _result(spec: TaskSpec, s: dict[str, float]) -> EvalResult:
         cosine=s["cos_sum"] / s["cos_n"] if s["cos_n"] else None,
         samples=int(s["rows"]),
     )
+
+
+class HeldOut:
+    """Held-out metrics of the original (teacher), the student before and after training."""
+
+    def __init__(self, accelerator, batches, teacher, objective, mask_token_id, seed) -> None:
+        self.accelerator, self.batches, self.teacher = accelerator, batches, teacher
+        self.kw = {"temperature": objective.temperature, "mask_token_id": mask_token_id,
+                   "seed": seed, "accelerator": accelerator}  # fmt: skip
+
+    def before(self, model: nn.Module) -> dict[str, EvalResult]:
+        if not self.batches:
+            return {}
+        out = {}
+        if self.teacher is not None:
+            out["original"] = evaluate(self.teacher, self.batches, self.teacher, **self.kw)
+        out["before"] = evaluate(model, self.batches, self.teacher, **self.kw)
+        return out
+
+    def after(self, model: nn.Module) -> dict[str, EvalResult]:
+        if not self.batches:
+            return {}
+        return {"after": evaluate(model, self.batches, self.teacher, **self.kw)}

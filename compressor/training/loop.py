@@ -31,7 +31,7 @@ from compressor.core.progress import ProgressFn
 from compressor.core.surgery import deepen_, factorized_layers
 from compressor.errors import DlncError
 from compressor.training.config import TEACHER_DTYPES, FinetuneConfig
-from compressor.training.evaluate import EvalResult, batch_loader, cpu_launch, evaluate
+from compressor.training.evaluate import EvalResult, HeldOut, batch_loader, cpu_launch
 from compressor.training.objectives import build_objective
 from compressor.training.state import (
     FinetuneInterrupted,
@@ -40,6 +40,7 @@ from compressor.training.state import (
     latest_checkpoint,
     stop_requests,
 )
+from compressor.training.tracking import LOGS, close_trackers, log_step, start_trackers
 
 __all__ = [
     "FinetuneConfig",
@@ -69,6 +70,8 @@ class FinetuneResult:
     mixed_precision: str = "no"
     num_processes: int = 1
     kept_start: bool = False  # training made the held-out loss worse: the start was returned
+    history: list[dict] = field(default_factory=list)  # every step's {step, loss, lr}
+    logs: str | None = None  # where the experiment trackers wrote (`report_to`)
 
     def report(self) -> dict:
         """The `finetune` section of report.json."""
@@ -84,6 +87,8 @@ class FinetuneResult:
             "num_processes": self.num_processes,
             "kept_start": self.kept_start,
             "eval": {k: v.to_dict() for k, v in self.evals.items()},
+            "logs": self.logs,
+            "history": self.history,
         }
 
 
@@ -130,11 +135,9 @@ def finetune(
     from accelerate.utils import set_seed
 
     config = config or FinetuneConfig()
-    if not batches:
-        raise DlncError("no training batches")
-    if resume and state_dir is None:
-        raise DlncError("`resume` needs the `state_dir` of the interrupted run")
-    accelerator = _accelerator(config)
+    _check_run(batches, config, state_dir, resume)
+    logs = Path(state_dir) / LOGS if config.report_to else None
+    accelerator = _accelerator(config, logs)
     set_seed(config.seed)
     if config.depth is not None:
         deepen_(student, config.depth)
@@ -159,7 +162,7 @@ def finetune(
     if resume:
         state.restore(accelerator, config)
     evals = dict(state.evals)
-    ev = _Evaluator(accelerator, eval_batches, teacher, objective, mask_token_id, config.seed)
+    ev = HeldOut(accelerator, eval_batches, teacher, objective, mask_token_id, config.seed)
     if not state.evals:
         evals.update(ev.before(model))
         state.evals = evals
@@ -185,7 +188,18 @@ def finetune(
         mixed_precision=accelerator.mixed_precision,
         num_processes=accelerator.num_processes,
         kept_start=kept_start,
+        history=state.history(),
+        logs=str(logs) if logs is not None else None,
     )
+
+
+def _check_run(batches, config: FinetuneConfig, state_dir, resume: bool) -> None:
+    if not batches:
+        raise DlncError("no training batches")
+    if resume and state_dir is None:
+        raise DlncError("`resume` needs the `state_dir` of the interrupted run")
+    if config.report_to and state_dir is None:
+        raise DlncError("`report_to` needs a `state_dir`: the trackers write under it")
 
 
 def _snapshot(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,7 +220,7 @@ def _keep_the_better(accelerator, model: nn.Module, start, evals: dict) -> bool:
     return True
 
 
-def _accelerator(config: FinetuneConfig):
+def _accelerator(config: FinetuneConfig, logs: Path | None):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
@@ -216,9 +230,13 @@ def _accelerator(config: FinetuneConfig):
     accumulation = GradientAccumulationPlugin(
         num_steps=config.grad_accum, sync_with_dataloader=False
     )  # the step count, not the epoch end, decides when to update: resumes stay exact
-    return Accelerator(
-        mixed_precision=precision, gradient_accumulation_plugin=accumulation, cpu=cpu_launch()
-    )
+    accelerator = Accelerator(
+        mixed_precision=precision, gradient_accumulation_plugin=accumulation, cpu=cpu_launch(),
+        log_with=list(config.report_to) or None, project_dir=logs,
+    )  # fmt: skip
+    if config.report_to:
+        start_trackers(accelerator, config)
+    return accelerator
 
 
 def _auto_precision() -> str | None:
@@ -313,29 +331,6 @@ def _schedule(optimizer, config: FinetuneConfig, num_processes: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class _Evaluator:
-    """Held-out metrics of the original (teacher), the student before and after training."""
-
-    def __init__(self, accelerator, batches, teacher, objective, mask_token_id, seed) -> None:
-        self.accelerator, self.batches, self.teacher = accelerator, batches, teacher
-        self.kw = {"temperature": objective.temperature, "mask_token_id": mask_token_id,
-                   "seed": seed, "accelerator": accelerator}  # fmt: skip
-
-    def before(self, model: nn.Module) -> dict[str, EvalResult]:
-        if not self.batches:
-            return {}
-        out = {}
-        if self.teacher is not None:
-            out["original"] = evaluate(self.teacher, self.batches, self.teacher, **self.kw)
-        out["before"] = evaluate(model, self.batches, self.teacher, **self.kw)
-        return out
-
-    def after(self, model: nn.Module) -> dict[str, EvalResult]:
-        if not self.batches:
-            return {}
-        return {"after": evaluate(model, self.batches, self.teacher, **self.kw)}
-
-
 class _Loop:
     """The training loop proper; `train()` returns the seconds it ran."""
 
@@ -345,12 +340,16 @@ class _Loop:
         self.scheduler, self.loader, self.data = scheduler, loader, data
         self.objective, self.teacher, self.config = objective, teacher, config
         self.state, self.progress = state, progress
+        self.lr = 0.0  # the learning rate of the last update
 
     def train(self) -> float:
         start = time.perf_counter()
-        with stop_requests() as stop:
-            while self.state.step < self.config.steps:
-                self._epoch(stop, start)
+        try:
+            with stop_requests() as stop:
+                while self.state.step < self.config.steps:
+                    self._epoch(stop, start)
+        finally:
+            close_trackers(self.accelerator)  # flushed, whether the run ended or stopped
         self.accelerator.wait_for_everyone()
         return time.perf_counter() - start
 
@@ -369,7 +368,10 @@ class _Loop:
                 continue
             state.step += 1
             state.losses.append(self._mean_over_processes(losses))
+            state.lrs.append(self.lr)
             losses = []
+            if self.config.report_to:
+                log_step(acc, state.step, state.losses[-1], self.lr)
             self._report(start)
             if self._any_process(stop.is_set()):
                 self._interrupt()
@@ -386,6 +388,8 @@ class _Loop:
         acc.backward(parts.loss)
         if acc.sync_gradients and self.config.clip is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        if acc.sync_gradients:
+            self.lr = float(self.optimizer.param_groups[-1]["lr"])  # this update's
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
@@ -408,7 +412,7 @@ class _Loop:
         left = self.config.steps - state.step
         self.progress(
             "finetune", state.step, self.config.steps, loss=state.losses[-1],
-            lr=self.optimizer.param_groups[-1]["lr"], steps_per_s=rate,
+            lr=state.lrs[-1], steps_per_s=rate,
             eta_s=left / rate if rate > 0 else float("inf"), elapsed_s=elapsed,
         )  # fmt: skip
 

@@ -46,9 +46,17 @@ class RunState:
         self.dir = state_dir
         self.step = 0
         self.resumed_from = 0
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # each step's training loss
+        self.lrs: list[float | None] = []  # each step's learning rate (None: not recorded)
         self.evals: dict[str, EvalResult] = {}
         self.last_saved: Path | None = None
+
+    def history(self) -> list[dict]:
+        """Every step so far: `{"step", "loss", "lr"}` (report.json's loss history)."""
+        return [
+            {"step": i, "loss": loss, "lr": lr}
+            for i, (loss, lr) in enumerate(zip(self.losses, self.lrs, strict=True), start=1)
+        ]
 
     def restore(self, accelerator, config: FinetuneConfig) -> None:
         found = latest_checkpoint(self.dir)
@@ -64,6 +72,7 @@ class RunState:
         accelerator.load_state(str(found))
         self.step = self.resumed_from = saved["step"]
         self.losses = saved["losses"]
+        self.lrs = saved.get("lrs", [None] * len(self.losses))  # saved before lrs were kept
         self.evals = {k: EvalResult(**v) for k, v in saved["evals"].items()}
         self.last_saved = found
 
@@ -92,6 +101,7 @@ class RunState:
             extra = {
                 "step": self.step,
                 "losses": self.losses,
+                "lrs": self.lrs,
                 "evals": {k: v.to_dict() for k, v in self.evals.items()},
                 "config": asdict(config),
             }

@@ -65,12 +65,14 @@ def recipe_options(
     run: RunOptions | None = None,
     ranks_file: str | Path | None = None,
     finetune_data: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[CompressOptions, Recipe]:
     """The one builder of `CompressOptions`: the recipe `spec` (auto, a name or a path) for
     the checkpoint at `model`, with the `given` values (recipe key -> value, None: not given)
     applied. `method` sets `MethodOptions` fields (the recipe's method unless it names one),
     `data` the calibration `DataOptions` (none without a `path`), `ranks_file` per-layer
-    ranks (`apply_ranks_file`); a given `finetune.steps` fine-tunes on `finetune_data`."""
+    ranks (`apply_ranks_file`); a given `finetune.steps` fine-tunes on `finetune_data`
+    (`resume`: continuing an interrupted fine-tuning from its state folder)."""
     given = dict(given or {})
     load = load or LoadOptions()
     model = resolve_model(model, load.revision)
@@ -79,6 +81,8 @@ def recipe_options(
     )
     recipe = apply_overrides(recipe, given, flags)
     tune = given.get("finetune.steps") is not None
+    if resume and not tune:
+        raise DlncError("`resume` continues an interrupted fine-tuning; give `finetune_steps`")
     options = compress_options(
         recipe,
         source,
@@ -88,7 +92,7 @@ def recipe_options(
         method=method_options(recipe, data=_data(data), **(method or {})),
         export=export or ExportOptions(),
         run=run or RunOptions(),
-        finetune=finetune_options(recipe, finetune_data) if tune else None,
+        finetune=finetune_options(recipe, finetune_data, resume=resume) if tune else None,
     )
     if ranks_file is not None:
         options = apply_ranks_file(options, ranks_file)
