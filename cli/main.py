@@ -11,6 +11,7 @@ from cli.common import register_app
 from cli.compress import compress
 from cli.demo import demo
 from cli.inspect import inspect
+from cli.onnx import onnx
 
 app = typer.Typer(
     name="dlnc",
@@ -44,6 +45,7 @@ app.command("inspect")(inspect)
 app.command("estimate-ranks")(estimate.estimate_ranks)
 app.command("finetune")(finetune.finetune)
 app.command("eval")(evaluate.evaluate)
+app.command("onnx")(onnx)
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(bench.app, name="bench")
 register_app(app)
