@@ -107,14 +107,13 @@ def export_onnx(
     """Write the model at `model_path` (a dlnc export or a dense checkpoint folder) to the
     ONNX file `out`, checked against onnxruntime when `check` and onnxruntime is installed."""
     from compressor.core.surgery import factorized_layers
-    from compressor.workflows.finetune import load_model
 
     step = progress or (lambda *a, **k: None)
     check_onnx_output(out, model_path, overwrite)
     _import_exporter()
     runtime = _import_runtime() if check else None
     step("onnx", 0, 3)
-    model, notices = _float32(load_model(model_path))
+    model, notices = _float32(_load(Path(model_path)))
     graph = _Graph.of(model, model_path)
     if check and runtime is None:
         notices.append(f"onnxruntime is not installed: the ONNX file was not checked ({INSTALL})")
@@ -225,6 +224,19 @@ class _Graph(nn.Module):
         diff = float(abs(got - expected).max()) if got.shape == expected.shape else float("inf")
         scale = max(1.0, float(abs(expected).max()))
         return OnnxCheck(diff, TOLERANCE * scale, CHECK_SHAPE)
+
+
+def _load(folder: Path) -> nn.Module:
+    """A dlnc export (its factorized layers) or a checkpoint folder; `_Graph.of` refuses a
+    model without an architecture (tensor mode)."""
+    from compressor.io.checkpoint import load_checkpoint
+    from compressor.io.load import load_pretrained
+    from compressor.io.section import is_export
+
+    if is_export(folder):
+        return load_pretrained(folder)
+    loaded = load_checkpoint(folder)
+    return loaded.model if not loaded.tensor_mode else nn.Module()
 
 
 def _takes(model: nn.Module, name: str) -> bool:
