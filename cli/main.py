@@ -12,6 +12,7 @@ from cli.compress import compress
 from cli.demo import demo
 from cli.inspect import inspect
 from cli.speed import speed
+from cli.onnx import onnx
 
 app = typer.Typer(
     name="dlnc",
@@ -46,6 +47,7 @@ app.command("estimate-ranks")(estimate.estimate_ranks)
 app.command("finetune")(finetune.finetune)
 app.command("eval")(evaluate.evaluate)
 app.command("speed")(speed)
+app.command("onnx")(onnx)
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(bench.app, name="bench")
 register_app(app)

@@ -39,9 +39,14 @@ def inputs(family: str) -> dict[str, torch.Tensor]:
 
 
 def compressed_export(
-    family: str, tmp_path: Path, keep: float = 0.5, tokenizer: bool = False
+    family: str,
+    tmp_path: Path,
+    keep: float = 0.5,
+    tokenizer: bool = False,
+    model: nn.Module | None = None,
 ) -> tuple[nn.Module, Path]:
-    """(the compressed model in memory, its export folder), compressed at `keep`."""
+    """(the compressed model in memory, its export folder), compressed at `keep`; `model`
+    stands in for `build_tiny(family)` (another class of the family)."""
     from compressor.core.compress import compress_
     from compressor.core.ranks import RankPolicy
     from compressor.core.targets import find_targets, weight_readers
@@ -49,7 +54,7 @@ def compressed_export(
     from compressor.io.export import export
 
     source = tmp_path / f"{family}-dense"
-    build_tiny(family).save_pretrained(source)
+    (model if model is not None else build_tiny(family)).save_pretrained(source)
     if tokenizer:
         tiny_tokenizer().save_pretrained(source)
     loaded = load_checkpoint(source)
