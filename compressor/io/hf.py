@@ -32,8 +32,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from compressor.core.surgery import factorized_layers, merge_
 from compressor.io.export import LOAD_GUARD, QUANT_METHOD, dlnc_section, export_state_dict
 from compressor.io.install import install_factorized
+from compressor.io.model_card import PROVENANCE
 from compressor.io.portable import is_own, write_portable
-from compressor.io.section import FORMAT_VERSION, check_export, check_section
+from compressor.io.section import FORMAT_VERSION, check_export, check_section, dlnc_version
 
 __all__ = ["DlncHfQuantizer", "DlncQuantizationConfig", "register"]
 
@@ -151,7 +152,10 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs) -> None:
     data = json.loads(path.read_text())
     method = (data.get("dlnc") or {}).get("method", "svd")
     if factorized_layers(self):
-        data["dlnc"] = dlnc_section(self, method, format="factors", tensor_mode=False)
+        earlier = data.get("dlnc") or {}
+        kept = {k: earlier[k] for k in PROVENANCE if k in earlier}  # where the model came from
+        section = dlnc_section(self, method, format="factors", tensor_mode=False)
+        data["dlnc"] = {**section, "dlnc_version": dlnc_version(), **kept}
         data["transformers_weights"] = LOAD_GUARD
     data = write_portable(path.parent, self.config, data)
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -99,6 +99,10 @@ class Provenance:
                 "commands": self.commands}  # fmt: skip
 
 
+PROVENANCE = ("base_model", "commands")
+"""The keys of the `dlnc` section that say where a model came from (with `dlnc_version`)."""
+
+
 def provenance(
     source: str | Path | None, config: object | None, command: str | None = None
 ) -> Provenance:
@@ -276,8 +280,10 @@ def base_model_id(source: str | Path | None, config: object | None) -> str | Non
 
 def invocation() -> str:
     """The dlnc command line of this process, or a note that the Python API wrote it."""
-    prog = Path(sys.argv[0]).name if sys.argv else ""
-    if prog in ("dlnc", "main.py", "__main__.py") and len(sys.argv) > 1:
+    prog = Path(sys.argv[0]) if sys.argv else Path()
+    cli = Path(__file__).resolve().parents[2] / "cli"  # `python -m cli`, `python cli/main.py`
+    ours = prog.name == "dlnc" or prog.resolve().parent == cli
+    if ours and len(sys.argv) > 1:
         return shlex.join(["dlnc", *sys.argv[1:]])
     return "# written through the Python API (compressor.export)"
 
