@@ -47,7 +47,7 @@ def evaluate(
     model: Annotated[Path, typer.Argument(help="A dlnc export or an ordinary model folder.")],
     data: EvalData = None,
     teacher: Annotated[
-        Path | None, typer.Option(exists=True, help="The original model, to compare with.")
+        Path | None, typer.Option(help="The original model, to compare with.")
     ] = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,

@@ -60,7 +60,7 @@ def finetune(
     ] = None,
     teacher: Annotated[
         Path | None,
-        typer.Option(exists=True, help="The original model folder, to distil from."),
+        typer.Option(help="The original model folder, to distil from."),
     ] = None,
     recipe: Annotated[
         str, typer.Option(help="auto (by model_type), a recipe name, or a .yaml file.")

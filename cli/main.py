@@ -11,8 +11,8 @@ from cli.common import register_app
 from cli.compress import compress
 from cli.demo import demo
 from cli.inspect import inspect
-from cli.speed import speed
 from cli.onnx import onnx
+from cli.speed import speed
 
 app = typer.Typer(
     name="dlnc",

@@ -24,7 +24,7 @@ from cli.flags import JsonOut
 def onnx(
     model: Annotated[
         Path,
-        typer.Argument(exists=True, file_okay=False, help="A dlnc export or a model folder."),
+        typer.Argument(file_okay=False, help="A dlnc export or a model folder."),
     ],
     out: Annotated[
         Path | None,

@@ -15,9 +15,9 @@ from cli.flags import JsonOut
 
 
 def speed(
-    model: Annotated[Path, typer.Argument(exists=True, help="A dlnc export or a model folder.")],
+    model: Annotated[Path, typer.Argument(help="A dlnc export or a model folder.")],
     against: Annotated[
-        Path | None, typer.Option(exists=True, help="The dense original, timed alternately.")
+        Path | None, typer.Option(help="The dense original, timed alternately.")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or mps.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",

@@ -182,6 +182,18 @@ def test_a_hub_name_compresses_from_the_local_cache(hub_cache, tmp_path):
     assert any("mlp.gate_proj" in row["name"] for row in json.loads(done.stdout)["layers"])
 
 
+def test_a_hub_name_is_read_by_every_command_that_loads_a_model(hub_cache, tmp_path):
+    """finetune, eval, speed and onnx read models through one loader, which resolves names."""
+    done = dlnc("compress", "acme/tiny", "--keep", "0.5", "--no-generate")
+    assert done.exit_code == 0, done.output
+    short = ["--repeats", "1", "--prompt-len", "8", "--context-len", "4", "--new-tokens", "3"]
+    done = dlnc("speed", tmp_path / "tiny-dlnc", "--against", "acme/tiny", "--json", *short)
+    assert done.exit_code == 0, done.output
+    assert set(json.loads(done.stdout)) >= {"model", "dense"}
+    done = dlnc("speed", tmp_path / "tiny-dlnc", "--against", "acme/gone", *short)
+    one_line_error(done, "acme/gone", "not in the local Hugging Face cache")
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [

@@ -50,15 +50,16 @@ class RecoveryRun:
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
-    """A dlnc export (with its factorized layers) or an ordinary checkpoint folder."""
-    folder = Path(path)
+    """A dlnc export (with its factorized layers) or an ordinary checkpoint folder, given as
+    a path or as a Hub name in the local cache (what finetune, eval, speed and onnx read)."""
+    from compressor.io.checkpoint import load_checkpoint, resolve_model
+
+    folder = resolve_model(path)
     if is_export(folder):
         return load_pretrained(folder)
-    from compressor.io.checkpoint import load_checkpoint
-
     loaded = load_checkpoint(folder)
     if loaded.tensor_mode:
-        raise DlncError(f"{folder}: no known architecture; fine-tuning needs a runnable model")
+        raise DlncError(f"{folder}: no known architecture; this needs a runnable model")
     return loaded.model
 
 

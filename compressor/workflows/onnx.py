@@ -37,7 +37,12 @@ __all__ = ["OnnxCheck", "OnnxExport", "check_onnx_output", "export_onnx"]
 
 TRACE_SHAPE = (2, 8)  # (batch, sequence) of the traced example: over 1, so both stay dynamic
 CHECK_SHAPE = (3, 13)  # the sample onnxruntime is checked on: another shape than the traced
-TOLERANCE = 1e-4  # largest |onnxruntime - PyTorch|, relative to the outputs' largest magnitude
+# The largest |onnxruntime - PyTorch|, relative to the outputs' largest magnitude. Two float32
+# runtimes each differ from the exact result by the model's own rounding error, which a
+# calibrated export can amplify: SmolLM2 at keep 0.8 (error-corrected) differs from its float64
+# self by 1.4e-3 in PyTorch (4e-5 of its logits' range; keep 0.5 and dense 1-2e-4), and
+# onnxruntime from PyTorch by 5.2e-3 (1.5e-4). A wrong graph differs by whole units.
+TOLERANCE = 1e-3
 INSTALL = "pip install 'dlnc[onnx]'"
 
 
