@@ -142,6 +142,10 @@ def print_report(result, plot: Path | None, quiet: bool = False) -> None:
         print_notes(result.notices, "compress", console)
     console.print(layer_table(result.report))
     console.print(totals_table(result.report))
+    speed = result.report.get("expected_speed")
+    if speed and not quiet:
+        console.print(f"layer time: the targeted layers' expected time over dense, from matmul "
+                      f"timings on {speed['device']}")  # fmt: skip
     console.print(f"wrote {result.out_dir}" + (f" and {plot}" if plot else ""))
 
 
@@ -189,6 +193,11 @@ def totals_table(report: dict) -> Table:
         table.add_row(label, human_count(before), human_count(after), f"{after / before:.3f}")
     b0, b1 = report["bytes_before"], report["bytes_after"]
     table.add_row("bytes on disk", human_bytes(b0), human_bytes(b1), f"{b1 / b0:.3f}")
+    speed = report.get("expected_speed")
+    for key, speedup in (speed or {}).get("speedup", {}).items():
+        rows = int(key.removeprefix("rows_"))
+        label = f"layer time, {rows} row{'s' if rows > 1 else ''} (expected)"
+        table.add_row(label, "", "", f"{1 / speedup:.3f}")
     ppl = report.get("perplexity")
     if ppl is not None:
         for stage, label in (("after", "perplexity"), ("after_finetune", "after fine-tuning")):

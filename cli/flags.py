@@ -128,6 +128,10 @@ BUDGET = FlagGroup("budget", {
     "rank": (_option(int | None, "One rank for every targeted layer."), None),
     "multiple": (_option(int | None, "Round ranks to a multiple of this. \\[default: from the "
                          "recipe]"), None),
+    "speed": (_option(str | None, "smallest (ranks for the budget alone) or never-slower (no "
+                      "factorized layer slower than the dense one on this device: above the "
+                      "rank where it stops being faster a layer stays dense; timed once per "
+                      "device, cached). \\[default: from the recipe]"), None),
     "depth": (_option(int | None, "Chain depth L >= 2 (export collapses to 2). \\[default: from "
                       "the recipe]"), None),
 })  # fmt: skip
@@ -215,6 +219,7 @@ RECIPE_KEYS = {
     "energy": "ranks.energy",
     "rank": "ranks.rank",
     "multiple": "ranks.multiple",
+    "speed": "ranks.speed",
     "depth": "chain.depth",
     "outer_lr_scale": "chain.outer_lr_scale",
     "objective": "finetune.objective",

@@ -32,31 +32,78 @@ def greedy_ranks(
     gains: Mapping[str, torch.Tensor],
     shapes: Mapping[str, tuple[int, int]],
     keep: float,
+    caps: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Ranks (>= 1) whose factorized parameters sum to at most `keep` of the dense ones.
 
     Every layer first gets rank 1; then directions are taken in order of gain / (in + out)
     while they fit. A layer is offered at most ceil(break-even) directions: at that rank it
     is kept dense, which costs in * out <= ceil(k*) * (in + out), so never more than counted.
+
+    A layer with a cap (`caps`: the largest rank it may have factorized, below break-even) is
+    offered its directions up to the cap and then one more item, going dense: all its other
+    directions' gain for the rest of in * out. Where that item buys more per parameter than
+    the last directions below it, those are dropped from the offer (the upper concave hull),
+    so the offers stay in decreasing order per layer and the greedy order stays optimal. A
+    layer kept dense comes back as rank min(shape), above its cap; cap 0 means dense outright.
     """
+    caps = caps or {}
     names = list(gains)
     budget = keep * sum(shapes[n][0] * shapes[n][1] for n in names)
-    budget -= sum(sum(shapes[n]) for n in names)  # rank 1 everywhere
-    per_gain, per_cost, owner = [], [], []
+    per_gain, per_cost, per_size, owner = [], [], [], []
     for idx, name in enumerate(names):
-        cost = float(sum(shapes[name]))
-        offered = min(floor_breakeven(*shapes[name]) + 1, min(shapes[name]))
-        g = gains[name].double().flatten()[1:offered].clamp_min(0)
-        per_gain.append(g / cost)
-        per_cost.append(torch.full_like(g, cost))
-        owner.append(torch.full_like(g, idx))
-    if not names:
-        return {}
+        out_f, in_f = shapes[name]
+        cost = float(out_f + in_f)
+        g = gains[name].double().flatten().clamp_min(0)
+        cap = caps.get(name)
+        if cap is not None and cap == 0:
+            budget -= out_f * in_f  # dense outright
+            continue
+        budget -= cost  # rank 1
+        if cap is None or cap > floor_breakeven(out_f, in_f):
+            offered = min(floor_breakeven(out_f, in_f) + 1, min(shapes[name]))
+            taken = g[1:offered]
+            gain, size = taken / cost, torch.ones_like(taken)
+            costs = torch.full_like(taken, cost)
+        else:
+            gain, costs, size = _capped_offer(g, cost, out_f * in_f, cap, min(out_f, in_f))
+        per_gain.append(gain)
+        per_cost.append(costs)
+        per_size.append(size)
+        owner.append(torch.full_like(gain, idx))
+    ranks = {n: 1 if caps.get(n) != 0 else min(shapes[n]) for n in names}
+    if not per_gain:
+        return ranks
     order = torch.cat(per_gain).argsort(descending=True, stable=True)
     spent = torch.cat(per_cost)[order].cumsum(0)
-    taken = torch.cat(owner)[order][spent <= budget].long()
-    counts = torch.bincount(taken, minlength=len(names)).tolist()
-    return {name: 1 + c for name, c in zip(names, counts, strict=True)}
+    fits = spent <= budget
+    taken = torch.cat(owner)[order][fits].long()
+    added = torch.zeros(len(names), dtype=torch.float64)
+    added.index_add_(0, taken, torch.cat(per_size)[order][fits])
+    for idx, name in enumerate(names):
+        if caps.get(name) != 0:
+            ranks[name] = min(1 + int(added[idx]), min(shapes[name]))
+    return ranks
+
+
+def _capped_offer(
+    g: torch.Tensor, cost: float, dense_cost: int, cap: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-parameter gains, costs and rank steps of a capped layer's offers: directions
+    2..h (h <= cap, the hull's corner) and the step to dense (its rank step reaches `width`)."""
+    steps = g[1:cap]  # directions 2..cap, one rank each
+    # with k of them taken (rank 1 + k), going dense adds tail[k] for jump_cost[k] parameters
+    tail = g[1:].sum() - torch.cat([g.new_zeros(1), steps.cumsum(0)])
+    jump_cost = dense_cost - (1 + torch.arange(len(steps) + 1, dtype=g.dtype)) * cost
+    # the hull's corner: the first k whose next direction buys no more than jumping from k
+    stop = (steps / cost <= tail[:-1] / jump_cost[:-1]).nonzero()
+    h = int(stop[0]) if len(stop) else len(steps)
+    rest = float(tail[h])
+    jump = float(jump_cost[h])
+    gain = torch.cat([steps[:h] / cost, torch.tensor([rest / jump], dtype=g.dtype)])
+    costs = torch.cat([torch.full((h,), cost, dtype=g.dtype), torch.tensor([jump], dtype=g.dtype)])
+    size = torch.cat([torch.ones(h, dtype=g.dtype), torch.tensor([width], dtype=g.dtype)])
+    return gain, costs, size
 
 
 def output_gains(

@@ -3,7 +3,10 @@
 Every policy works on spectra (singular values, descending) and layer shapes only, so the
 same allocation serves plain SVD spectra, activation-aware ones and update spectra.
 `keep` is a fraction of the *targeted layers' weight parameters* (biases are kept whole
-and not counted); a layer whose rank reaches its break-even rank stays dense.
+and not counted); a layer whose rank reaches its break-even rank stays dense. Under
+`speed="never-slower"` a layer's `caps` (the largest rank at which its factorized form is
+no slower than dense on the device: `core.kernels`) bound its rank too: above it the layer
+stays dense, and under `keep` the budget goes where it buys the most within those bounds.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from compressor.core.allocate import greedy_ranks, relative_gains
 from compressor.core.linalg import breakeven_rank, energy_rank
 from compressor.errors import DlncError
 
-__all__ = ["LayerRank", "RankPolicy", "allocate_ranks", "factor_params"]
+__all__ = ["SPEEDS", "LayerRank", "RankPolicy", "allocate_ranks", "factor_params"]
+
+SPEEDS = ("smallest", "never-slower")
+"""What ranks aim at: the smallest model for the budget, or no layer slower than dense."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,9 @@ class RankPolicy:
     multiple: int = 1  # round every rank to a multiple of this (e.g. 8 for tensor cores)
     overrides: Mapping[str, int] = field(default_factory=dict)  # fixed ranks by layer name
     dense_at_breakeven: bool = True  # keep a layer dense when its rank reaches break-even
+    speed: str = "smallest"  # a value of SPEEDS
+    caps: Mapping[tuple[int, int], int] = field(default_factory=dict)  # never-slower ranks
+    # by (out, in) shape, measured on the device by the workflow before allocating
 
     def __post_init__(self) -> None:
         chosen = [n for n in ("keep", "energy", "rank") if getattr(self, n) is not None]
@@ -43,6 +52,16 @@ class RankPolicy:
             raise DlncError(f"`keep` must be in (0, 1), got {self.keep}")
         if self.multiple < 1:
             raise DlncError(f"`multiple` must be >= 1, got {self.multiple}")
+        if self.speed not in SPEEDS:
+            raise DlncError(f"`speed` must be one of {', '.join(SPEEDS)}, got {self.speed!r}")
+
+    def cap_of(self, shape: tuple[int, int]) -> int | None:
+        """The largest rank no slower than dense for `shape` (None: not bounded by speed)."""
+        if self.speed != "never-slower":
+            return None
+        if tuple(shape) not in self.caps:
+            raise DlncError(f"`speed` never-slower: no measured cap for a {shape} layer")
+        return self.caps[tuple(shape)]
 
 
 @dataclass(frozen=True)
@@ -74,9 +93,11 @@ def allocate_ranks(
     Under `keep`, `gains` (the drop of an output error per kept direction, comparable across
     layers: `core.allocate`) share the budget; without them each layer's relative spectrum
     does (the data-free rule)."""
+    caps = {n: policy.cap_of(shapes[n]) for n in spectra}
     if policy.keep is not None:
+        bounded = {n: c for n, c in caps.items() if c is not None}
         raw = greedy_ranks(gains if gains is not None else relative_gains(spectra),
-                           shapes, policy.keep)  # fmt: skip
+                           shapes, policy.keep, bounded)  # fmt: skip
     elif policy.energy is not None:
         raw = {n: max(1, energy_rank(s, policy.energy)) for n, s in spectra.items()}
     else:
@@ -86,9 +107,11 @@ def allocate_ranks(
             raw[name] = _checked_rank(name, shapes[name], rank)
     down = policy.keep is not None  # under a budget, round down so it is never overspent
     rounded = {n: _round(r, policy.multiple, shapes[n], down) for n, r in raw.items()}
-    if not policy.dense_at_breakeven:
+    if not policy.dense_at_breakeven and policy.speed == "smallest":
         return {n: LayerRank(r) for n, r in rounded.items()}
-    return {n: _decide(shapes[n], r) for n, r in rounded.items()}
+    return {
+        n: _decide(shapes[n], r, caps[n], policy.dense_at_breakeven) for n, r in rounded.items()
+    }
 
 
 def _checked_rank(name: str, shape: tuple[int, int], rank: int) -> int:
@@ -107,8 +130,11 @@ def _round(rank: int, multiple: int, shape: tuple[int, int], down: bool = False)
     return min(max(multiple, multiple * steps), min(shape))
 
 
-def _decide(shape: tuple[int, int], rank: int) -> LayerRank:
+def _decide(shape: tuple[int, int], rank: int, cap: int | None, at_breakeven: bool) -> LayerRank:
     k_star = breakeven_rank(*shape)
-    if rank >= k_star:
+    if cap is not None and rank > cap:
+        why = "no rank is" if cap == 0 else f"only ranks <= {cap} are"
+        return LayerRank(None, f"kept dense: {why} as fast as dense on this device")
+    if at_breakeven and rank >= k_star:
         return LayerRank(None, f"rank {rank} >= break-even {k_star:.0f}: kept dense")
     return LayerRank(rank)

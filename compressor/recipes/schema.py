@@ -156,6 +156,9 @@ class Ranks(_Section):
     # fixed ranks by pattern (name, dotted suffix or re:), e.g. {down_proj: 256}
     overrides: dict[str, Annotated[int, _at_least(1)]] = Field(default_factory=dict)
     dense_at_breakeven: bool = True  # keep a layer dense when its rank reaches break-even
+    # smallest: ranks for the budget alone; never-slower: no factorized layer slower than dense
+    # on the run's device (measured once per device, cached)
+    speed: str = "smallest"
 
     @field_validator("overrides")
     @classmethod
@@ -173,7 +176,8 @@ class Ranks(_Section):
         """The `RankPolicy` of this section (override keys are still patterns)."""
         return RankPolicy(rank=self.rank, energy=self.energy, keep=self.keep,
                           multiple=self.multiple, overrides=dict(self.overrides),
-                          dense_at_breakeven=self.dense_at_breakeven)  # fmt: skip
+                          dense_at_breakeven=self.dense_at_breakeven,
+                          speed=self.speed)  # fmt: skip
 
 
 class Chain(_Section):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from compressor.core.compress import compress_
 from compressor.core.layers import dense_weight_of
 from compressor.core.progress import ProgressFn
+from compressor.core.ranks import RankPolicy
 from compressor.core.solver import Solver
 from compressor.core.surgery import count_params
 from compressor.errors import DlncError
@@ -33,6 +34,7 @@ from compressor.workflows.report import (
     record_correction,
     weights_size,
 )
+from compressor.workflows.speedplan import serving_dtype, speed_policy
 from compressor.workflows.targets import check_patterns, expand_overrides, select_targets
 
 if TYPE_CHECKING:
@@ -90,7 +92,8 @@ def compress_checkpoint(
     loaded.notices[:0] = notices
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
-    policy = expand_overrides(options.policy, list(targets))
+    shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
+    policy = _policy(options, loaded, shapes, progress)
     method, generated = generated_data(loaded, options.method or MethodOptions())
     if generated is not None:
         options = replace(options, method=method)
@@ -98,7 +101,6 @@ def compress_checkpoint(
     teacher = teacher_copy(loaded.model) if options.finetune is not None else None
     with scratch_beside(out) as tmp:
         solver = options.run.solver_for()
-        shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
         budget = disk_size(loaded.weight_files)  # the export takes at most the input's bytes
         _notice(loaded.notices, keep_reductions(solver, shapes, tmp, budget))
         kwargs = _method_inputs(loaded, targets, options, solver, progress)
@@ -135,6 +137,14 @@ def compress_checkpoint(
     )
     summary["bytes_after"] = weights_size(written)  # export wrote it into report.json
     return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def _policy(options: CompressOptions, loaded, shapes: dict, progress) -> RankPolicy:
+    """The run's rank policy for these targets: override patterns expanded, and under
+    `speed` never-slower the caps measured for their shapes in the checkpoint's dtype."""
+    policy = expand_overrides(options.policy, list(shapes))
+    dtype = serving_dtype(loaded.weight_files)
+    return speed_policy(policy, shapes, options.run.device, dtype, progress)
 
 
 def load(path: str | os.PathLike, options: LoadOptions) -> LoadedCheckpoint:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compressor.core.layers import dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
@@ -16,6 +17,7 @@ from compressor.methods import LayerEstimate, estimate_layers
 from compressor.options import CompressOptions, MethodOptions
 from compressor.workflows.compress import expand_overrides, load, select_targets
 from compressor.workflows.plan import PlanInfo, make_plans
+from compressor.workflows.speedplan import serving_dtype, speed_policy
 
 __all__ = ["Estimate", "estimate_checkpoint"]
 
@@ -52,7 +54,10 @@ def estimate_checkpoint(
     targets = select_targets(loaded, options)
     aware = options.method or MethodOptions()
     plans, info = make_plans(loaded, targets, aware, progress, everything=True)
+    shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
     policy = expand_overrides(options.policy, list(targets))
+    dtype = serving_dtype(loaded.weight_files)
+    policy = speed_policy(policy, shapes, options.run.device, dtype, progress)
     chosen = aware.resolved
     layers = estimate_layers(plans, chosen, policy, tau)
     return Estimate(chosen, policy, tau, layers, plans[chosen].spectra, info, loaded.notices)

@@ -15,6 +15,7 @@ from compressor.core.ranks import RankPolicy
 from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.io.export import disk_size
 from compressor.io.section import dlnc_version
+from compressor.workflows.speedplan import expected_speed, serving_dtype
 
 if TYPE_CHECKING:
     from compressor.methods.sequential import Correction
@@ -80,6 +81,7 @@ def build_report(
         **report.to_dict(),
         "model_params_before": total_before,
         "model_params_after": total_before if options.export.merge else total_before - saved,
+        "expected_speed": _expected_speed(loaded, report, options),
         "bytes_before": disk_size(loaded.weight_files),
         "bytes_after": None,
         "notes": {
@@ -88,6 +90,19 @@ def build_report(
         },
         "notices": loaded.notices,
     }
+
+
+def _expected_speed(loaded: LoadedCheckpoint, report: CompressionReport, options) -> dict:
+    """The targeted layers' expected speed-up over dense on the run's device, and a notice
+    when some factorized layer is expected slower than the dense one it replaced."""
+    layers = {r.name: (r.shape, r.rank) for r in report.layers}
+    speed = expected_speed(layers, options.run.device, serving_dtype(loaded.weight_files))
+    if speed["slower_layers"] and options.policy.speed != "never-slower":
+        loaded.notices.append(
+            f"{speed['slower_layers']} factorized layers are expected slower than dense on this "
+            "device at some batch shape (`speed` never-slower keeps them dense)"
+        )
+    return speed
 
 
 def _floor_notice(report: CompressionReport, policy: RankPolicy, notices: list[str]) -> None:
@@ -112,4 +127,5 @@ def _policy_dict(policy: RankPolicy) -> dict:
         "keep": policy.keep,
         "multiple": policy.multiple,
         "dense_at_breakeven": policy.dense_at_breakeven,
+        "speed": policy.speed,
     }

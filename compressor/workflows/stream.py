@@ -53,6 +53,7 @@ from compressor.workflows.report import (
     build_report,
     record_correction,
 )
+from compressor.workflows.speedplan import serving_dtype, speed_policy
 from compressor.workflows.targets import expand_overrides, select_targets
 
 __all__ = ["NotStreamable", "stream_compress"]
@@ -93,6 +94,8 @@ def stream_compress(
                 _spill_over(options), progress, sensitivity,
             )  # fmt: skip
         policy = expand_overrides(options.policy, list(layers))
+        dtype = serving_dtype(loaded.weight_files)
+        policy = speed_policy(policy, shapes, options.run.device, dtype, progress)
         for name, decision in allocate_ranks(spectra, shapes, policy, gains).items():
             layers[name].decision = decision
         correction = None
