@@ -1,16 +1,17 @@
 """Benchmark (issue 27): does a compressed causal LM generate faster than its dense original?
 
-Rows: dense, keep 0.8 and keep 0.5, plain and "never slower" (each factorized layer timed
-against its dense form at 1 and 8 rows, the decode shapes, and kept dense where it loses),
-each plain and, with --compile, under `torch.compile`. Columns: prefill ms (1 x --prompt-len)
+Rows: dense, keep 0.8 and keep 0.5, each with the plain plan (`--speed smallest`) and the
+speed-aware one (`--speed never-slower`: a layer whose factorized form is slower than dense at
+1, 8 or 256 rows on this device stays dense, from the kernel timings dlnc caches), each plain
+and, with --compile, under `torch.compile`. Columns: prefill ms (1 x --prompt-len)
 and decode tokens/s in `generate` (KV cache, greedy, --new-tokens per sequence) at batch 1
 and 8, and each model's speed-up over dense. All models of one family are timed in one
 process, taking turns in every repeat (`compressor.workflows.speed.measure_models`), best of
 --repeats after a warm-up.
 
 Families:
-  smollm2  the exports of /tmp/dlnc-smollm2/f32 made by
-           `dlnc compress /tmp/dlnc-smollm2/f32 --keep K --out /tmp/speed/kK` (--exports)
+  smollm2  data-free exports of /tmp/dlnc-smollm2/f32 (`dlnc compress DENSE --keep K
+           --speed S`), made into --exports/kK-S where missing
   llama1b  a Llama with a 1B model's layer shapes (hidden 2048, MLP 8192, 32 heads, 8 k/v
            heads) and random weights (speed needs no real weights), --layers of them,
            factorized data-free at uniform ranks (random factors: the shapes are what count)
@@ -25,9 +26,11 @@ run on a GPU yet.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
+import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,25 +39,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch import nn
 
-from compressor.core.allocate import uniform_ranks
 from compressor.core.layers import FactorizedLinear
-from compressor.core.surgery import factorized_layers, replace_module
+from compressor.core.ranks import SPEEDS, RankPolicy, allocate_ranks
+from compressor.core.surgery import replace_module
 from compressor.core.targets import find_targets
 from compressor.workflows.speed import DTYPES, SpeedOptions, measure_models
+from compressor.workflows.speedplan import speed_policy
 
 KEEPS = (0.8, 0.5)
 
 
 def smollm2(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """Dense and its data-free exports at each keep, plain and never-slower, made here by
+    `compress_checkpoint` where --exports does not hold them yet."""
+    from compressor.core.ranks import RankPolicy
+    from compressor.options import CompressOptions
+    from compressor.workflows.compress import compress_checkpoint
     from compressor.workflows.finetune import load_model
 
     models = {"dense": load_model(args.dense)}
-    for keep in KEEPS:
-        models[f"keep {keep}"] = load_model(Path(args.exports) / f"k{keep}")
+    for keep, speed in itertools.product(KEEPS, SPEEDS):
+        folder = Path(args.exports) / f"k{keep}-{speed}"
+        if not (folder / "config.json").exists():
+            policy = RankPolicy(keep=keep, speed=speed)
+            compress_checkpoint(args.dense, folder, CompressOptions(policy=policy))
+        report = json.loads((folder / "report.json").read_text())
+        dense = sum(layer["rank"] is None for layer in report["layers"])
+        models[_label(keep, speed, dense)] = load_model(folder)
     return models
 
 
+def _label(keep: float, speed: str, dense: int) -> str:
+    return f"keep {keep}" + (f" {speed} ({dense} dense)" if speed != "smallest" else "")
+
+
 def llama1b(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """A Llama of a 1B model's shapes, random weights, factorized by the library's allocation
+    over flat spectra (the same fraction everywhere, as far as the caps allow)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -64,62 +85,31 @@ def llama1b(args: argparse.Namespace) -> dict[str, nn.Module]:
     )  # fmt: skip
     torch.manual_seed(0)
     models = {"dense": LlamaForCausalLM(config).eval()}
-    for keep in KEEPS:
+    for keep, speed in itertools.product(KEEPS, SPEEDS):
         model = LlamaForCausalLM(config).eval()
         targets = find_targets(model)
         shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
-        for name, rank in uniform_ranks(shapes, keep).items():
+        flat = {n: torch.ones(min(s)) for n, s in shapes.items()}
+        policy = speed_policy(RankPolicy(keep=keep, speed=speed), shapes, args.device,
+                              DTYPES[args.dtype])  # fmt: skip
+        dense = 0
+        for name, decision in allocate_ranks(flat, shapes, policy).items():
+            if decision.dense:
+                dense += 1
+                continue
             out_f, in_f = shapes[name]
-            layer = FactorizedLinear(in_f, out_f, rank, bias=targets[name].bias is not None)
+            layer = FactorizedLinear(
+                in_f, out_f, decision.rank, bias=targets[name].bias is not None
+            )
             replace_module(model, name, layer)
-        models[f"keep {keep}"] = model
+        models[_label(keep, speed, dense)] = model
     return models
 
 
-@torch.inference_mode()
-def never_slower(model: nn.Module, device: str, rows: tuple[int, ...] = (1, 8)) -> int:
-    """Swap back to dense each factorized layer slower than its dense form at any of `rows`
-    (best of 3 of 5 calls); the number swapped."""
-    swapped = 0
-    for name, layer in factorized_layers(model).items():
-        dense = layer.to_dense()
-        slower = False
-        for m in rows:
-            x = torch.randn(m, layer.in_features, dtype=layer.up.weight.dtype, device=device)
-            slower |= _best(layer, x) > _best(dense, x)
-        if slower:
-            replace_module(model, name, dense)
-            swapped += 1
-    return swapped
-
-
-def _best(layer: nn.Module, x: torch.Tensor, calls: int = 5) -> float:
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(calls):
-            layer(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def variants(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str, nn.Module]:
-    """The plain models, their never-slower forms and (--compile) each compiled."""
-    dtype = DTYPES[args.dtype]
-    out = {}
-    for label, model in models.items():
-        out[label] = model.to(args.device, dtype)
-        if label != "dense":
-            import copy
-
-            safe = copy.deepcopy(out[label])
-            swapped = never_slower(safe, args.device)
-            out[f"{label} never-slower ({swapped} dense)"] = safe
+    """The models on the device in the dtype and, with --compile, each compiled too."""
+    out = {label: model.to(args.device, DTYPES[args.dtype]) for label, model in models.items()}
     if args.compile:
-        import copy
-
         for label in list(out):
             compiled = copy.deepcopy(out[label])
             compiled.forward = torch.compile(compiled.forward, dynamic=True)
@@ -147,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", default=["smollm2", "llama1b"])
     parser.add_argument("--dense", default="/tmp/dlnc-smollm2/f32")
-    parser.add_argument("--exports", default="/tmp/speed", help="folder of k0.8/ and k0.5/")
+    parser.add_argument("--exports", default="/tmp/speed", help="folder of the exports")
     parser.add_argument("--layers", type=int, default=16, help="llama1b: decoder layers")
     parser.add_argument("--vocab", type=int, default=128256, help="llama1b: vocabulary")
     parser.add_argument("--device", default="cpu")
