@@ -27,6 +27,8 @@ Rows (`--rows`, each at every `--keeps`; "keep" is the fraction of the targeted 
                `square_only` (`--recipe COPY`), so the GQA projections share the budget
   dlnc-fast    dlnc-data without the error correction (`--no-correct`): what the correction's
                passes buy, and cost
+  dlnc-speed   dlnc-data with `--speed never-slower`: no factorized layer slower than dense on
+               this machine (from the kernel timings dlnc caches), what that plan costs in quality
   dlnc-ft      `dlnc finetune` of the dlnc-data export with the teacher, `--steps` steps of
                4 x 128 tokens of the train split (one row per step count): its `--data` is a
                .safetensors of the training blocks, `--samples` steps x 4 / 0.9 of them (dlnc
@@ -76,8 +78,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "quality_lm_smollm2.md"
 CACHE = Path("/tmp/dlnc-smollm2")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-kv", "dlnc-fast", "dlnc-ft",
-        "distill", "rtn")  # fmt: skip
+ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-kv", "dlnc-fast",
+        "dlnc-speed", "dlnc-ft", "distill", "rtn")  # fmt: skip
 WINDOW = 512  # held-out and calibration windows (tokens)
 BLOCK = 128  # fine-tuning blocks (tokens)
 BATCH = 4  # fine-tuning batch (blocks)
@@ -491,6 +493,11 @@ def main(argv: list[str] | None = None) -> None:
                                        "--no-correct")  # fmt: skip
             bench.record(keep, "`dlnc compress --data --no-correct`", load(fast), seconds,
                          note="k/v dense; no error correction")  # fmt: skip
+        if "dlnc-speed" in rows:
+            fast, seconds = bench.dlnc(keep, "speed", "--data", str(bench.calib_file),
+                                       "--speed", "never-slower")  # fmt: skip
+            bench.record(keep, "`dlnc compress --data --speed never-slower`", load(fast), seconds,
+                         note="k/v dense; layers slower than dense kept dense")  # fmt: skip
         for steps in args.steps if "dlnc-ft" in rows else []:
             bench.dlnc_finetune(keep, export, data_s, steps)
         for steps in args.steps if "distill" in rows else []:

@@ -4,7 +4,12 @@ An allocator shares `keep` of the targeted weight parameters between layers. Eac
 offers its singular directions one at a time; direction i costs (in + out) parameters and
 lowers an error objective by `gains[layer][i]`. `greedy_ranks` takes directions in order of
 gain per parameter until the budget is spent: for non-increasing gains (squared singular
-values are) it is the optimal split of the budget.
+values are) it is the optimal split of the budget among factorized layers. A layer can also
+stay dense, which buys every direction's gain for in * out parameters, including those past
+break-even that no rank reaches: with `dense_offer` that is one more offer per layer (on the
+upper concave hull of the layer's offers), so the budget keeps a layer dense where that buys
+the most (SmolLM2 keep 0.8 with data: held-out perplexity 1.63x dense without the offer,
+1.34x with it; docs/benchmarks.md, session 11).
 
 What the gains mean decides the allocation:
   - output-aware (the default under `keep` with calibration data): s_i(W L)^2 times the
@@ -33,55 +38,101 @@ def greedy_ranks(
     shapes: Mapping[str, tuple[int, int]],
     keep: float,
     caps: Mapping[str, int] | None = None,
+    dense_offer: bool = False,
 ) -> dict[str, int]:
     """Ranks (>= 1) whose factorized parameters sum to at most `keep` of the dense ones.
 
     Every layer first gets rank 1; then directions are taken in order of gain / (in + out)
     while they fit. A layer is offered at most ceil(break-even) directions: at that rank it
     is kept dense, which costs in * out <= ceil(k*) * (in + out), so never more than counted.
+    A layer with a cap (`caps`: the largest rank it may have factorized) is offered its
+    directions up to the cap only; cap 0 means dense outright.
 
-    A layer with a cap (`caps`: the largest rank it may have factorized, below break-even) is
-    offered its directions up to the cap and then one more item, going dense: all its other
-    directions' gain for the rest of in * out. Where that item buys more per parameter than
-    the last directions below it, those are dropped from the offer (the upper concave hull),
-    so the offers stay in decreasing order per layer and the greedy order stays optimal. A
-    layer kept dense comes back as rank min(shape), above its cap; cap 0 means dense outright.
+    With `dense_offer`, going dense is also one offer of its own for every layer, at its cap
+    (or the largest rank below break-even): all its remaining directions' gain for the rest
+    of in * out, where counting directions one at a time leaves out the gain of those past
+    break-even. Where that offer buys more per parameter than the last directions below it,
+    those are dropped (the upper concave hull), so each layer's offers stay in decreasing
+    order. A big offer that does not fit would strand the budget its layer's dropped
+    directions could use: such layers are offered their directions again, one at a time, in
+    another round, until every dense offer left is taken; the split with the largest total
+    gain of the rounds (and of the split without dense offers) is returned. A layer kept
+    dense comes back at a rank above its bound (min(shape) from the offer).
     """
     caps = caps or {}
+    best = _greedy(gains, shapes, keep, caps, offers=set())
+    if not dense_offer:
+        return best
+    offers = {n for n in gains if _bound(shapes[n], caps.get(n)) > 0}
+    while offers:
+        ranks = _greedy(gains, shapes, keep, caps, offers)
+        best = max(best, ranks, key=lambda r: _total_gain(gains, shapes, caps, r))
+        missed = {n for n in offers if ranks[n] <= _bound(shapes[n], caps.get(n))}
+        if not missed:
+            break
+        offers -= missed
+    return best
+
+
+def _bound(shape: tuple[int, int], cap: int | None) -> int:
+    """The largest rank a layer is kept factorized at: its cap, below break-even."""
+    below = floor_breakeven(*shape)
+    return below if cap is None else min(cap, below)
+
+
+def _total_gain(gains, shapes, caps, ranks: Mapping[str, int]) -> float:
+    """The gain a split buys: a factorized layer its first `rank` directions, a dense one all."""
+    total = 0.0
+    for name, rank in ranks.items():
+        g = gains[name].double().flatten().clamp_min(0)
+        dense = rank > _bound(shapes[name], caps.get(name))
+        total += float(g.sum() if dense else g[:rank].sum())
+    return total
+
+
+def _greedy(gains, shapes, keep: float, caps, offers: set[str]) -> dict[str, int]:
+    """The greedy split; the layers in `offers` have a dense offer (the hull)."""
     names = list(gains)
     budget = keep * sum(shapes[n][0] * shapes[n][1] for n in names)
+    ranks = {n: 1 for n in names}
     per_gain, per_cost, per_size, owner = [], [], [], []
     for idx, name in enumerate(names):
         out_f, in_f = shapes[name]
         cost = float(out_f + in_f)
         g = gains[name].double().flatten().clamp_min(0)
         cap = caps.get(name)
-        if cap is not None and cap == 0:
+        if cap == 0 or (offers and _bound(shapes[name], cap) == 0):
             budget -= out_f * in_f  # dense outright
+            ranks[name] = min(shapes[name])
             continue
         budget -= cost  # rank 1
-        if cap is None or cap > floor_breakeven(out_f, in_f):
-            offered = min(floor_breakeven(out_f, in_f) + 1, min(shapes[name]))
-            taken = g[1:offered]
+        if name in offers:
+            bound = _bound(shapes[name], cap)
+            gain, costs, size = _capped_offer(g, cost, out_f * in_f, bound, min(out_f, in_f))
+        else:
+            below = floor_breakeven(out_f, in_f) + 1  # the last one: kept dense
+            taken = g[1 : min(below, below if cap is None else cap, min(shapes[name]))]
             gain, size = taken / cost, torch.ones_like(taken)
             costs = torch.full_like(taken, cost)
-        else:
-            gain, costs, size = _capped_offer(g, cost, out_f * in_f, cap, min(out_f, in_f))
         per_gain.append(gain)
         per_cost.append(costs)
         per_size.append(size)
         owner.append(torch.full_like(gain, idx))
-    ranks = {n: 1 if caps.get(n) != 0 else min(shapes[n]) for n in names}
     if not per_gain:
         return ranks
     order = torch.cat(per_gain).argsort(descending=True, stable=True)
-    spent = torch.cat(per_cost)[order].cumsum(0)
-    fits = spent <= budget
-    taken = torch.cat(owner)[order][fits].long()
-    added = torch.zeros(len(names), dtype=torch.float64)
-    added.index_add_(0, taken, torch.cat(per_size)[order][fits])
+    added = [0] * len(names)
+    items = zip(*(torch.cat(t)[order].tolist() for t in (per_cost, owner, per_size)), strict=True)
+    for cost, idx, size in items:  # best first; what does not fit is passed over
+        idx = int(idx)
+        if size > 1:  # the jump to dense: what is left of in * out after the ranks taken
+            out_f, in_f = shapes[names[idx]]
+            cost = out_f * in_f - (1 + added[idx]) * (out_f + in_f)
+        if cost <= budget:
+            budget -= cost
+            added[idx] += int(size)
     for idx, name in enumerate(names):
-        if caps.get(name) != 0:
+        if added[idx] > 0:
             ranks[name] = min(1 + int(added[idx]), min(shapes[name]))
     return ranks
 

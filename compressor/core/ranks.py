@@ -96,8 +96,12 @@ def allocate_ranks(
     caps = {n: policy.cap_of(shapes[n]) for n in spectra}
     if policy.keep is not None:
         bounded = {n: c for n, c in caps.items() if c is not None}
+        # going dense is an offer where gains compare across layers (output-aware, with data)
+        # and where speed bounds the ranks; each layer's relative spectrum alone is not a
+        # measure of what keeping it whole is worth next to another layer
+        offer = policy.dense_at_breakeven and (gains is not None or policy.speed != "smallest")
         raw = greedy_ranks(gains if gains is not None else relative_gains(spectra),
-                           shapes, policy.keep, bounded)  # fmt: skip
+                           shapes, policy.keep, bounded, offer)  # fmt: skip
     elif policy.energy is not None:
         raw = {n: max(1, energy_rank(s, policy.energy)) for n, s in spectra.items()}
     else:
@@ -135,6 +139,8 @@ def _decide(shape: tuple[int, int], rank: int, cap: int | None, at_breakeven: bo
     if cap is not None and rank > cap:
         why = "no rank is" if cap == 0 else f"only ranks <= {cap} are"
         return LayerRank(None, f"kept dense: {why} as fast as dense on this device")
+    if at_breakeven and rank >= min(shape) > k_star + 1:  # the allocator's dense offer
+        return LayerRank(None, f"kept dense: buys more than any rank below break-even {k_star:.0f}")
     if at_breakeven and rank >= k_star:
         return LayerRank(None, f"rank {rank} >= break-even {k_star:.0f}: kept dense")
     return LayerRank(rank)
