@@ -28,7 +28,7 @@ from compressor.core.kernels import (
     measure_curve,
     speed_cap,
 )
-from compressor.core.progress import ProgressFn
+from compressor.core.progress import ProgressFn, report
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
 from compressor.io.files import atomic_path
@@ -117,10 +117,9 @@ def kernel_curves(
             else:
                 missing.append((shape, rows))
     for i, (shape, rows) in enumerate(missing):
-        if progress is not None:
-            progress("speed", i, len(missing))
         curves[shape, rows] = measure_curve(shape, rows, device, dtype, timer or best_seconds)
         known[_entry(shape, rows)] = curves[shape, rows].to_dict()
+        report(progress, "timing kernels", i + 1, len(missing))
     if missing:
         cache = _read(path)  # another run may have written meanwhile
         cache.setdefault(key, {}).update(known)
