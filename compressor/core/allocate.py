@@ -8,8 +8,8 @@ values are) it is the optimal split of the budget among factorized layers. A lay
 stay dense, which buys every direction's gain for in * out parameters, including those past
 break-even that no rank reaches: with `dense_offer` that is one more offer per layer (on the
 upper concave hull of the layer's offers), so the budget keeps a layer dense where that buys
-the most (SmolLM2 keep 0.8 with data: held-out perplexity 1.63x dense without the offer,
-1.34x with it; docs/benchmarks.md, session 11).
+the most (SmolLM2 keep 0.8: held-out perplexity 1.63x dense -> 1.34x with data, 2.80x ->
+1.82x without; docs/benchmarks.md, session 11).
 
 What the gains mean decides the allocation:
   - output-aware (the default under `keep` with calibration data): s_i(W L)^2 times the
