@@ -32,6 +32,7 @@ from compressor.core.progress import ProgressFn, report
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
 from compressor.io.files import atomic_path
+from compressor.io.streaming import TensorSource
 from compressor.training.generated import default_cache_dir
 
 __all__ = [
@@ -56,22 +57,9 @@ def speed_device(device: str | None) -> torch.device:
 def serving_dtype(weight_files: Iterable[Path]) -> torch.dtype:
     """The dtype a checkpoint's weights are stored in (its first floating tensor's), the one
     its export keeps and is served in; float32 when there is none to read (pickles)."""
-    from safetensors import safe_open
-
-    for file in weight_files:
-        if Path(file).suffix != ".safetensors":
-            continue
-        with safe_open(file, "pt") as f:
-            names = f.keys()  # (a safe_open handle is not iterable)
-            for key in names:
-                dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-                if dtype is not None:
-                    return dtype
-    return torch.float32
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                       "F64": torch.float64}  # fmt: skip
+    files = [Path(f) for f in weight_files if Path(f).suffix == ".safetensors"]
+    specs = TensorSource(files).specs.values() if files else ()
+    return next((s.dtype for s in specs if s.dtype.is_floating_point), torch.float32)
 
 
 def device_key(device: torch.device, dtype: torch.dtype) -> str:
