@@ -12,6 +12,7 @@ from compressor.core.gram import (
     gram_matrix,
     gram_singular_values,
     randomized_factors,
+    rows_gram,
     use_randomized,
 )
 from compressor.io.scratch import load_tridiagonal, save_tridiagonal
@@ -200,6 +201,16 @@ def test_gram_matrix_is_the_smaller_sides_gram_in_both_triangles(shape):
     want = w.T @ w if right else w @ w.T
     assert right == (shape[0] > shape[1])
     torch.testing.assert_close(gram, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gram, gram.T)
+
+
+@pytest.mark.parametrize("n", [7, 256, 257, 600])
+def test_rows_gram_is_the_full_product_in_both_triangles(n):
+    # bands of 256 columns, the last one short, mirrored: X^T X to float32 rounding
+    x = flat(300, n)
+    gram = rows_gram(x)
+    assert gram.dtype == x.dtype and gram.shape == (n, n)
+    torch.testing.assert_close(gram.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-3)
     assert torch.equal(gram, gram.T)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.core.gram import gram_factors, symmetric_eigen, times_lower
+from compressor.core.gram import gram_factors, rows_gram, symmetric_eigen, times_lower
 from compressor.core.linalg import balanced_factors, decompose, factors_from, singular_values
 
 __all__ = [
@@ -48,10 +48,10 @@ class LayerStats:
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of `x` (any leading shape): their product in float32 (several times
-        faster than float64 on a CPU; each batch's sum is within ~rows * eps_32 of exact),
-        summed into the float64 total."""
+        faster than float64 on a CPU; each batch's sum is within ~rows * eps_32 of exact;
+        `rows_gram`), summed into the float64 total."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.gram += x.T @ x
+        self.gram += rows_gram(x)
         self.rows += x.shape[0]
 
 
