@@ -25,8 +25,8 @@ Rows (`--rows`, each at every `--keeps`; "keep" is the fraction of the targeted 
   dlnc-data    `dlnc compress F32 --data CALIB --keep K`
   dlnc-kv      dlnc-data with k_proj/v_proj targeted too: a copy of the llama recipe without
                `square_only` (`--recipe COPY`), so the GQA projections share the budget
-  dlnc-fast    dlnc-data without the error correction (`--no-correct`): what the correction's
-               passes buy, and cost
+  dlnc-correct dlnc-data with the error correction the llama recipe leaves off (`--correct`):
+               what its passes buy, and cost
   dlnc-speed   dlnc-data with `--speed never-slower`: no factorized layer slower than dense on
                this machine (from the kernel timings dlnc caches), what that plan costs in quality
   dlnc-ft      `dlnc finetune` of the dlnc-data export with the teacher, `--steps` steps of
@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "quality_lm_smollm2.md"
 CACHE = Path("/tmp/dlnc-smollm2")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-kv", "dlnc-fast",
+ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-kv", "dlnc-correct",
         "dlnc-speed", "dlnc-ft", "distill", "rtn")  # fmt: skip
 WINDOW = 512  # held-out and calibration windows (tokens)
 BLOCK = 128  # fine-tuning blocks (tokens)
@@ -488,11 +488,11 @@ def main(argv: list[str] | None = None) -> None:
                                          "--recipe", str(kv_recipe(args.cache)))  # fmt: skip
             bench.record(keep, "`dlnc compress --data`, k/v targeted", load(kv[0]), seconds,
                          note="a llama recipe copy without square_only")  # fmt: skip
-        if "dlnc-fast" in rows:
-            fast, seconds = bench.dlnc(keep, "fast", "--data", str(bench.calib_file),
-                                       "--no-correct")  # fmt: skip
-            bench.record(keep, "`dlnc compress --data --no-correct`", load(fast), seconds,
-                         note="k/v dense; no error correction")  # fmt: skip
+        if "dlnc-correct" in rows:
+            fixed, seconds = bench.dlnc(keep, "correct", "--data", str(bench.calib_file),
+                                        "--correct")  # fmt: skip
+            bench.record(keep, "`dlnc compress --data --correct`", load(fixed), seconds,
+                         note="k/v dense; with the error correction")  # fmt: skip
         if "dlnc-speed" in rows:
             fast, seconds = bench.dlnc(keep, "speed", "--data", str(bench.calib_file),
                                        "--speed", "never-slower")  # fmt: skip

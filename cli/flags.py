@@ -149,10 +149,12 @@ METHOD = FlagGroup("rank_method", {
     "output_aware": (_option(bool,
         "With --data: share --keep by each layer's measured effect on the model's output "
         "(one backward pass per batch). --no-output-aware: by each layer's own spectrum."), True),
-    "correct": (_option(bool,
+    "correct": (_option(bool | None,
         "With --data: refit each layer's factors block by block on the inputs the "
         "compressed layers before it produce (error-correcting calibration; a layer with "
-        "under 16 calibration tokens per input feature keeps its one-shot factors)."), True),
+        "under 16 calibration tokens per input feature keeps its one-shot factors). "
+        "\\[default: the recipe's; on, except llama: its small gain there costs half again "
+        "the run's time]"), None),
     "generate": (_option(bool,
         "Without --data: a causal language model calibrates on 32 x 256 tokens of text it "
         "generates itself (seeded, cached; about a minute on a CPU for 135M parameters). "

@@ -117,20 +117,21 @@ def test_wide_inputs_can_be_collected_in_float32(tiny_model, one_torch_thread):
             assert torch.equal(st.gram, want)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize(("family", "tokens"), [("llama", None), ("gpt2", None), ("bert", 1)])
 def test_block_by_block_sensitivity_is_the_whole_models(
-    family, tiny_model, tmp_path, one_torch_thread
+    family, tokens, tiny_model, tmp_path, one_torch_thread
 ):
     # forward keeping each block's inputs, the tail with the same seeded probes, backward one
     # block at a time: output_sensitivity's numbers bit for bit (padding left out, two probes
-    # per batch, a tied head on GPT-2 and BERT, activations in memory or all on disk)
+    # per batch, a tied head on GPT-2 and BERT, activations in memory or all on disk; the
+    # same probed batches under a token budget)
     from compressor.methods.sensitivity import output_sensitivity
     from compressor.pipelines.sensitivity import blockwise_sensitivity
     from compressor.pipelines.source import release
 
     model, folder = tiny_model(family)
     targets = find_targets(model)
-    want = output_sensitivity(model, targets, padded_batches(), probes=2, seed=3)
+    want = output_sensitivity(model, targets, padded_batches(), probes=2, seed=3, tokens=tokens)
     ckpt = open_streamed(folder, LoadOptions())
     meta = ckpt.loaded.model
     (tmp_path / "spill").mkdir()
@@ -138,6 +139,7 @@ def test_block_by_block_sensitivity_is_the_whole_models(
         got = blockwise_sensitivity(
             meta, {n: meta.get_submodule(n) for n in targets}, padded_batches(),
             module_loader(ckpt.tensors, ckpt.keys), probes=2, seed=3, spill_dir=spill,
+            tokens=tokens,
         )  # fmt: skip
         release(meta)
         assert sorted(got) == sorted(want)

@@ -127,6 +127,42 @@ def test_grams_counted_on_the_sensitivity_pass_equal_collect_grams(family):
         assert got[shared + "q_proj"] is got[shared + "v_proj"]
 
 
+def test_probed_batches_are_the_fewest_leading_ones_holding_the_tokens():
+    from compressor.methods.sensitivity import probed_batches
+
+    batches = padded_batches()  # 16, 20 and 13 real tokens
+    assert [probed_batches(batches, t) for t in (1, 16, 17, 36, 37, 10**6, None)] == [
+        1, 1, 2, 2, 3, 3, 3,
+    ]  # fmt: skip
+    unmasked = [{"input_ids": b["input_ids"]} for b in batches]  # 20 tokens each
+    assert [probed_batches(unmasked, t) for t in (20, 21, 60)] == [1, 2, 3]
+    pixels = [{"pixel_values": torch.zeros(4, 3, 8, 8)}] * 3  # no tokens: its samples
+    assert probed_batches(pixels, 5) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_the_sensitivity_probes_the_leading_batches_and_the_grams_count_all(family):
+    # past the token budget the batches run forward only: the sensitivity is the one of the
+    # leading batches alone, the Grams are still every batch's
+    from compressor.methods.calibration import GramCollector
+    from compressor.methods.sensitivity import output_sensitivity
+
+    model = build_tiny(family)
+    targets = find_targets(model)
+    batches = padded_batches()
+    collector = GramCollector(targets)
+    sens = output_sensitivity(model, targets, batches, probes=2, grams=collector, tokens=17)
+    leading = output_sensitivity(model, targets, batches[:2], probes=2, tokens=None)
+    everything = output_sensitivity(model, targets, batches, probes=2, tokens=None)
+    want = collect_grams(model, targets, batches)
+    got = collector.result()
+    for name in targets:
+        assert torch.equal(sens[name], leading[name])
+        assert not torch.equal(sens[name], everything[name])
+        assert got[name].rows == want[name].rows == 49
+        torch.testing.assert_close(got[name].gram, want[name].gram, rtol=1e-6, atol=1e-6)
+
+
 def test_the_sensitivity_pass_computes_no_weight_gradient():
     # only the activations' gradients are needed: the weights' would double the backward pass
     from compressor.methods.sensitivity import output_sensitivity

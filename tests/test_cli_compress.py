@@ -307,7 +307,11 @@ def test_streamed_whiten_is_output_aware_as_in_memory(tiny_model, tmp_path):
     save_file({"input_ids": torch.randint(1, 64, (8, 10))}, data)
     args = ("compress", folder, "--data", data, "--keep", 0.5, "--json")
     # output-aware ranks are on by default: streamed, block by block, the in-memory export
-    runs = {flag: dlnc(*args, flag, "-o", tmp_path / flag) for flag in ("--stream", "--no-stream")}
+    # (the correction too, which the llama recipe leaves off unless asked)
+    runs = {
+        flag: dlnc(*args, flag, "--correct", "-o", tmp_path / flag)
+        for flag in ("--stream", "--no-stream")
+    }
     assert all(r.exit_code == 0 for r in runs.values()), [r.output for r in runs.values()]
     a, b = (load_file(tmp_path / flag / "model.safetensors") for flag in runs)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -317,6 +321,7 @@ def test_streamed_whiten_is_output_aware_as_in_memory(tiny_model, tmp_path):
     assert report["correction"]["refit"] == []
     plain = dlnc(*args, "--stream", "--no-output-aware", "-o", tmp_path / "plain")
     assert plain.exit_code == 0, plain.output
+    assert "correction" not in json.loads(plain.output)  # the recipe's default
     ranks = [[r["rank"] for r in json.loads(x.output)["layers"]] for x in (runs["--stream"], plain)]
     assert ranks[0] != ranks[1]  # the gains chose the ranks
 

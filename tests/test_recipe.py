@@ -412,7 +412,7 @@ def test_recipes_show_of_a_bad_file_is_one_error_line(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
         f"error: recipe {tmp_path / 'bad.yaml'}: ranks.multipel: unknown key (allowed: method, "
-        "keep, energy, rank, multiple, overrides, dense_at_breakeven, speed)"
+        "keep, energy, rank, multiple, overrides, dense_at_breakeven, speed, correct)"
     ]
     assert dlnc("recipes", "show", "nope").exit_code == 1
 

@@ -42,10 +42,12 @@ from compressor.methods.blocks import (
     walk_blocks,
 )
 from compressor.methods.sensitivity import (
+    SENSITIVITY_TOKENS,
     ChannelSquares,
     head_probe,
     main_output,
     probe,
+    probed_batches,
     with_grads,
 )
 from compressor.pipelines.source import LayerSpec, NotStreamable, StreamedCheckpoint, release
@@ -89,12 +91,15 @@ def blockwise_sensitivity(
     spill_dir: str | Path | None = None,
     spill_over: int = 0,
     progress: ProgressFn | None = None,
+    tokens: int | None = SENSITIVITY_TOKENS,
 ) -> dict[str, torch.Tensor]:
-    """`output_sensitivity(model, targets, batches, probes, seed)` of a meta-device `model`
-    whose weights `load(prefix, module)` gives, one block at a time (module docstring). With
-    `spill_dir`, each block's activations past `spill_over` bytes go to disk there. Loaded
-    weights are left for the caller to release."""
+    """`output_sensitivity(model, targets, batches, probes, seed, tokens=tokens)` of a
+    meta-device `model` whose weights `load(prefix, module)` gives, one block at a time
+    (module docstring), over the same probed batches. With `spill_dir`, each block's
+    activations past `spill_over` bytes go to disk there. Loaded weights are left for the
+    caller to release."""
     batches = list(batches)
+    batches = batches[: probed_batches(batches, tokens)]
     squares = ChannelSquares(targets)
     blocks = len(find_blocks(model)[1])
     steps = 2 * blocks + 1

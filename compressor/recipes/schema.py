@@ -159,6 +159,9 @@ class Ranks(_Section):
     # smallest: ranks for the budget alone; never-slower: no factorized layer slower than dense
     # on the run's device (measured once per device, cached)
     speed: str = "smallest"
+    # with data: refit the factors block by block on the inputs the compressed layers before
+    # them produce (error-correcting calibration); --correct / --no-correct override it
+    correct: bool = True
 
     @field_validator("overrides")
     @classmethod

@@ -146,7 +146,10 @@ def method_options(
 ) -> MethodOptions:
     """`MethodOptions`: `method` if given, else the recipe's (`auto` leaves it to what is given:
     dynamics with a reference or warm-up, whiten with data, else svd). `given` sets the other
-    fields (reference, warmup_steps, warmup_lr, damping, output_aware, correct)."""
+    fields (reference, warmup_steps, warmup_lr, damping, output_aware, correct); `correct`
+    None or not given: the recipe's `ranks.correct`."""
+    if given.get("correct") is None:
+        given["correct"] = recipe.ranks.correct if recipe is not None else True
     return MethodOptions(method=rank_method(recipe, method), data=data, **given)
 
 
