@@ -18,6 +18,7 @@ Families:
 
     python benchmarks/speed_lm.py [--family smollm2 llama1b] [--device cpu|cuda]
         [--threads 2] [--repeats 3] [--prompt-len 512] [--new-tokens 32] [--compile]
+        [--keeps 0.8 0.5] [--speeds smallest never-slower]
 
 The GPU path is the same script with --device cuda (and --dtype bfloat16); it has not been
 run on a GPU yet.
@@ -58,7 +59,7 @@ def smollm2(args: argparse.Namespace) -> dict[str, nn.Module]:
     from compressor.workflows.finetune import load_model
 
     models = {"dense": load_model(args.dense)}
-    for keep, speed in itertools.product(KEEPS, SPEEDS):
+    for keep, speed in itertools.product(args.keeps, args.speeds):
         folder = Path(args.exports) / f"k{keep}-{speed}"
         if not (folder / "config.json").exists():
             policy = RankPolicy(keep=keep, speed=speed)
@@ -85,7 +86,7 @@ def llama1b(args: argparse.Namespace) -> dict[str, nn.Module]:
     )  # fmt: skip
     torch.manual_seed(0)
     models = {"dense": LlamaForCausalLM(config).eval()}
-    for keep, speed in itertools.product(KEEPS, SPEEDS):
+    for keep, speed in itertools.product(args.keeps, args.speeds):
         model = LlamaForCausalLM(config).eval()
         targets = find_targets(model)
         shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--context-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
+    parser.add_argument("--speeds", nargs="+", default=list(SPEEDS), choices=SPEEDS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = SpeedOptions(
