@@ -23,6 +23,9 @@ Rows (`--rows`, each at every `--keeps`; "keep" is the fraction of the targeted 
                fraction of every decoder linear
   dlnc-free    `dlnc compress F32 --keep K` (no data)
   dlnc-data    `dlnc compress F32 --data CALIB --keep K`
+  dlnc-dyn     the learning-dynamics method: `dlnc compress F32 --data CALIB --method dynamics
+               --warmup-steps --warmup` (ranks from the spectra of the weights' updates in a
+               short warm-up run of a copy on the calibration windows, batches of 8)
   dlnc-kv      dlnc-data with k_proj/v_proj targeted too: a copy of the llama recipe without
                `square_only` (`--recipe COPY`), so the GQA projections share the budget
   dlnc-correct dlnc-data with the error correction the llama recipe leaves off (`--correct`):
@@ -78,7 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "quality_lm_smollm2.md"
 CACHE = Path("/tmp/dlnc-smollm2")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-kv", "dlnc-correct",
+ROWS = ("dense", "svd", "uniform", "dlnc-free", "dlnc-data", "dlnc-dyn", "dlnc-kv", "dlnc-correct",
         "dlnc-speed", "dlnc-ft", "distill", "rtn")  # fmt: skip
 WINDOW = 512  # held-out and calibration windows (tokens)
 BLOCK = 128  # fine-tuning blocks (tokens)
@@ -353,6 +356,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "distillation's sweep")  # fmt: skip
     parser.add_argument("--damp", type=float, default=1e-4,
                         help="uniform whitening: Gram damping, x its mean diagonal")  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="dlnc-dyn: warm-up steps (batches of 8 windows)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=CACHE, help="float32 model, data, exports")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the table (and .json beside)")
@@ -483,6 +488,11 @@ def main(argv: list[str] | None = None) -> None:
             if "dlnc-data" in rows:
                 note = f"k/v dense; {len(bench.calib)} x {WINDOW} calibration tokens"
                 bench.record(keep, "`dlnc compress --data`", load(export), data_s, note=note)
+        if "dlnc-dyn" in rows:
+            dyn, seconds = bench.dlnc(keep, "dyn", "--data", str(bench.calib_file), "--method",
+                                      "dynamics", "--warmup-steps", str(args.warmup))  # fmt: skip
+            bench.record(keep, f"`dlnc compress --data --method dynamics` ({args.warmup} warm-up "
+                         "steps)", load(dyn), seconds, note="k/v dense")  # fmt: skip
         if "dlnc-kv" in rows:
             _, seconds = kv = bench.dlnc(keep, "kv", "--data", str(bench.calib_file),
                                          "--recipe", str(kv_recipe(args.cache)))  # fmt: skip

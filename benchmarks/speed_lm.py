@@ -111,6 +111,11 @@ def variants(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str
     """The models on the device in the dtype and, with --compile, each compiled too."""
     out = {label: model.to(args.device, DTYPES[args.dtype]) for label, model in models.items()}
     if args.compile:
+        # the models share their forward's code, so dynamo keeps every model's graphs (prefill
+        # and decode shapes) under one code object: its default limit of 8 sent the second
+        # model back to eager for some shapes
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 16 * len(out))
         for label in list(out):
             compiled = copy.deepcopy(out[label])
             compiled.forward = torch.compile(compiled.forward, dynamic=True)
