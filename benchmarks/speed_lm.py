@@ -44,7 +44,7 @@ from compressor.core.layers import FactorizedLinear
 from compressor.core.ranks import SPEEDS, RankPolicy, allocate_ranks
 from compressor.core.surgery import replace_module
 from compressor.core.targets import find_targets
-from compressor.workflows.speed import DTYPES, SpeedOptions, measure_models
+from compressor.workflows.speed import DTYPES, GRAPHS_PER_MODEL, SpeedOptions, measure_models
 from compressor.workflows.speedplan import speed_policy
 
 KEEPS = (0.8, 0.5)
@@ -111,11 +111,10 @@ def variants(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str
     """The models on the device in the dtype and, with --compile, each compiled too."""
     out = {label: model.to(args.device, DTYPES[args.dtype]) for label, model in models.items()}
     if args.compile:
-        # the models share their forward's code, so dynamo keeps every model's graphs (prefill
-        # and decode shapes) under one code object: its default limit of 8 sent the second
-        # model back to eager for some shapes
+        # room for every model's graphs under their shared code object (as `dlnc speed
+        # --compile` makes it: workflows/speed.py), for all the copies compiled here
         limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, 16 * len(out))
+        torch._dynamo.config.recompile_limit = max(limit, GRAPHS_PER_MODEL * 2 * len(out))
         for label in list(out):
             compiled = copy.deepcopy(out[label])
             compiled.forward = torch.compile(compiled.forward, dynamic=True)

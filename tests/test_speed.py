@@ -76,3 +76,32 @@ def test_bad_options_are_one_line_errors(llama_export, args, needle):
 def test_options_are_checked_before_any_model_is_loaded(tmp_path):
     with pytest.raises(DlncError, match="`device`"):
         measure_speed(tmp_path / "missing", options=SpeedOptions(device="nowhere"))
+
+
+def test_compiled_models_get_room_for_their_graphs_while_timed(llama_export, monkeypatch):
+    # the models' forwards share one code object: dynamo's recompile limit is raised for the
+    # timing (16 graphs a model), then restored; nothing is compiled here (the timer is faked)
+    from dataclasses import replace
+
+    import torch
+
+    from compressor.workflows import speed
+    from compressor.workflows.finetune import load_model
+
+    export, dense = llama_export
+    seen = []
+
+    def fake(timers, repeats):
+        seen.append(torch._dynamo.config.recompile_limit)
+        return dict.fromkeys(timers, 0.5)
+
+    monkeypatch.setattr(speed, "_alternate", fake)
+    before = torch._dynamo.config.recompile_limit
+    models = {"model": load_model(export), "dense": load_model(dense)}
+    options = SpeedOptions(repeats=1, prompt_len=8, context_len=4, new_tokens=3, compile=True)
+    rows = speed.measure_models(models, options)
+    assert seen and set(seen) == {max(before, 32)}
+    assert torch._dynamo.config.recompile_limit == before
+    assert rows["model"].prefill_ms == 500.0
+    speed.measure_models(models, replace(options, compile=False))
+    assert seen[-1] == before  # not compiling: the limit untouched

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -144,11 +145,26 @@ def measure_models(
         raise DlncError(f"{', '.join(names.values())}: some are causal LMs and some are not")
     results = {label: _describe(names[label], m, kinds[label]) for label, m in models.items()}
     timers = {label: _timers(m, kinds[label], options) for label, m in models.items()}
-    for key in next(iter(timers.values())):
-        best = _alternate({label: t[key] for label, t in timers.items()}, options.repeats)
-        for label, seconds in best.items():
-            _record(results[label], key, seconds, options)
+    with _room_to_compile(options, len(models)):
+        for key in next(iter(timers.values())):
+            best = _alternate({label: t[key] for label, t in timers.items()}, options.repeats)
+            for label, seconds in best.items():
+                _record(results[label], key, seconds, options)
     return results
+
+
+GRAPHS_PER_MODEL = 16
+"""Compiled graphs dynamo may keep per model while `compile` times several (prefill and each
+decode batch, a cache that grows): their forwards share one code object, so under dynamo's
+default limit (8 graphs a code object) the second model of a run fell back to eager."""
+
+
+def _room_to_compile(options: SpeedOptions, models: int) -> AbstractContextManager:
+    """Meanwhile dynamo keeps `GRAPHS_PER_MODEL` graphs per model (when compiling)."""
+    if not options.compile:
+        return nullcontext()
+    config = torch._dynamo.config
+    return config.patch(recompile_limit=max(config.recompile_limit, GRAPHS_PER_MODEL * models))
 
 
 def _prepared(model: nn.Module, options: SpeedOptions) -> nn.Module:
