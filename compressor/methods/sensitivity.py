@@ -121,19 +121,17 @@ def output_sensitivity(
         for i, batch in enumerate(batches):
             inputs = model_inputs(batch, model)
             squares.mask = real_mask(batch)
-            if i >= probed:  # past the probed batches: the Grams only
+            if i >= probed:  # past the probed batches (kept for the Grams): forward only
                 grams.batch(squares.mask)
                 with torch.no_grad():
                     model(**inputs)
-                if progress:
-                    progress("sensitivity", i + 1, len(batches))
-                continue
-            for p in range(probes):
-                if grams is not None:
-                    grams.batch(squares.mask if p == 0 else None, counting=p == 0)
-                with torch.enable_grad():
-                    out = main_output(model(**inputs))
-                    (out * probe(out, generator, squares.mask)).sum().backward()
+            else:
+                for p in range(probes):
+                    if grams is not None:
+                        grams.batch(squares.mask if p == 0 else None, counting=p == 0)
+                    with torch.enable_grad():
+                        out = main_output(model(**inputs))
+                        (out * probe(out, generator, squares.mask)).sum().backward()
             if progress:
                 progress("sensitivity", i + 1, len(batches))
     return squares.result()

@@ -149,7 +149,9 @@ def method_options(
     fields (reference, warmup_steps, warmup_lr, damping, output_aware, correct); `correct`
     None or not given: the recipe's `ranks.correct`."""
     if given.get("correct") is None:
-        given["correct"] = recipe.ranks.correct if recipe is not None else True
+        given.pop("correct", None)  # MethodOptions' default, unless the recipe says
+        if recipe is not None:
+            given["correct"] = recipe.ranks.correct
     return MethodOptions(method=rank_method(recipe, method), data=data, **given)
 
 
