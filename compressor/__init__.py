@@ -8,8 +8,8 @@ The verbs a Python user needs:
     model = load_pretrained("model-dlnc")
 
 In memory: `compress_(model, find_targets(model), RankPolicy(keep=0.5))`, `finetune(...)`,
-`export(model, folder)`. The heavier verbs are imported on first use, so `import compressor`
-stays light.
+`quantize_(model, names, QuantSpec(bits=4, group=64), grams)`, `export(model, folder)`.
+The heavier verbs are imported on first use, so `import compressor` stays light.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from compressor.core.layers import FactorizedLinear
+from compressor.core.layers import FactorizedLinear, QuantLinear
+from compressor.core.quantize import QuantSpec
 from compressor.core.ranks import RankPolicy
-from compressor.core.surgery import collapse_, factorized_layers, merge_
+from compressor.core.surgery import collapse_, factorized_layers, merge_, quantize_
 from compressor.core.targets import find_targets
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ __all__ = [
     "CompressOptions",
     "FactorizedLinear",
     "FinetuneConfig",
+    "QuantLinear",
+    "QuantSpec",
     "RankPolicy",
     "__version__",
     "collapse_",
@@ -66,6 +69,7 @@ __all__ = [
     "finetune_checkpoint",
     "load_pretrained",
     "merge_",
+    "quantize_",
 ]
 
 

@@ -12,13 +12,16 @@ import torch
 from torch import nn
 
 from compressor.core.linalg import spectral_factors
+from compressor.core.quantize import SCALE_DTYPE, QuantSpec, QuantWeight
 from compressor.errors import DlncError
 
 __all__ = [
     "MIN_DEPTH",
     "Factor",
     "FactorizedLinear",
+    "QuantLinear",
     "check_depth",
+    "dense_layer",
     "dense_weight_of",
     "in_linear_layout",
     "layout_of",
@@ -57,6 +60,25 @@ def layout_of(module: nn.Module) -> str:
     return "conv1d" if type(module).__name__ == "Conv1D" else "linear"
 
 
+@torch.no_grad()
+def dense_layer(weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> nn.Module:
+    """A dense layer of `layout` ("linear": `nn.Linear`, "conv1d": transformers' `Conv1D`)
+    holding `weight` (out x in) and `bias`, on their device and in their dtype."""
+    out_f, in_f = weight.shape
+    if layout == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        dense = Conv1D(out_f, in_f).to(weight.device, weight.dtype)
+        dense.weight.copy_(weight.t())
+    else:
+        kw = {"dtype": weight.dtype, "device": weight.device}
+        dense = nn.Linear(in_f, out_f, bias is not None, **kw)
+        dense.weight.copy_(weight)
+    if bias is not None:
+        dense.bias.copy_(bias)
+    return dense
+
+
 class Factor(nn.Linear):
     """One factor of a chain: an `nn.Linear` (LoRA, pruning and quantization tools see the
     type they know) that skips its random initialisation on the meta device, where it is
@@ -66,6 +88,73 @@ class Factor(nn.Linear):
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+
+class QuantLinear(nn.Module):
+    """A linear layer (linear layout) whose weight is stored quantized: integer codes and a
+    float16 scale and 8-bit zero point per group of inputs (`QuantSpec`, compressor/core/
+    quantize.py; codes of other widths than 4 and 8 bits, a byte each, stay in memory: an
+    export refuses them). The weight stays quantized in memory; each forward dequantizes it for one
+    matmul. Used as a factor of a `FactorizedLinear` and for a targeted layer left dense
+    (`layout` records what it replaced: a transposed `Conv1D` runs the same map)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if spec.bits == 4 and in_features % 2:
+            raise ValueError(f"4-bit codes are stored two a byte: {in_features} inputs is odd")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.layout = "linear"
+        shapes = spec.stored_shapes(out_features, in_features)
+        for key, dtype in (
+            ("qweight", torch.uint8),
+            ("scales", SCALE_DTYPE),
+            ("zeros", torch.uint8),
+        ):
+            self.register_buffer(key, torch.zeros(shapes[key], dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_quantized(
+        cls, q: QuantWeight, spec: QuantSpec, bias: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """The layer of a `QuantWeight` `q` quantized by `spec`, and a bias."""
+        layer = cls(q.in_features, q.scales.shape[0], spec, bias is not None, device="meta")
+        layer.qweight, layer.scales, layer.zeros = q.qweight, q.scales, q.zeros
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight (out x in) the codes stand for, in the bias's dtype (float32 without)."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return self.quantized().dequantize(dtype)
+
+    def quantized(self) -> QuantWeight:
+        """The stored weight (the buffers themselves)."""
+        return QuantWeight(self.qweight, self.scales, self.zeros, self.spec.bits, self.in_features)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """A dense layer of the original kind, its weight dequantized."""
+        return dense_layer(self.weight, self.bias, self.layout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized().dequantize(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.spec.bits}, group={self.spec.group}"
+        )
 
 
 class FactorizedLinear(nn.Module):
@@ -179,21 +268,7 @@ class FactorizedLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """A dense layer of the original kind (`nn.Linear`, or `Conv1D` for GPT-2 layouts)."""
-        p = self.up.weight
-        if self.layout == "conv1d":
-            from transformers.pytorch_utils import Conv1D
-
-            dense = Conv1D(self.out_features, self.in_features).to(p.device, p.dtype)
-            dense.weight.copy_(self.dense_weight().t())
-        else:
-            dense = nn.Linear(
-                self.in_features, self.out_features, self.up.bias is not None,
-                dtype=p.dtype, device=p.device,
-            )  # fmt: skip
-            dense.weight.copy_(self.dense_weight())
-        if self.up.bias is not None:
-            dense.bias.copy_(self.up.bias)
-        return dense
+        return dense_layer(self.dense_weight(), self.up.bias, self.layout)
 
     def extra_repr(self) -> str:
         return (

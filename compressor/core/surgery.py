@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from compressor.core.layers import FactorizedLinear, check_depth
+from compressor.core.layers import (
+    FactorizedLinear,
+    QuantLinear,
+    check_depth,
+    dense_weight_of,
+    layout_of,
+)
+from compressor.core.quantize import QuantSpec, gptq, quantize_chain, round_to_nearest
 
 __all__ = [
     "collapse_",
@@ -17,6 +24,8 @@ __all__ = [
     "factorized_layers",
     "merge_",
     "module_hooks",
+    "quantize_",
+    "quantized_layers",
     "replace_module",
     "swapped",
     "tied_keys",
@@ -48,6 +57,49 @@ def factorized_layers(model: nn.Module) -> dict[str, FactorizedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
 
 
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """Every quantized layer left dense (a `QuantLinear` that is not a factor), by full name."""
+    factors = {f"{n}.{part}" for n in factorized_layers(model) for part in ("down", "up")}
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in factors
+    }
+
+
+@torch.no_grad()
+def quantize_(
+    model: nn.Module,
+    names: Iterable[str],
+    spec: QuantSpec,
+    grams: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """In place: the weights of each named layer stored quantized (`spec`). A factorized
+    layer keeps its chain, collapsed to two factors (its rank made even for 4-bit codes, two a
+    byte, by a zero component), each factor a `QuantLinear`; a dense layer becomes one. With
+    its input Gram in `grams`, GPTQ (and the closed-form refit of a chain's up factor);
+    without, round to nearest (compressor/core/quantize.py)."""
+    for name in names:
+        layer = model.get_submodule(name)
+        gram = (grams or {}).get(name)
+        if isinstance(layer, FactorizedLinear):
+            layer = layer.collapse()
+            up, down = layer.up.weight, layer.down.weight
+            if spec.bits == 4 and layer.rank % 2:
+                up = torch.cat([up, up.new_zeros(up.shape[0], 1)], 1)
+                down = torch.cat([down, down.new_zeros(1, down.shape[1])], 0)
+                layer.rank += 1
+            up_q, down_q = quantize_chain(up, down, gram, spec)
+            layer.down = QuantLinear.from_quantized(down_q, spec)
+            layer.up = QuantLinear.from_quantized(up_q, spec, layer.up.bias)
+        elif not isinstance(layer, QuantLinear):
+            w = dense_weight_of(layer)
+            q = gptq(w, gram, spec) if gram is not None else round_to_nearest(w, spec)
+            layout = layout_of(layer)
+            layer = QuantLinear.from_quantized(q, spec, layer.bias)
+            layer.layout = layout
+        replace_module(model, name, layer)
+    return model
+
+
 def _swap_all(model: nn.Module, fn: Callable[[FactorizedLinear], nn.Module]) -> nn.Module:
     for name, layer in factorized_layers(model).items():
         replace_module(model, name, fn(layer))
@@ -60,7 +112,10 @@ def collapse_(model: nn.Module) -> nn.Module:
 
 
 def merge_(model: nn.Module) -> nn.Module:
-    """In place: every factorized chain becomes a dense layer of its original kind."""
+    """In place: every factorized chain, and every quantized layer, becomes a dense layer of
+    its original kind (quantized weights dequantized)."""
+    for name, layer in quantized_layers(model).items():
+        replace_module(model, name, layer.to_dense())
     return _swap_all(model, FactorizedLinear.to_dense)
 
 
