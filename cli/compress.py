@@ -12,6 +12,7 @@ from rich.table import Table
 from cli.common import (
     as_flags,
     check_outputs,
+    fail,
     human_bytes,
     human_count,
     print_json,
@@ -109,6 +110,8 @@ def compress(
     quiet_libraries()
     with user_errors("compress"):
         check_outputs(plot=plot)
+        if budget["keep"] is not None and export["bits_per_weight"] is not None:
+            fail("--keep and --bits-per-weight both set the budget; give one")
         merge = export.pop("merge")
         options, _ = recipe_options(
             recipe, model, recipe_given(**budget, **targets, finetune_steps=finetune_steps),
@@ -200,7 +203,9 @@ def totals_table(report: dict) -> Table:
         table.add_row(label, "", "", f"{1 / speedup:.3f}")
     ppl = report.get("perplexity")
     if ppl is not None:
-        for stage, label in (("after", "perplexity"), ("after_finetune", "after fine-tuning")):
+        stages = (("after", "perplexity"), ("after_finetune", "after fine-tuning"),
+                  ("after_quantize", "after quantization"))  # fmt: skip
+        for stage, label in stages:
             if stage in ppl:
                 before, after = ppl["before"], ppl[stage]
                 table.add_row(label, f"{before:.2f}", f"{after:.2f}", f"{after / before:.3f}")

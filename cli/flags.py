@@ -184,6 +184,13 @@ EXPORT = FlagGroup("export", {
     "merge": (_option(bool, "Export dense weights, loadable by any tool."), False),
     "overwrite": (_option(bool, "Replace an existing output folder."), False),
     "max_shard_size": (_option(str, "Shard exported weights above this."), "2GB"),
+    "quantize": (_option(str | None, "int8 | int4: store the targeted layers' weights (factors "
+                         "and layers left dense) as integer codes; GPTQ on the calibration "
+                         "data, else round to nearest."), None),
+    "group_size": (_option(int | None, "With --quantize: inputs sharing one scale (0: a whole "
+                           "row). \\[default: int8 a row, int4 64]"), None),
+    "bits_per_weight": (_option(float | None, "With --quantize: a budget of stored bits a "
+                                "weight over the quantized layers; sets --keep."), None),
 })  # fmt: skip
 
 RUN = FlagGroup("run", {

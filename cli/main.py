@@ -12,6 +12,7 @@ from cli.compress import compress
 from cli.demo import demo
 from cli.inspect import inspect
 from cli.onnx import onnx
+from cli.quantize import quantize
 from cli.speed import speed
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ app.command("demo")(demo)
 app.command("compress")(compress)
 app.command("inspect")(inspect)
 app.command("estimate-ranks")(estimate.estimate_ranks)
+app.command("quantize")(quantize)
 app.command("finetune")(finetune.finetune)
 app.command("eval")(evaluate.evaluate)
 app.command("speed")(speed)

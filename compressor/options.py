@@ -27,6 +27,7 @@ from torch import nn
 from compressor import methods
 from compressor.core.gram import RANDOMIZED_MIN_SIZE
 from compressor.core.layers import check_depth, dense_weight_of
+from compressor.core.quantize import QuantSpec, spec_of
 from compressor.core.ranks import RankPolicy
 from compressor.core.solver import Solver
 from compressor.core.targets import matches
@@ -167,10 +168,28 @@ class ExportOptions:
     format: str = "factors"  # io.section.EXPORT_FORMATS: factors, or dense (loadable by any tool)
     overwrite: bool = False  # replace an existing output folder
     max_shard_size: str = "2GB"  # shard the exported weights above this size
+    quantize: str | None = None  # int8 | int4: the targeted layers' weights as integer codes
+    group_size: int | None = None  # inputs a scale covers (0: a row; None: int8 a row, int4 64)
+    bits_per_weight: float | None = None  # with quantize: the budget, stored bits a weight of
+    # the quantized layers (sets `keep`, core.quantize.keep_for_bits)
 
     def __post_init__(self) -> None:
         check_format(self.format)
         check_shard_size(self.max_shard_size)
+        if self.quant is not None and self.merge:
+            raise DlncError("`quantize` stores factors and layers quantized; not with `merge`")
+        if self.bits_per_weight is not None:
+            if self.quant is None:
+                raise DlncError(
+                    "`bits_per_weight` is a budget of quantized weights: give `quantize`"
+                )
+            if not self.bits_per_weight > 0:
+                raise DlncError(f"`bits_per_weight` must be > 0, got {self.bits_per_weight}")
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        """How the targeted layers are quantized (None: float weights)."""
+        return spec_of(self.quantize, self.group_size)
 
     @property
     def merge(self) -> bool:
@@ -233,6 +252,8 @@ class CompressOptions:
         check_depth(self.depth)
         if self.run.stream and not (self.data_free or self.streamed_whiten):
             raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
+        if self.run.stream and self.export.quant is not None:
+            raise DlncError("`quantize` runs in memory; not with `stream`")
 
     @property
     def resolved(self) -> str:

@@ -19,9 +19,10 @@ from compressor.core.compress import compress_
 from compressor.core.ranks import RankPolicy
 from compressor.core.surgery import count_params
 from compressor.core.targets import find_targets
+from compressor.io.card_facts import card_facts
 from compressor.io.checkpoint import load_checkpoint
 from compressor.io.export import export
-from compressor.io.model_card import base_model_id, card_facts, model_card
+from compressor.io.model_card import base_model_id, model_card
 
 
 def stored(folder):

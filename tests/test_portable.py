@@ -43,6 +43,7 @@ def test_exports_load_without_dlnc_bit_for_bit(tmp_path, one_torch_thread):
         compressed_export(family, tmp_path)
         export_check.record(tmp_path, f"{family}-dlnc", inputs(family))
     export_check.write(tmp_path, {"bert-streamed": export_check.CASES["bert-streamed-sharded"]})
+    export_check.write(tmp_path, {"gpt2-int4": export_check.CASES["gpt2-int4"]})
     assert len(list((tmp_path / "bert-streamed").glob("model-*.safetensors"))) > 1
     lines = run_check(tmp_path, tmp_path)
     assert lines[0].endswith("dlnc no")
@@ -51,6 +52,7 @@ def test_exports_load_without_dlnc_bit_for_bit(tmp_path, one_torch_thread):
         "llama-dlnc: AutoModelForCausalLM through trust_remote_code: equal bit for bit",
         "bert-dlnc: AutoModelForMaskedLM through trust_remote_code: equal bit for bit",
         "bert-streamed: AutoModelForMaskedLM through trust_remote_code: equal bit for bit",
+        "gpt2-int4: AutoModelForCausalLM through trust_remote_code: equal bit for bit",
     ]
 
 

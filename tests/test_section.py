@@ -70,7 +70,7 @@ DAMAGES = {
     "layer-removed": (lambda c: c["dlnc"]["layers"].pop(next(iter(c["dlnc"]["layers"]))),
                       r"is stored as factors .* but the `dlnc` section does not list it"),
     "no-layers": (lambda c: c["dlnc"].update(layers={}), "does not list it"),
-    "format-2": (lambda c: c["dlnc"].update(format_version=2), r"newer dlnc \(format 2\)"),
+    "format-3": (lambda c: c["dlnc"].update(format_version=3), r"newer dlnc \(format 3\)"),
     "rank-string": (lambda c: first_layer(c).update(rank="21"), "integer >= 1, got '21'"),
     "rank-float": (lambda c: first_layer(c).update(rank=21.0), "integer >= 1, got 21.0"),
     "rank-bool": (lambda c: first_layer(c).update(rank=True), "integer >= 1, got True"),

@@ -27,11 +27,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.core.surgery import factorized_layers, tied_keys
+from compressor.core.layers import QuantLinear
+from compressor.core.quantize import BITS
+from compressor.core.surgery import factorized_layers, quantized_layers, tied_keys
 from compressor.errors import DlncError
+from compressor.io.card_facts import CardFacts
 from compressor.io.files import check_writable, write_error
-from compressor.io.model_card import CardFacts
-from compressor.io.section import EXPORT_FORMATS, FORMAT_VERSION, check_format, dlnc_version
+from compressor.io.section import (
+    EXPORT_FORMATS,
+    FORMAT_VERSION,
+    PLAIN_VERSION,
+    check_format,
+    dlnc_version,
+    format_version,
+)
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -122,10 +131,13 @@ def check_shard_size(size: int | str) -> None:
 
 def export_state_dict(model: nn.Module, format: str = "factors") -> dict[str, torch.Tensor]:
     """The model's state dict with every chain collapsed to two factors (`format` "factors")
-    or multiplied back into a dense layer ("dense")."""
+    or multiplied back into a dense layer ("dense", quantized layers dequantized)."""
     check_format(format)
     state = model.state_dict()
-    for name, layer in factorized_layers(model).items():
+    parts = dict(factorized_layers(model))
+    if format == "dense":
+        parts.update(quantized_layers(model))
+    for name, layer in parts.items():
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         part = layer.to_dense() if format == "dense" else layer.collapse()
@@ -144,16 +156,38 @@ def dlnc_section(model: nn.Module, method: str, format: str, tensor_mode: bool) 
             "shape": [layer.out_features, layer.in_features],
             "layout": layer.layout,
             "bias": layer.up.bias is not None,
+            **_quant_fields(layer.up),
         }
         for name, layer in factorized_layers(model).items()
     }
-    return {
-        "format_version": FORMAT_VERSION,
+    quantized = {
+        name: {
+            "shape": [layer.out_features, layer.in_features],
+            "layout": layer.layout,
+            "bias": layer.bias is not None,
+            **_quant_fields(layer),
+        }
+        for name, layer in quantized_layers(model).items()
+    }
+    section = {
+        "format_version": PLAIN_VERSION,
         "method": method,
         "merged": merged,
         "tensor_mode": tensor_mode,
         "layers": {} if merged else layers,
     }
+    if quantized and not merged:
+        section["quantized"] = quantized
+    return {**section, "format_version": format_version(section)}
+
+
+def _quant_fields(part: nn.Module) -> dict:
+    """A layer-table entry's `bits` and `group` for a quantized part, else nothing."""
+    if not isinstance(part, QuantLinear):
+        return {}
+    if part.spec.bits not in BITS:
+        raise DlncError(f"{part.spec.bits}-bit codes are not stored; export int8 or int4")
+    return {"bits": part.spec.bits, "group": part.spec.group}
 
 
 def export(
@@ -177,7 +211,7 @@ def export(
     (permission, read-only mount, full disk) is a one-line `DlncError` and leaves nothing;
     temp folders of earlier exports killed mid-write are removed.
     """
-    from compressor.io.model_card import card_facts
+    from compressor.io.card_facts import card_facts
 
     section = dlnc_section(model, method, format, config is None)
     check_shard_size(max_shard_size)
@@ -215,7 +249,8 @@ def write_folder(
     exports killed mid-write go."""
     from safetensors import SafetensorError
 
-    from compressor.io.model_card import provenance, report_facts, write_model_card
+    from compressor.io.card_facts import report_facts
+    from compressor.io.model_card import provenance, write_model_card
 
     origin = provenance(source, config)
     section = {**section, **origin.section()}
@@ -330,14 +365,15 @@ def _config_dict(config: object | None, section: dict, folder: Path) -> dict:
     if (data.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
         del data["quantization_config"]  # a model loaded by the dlnc quantizer: written afresh
     data["dlnc"] = section
-    if config is not None and section["layers"]:
-        data.update(quantization_fields())
+    if config is not None and (section["layers"] or section.get("quantized")):
+        data.update(quantization_fields(section["format_version"]))
     return write_portable(folder, config, data) if config is not None else data
 
 
-def quantization_fields() -> dict:
-    """What a factorized transformers export adds to config.json for `from_pretrained`."""
-    quant = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+def quantization_fields(version: int = PLAIN_VERSION) -> dict:
+    """What a factorized transformers export adds to config.json for `from_pretrained`
+    (`version`: its section's `format_version`)."""
+    quant = {"quant_method": QUANT_METHOD, "format_version": version}
     return {"quantization_config": quant, "transformers_weights": LOAD_GUARD}
 
 

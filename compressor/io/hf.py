@@ -29,7 +29,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from compressor.core.surgery import factorized_layers, merge_
+from compressor.core.surgery import factorized_layers, merge_, quantized_layers
 from compressor.io.export import LOAD_GUARD, QUANT_METHOD, dlnc_section, export_state_dict
 from compressor.io.install import install_factorized
 from compressor.io.model_card import PROVENANCE
@@ -84,7 +84,8 @@ class DlncHfQuantizer(HfQuantizer):
         section = getattr(model.config, "dlnc", None)
         # (no files: weights given as a state dict, nothing on disk to check)
         section = check_export(folder, section, files) if files else check_section(section, folder)
-        install_factorized(model, section.get("layers", {}), device="meta")
+        layers, quantized = section.get("layers", {}), section.get("quantized", {})
+        install_factorized(model, layers, quantized=quantized, device="meta")
         _skip_parent_init(model)
         return model
 
@@ -101,7 +102,8 @@ class DlncHfQuantizer(HfQuantizer):
         merge_(model)
         model.__dict__.pop("save_pretrained", None)
         if isinstance(getattr(model.config, "dlnc", None), dict):
-            model.config.dlnc = {**model.config.dlnc, "merged": True, "layers": {}}
+            section = {k: v for k, v in model.config.dlnc.items() if k != "quantized"}
+            model.config.dlnc = {**section, "merged": True, "layers": {}, "format_version": 1}
         if is_own(getattr(model.config, "auto_map", None)):
             del model.config.auto_map  # its modeling_dlnc.py would build factorized layers
         return model
@@ -135,7 +137,7 @@ def _skip_parent_init(model: nn.Module) -> None:
     own: their `_init_weights` (run on modules transformers thinks incomplete) may read a child's
     `.weight` (GPT-2's `c_proj.weight`), which a `FactorizedLinear` does not have. The factors
     themselves come from the checkpoint."""
-    for name in factorized_layers(model):
+    for name in [*factorized_layers(model), *quantized_layers(model)]:
         parent = model.get_submodule(name.rpartition(".")[0])
         own = [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]
         if not own:
@@ -151,7 +153,7 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs) -> None:
         return
     data = json.loads(path.read_text())
     method = (data.get("dlnc") or {}).get("method", "svd")
-    if factorized_layers(self):
+    if factorized_layers(self) or quantized_layers(self):
         earlier = data.get("dlnc") or {}
         kept = {k: earlier[k] for k in PROVENANCE if k in earlier}  # where the model came from
         section = dlnc_section(self, method, format="factors", tensor_mode=False)

@@ -57,15 +57,29 @@ def _module_skeleton(
     """Tensor mode: a `TensorModel` (or the user's `model`) with the exported factorized layers."""
     from compressor.io.tensor_model import TensorModel
 
-    layers = section.get("layers", {})
+    layers, quantized = section.get("layers", {}), section.get("quantized", {})
     tensor_mode = model is None
     if tensor_mode:
-        owned = tuple(f"{n}." for n in layers)
+        owned = tuple(f"{n}." for n in (*layers, *quantized))
         model = TensorModel({k: v for k, v in state.items() if not k.startswith(owned)})
     for name, spec in layers.items():
-        dtype = state[f"{name}.up.weight"].dtype
+        dtype = _stored_dtype(state, f"{name}.up")
         install_factorized(model, {name: spec}, dtype=dtype, create_parents=tensor_mode)
+    for name, spec in quantized.items():
+        dtype = _stored_dtype(state, name)
+        install_factorized(
+            model, {}, quantized={name: spec}, dtype=dtype, create_parents=tensor_mode
+        )
     return model
+
+
+def _stored_dtype(state: dict[str, torch.Tensor], prefix: str) -> torch.dtype:
+    """The dtype a layer's float tensors were stored in: its weight's, else its bias's
+    (quantized), else float32."""
+    for key in (f"{prefix}.weight", f"{prefix}.bias"):
+        if key in state:
+            return state[key].dtype
+    return torch.float32
 
 
 def _from_pretrained(

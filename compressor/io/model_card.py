@@ -19,23 +19,17 @@ import re
 import shlex
 import statistics
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import nn
-
-from compressor.core.surgery import count_params, factorized_layers
-from compressor.io.section import check_format, dlnc_version
+from compressor.io.card_facts import CardFacts
+from compressor.io.section import dlnc_version
 
 __all__ = [
-    "CardFacts",
     "Provenance",
     "base_card_metadata",
-    "card_facts",
     "model_card",
     "provenance",
-    "report_facts",
     "write_model_card",
 ]
 
@@ -65,23 +59,6 @@ AUTO_CLASSES = (
 )  # fmt: skip
 """The transformers class that loads an architecture (the first whose table names it) and
 the card's `pipeline_tag` when the base card has none."""
-
-
-@dataclass
-class CardFacts:
-    """What the card states about an export."""
-
-    method: str
-    merged: bool
-    keep: float | None  # the policy's keep, when known
-    params_before: int
-    params_after: int
-    bytes_before: int  # tensor bytes of the weights (the safetensors header aside)
-    bytes_after: int
-    groups: dict[str, list[int]]  # layer name pattern (numbers -> *) -> ranks
-    shapes: dict[str, tuple[int, int]]  # layer name pattern -> (out, in)
-    perplexity: dict | None = None  # report.json's: before / after on held-out text
-    evaluation: dict | None = None  # report.json's finetune.eval: original / before / after
 
 
 @dataclass
@@ -149,47 +126,6 @@ def base_card_metadata(source: str | Path | None) -> dict:
     return kept
 
 
-def card_facts(model: nn.Module, method: str, format: str, report: dict | None) -> CardFacts:
-    """Sizes before/after from the model itself: each chain as exported (two factors of its
-    rank, or dense for `format` "dense") against the dense layer it replaced; a tied tensor
-    counted once."""
-    check_format(format)
-    merged = format == "dense"
-    params = count_params(model)
-    state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    chain = dense = kept = 0  # parameters: in memory / dense layers / exported factors
-    chain_b = dense_b = kept_b = 0  # the same in bytes
-    groups: dict[str, list[int]] = defaultdict(list)
-    shapes: dict[str, tuple[int, int]] = {}
-    for name, layer in factorized_layers(model).items():
-        size = layer.up.weight.element_size()
-        c = sum(p.numel() for p in layer.parameters()) - _bias(layer)
-        d = layer.in_features * layer.out_features
-        k = layer.rank * (layer.in_features + layer.out_features)
-        chain, dense, kept = chain + c, dense + d, kept + k
-        chain_b, dense_b, kept_b = chain_b + c * size, dense_b + d * size, kept_b + k * size
-        pattern = re.sub(r"\.\d+\.", ".*.", name)
-        groups[pattern].append(layer.rank)
-        shapes[pattern] = (layer.out_features, layer.in_features)
-    before, before_b = params - chain + dense, state_bytes - chain_b + dense_b
-    after, after_b = params - chain + kept, state_bytes - chain_b + kept_b
-    policy = (report or {}).get("policy") or {}
-    return CardFacts(
-        method=method, merged=merged, keep=policy.get("keep"), params_before=before,
-        params_after=before if merged else after, bytes_before=before_b,
-        bytes_after=before_b if merged else after_b, groups=dict(groups), shapes=shapes,
-        perplexity=(report or {}).get("perplexity"), evaluation=_evaluation(report),
-    )  # fmt: skip
-
-
-def _evaluation(report: dict | None) -> dict | None:
-    return ((report or {}).get("finetune") or {}).get("eval") or None
-
-
-def _bias(layer: nn.Module) -> int:
-    return layer.up.bias.numel() if layer.up.bias is not None else 0
-
-
 def model_card(
     facts: CardFacts,
     *,
@@ -228,27 +164,6 @@ def model_card(
         "## How to load it\n\n```python\n" + _load_snippet(config, facts, library) + "```\n",
     ]
     return "\n".join(p for p in parts if p)
-
-
-def report_facts(report: dict, section: dict) -> CardFacts:
-    """The card's facts from an export's report.json and `dlnc` section, for exports written
-    without the model in memory (streamed): parameters from the report, bytes on disk."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    shapes: dict[str, tuple[int, int]] = {}
-    for name, spec in section.get("layers", {}).items():
-        pattern = re.sub(r"\.\d+\.", ".*.", name)
-        groups[pattern].append(spec["rank"])
-        shapes[pattern] = tuple(spec["shape"])
-    merged = bool(section.get("merged"))
-    return CardFacts(
-        method=section.get("method", "svd"), merged=merged,
-        keep=(report.get("policy") or {}).get("keep"),
-        params_before=report.get("model_params_before") or 0,
-        params_after=report.get("model_params_after") or 0,
-        bytes_before=report.get("bytes_before") or 0, bytes_after=report.get("bytes_after") or 0,
-        groups=dict(groups), shapes=shapes, perplexity=report.get("perplexity"),
-        evaluation=_evaluation(report),
-    )  # fmt: skip
 
 
 def write_model_card(
@@ -314,11 +229,27 @@ def _size_table(facts: CardFacts) -> str:
         rows.append(f"| {text} | {ppl['before']:.2f} | {ppl['after']:.2f} |")
         if "after_finetune" in ppl:
             rows.append(f"| the same after fine-tuning | | {ppl['after_finetune']:.2f} |")
+        if "after_quantize" in ppl:
+            rows.append(f"| the same after quantization | | {ppl['after_quantize']:.2f} |")
     ratio = facts.params_after / max(facts.params_before, 1)
     return (
         "## Compression\n\n"
         f"method `{facts.method}`, keep {keep}, {sum(map(len, facts.groups.values()))} layers "
-        f"factorized; parameters after / before = {ratio:.3f}\n\n" + "\n".join(rows) + "\n"
+        f"factorized; parameters after / before = {ratio:.3f}{_quantized_line(facts)}\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def _quantized_line(facts: CardFacts) -> str:
+    """What the card says of quantized weights (nothing for float ones)."""
+    q = facts.quantization
+    if not q:
+        return ""
+    group = "a scale a row" if q["group_size"] == 0 else f"groups of {q['group_size']}"
+    return (
+        f"; the targeted layers' weights stored as int{q['bits']} codes ({group}, rounded by "
+        f"{q['rounding']}), {q['bits_per_weight']:.2f} bits a weight"
     )
 
 

@@ -7,7 +7,9 @@ transformers, so someone without dlnc loads the export with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`: transformers' own class
 for the architecture, built with each layer of config.json's `dlnc` section replaced by two
 plain `nn.Linear` factors (`<name>.down`, `<name>.up`), into which the stored factors load.
-The outputs are those of `compressor.load_pretrained`, bit for bit (the same matmuls).
+A quantized export's factors, and its quantized layers left dense (the section's `quantized`),
+are `QuantLinear`s: integer codes, scales and zero points, dequantized for each matmul.
+The outputs are those of `compressor.load_pretrained`, bit for bit (the same operations).
 """
 
 from __future__ import annotations
@@ -63,22 +65,75 @@ class FactorizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def install(model: nn.Module, layers: dict) -> None:
+class QuantLinear(nn.Module):
+    """A linear layer stored quantized: codes (uint8; 4-bit ones two a byte, low nibble
+    first), a float16 scale and an 8-bit zero point per group of inputs."""
+
+    def __init__(self, in_features: int, out_features: int, spec: dict, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.bits = in_features, spec["bits"]
+        groups = in_features // group_of(spec["group"], in_features)
+        width = in_features // 2 if self.bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.qweight
+        if self.bits == 4:
+            q = torch.empty(q.shape[0], self.in_features, dtype=torch.uint8, device=q.device)
+            q[:, 0::2] = self.qweight & 0x0F
+            q[:, 1::2] = self.qweight >> 4
+        groups = self.scales.shape[1]
+        q = q.view(q.shape[0], groups, -1).to(x.dtype)
+        w = (q - self.zeros.to(x.dtype).unsqueeze(-1)) * self.scales.to(x.dtype).unsqueeze(-1)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, w.view(q.shape[0], self.in_features), bias)
+
+
+def group_of(group: int, in_features: int) -> int:
+    """The inputs a scale covers (as dlnc's `QuantSpec.group_of`): `group`, or the largest
+    divisor of the inputs between half of it and it, or a whole row."""
+    if group == 0 or in_features <= group:
+        return in_features
+    for size in range(group, group // 2 - 1, -1):
+        if size and in_features % size == 0:
+            return size
+    return in_features
+
+
+def install(model: nn.Module, layers: dict, quantized: dict | None = None) -> None:
     """Swap in a `FactorizedLinear` for each entry of the layer table (`name` -> rank, shape,
-    bias); a layer of a head this model lacks (the base model of a head model's export) is
-    skipped. The parents of the new layers are marked initialised when they hold no tensors
-    of their own: their `_init_weights` may read a `.weight` the factors do not have."""
-    for name, spec in layers.items():
-        local = _local_name(model, name)
-        if local is None:
-            continue
-        (out_f, in_f), parent_name, _, child = spec["shape"], *local.rpartition(".")
-        dtype = next(model.get_submodule(local).parameters()).dtype
-        layer = FactorizedLinear(in_f, out_f, spec["rank"], spec.get("bias", False)).to(dtype)
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, layer)
-        if not [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]:
-            parent._is_hf_initialized = True
+    bias; its factors `QuantLinear`s with `bits`) and a `QuantLinear` for each of
+    `quantized`; a layer of a head this model lacks (the base model of a head model's export)
+    is skipped. The parents of the new layers are marked initialised when they hold no
+    tensors of their own: their `_init_weights` may read a `.weight` the new layers lack."""
+    for table in (layers, quantized or {}):
+        for name, spec in table.items():
+            local = _local_name(model, name)
+            if local is None:
+                continue
+            (out_f, in_f), parent_name, _, child = spec["shape"], *local.rpartition(".")
+            dtype = next(model.get_submodule(local).parameters()).dtype
+            layer = _build(spec, out_f, in_f, table is layers)
+            for p in layer.parameters():  # (scales stay float16, as stored)
+                p.data = p.data.to(dtype)
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, layer)
+            if not [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]:
+                parent._is_hf_initialized = True
+
+
+def _build(spec: dict, out_f: int, in_f: int, factorized: bool) -> nn.Module:
+    bias, quant = spec.get("bias", False), spec if "bits" in spec else None
+    if not factorized:
+        return QuantLinear(in_f, out_f, spec, bias)
+    layer = FactorizedLinear(in_f, out_f, spec["rank"], bias)
+    if quant is not None:
+        layer.down = QuantLinear(in_f, spec["rank"], quant, False)
+        layer.up = QuantLinear(spec["rank"], out_f, quant, bias)
+    return layer
 
 
 def _local_name(model: nn.Module, name: str) -> str | None:
@@ -109,7 +164,8 @@ def factorized_class(base: type) -> type:
 
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            install(self, (getattr(config, "dlnc", None) or {}).get("layers", {}))
+            section = getattr(config, "dlnc", None) or {}
+            install(self, section.get("layers", {}), section.get("quantized", {}))
 
         _FACTORIZED[base] = type(base.__name__, (base,), {"__init__": __init__})
     return _FACTORIZED[base]

@@ -3,7 +3,14 @@ and the export formats (`EXPORT_FORMATS`) whose choice it records (`merged`).
 
     "dlnc": {"format_version": 1, "method": "svd", "merged": false, "tensor_mode": false,
              "layers": {"<name>": {"rank": 4, "shape": [out, in], "layout": "linear",
-                                   "bias": true}}}
+                                   "bias": true}},
+             "quantized": {"<name>": {"shape": [out, in], "layout": "linear", "bias": true,
+                                      "bits": 4, "group": 64}}}
+
+A quantized export (format 2) stores integer codes, scales and zero points instead of float
+weights (`QuantLinear`, compressor/core/quantize.py): a factorized layer's entry gains `bits`
+and `group` (both factors quantized so), and `quantized` lists the targeted layers left dense
+and quantized.
 
 A hand-edited or damaged section is a one-line `DlncError` that names the key, or the tensor
 with the shape the section expects and the one the weights hold. `check_export` is every check
@@ -18,6 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from compressor.core.quantize import BITS, QuantSpec
 from compressor.errors import DlncError
 
 __all__ = [
@@ -29,12 +37,17 @@ __all__ = [
     "check_section",
     "dlnc_version",
     "export_files",
+    "format_version",
     "is_export",
+    "quant_spec",
     "read_config",
     "read_section",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this dlnc reads and writes: 2 for a quantized export, else 1 (so a dlnc
+that reads format 1 still reads every export without quantized weights)."""
+PLAIN_VERSION = 1
 LAYOUTS = ("linear", "conv1d")
 EXPORT_FORMATS = ("factors", "dense")
 """How factorized layers are written: as their two factors (reloaded by dlnc), or multiplied
@@ -128,7 +141,27 @@ def check_section(section: object, folder: str | os.PathLike) -> dict:
         raise DlncError(f"{where}: `layers` must be a mapping, got {type(layers).__name__}")
     for name, spec in layers.items():
         _check_layer(where, name, spec)
+    quantized = section.get("quantized", {})
+    if not isinstance(quantized, dict):
+        raise DlncError(f"{where}: `quantized` must be a mapping, got {type(quantized).__name__}")
+    for name, spec in quantized.items():
+        _check_layer(where, name, {"rank": 1, **spec} if isinstance(spec, dict) else spec)
+        if quant_spec(spec) is None:
+            raise DlncError(f"{where}: quantized layer {name} needs `bits` and `group`")
     return section
+
+
+def format_version(section: Mapping) -> int:
+    """The format an export with this section needs (2 with quantized weights, else 1)."""
+    quantized = section.get("quantized") or any(
+        "bits" in spec for spec in section.get("layers", {}).values()
+    )
+    return FORMAT_VERSION if quantized else PLAIN_VERSION
+
+
+def quant_spec(spec: Mapping) -> QuantSpec | None:
+    """The quantization of a layer-table entry (checked by `check_section`), None if float."""
+    return QuantSpec(spec["bits"], spec["group"]) if "bits" in spec else None
 
 
 def _pair(up: Sequence[int], down: Sequence[int]) -> bool:
@@ -156,6 +189,13 @@ def _check_layer(where: str, name: str, spec: object) -> None:
         )
     if not isinstance(spec.get("bias", False), bool):
         raise DlncError(f"{where}: bias of {name} must be true or false, got {spec['bias']!r}")
+    if "bits" in spec or "group" in spec:
+        bits, group = spec.get("bits"), spec.get("group")
+        if bits not in BITS or not _is_int(group) or group < 0:
+            raise DlncError(
+                f"{where}: {name} must have `bits` one of {BITS} and `group` an integer >= 0, "
+                f"got bits {bits!r}, group {group!r}"
+            )
 
 
 def check_factors(
@@ -165,6 +205,15 @@ def check_factors(
     from the safetensors headers), of the shapes the section implies; factors of a layer the
     section does not list (it would load as a randomly initialised dense layer) are refused."""
     layers = section.get("layers", {})
+    quantized = section.get("quantized", {})
+    for key in shapes:
+        owner = key.removesuffix(".qweight")
+        layer = owner.removesuffix(".up").removesuffix(".down")
+        if owner != key and owner not in quantized and layer not in layers:
+            raise DlncError(
+                f"{folder}: {owner} is stored quantized ({key}), but the `dlnc` section does "
+                "not list it"
+            )
     for key, up in shapes.items():
         name = key.removesuffix(".up.weight")
         down = shapes.get(f"{name}.down.weight")
@@ -175,15 +224,39 @@ def check_factors(
             )
     for name, spec in layers.items():
         (out_f, in_f), rank = spec["shape"], spec["rank"]
-        expected = {f"{name}.up.weight": [out_f, rank], f"{name}.down.weight": [rank, in_f]}
+        quant = quant_spec(spec)
+        expected = {
+            **_stored(f"{name}.up", out_f, rank, quant),
+            **_stored(f"{name}.down", rank, in_f, quant),
+        }
         if spec.get("bias", False):
             expected[f"{name}.up.bias"] = [out_f]
-        for key, shape in expected.items():
-            found = shapes.get(key)
-            if found is None:
-                raise DlncError(f"{folder}: the `dlnc` section lists {name}, but there is no {key}")
-            if list(found) != shape:
-                raise DlncError(
-                    f"{folder}: {name} (rank {rank}, shape {[out_f, in_f]} in the `dlnc` "
-                    f"section): expected {key} of shape {shape}, found {list(found)}"
-                )
+        _expect(folder, shapes, expected, name, f"rank {rank}, shape {[out_f, in_f]}")
+    for name, spec in quantized.items():
+        (out_f, in_f), quant = spec["shape"], quant_spec(spec)
+        expected = _stored(name, out_f, in_f, quant)
+        if spec.get("bias", False):
+            expected[f"{name}.bias"] = [out_f]
+        _expect(folder, shapes, expected, name, f"quantized, shape {[out_f, in_f]}")
+
+
+def _stored(prefix: str, out_f: int, in_f: int, quant: QuantSpec | None) -> dict[str, list[int]]:
+    """The tensors a weight of out_f x in_f is stored as, by key: float, or quantized."""
+    if quant is None:
+        return {f"{prefix}.weight": [out_f, in_f]}
+    return {f"{prefix}.{k}": v for k, v in quant.stored_shapes(out_f, in_f).items()}
+
+
+def _expect(
+    folder, shapes: Mapping, expected: dict[str, list[int]], name: str, detail: str
+) -> None:
+    """Each of `expected` (key -> shape) in `shapes`; `name` and `detail` for the message."""
+    for key, shape in expected.items():
+        found = shapes.get(key)
+        if found is None:
+            raise DlncError(f"{folder}: the `dlnc` section lists {name}, but there is no {key}")
+        if list(found) != shape:
+            raise DlncError(
+                f"{folder}: {name} ({detail} in the `dlnc` section): expected {key} of "
+                f"shape {shape}, found {list(found)}"
+            )

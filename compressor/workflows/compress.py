@@ -22,6 +22,7 @@ from compressor.io.checkpoint import (
 )
 from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
 from compressor.io.files import scratch_beside
+from compressor.io.section import is_export
 from compressor.options import CompressOptions, LoadOptions, MethodOptions
 from compressor.pipelines.reductions import keep_reductions
 from compressor.workflows.finetune import finetune_compressed, teacher_copy
@@ -35,7 +36,12 @@ from compressor.workflows.report import (
     weights_size,
 )
 from compressor.workflows.speedplan import serving_dtype, speed_policy
-from compressor.workflows.targets import check_patterns, expand_overrides, select_targets
+from compressor.workflows.targets import (
+    check_patterns,
+    expand_overrides,
+    quantize_targets,
+    select_targets,
+)
 
 if TYPE_CHECKING:
     from compressor.methods.sequential import Correction
@@ -68,31 +74,25 @@ def compress_checkpoint(
     path = resolve_model(path, options.load.revision)
     out = Path(out_dir) if out_dir is not None else default_output_dir(path)
     check_output_dir(out, options.export.overwrite, Path(path))
+    if is_export(path):
+        raise DlncError(
+            f"{path} is a dlnc export already: compress the original model, or store this one "
+            "quantized (dlnc quantize)"
+        )
     if options.run.stream and not (options.data_free or options.streamed_whiten):
         raise DlncError("`stream` works without fine-tuning, with method svd or whiten")
-    by_itself = streams_by_itself(path, options)
-    notices = []
-    if options.run.stream or by_itself:
-        from compressor.workflows.stream import NotStreamable, stream_compress
-
-        need = ""  # what the in-memory path would take, said when streaming by itself
-        if by_itself:
-            need = f"about {IN_MEMORY_PEAK * _checkpoint_bytes(path, options) / 1e9:.1f} GB"
-        try:
-            done = stream_compress(path, out, options, progress)
-        except NotStreamable as e:
-            if options.run.stream:
-                raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
-            notices.append(f"not streamed ({e}): loaded in memory ({need})")
-        else:
-            if by_itself:
-                done.notices.insert(0, f"streamed: in memory this would need {need}")
-            return done
+    notices: list[str] = []
+    streamed = _streamed(path, out, options, notices, progress)
+    if streamed is not None:
+        return streamed
     loaded = load(path, options.load)
     loaded.notices[:0] = notices
     total_before = count_params(loaded.model)
     targets = select_targets(loaded, options)
+    stored = quantize_targets(loaded, options) if options.export.quant is not None else []
     shapes = {n: tuple(dense_weight_of(m).shape) for n, m in targets.items()}
+    if options.export.bits_per_weight is not None:
+        options = _bits_budget(options, loaded, shapes, stored)
     policy = _policy(options, loaded, shapes, progress)
     method, generated = generated_data(loaded, options.method or MethodOptions())
     if generated is not None:
@@ -124,6 +124,10 @@ def compress_checkpoint(
         )
         if not tuned.is_main_process:  # under `accelerate launch` only the main one writes
             return CompressResult(out, summary, loaded.notices, spectra)
+    if options.export.quant is not None:
+        spec = options.export.quant
+        _quantize(loaded, stored, spec, measured, summary, generated, progress)
+        summary["quantization"]["budget"] = options.export.bits_per_weight
     written = export(
         loaded.model,
         out,
@@ -137,6 +141,61 @@ def compress_checkpoint(
     )
     summary["bytes_after"] = weights_size(written)  # export wrote it into report.json
     return CompressResult(written, summary, loaded.notices, spectra)
+
+
+def _bits_budget(options: CompressOptions, loaded, shapes: dict, stored: list[str]):
+    """The options with the `keep` that stores `bits_per_weight` bits a weight over the
+    quantized layers (the targets factorized, the others dense), said in the notices."""
+    from compressor.core.quantize import keep_for_bits
+
+    model = loaded.model
+    others = [
+        tuple(dense_weight_of(model.get_submodule(n)).shape) for n in stored if n not in shapes
+    ]
+    export = options.export
+    keep = keep_for_bits(export.bits_per_weight, export.quant, list(shapes.values()), others)
+    loaded.notices.append(
+        f"{export.bits_per_weight:g} bits a weight at {export.quantize}: keep {keep:.3f} of "
+        "the targeted weights"
+    )
+    policy = replace(options.policy, keep=keep, energy=None, rank=None)
+    return replace(options, policy=policy)
+
+
+def _streamed(path, out: Path, options: CompressOptions, notices: list[str], progress):
+    """The streamed run's result when `stream` is asked, or when the model would not fit in
+    memory (a checkpoint that cannot stream then loads in memory, said in `notices`); None
+    for the in-memory path."""
+    by_itself = streams_by_itself(path, options)
+    if not (options.run.stream or by_itself):
+        return None
+    from compressor.workflows.stream import NotStreamable, stream_compress
+
+    need = ""  # what the in-memory path would take, said when streaming by itself
+    if by_itself:
+        need = f"about {IN_MEMORY_PEAK * _checkpoint_bytes(path, options) / 1e9:.1f} GB"
+        if options.export.quant is not None:
+            raise DlncError(f"`quantize` runs in memory, which would need {need} here")
+    try:
+        done = stream_compress(path, out, options, progress)
+    except NotStreamable as e:
+        if options.run.stream:
+            raise DlncError(f"`stream`: this checkpoint cannot be streamed ({e})") from e
+        notices.append(f"not streamed ({e}): loaded in memory ({need})")
+        return None
+    if by_itself:
+        done.notices.insert(0, f"streamed: in memory this would need {need}")
+    return done
+
+
+def _quantize(loaded, names, spec, measured: PlanInfo, summary, generated, progress) -> None:
+    """The targeted layers quantized (GPTQ on the calibration data when there is some), and
+    the perplexity on the held-out calibration text measured again."""
+    from compressor.workflows.quantize import quantize_model
+
+    batches = measured.data.train if measured.data is not None else None
+    summary["quantization"] = quantize_model(loaded.model, names, spec, batches, progress)
+    record_perplexity(summary, loaded.notices, loaded.model, measured, "after_quantize", generated)
 
 
 def _policy(options: CompressOptions, loaded, shapes: dict, progress) -> RankPolicy:

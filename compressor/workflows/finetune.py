@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from compressor.core.layers import QuantLinear
 from compressor.core.progress import ProgressFn
 from compressor.errors import DlncError
 from compressor.io.export import check_output_dir, export
@@ -131,6 +132,11 @@ def finetune_checkpoint(
     student = load_model(compressed)
     if not any(True for _ in _factorized(student)):
         raise DlncError(f"{compressed}: no factorized layers; give a `dlnc compress` output")
+    if any(isinstance(m, QuantLinear) for m in student.modules()):
+        raise DlncError(
+            f"{compressed}: its weights are integer codes (quantized); fine-tune the float "
+            "export, then quantize it (dlnc quantize)"
+        )
     original = load_model(teacher) if teacher is not None else None
     if original is not None:
         check_teacher(student, original, teacher)

@@ -59,17 +59,21 @@ def measure_before(model: nn.Module, measured: PlanInfo) -> None:
         measured.perplexity_before = batch_perplexity(model, measured.data.held_out)
 
 
+STAGES = {"after_finetune": "after fine-tuning", "after_quantize": "after quantization"}
+"""How a warning names the later stages of `record_perplexity`."""
+
+
 def record_perplexity(
     summary: dict,
     notices: list[str],
     model: nn.Module,
     measured: PlanInfo,
-    stage: str = "after",  # or "after_finetune"
+    stage: str = "after",  # or "after_finetune", "after_quantize"
     generated: Generated | None = None,
 ) -> None:
     """Put the perplexity of `model` on the held-out calibration batches (`stage`: after
-    compression, or after fine-tuning) beside the one measured before into `summary`; warn in
-    `notices` when it is more than `WORSE` times the original's."""
+    compression, after fine-tuning, or after quantization) beside the one measured before
+    into `summary`; warn in `notices` when it is more than `WORSE` times the original's."""
     from compressor.training.perplexity import batch_perplexity
 
     data = measured.data
@@ -88,7 +92,7 @@ def record_perplexity(
     record[stage] = round(after, 3)
     if after > WORSE * before:
         source = "text it generated" if generated is not None else "the calibration data"
-        when = "after fine-tuning" if stage == "after_finetune" else "after compression"
+        when = STAGES.get(stage, "after compression")
         notices.append(
             f"perplexity {after:.1f} {when} against {before:.1f} before "
             f"({after / before:.1f}x) on held-out {source}: give `data` like the model's "

@@ -16,7 +16,7 @@ from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.io.tensor_model import TENSOR_MODE_EXCLUDE
 from compressor.options import CompressOptions, TargetOptions
 
-__all__ = ["check_patterns", "expand_overrides", "select_targets"]
+__all__ = ["check_patterns", "expand_overrides", "quantize_targets", "select_targets"]
 
 
 def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[str, nn.Module]:
@@ -27,9 +27,7 @@ def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[s
     a typo is an error naming the pattern and where it came from, not a silent no-op."""
     chosen = options.targets
     check_patterns(loaded.model, chosen)
-    if loaded.tensor_mode:
-        chosen = chosen.excluding(TENSOR_MODE_EXCLUDE)
-    candidates = find_targets(loaded.model, filter_fn=lambda m, n: chosen.chooses(n))
+    candidates = _named(loaded, options)
     for name in weight_readers(loaded.model, candidates):
         del candidates[name]
         loaded.notices.append(f"{name} stays dense: its parent reads its .weight directly")
@@ -40,6 +38,25 @@ def select_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[s
     _check_overrides(options, targets)
     _ranks_file_notice(options, targets, loaded.notices)
     return targets
+
+
+def quantize_targets(loaded: LoadedCheckpoint, options: CompressOptions) -> list[str]:
+    """The layers `quantize` stores as codes (read before compression): the targets and the
+    layers the patterns name but leave dense for their shape (`square_only`: grouped-query
+    attention's k/v), whose float weights would otherwise cost more bytes than all the rest."""
+    named = _named(loaded, options)
+    for name in weight_readers(loaded.model, named):
+        del named[name]
+    return list(named)
+
+
+def _named(loaded: LoadedCheckpoint, options: CompressOptions) -> dict[str, nn.Module]:
+    """The dense layers the include/exclude patterns choose by name (in tensor mode, without
+    embedding-like names)."""
+    chosen = options.targets
+    if loaded.tensor_mode:
+        chosen = chosen.excluding(TENSOR_MODE_EXCLUDE)
+    return find_targets(loaded.model, filter_fn=lambda m, n: chosen.chooses(n))
 
 
 def _narrow_notices(

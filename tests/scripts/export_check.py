@@ -4,7 +4,8 @@
     python tests/scripts/export_check.py check DIR   # anywhere torch + transformers run
 
 `write` compresses tiny GPT-2, Llama (grouped-query attention) and BERT models with the dlnc
-command (in memory, sharded, streamed) and records `compressor.load_pretrained`'s outputs.
+command (in memory, sharded, streamed, quantized) and records `compressor.load_pretrained`'s
+outputs.
 `check` loads every export with `AutoModel*.from_pretrained(export, trust_remote_code=True)`
 (the export's own modeling_dlnc.py); where dlnc is installed also through
 `compressor.load_pretrained` and a plain `from_pretrained`; where it is not, it checks that a
@@ -27,6 +28,8 @@ CASES = {  # name: (tiny family, dlnc compress flags); data-free, so it takes se
     "llama-sharded": ("llama", ["--no-stream", "--no-generate", "--max-shard-size", "20KB"]),
     "llama-streamed": ("llama", ["--stream", "--no-generate"]),
     "bert-streamed-sharded": ("bert", ["--stream", "--max-shard-size", "20KB"]),
+    # quantized: 4-bit codes of GPT-2's factors and of its layers left dense (Conv1D)
+    "gpt2-int4": ("gpt2", ["--no-generate", "--quantize", "int4", "--group-size", "16"]),
 }
 
 
