@@ -6,6 +6,7 @@ identical to the quantized model in memory, on every family and in tensor mode; 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ from compressor.errors import DlncError
 from compressor.io.checkpoint import load_checkpoint
 from compressor.io.export import export
 from compressor.io.load import load_pretrained
+from compressor.options import ExportOptions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 AUTO = {"bert": "AutoModelForMaskedLM", "vit": "AutoModelForImageClassification"}
 
@@ -152,6 +156,8 @@ def test_compress_quantize_with_data_rounds_by_gptq(tiny_model, tmp_path):
     assert quant["layers"] == len(report["layers"]) + 4  # and k/v, dense under GQA: 2 blocks
     assert 0 < quant["bits_per_weight"] < 32
     assert "after_quantize" in report["perplexity"]
+    stored = load_file(out / "model.safetensors")  # loading builds no float copy: all it holds
+    assert quant["load_memory_bytes"] == sum(t.numel() * t.element_size() for t in stored.values())
     model = load_pretrained(out)
     assert all(isinstance(m.down, QuantLinear) for m in factorized_layers(model).values())
     card = (out / "README.md").read_text()
@@ -248,3 +254,20 @@ def test_a_quantized_export_is_not_fine_tuned(tiny_model, tmp_path):
     result = dlnc("finetune", out, "--data", data, "--steps", "1", "--out", tmp_path / "ft")
     one_line_error(result, "integer codes", "dlnc quantize")
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_recipes_group_size_is_the_default_and_the_flag_wins(tiny_model, tmp_path):
+    from compressor.recipes.schema import parse_recipe
+    from compressor.workflows.options import recipe_options
+
+    _, folder = tiny_model("llama")
+    text = (ROOT / "recipes" / "llama.yaml").read_text() + "\nquantize:\n  group_size: 16\n"
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(text)
+    options, _ = recipe_options(str(recipe), folder, export=ExportOptions(quantize="int4"))
+    assert options.export.quant == QuantSpec(4, 16)
+    given = ExportOptions(quantize="int4", group_size=8)
+    options, _ = recipe_options(str(recipe), folder, export=given)
+    assert options.export.quant == QuantSpec(4, 8)
+    with pytest.raises(DlncError, match="group_size"):
+        parse_recipe(text.replace("group_size: 16", "group_size: -2"), "q.yaml")

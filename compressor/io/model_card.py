@@ -247,9 +247,11 @@ def _quantized_line(facts: CardFacts) -> str:
     if not q:
         return ""
     group = "a scale a row" if q["group_size"] == 0 else f"groups of {q['group_size']}"
+    memory = q.get("load_memory_bytes")
+    held = f"; loaded, it holds {memory / 1e6:.1f} MB of tensors" if memory else ""
     return (
         f"; the targeted layers' weights stored as int{q['bits']} codes ({group}, rounded by "
-        f"{q['rounding']}), {q['bits_per_weight']:.2f} bits a weight"
+        f"{q['rounding']}), {q['bits_per_weight']:.2f} bits a weight{held}"
     )
 
 

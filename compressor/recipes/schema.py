@@ -47,7 +47,7 @@ from pydantic import (
 
 from compressor.core.ranks import RankPolicy
 from compressor.errors import DlncError
-from compressor.options import TargetOptions, check_pattern
+from compressor.options import ExportOptions, TargetOptions, check_pattern
 from compressor.training.config import FinetuneConfig
 from compressor.training.data import DataOptions
 from compressor.training.objectives import objective_names
@@ -216,6 +216,18 @@ class Finetune(_Section):
         return DataOptions(Path(path), batch_size=self.batch_size, **{**lengths, **extra})
 
 
+class Quantize(_Section):
+    """How `--quantize` stores codes for this family (used only when it is given)."""
+
+    group_size: int | None = None  # inputs a scale covers (0: a row; None: int8 a row, int4 64)
+
+    @model_validator(mode="after")
+    def _valid(self) -> Quantize:
+        if self.group_size is not None:
+            _checked(ExportOptions, quantize="int4", group_size=self.group_size)
+        return self
+
+
 class Recipe(_Section):
     """One model family's defaults."""
 
@@ -226,6 +238,7 @@ class Recipe(_Section):
     ranks: Ranks = Field(default_factory=lambda: Ranks(keep=0.5))
     chain: Chain = Field(default_factory=Chain)
     finetune: Finetune = Field(default_factory=Finetune)
+    quantize: Quantize = Field(default_factory=Quantize)
 
     def finetune_config(self, **extra: Any) -> FinetuneConfig:
         """The `FinetuneConfig` of the `finetune` section plus the chain's depth and discrepant

@@ -90,13 +90,21 @@ def recipe_options(
         flags=flags,
         load=load,
         method=method_options(recipe, data=_data(data), **(method or {})),
-        export=export or ExportOptions(),
+        export=_export(recipe, export),
         run=run or RunOptions(),
         finetune=finetune_options(recipe, finetune_data, resume=resume) if tune else None,
     )
     if ranks_file is not None:
         options = apply_ranks_file(options, ranks_file)
     return options, recipe
+
+
+def _export(recipe: Recipe, export: ExportOptions | None) -> ExportOptions:
+    """The export options given, `group_size` the recipe's where none was given."""
+    export = export or ExportOptions()
+    if export.group_size is None and recipe.quantize.group_size is not None:
+        export = replace(export, group_size=recipe.quantize.group_size)
+    return export
 
 
 def _data(values: Mapping[str, Any] | None) -> DataOptions | None:

@@ -27,7 +27,7 @@ from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.options import CompressOptions, ExportOptions, MethodOptions
 from compressor.workflows.report import CompressResult
 
-__all__ = ["quantize_checkpoint", "quantize_model", "stored_bits"]
+__all__ = ["quantize_checkpoint", "quantize_model", "stored_bits", "tensor_bytes"]
 
 
 def quantize_model(
@@ -54,8 +54,27 @@ def quantize_model(
         "rounding": "gptq" if batches is not None else "nearest",
         "layers": len(names),
         "bits_per_weight": round(bits / floats, 4) if floats else None,
+        "load_memory_bytes": tensor_bytes(model),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a loaded model holds (parameters, tied ones once, and persistent
+    buffers: the codes, scales and zero points): what loading it takes, since the loaders
+    build no float copy of a quantized weight."""
+    seen, total = set(), 0
+    buffers = [b for n, b in model.named_buffers() if _persistent(model, n)]
+    for t in [*model.parameters(), *buffers]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _persistent(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf not in model.get_submodule(owner)._non_persistent_buffers_set
 
 
 def stored_bits(layer: nn.Module) -> int:
