@@ -19,15 +19,18 @@ Points (`--rows`):
            64, 16-bit scale and zero a group (its default storage), weights dequantized here
   dlnc     `dlnc compress F32 --data CALIB --keep K` (the llama recipe), then `dlnc quantize
            EXPORT --data CALIB --quantize int4|int8`: both factors GPTQ-rounded block by block
-           (the up factor refit to the rounded down in closed form first), k/v and every layer
-           left dense quantized too; one point per keep x width. Bytes on disk, peak resident
+           (the up factor on the rounded down factor's outputs), k/v and every layer
+           left dense quantized too; one point per keep x width. Bytes on disk, the resident
            memory to load it and run one forward pass (a fresh process, after its imports) and
            the wall time of each command as a user runs them.
+  budget   `dlnc compress F32 --data CALIB --quantize int4 --bits-per-weight B`, one command:
+           the keep at which the quantized layers store B bits a weight, then as dlnc above
 Quantization-only points are fake-quantized in memory (their codes stand in float weights), so
 they have no bytes on disk; their bits are what a packed store would take.
 
-    python benchmarks/quant_stack.py [--rows dense rtn gptq hqq dlnc] [--keeps 0.9 0.8 0.7 0.6]
-        [--widths int4 int8] [--heldout 20] [--calib 32] [--threads 2] [--plot PNG]
+    python benchmarks/quant_stack.py [--rows dense rtn gptq hqq dlnc budget]
+        [--keeps 0.9 0.8 0.7 0.6] [--widths int4 int8] [--budgets 4 3.5 3 2.5] [--heldout 20]
+        [--calib 32] [--threads 2] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -63,10 +66,10 @@ from smollm2 import (
 
 RESULTS = Path(__file__).parent / "results" / "quant_stack_smollm2.md"
 PLOT = ROOT / "docs" / "quant_stack.png"
-ROWS = ("dense", "rtn", "gptq", "hqq", "dlnc")
+ROWS = ("dense", "rtn", "gptq", "hqq", "dlnc", "budget")
 GROUP = 64
 HEADER = (
-    "| point | bits / weight | ppl | x dense | bytes on disk | load peak MB | wall s | note |\n"
+    "| point | bits / weight | ppl | x dense | bytes on disk | load+run MiB | wall s | note |\n"
     "|---|---:|---:|---:|---:|---:|---:|---|"
 )
 
@@ -77,6 +80,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keeps", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6])
     p.add_argument("--widths", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
     p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2], help="quantization alone")
+    p.add_argument("--budgets", nargs="+", type=float, default=[4.0, 3.5, 3.0, 2.5])
     p.add_argument("--heldout", type=int, default=20)
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -167,11 +171,11 @@ class Run:
         if not (plain / "config.json").is_file():
             args = ["compress", str(self.f32), "--data", str(self.calib_file), "--keep",
                     str(keep), "-o", str(plain), "--overwrite", "--json"]  # fmt: skip
-            seconds = dlnc(args, plain.with_suffix(".log"), self.args.threads)
+            seconds = dlnc(args, plain.parent / f"{plain.name}.log", self.args.threads)
         out = self.runs / f"k{keep:g}-{width}"
         args = ["quantize", str(plain), "--data", str(self.calib_file), "--quantize", width,
                 "-o", str(out), "--overwrite", "--json"]  # fmt: skip
-        q_seconds = dlnc(args, out.with_suffix(".log"), self.args.threads)
+        q_seconds = dlnc(args, out.parent / f"{out.name}.log", self.args.threads)
         model = load_pretrained(out)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         self.record(
@@ -181,22 +185,39 @@ class Run:
             note=f"compress {seconds:.0f} s (0: reused), quantize {q_seconds:.0f} s",
         )  # fmt: skip
 
+    def budget(self, bits: float) -> None:
+        from compressor.io.load import load_pretrained
+
+        out = self.runs / f"b{bits:g}"
+        args = ["compress", str(self.f32), "--data", str(self.calib_file), "--quantize",
+                "int4", "--bits-per-weight", str(bits), "-o", str(out), "--overwrite",
+                "--json"]  # fmt: skip
+        seconds = dlnc(args, out.parent / f"{out.name}.log", self.args.threads)
+        model = load_pretrained(out)
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        keep = json.loads((out / "report.json").read_text())["policy"]["keep"]
+        self.record(
+            f"dlnc --bits-per-weight {bits:g} (int4)", "dlnc budget", stored_bits(model), model,
+            seconds, bytes=size, load_mb=load_peak_mb(out), note=f"keep {keep:.3f}, one command",
+        )  # fmt: skip
+
 
 def load_peak_mb(folder: Path) -> float:
-    """Peak resident memory (MB) a fresh process adds while loading `folder` and running one
-    forward pass of 16 tokens (after torch, transformers and dlnc are imported): the weights
-    are memory-mapped, so a load alone touches little of them."""
+    """Resident memory (MiB) a fresh process adds by loading `folder` and running one forward
+    pass of 16 tokens (after torch, transformers and dlnc are imported; the weights are
+    memory-mapped, so a load alone touches little of them)."""
     code = (
-        "import resource, sys, torch, transformers, compressor\n"
+        "import sys, psutil, torch, transformers, compressor\n"
         "from compressor.io.load import load_pretrained\n"
         "from compressor.io.section import is_export\n"
         "from transformers import AutoModelForCausalLM\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "rss = psutil.Process().memory_info\n"
+        "base = rss().rss\n"
         "f = sys.argv[1]\n"
         "m = load_pretrained(f) if is_export(f) else AutoModelForCausalLM.from_pretrained(f)\n"
         "with torch.no_grad():\n"
         "    m(input_ids=torch.ones(1, 16, dtype=torch.long))\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+        "print((rss().rss - base) / 2**20)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True,
@@ -255,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         for keep in args.keeps:
             for width in args.widths:
                 run.stack(keep, width)
+    if "budget" in args.rows:
+        for bits in args.budgets:
+            run.budget(bits)
     text = (
         f"`python benchmarks/quant_stack.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
         f"{args.threads} threads. SmolLM2-135M-Instruct float32; held-out perplexity over "

@@ -75,7 +75,7 @@ def quantize_(
     """In place: the weights of each named layer stored quantized (`spec`). A factorized
     layer keeps its chain, collapsed to two factors (its rank made even for 4-bit codes, two a
     byte, by a zero component), each factor a `QuantLinear`; a dense layer becomes one. With
-    its input Gram in `grams`, GPTQ (and the closed-form refit of a chain's up factor);
+    its input Gram in `grams`, GPTQ (a chain's up factor on its rounded down factor's outputs);
     without, round to nearest (compressor/core/quantize.py)."""
     for name in names:
         layer = model.get_submodule(name)

@@ -3,7 +3,7 @@ each block's input Grams are counted on the hidden states the already-quantized 
 it produce, so every layer is rounded for the inputs it will see; its block is then run again,
 quantized, to make the next block's inputs. Layers outside the block stack (or a model without
 one) are quantized last, on Grams of the whole quantized model. The rounding itself is
-`compressor.core.surgery.quantize_` (GPTQ, and the closed-form refit of a chain's up factor).
+`compressor.core.surgery.quantize_` (GPTQ, a chain's down factor first).
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@ stored as integer codes with a scale and zero point per group (`dlnc compress --
 int8|int4`, in the same run; `dlnc quantize EXPORT`, for an export written before).
 
 With calibration data (`--data`, or the text a causal LM generated for itself) the rounding
-is GPTQ's, on each layer's input Gram counted over the compressed model (so the inputs are
-the ones the quantized layers will see), with a factorized layer's up factor refit to its
-rounded down factor in closed form (compressor/core/quantize.py); without data, rounding to
-nearest. The report says which, and the stored bits per weight of the targeted layers.
+is GPTQ's, block by block on each layer's input Gram counted over the compressed model as
+quantized so far (so the inputs are the ones the quantized layers will see; a factorized
+layer's down factor first, then its up factor on the rounded down's outputs:
+compressor/core/quantize.py, methods/quantize.py); without data, rounding to nearest. The
+report says which, and the stored bits per weight of the targeted layers.
 """
 
 from __future__ import annotations
