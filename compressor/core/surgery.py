@@ -22,6 +22,7 @@ __all__ = [
     "count_params",
     "deepen_",
     "factorized_layers",
+    "is_quantized",
     "merge_",
     "module_hooks",
     "quantize_",
@@ -63,6 +64,11 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {
         n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in factors
     }
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any weight of `model` is stored as integer codes (a `QuantLinear`)."""
+    return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
 @torch.no_grad()

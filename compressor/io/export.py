@@ -82,17 +82,18 @@ COPIED = re.compile(
 generation and sentence-transformers settings)."""
 
 
-def default_output_dir(input_path: str | os.PathLike) -> Path:
+def default_output_dir(input_path: str | os.PathLike, suffix: str = "dlnc") -> Path:
     """`model.safetensors` -> `model-dlnc/`, `folder/` -> `folder-dlnc/` (beside the input);
-    a model in the Hugging Face cache (`org/name`) -> `name-dlnc/` in the working folder."""
+    a model in the Hugging Face cache (`org/name`) -> `name-dlnc/` in the working folder
+    (`suffix` for `dlnc`: `dlnc quantize` writes `-int4`, `-int8`)."""
     from compressor.io.checkpoint import hub_cache_id
 
     hub = hub_cache_id(input_path)
     if hub is not None:
-        return Path.cwd() / f"{hub.split('/')[1]}-dlnc"
+        return Path.cwd() / f"{hub.split('/')[1]}-{suffix}"
     path = Path(input_path).resolve()
     stem = path.stem if path.is_file() else path.name
-    return path.parent / f"{stem}-dlnc"
+    return path.parent / f"{stem}-{suffix}"
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, input_path: Path | None = None) -> None:

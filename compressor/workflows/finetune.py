@@ -19,8 +19,8 @@ from pathlib import Path
 
 from torch import nn
 
-from compressor.core.layers import QuantLinear
 from compressor.core.progress import ProgressFn
+from compressor.core.surgery import is_quantized
 from compressor.errors import DlncError
 from compressor.io.export import check_output_dir, export
 from compressor.io.load import load_pretrained
@@ -132,7 +132,7 @@ def finetune_checkpoint(
     student = load_model(compressed)
     if not any(True for _ in _factorized(student)):
         raise DlncError(f"{compressed}: no factorized layers; give a `dlnc compress` output")
-    if any(isinstance(m, QuantLinear) for m in student.modules()):
+    if is_quantized(student):
         raise DlncError(
             f"{compressed}: its weights are integer codes (quantized); fine-tune the float "
             "export, then quantize it (dlnc quantize)"

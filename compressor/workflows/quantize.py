@@ -19,10 +19,10 @@ from pathlib import Path
 
 from torch import nn
 
-from compressor.core.layers import FactorizedLinear, QuantLinear
+from compressor.core.layers import FactorizedLinear, QuantLinear, dense_weight_of
 from compressor.core.progress import ProgressFn
 from compressor.core.quantize import QuantSpec
-from compressor.core.surgery import factorized_layers, quantize_, quantized_layers
+from compressor.core.surgery import factorized_layers, is_quantized, quantize_
 from compressor.errors import DlncError
 from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.options import CompressOptions, ExportOptions, MethodOptions
@@ -92,8 +92,6 @@ def _dense_size(layer: nn.Module) -> int:
     """The weights of the dense layer a target stands for (out x in)."""
     if isinstance(layer, (FactorizedLinear, QuantLinear)):
         return layer.out_features * layer.in_features
-    from compressor.core.layers import dense_weight_of
-
     return dense_weight_of(layer).numel()
 
 
@@ -109,7 +107,7 @@ def quantize_checkpoint(
     `options.method.data`, or text a causal LM generates itself (`generate`), or none (round
     to nearest)."""
     from compressor.io.checkpoint import resolve_model
-    from compressor.io.export import check_output_dir, disk_size, export
+    from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
     from compressor.io.section import is_export, read_section
     from compressor.workflows.plan import PlanInfo, calibration_batches
     from compressor.workflows.quality import generated_data, measure_before, record_perplexity
@@ -121,16 +119,12 @@ def quantize_checkpoint(
         raise DlncError("`quantize` says how: int8 or int4")
     path = Path(resolve_model(path, options.load.revision))
     out = (
-        Path(out_dir)
-        if out_dir is not None
-        else path.parent / f"{path.name}-{options.export.quantize}"
+        Path(out_dir) if out_dir is not None else default_output_dir(path, options.export.quantize)
     )
     check_output_dir(out, options.export.overwrite, path)
     section = read_section(path) if is_export(path) else None
     loaded = _loaded(path, section, options)
-    if quantized_layers(loaded.model) or any(
-        isinstance(m.up, QuantLinear) for m in factorized_layers(loaded.model).values()
-    ):
+    if is_quantized(loaded.model):
         raise DlncError(f"{path}: already quantized; quantize the float export")
     chains = list(factorized_layers(loaded.model))
     inside = tuple(f"{n}." for n in chains)
