@@ -25,6 +25,10 @@ Points (`--rows`):
            the wall time of each command as a user runs them.
   budget   `dlnc compress F32 --data CALIB --quantize int4 --bits-per-weight B`, one command:
            the keep at which the quantized layers store B bits a weight, then as dlnc above
+Every point that runs as it is stored (all but HQQ's, dequantized here) has its decode
+tokens/s at batch 1 (`dlnc speed`'s measure) timed in turns with the dense model's, and the
+ratio of the two: the ratio holds when the machine's speed drifts during the run, the tokens/s
+do not.
 Quantization-only points are fake-quantized in memory (their codes stand in float weights), so
 they have no bytes on disk; their bits are what a packed store would take.
 
@@ -69,8 +73,9 @@ PLOT = ROOT / "docs" / "quant_stack.png"
 ROWS = ("dense", "rtn", "gptq", "hqq", "dlnc", "budget")
 GROUP = 64
 HEADER = (
-    "| point | bits / weight | ppl | x dense | bytes on disk | load+run MiB | wall s | note |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---|"
+    "| point | bits / weight | ppl | x dense | bytes on disk | load+run MiB | decode b1 tok/s "
+    "| wall s | note |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---|"
 )
 
 
@@ -87,6 +92,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=CACHE)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--plot", type=Path, default=PLOT)
+    p.add_argument("--reuse", action="store_true", help="measure the exports written before")
     return p.parse_args(argv)
 
 
@@ -120,13 +126,20 @@ class Run:
         self.calib_file = save_ids(self.runs / "calib.safetensors", self.calib)
         self.points: list[dict] = []
         self.dense_ppl = None
+        self.dense_model = None  # the first point's model, timed beside every later one
 
-    def record(self, point: str, series: str, bits: float, model, seconds, **extra) -> None:
+    def record(
+        self, point: str, series: str, bits: float, model, seconds, decode=True, **extra
+    ) -> None:
         ppl = perplexity(model, self.held)
         self.dense_ppl = self.dense_ppl or ppl
+        if self.dense_model is None:
+            self.dense_model = model
         rec = {"point": point, "series": series, "bits": bits, "ppl": ppl,
                "x_dense": ppl / self.dense_ppl, "seconds": seconds, "bytes": None,
-               "load_mb": None, "note": "", **extra}  # fmt: skip
+               "load_mb": None, "note": "",
+               "decode": self.decode_speed(model) if decode else None,
+               **extra}  # fmt: skip
         self.points.append(rec)
         print(line(rec), flush=True)
 
@@ -161,7 +174,10 @@ class Run:
             )  # fmt: skip
             linear.weight.data = Quantizer.dequantize(codes, meta).float().view_as(w)
         seconds = time.perf_counter() - t
-        self.record(f"HQQ int{bits} g{GROUP}", "HQQ", bits + 32 / GROUP, model, seconds)
+        # its weights dequantized here, it runs as the dense model: no decode speed of its own
+        self.record(
+            f"HQQ int{bits} g{GROUP}", "HQQ", bits + 32 / GROUP, model, seconds, decode=False
+        )
 
     def stack(self, keep: float, width: str) -> None:
         from compressor.io.load import load_pretrained
@@ -175,15 +191,33 @@ class Run:
         out = self.runs / f"k{keep:g}-{width}"
         args = ["quantize", str(plain), "--data", str(self.calib_file), "--quantize", width,
                 "-o", str(out), "--overwrite", "--json"]  # fmt: skip
-        q_seconds = dlnc(args, out.parent / f"{out.name}.log", self.args.threads)
+        q_seconds = self.run(args, out)
         model = load_pretrained(out)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         self.record(
             f"dlnc keep {keep:g} + {width}", f"dlnc + {width}", stored_bits(model), model,
             seconds + q_seconds,
             bytes=size, load_mb=load_peak_mb(out),
-            note=f"compress {seconds:.0f} s (0: reused), quantize {q_seconds:.0f} s",
+            note=f"compress {seconds:.0f} s, quantize {q_seconds:.0f} s (0: reused)",
         )  # fmt: skip
+
+    def decode_speed(self, model) -> tuple[float, float]:
+        """Decode tokens/s at batch 1 of `model` (HF `generate` with the KV cache, 32 tokens
+        after a prompt of 32; best of 3 after a warm-up: `dlnc speed`'s measure, the model as it
+        runs in memory) and of the dense model, the two timed in turns."""
+        from compressor.workflows.speed import SpeedOptions, measure_models
+
+        options = SpeedOptions(decode_batches=(1,), prompt_len=32, threads=self.args.threads)
+        models = {"dense": self.dense_model} | ({} if model is self.dense_model else {"m": model})
+        speeds = measure_models(models, options)
+        dense = speeds["dense"].decode_tokens_per_s[1]
+        return speeds.get("m", speeds["dense"]).decode_tokens_per_s[1], dense
+
+    def run(self, args: list[str], out: Path) -> float:
+        """`dlnc ARGS` writing `out`: its wall seconds, or 0 when `--reuse` finds it written."""
+        if self.args.reuse and (out / "report.json").is_file():
+            return 0.0
+        return dlnc(args, out.parent / f"{out.name}.log", self.args.threads)
 
     def budget(self, bits: float) -> None:
         from compressor.io.load import load_pretrained
@@ -192,7 +226,7 @@ class Run:
         args = ["compress", str(self.f32), "--data", str(self.calib_file), "--quantize",
                 "int4", "--bits-per-weight", str(bits), "-o", str(out), "--overwrite",
                 "--json"]  # fmt: skip
-        seconds = dlnc(args, out.parent / f"{out.name}.log", self.args.threads)
+        seconds = self.run(args, out)
         model = load_pretrained(out)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         keep = json.loads((out / "report.json").read_text())["policy"]["keep"]
@@ -228,8 +262,13 @@ def load_peak_mb(folder: Path) -> float:
 def line(r: dict) -> str:
     size = "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.1f} MB"
     mem = "-" if r["load_mb"] is None else f"{r['load_mb']:.0f}"
+    decode = (
+        "-"
+        if r.get("decode") is None
+        else "{:.1f} ({:.2f}x)".format(r["decode"][0], r["decode"][0] / r["decode"][1])
+    )
     return (f"| {r['point']} | {r['bits']:.2f} | {r['ppl']:.5g} | {r['x_dense']:.2f} | {size} "
-            f"| {mem} | {r['seconds']:.0f} | {r['note']} |")  # fmt: skip
+            f"| {mem} | {decode} | {r['seconds']:.0f} | {r['note']} |")  # fmt: skip
 
 
 def plot(points: list[dict], path: Path) -> None:
