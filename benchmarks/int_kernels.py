@@ -174,7 +174,7 @@ def dense_fbgemm(model: nn.Module) -> nn.Module:
 
 def models_part(args: argparse.Namespace) -> None:
     from data_aware import prose_corpus
-    from smollm2 import WINDOW, perplexity, spread, windows
+    from smollm2 import WINDOW, perplexity, spread, text_id, windows
 
     from compressor.io.load import load_pretrained
     from compressor.training.data import load_tokenizer
@@ -192,7 +192,10 @@ def models_part(args: argparse.Namespace) -> None:
     ppl = {label: perplexity(m, held) for label, m in models.items()}
     speed = measure_models(models, SpeedOptions(prompt_len=256, threads=args.threads))
     base = speed["dense float32"]
-    print(f"\n{args.heldout} x {WINDOW} held-out tokens; prefill 1 x 256, decode 32 tokens\n")
+    print(
+        f"\n{args.heldout} x {WINDOW} held-out tokens (ids {text_id(held)}); prefill 1 x 256, "
+        "decode 32 tokens\n"
+    )
     print("| model | held-out ppl | prefill ms | decode b1 tok/s | decode b8 tok/s |")
     print("|---|---:|---:|---:|---:|")
     for label, s in speed.items():

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from smollm2 import CACHE, WINDOW, float32_folder, perplexity, spread, windows
+from smollm2 import CACHE, WINDOW, float32_folder, perplexity, spread, text_id, windows
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     ppl = {label: perplexity(m, held) for label, m in models.items()}
     speed = measure_models(models, SpeedOptions(prompt_len=256, threads=args.threads))
     base = speed["dense"]
-    print(f"\nSmolLM2-135M float32, {args.threads} threads; held-out {args.heldout} x {WINDOW} "
-          "tokens; prefill 1 x 256; decode 32 tokens after 32\n")  # fmt: skip
+    print(f"\nSmolLM2-135M float32, {args.threads} threads; held-out {args.heldout} x "
+          f"{WINDOW} tokens (ids {text_id(held)}); prefill 1 x 256; decode 32 tokens after "
+          "32\n")  # fmt: skip
     print("| LM head | whitened | head params | held-out ppl | prefill ms | decode b1 tok/s "
           "| decode b8 tok/s |\n|---|---|---:|---:|---:|---:|---:|")  # fmt: skip
     for label, s in speed.items():

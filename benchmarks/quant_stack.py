@@ -65,6 +65,7 @@ from smollm2 import (
     perplexity,
     save_ids,
     spread,
+    text_id,
     windows,
 )
 
@@ -321,11 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         f"`python benchmarks/quant_stack.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
         f"{args.threads} threads. SmolLM2-135M-Instruct float32; held-out perplexity over "
-        f"{args.heldout} windows of {WINDOW} tokens; calibration {args.calib} windows.\n\n"
-        + HEADER
-        + "\n"
-        + "\n".join(line(p) for p in run.points)
-        + "\n"
+        f"{args.heldout} windows of {WINDOW} tokens (ids {text_id(run.held)}); calibration "
+        f"{args.calib} windows.\n\n" + HEADER + "\n" + "\n".join(line(p) for p in run.points) + "\n"
     )
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

