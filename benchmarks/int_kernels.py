@@ -158,23 +158,21 @@ def with_fbgemm(model: nn.Module) -> nn.Module:
 
 
 def dense_fbgemm(model: nn.Module) -> nn.Module:
-    """Every decoder linear of the dense model as fbgemm's dynamic int8 (a scale a row)."""
-    from compressor.core.layers import QuantLinear
-    from compressor.core.quantize import QuantSpec, round_to_nearest
+    """Every decoder linear of the dense model rounded to int8 (a scale a row) by dlnc's
+    `quantize_model`, then run by fbgemm's dynamic kernel."""
+    from smollm2 import decoder_linears
+
+    from compressor.core.quantize import QuantSpec
+    from compressor.workflows.quantize import quantize_model
 
     model = copy.deepcopy(model)
-    for parent in list(model.model.layers.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                q = round_to_nearest(child.weight.detach(), QuantSpec(8, 0))
-                layer = QuantLinear.from_quantized(q, QuantSpec(8, 0), child.bias)
-                setattr(parent, name, FbgemmInt8(layer))
-    return model
+    quantize_model(model, list(decoder_linears(model)), QuantSpec(8, 0))
+    return with_fbgemm(model)
 
 
 def models_part(args: argparse.Namespace) -> None:
     from data_aware import prose_corpus
-    from smollm2 import WINDOW, perplexity, spread, text_id, windows
+    from smollm2 import WINDOW, perplexity, speed_row, spread, text_id, windows
 
     from compressor.io.load import load_pretrained
     from compressor.training.data import load_tokenizer
@@ -199,10 +197,7 @@ def models_part(args: argparse.Namespace) -> None:
     print("| model | held-out ppl | prefill ms | decode b1 tok/s | decode b8 tok/s |")
     print("|---|---:|---:|---:|---:|")
     for label, s in speed.items():
-        d, d0 = s.decode_tokens_per_s, base.decode_tokens_per_s
-        print(f"| {label} | {ppl[label]:.2f} | {s.prefill_ms:.0f} "
-              f"({base.prefill_ms / s.prefill_ms:.2f}x) | {d[1]:.1f} ({d[1] / d0[1]:.2f}x) "
-              f"| {d[8]:.1f} ({d[8] / d0[8]:.2f}x) |")  # fmt: skip
+        print(speed_row(label, ppl[label], s, base))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from smollm2 import CACHE, WINDOW, float32_folder, perplexity, spread, text_id, windows
+from smollm2 import (
+    CACHE,
+    WINDOW,
+    float32_folder,
+    perplexity,
+    speed_row,
+    spread,
+    text_id,
+    windows,
+)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,25 +43,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.no_grad()
 def head_gram(model, calib: torch.Tensor) -> torch.Tensor:
     """The Gram matrix (mean of x x^T) of the LM head's inputs on the calibration windows."""
-    head = model.get_output_embeddings()
-    gram, rows = torch.zeros(head.in_features, head.in_features, dtype=torch.float64), 0
+    from compressor.methods.calibration import collect_grams
 
-    def add(_, inputs):
-        nonlocal gram, rows
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-        gram += x.T @ x
-        rows += x.shape[0]
-
-    hook = head.register_forward_pre_hook(add)
-    try:
-        for batch in calib.split(4):
-            model(input_ids=batch)
-    finally:
-        hook.remove()
-    return gram / rows
+    batches = [{"input_ids": b} for b in calib.split(4)]
+    stats = collect_grams(model, {"lm_head": model.get_output_embeddings()}, batches)["lm_head"]
+    return stats.gram / stats.rows
 
 
 def factorized_head(model, gram: torch.Tensor, rank: int):
@@ -103,11 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| LM head | whitened | head params | held-out ppl | prefill ms | decode b1 tok/s "
           "| decode b8 tok/s |\n|---|---|---:|---:|---:|---:|---:|")  # fmt: skip
     for label, s in speed.items():
-        d, d0 = s.decode_tokens_per_s, base.decode_tokens_per_s
         what, share = rows[label]
-        print(f"| {label} | {what} | {share:.2f} | {ppl[label]:.2f} | {s.prefill_ms:.0f} "
-              f"({base.prefill_ms / s.prefill_ms:.2f}x) | {d[1]:.1f} ({d[1] / d0[1]:.2f}x) "
-              f"| {d[8]:.1f} ({d[8] / d0[8]:.2f}x) |")  # fmt: skip
+        print(speed_row(f"{label} | {what} | {share:.2f}", ppl[label], s, base))
 
 
 if __name__ == "__main__":

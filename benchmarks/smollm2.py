@@ -145,6 +145,14 @@ def text_id(blocks: torch.Tensor) -> str:
     return hashlib.md5(blocks.numpy().tobytes()).hexdigest()[:8]
 
 
+def speed_row(label: str, ppl: float, s, base) -> str:
+    """A table row: perplexity, then prefill ms and decode tokens/s at batch 1 and 8 of the
+    `ModelSpeed` `s`, each with its ratio to `base` (the dense model, timed in the same call)."""
+    d, d0 = s.decode_tokens_per_s, base.decode_tokens_per_s
+    return (f"| {label} | {ppl:.2f} | {s.prefill_ms:.0f} ({base.prefill_ms / s.prefill_ms:.2f}x) "
+            f"| {d[1]:.1f} ({d[1] / d0[1]:.2f}x) | {d[8]:.1f} ({d[8] / d0[8]:.2f}x) |")  # fmt: skip
+
+
 def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
     """`n` blocks evenly spaced over all of them (the whole split has its say)."""
     if n >= len(blocks):
