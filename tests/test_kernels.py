@@ -52,6 +52,25 @@ def test_the_cap_is_where_the_factorized_layer_stops_being_faster(shape, rows):
         assert curve.at(rank) == pytest.approx(model_seconds(layer, torch.zeros(rows, 1)))
 
 
+def test_a_busy_stretch_slows_both_sides_of_a_ratio_and_moves_no_cap():
+    """The load changes between the (rank, dense) pairs, never inside one: every time the
+    curve holds is the quiet one, so the cap is exact; the old rule (the quickest dense time
+    against each rank's own) put the cap below the truth."""
+    calls = []
+
+    def busy(layer, x):
+        calls.append(1)
+        load = 3.0 if (len(calls) - 1) // 2 % 3 == 1 else 1.0  # every third pair runs slow
+        return load * model_seconds(layer, x)
+
+    for shape, rows in (((48, 32), 1), ((40, 40), 8)):
+        curve = measure_curve(shape, rows, timer=busy)
+        assert curve.cap() == exact_cap(shape, rows)
+        quiet = measure_curve(shape, rows, timer=model_seconds)
+        assert curve.dense == quiet.dense
+        assert curve.times == pytest.approx(quiet.times, rel=1e-12)
+
+
 def test_the_cap_holds_at_every_row_count_and_a_curve_round_trips():
     curves = [measure_curve((64, 64), rows, timer=model_seconds) for rows in (1, 8, 256)]
     assert speed_cap(curves, 4) == min(exact_cap((64, 64), r, 4) for r in (1, 8, 256))
@@ -167,10 +186,10 @@ def test_curves_are_measured_once_per_device_and_then_read_back(tmp_path):
     assert len(calls) == n and again == first  # read back, not measured
     speedplan.kernel_curves([(32, 16)], cpu, torch.float64, cache_dir=tmp_path, timer=counting)
     assert len(calls) == 2 * n  # another dtype is another key
-    (tmp_path / "kernels.json").write_text("{not json")
+    (tmp_path / speedplan.CACHE_FILE).write_text("{not json")
     speedplan.kernel_curves([(32, 16)], cpu, cache_dir=tmp_path, timer=counting)
     assert len(calls) == 3 * n  # a broken cache is measured again
-    assert json.loads((tmp_path / "kernels.json").read_text())  # and rewritten
+    assert json.loads((tmp_path / speedplan.CACHE_FILE).read_text())  # and rewritten
 
 
 @pytest.fixture

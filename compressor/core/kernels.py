@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -119,19 +120,23 @@ def measure_curve(
     ranks: Iterable[int] | None = None,
 ) -> KernelCurve:
     """Time the dense layer of `shape` and its factorized form at `ranks` (default
-    `grid_ranks`) on `rows` random rows; the layers are timed in turns, a rank and then
-    dense again, so a machine that slows down mid-way slows both."""
+    `grid_ranks`) on `rows` random rows. The layers are timed in turns, a rank and then dense
+    again, and each rank is kept as its ratio to the dense time beside it, scaled to the
+    median dense time: a machine that slows down for a while slows both sides of a ratio,
+    and the dense time is not the luckiest of many runs set against one run of each rank."""
     out_f, in_f = shape
     kw = {"device": device, "dtype": dtype}
     torch.manual_seed(0)
     x = torch.randn(rows, in_f, **kw)
     dense = nn.Linear(in_f, out_f, **kw)
     ranks = tuple(sorted(set(ranks))) if ranks is not None else grid_ranks(shape)
-    dense_best, times = math.inf, []
+    pairs = []
     for rank in ranks:
-        times.append(timer(FactorizedLinear(in_f, out_f, rank, **kw), x))
-        dense_best = min(dense_best, timer(dense, x))
-    return KernelCurve(tuple(shape), rows, dense_best, ranks, tuple(times))
+        factorized = timer(FactorizedLinear(in_f, out_f, rank, **kw), x)
+        pairs.append((factorized, timer(dense, x)))
+    middle = statistics.median(d for _, d in pairs)
+    times = tuple(f * (middle / d) if d > 0 else f for f, d in pairs)
+    return KernelCurve(tuple(shape), rows, middle, ranks, times)
 
 
 def speed_cap(curves: Iterable[KernelCurve], multiple: int = 1) -> int:

@@ -3,7 +3,7 @@ factorized, measured once and cached; the ranks no slower than dense; the expect
 
 `kernel_curves` times each (shape, rows) pair of `core.kernels.ROWS` (decode at batch 1 and
 8, a prefill block) on the device the run uses, in the targets' dtype, and keeps the curves
-in `<dlnc cache>/kernels.json` under a key naming the device, its threads, the dtype and the
+in `<dlnc cache>/kernels-v2.json` under a key naming the device, its threads, the dtype and the
 torch version: a second run on the same machine reads them back. `speed_policy` turns a
 `speed="never-slower"` policy's shapes into caps (`RankPolicy.caps`); `expected_speed` is
 what a report says beside the parameter count.
@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 Shape = tuple[int, int]
+
+CACHE_FILE = "kernels-v2.json"
+"""The curves' cache; its number changes with the measuring rule, so curves timed by an older
+rule are measured again (v2: each rank against the dense time beside it)."""
 
 
 def speed_device(device: str | None) -> torch.device:
@@ -92,7 +96,7 @@ def kernel_curves(
     """A curve per (shape, rows) for every shape at every row count of `ROWS`, read from the
     cache where this device has them, measured by `timer` (`best_seconds`) and cached where
     not. (Timings taken on a busy machine are kept too: delete the file to measure again.)"""
-    path = (cache_dir or default_cache_dir()) / "kernels.json"
+    path = (cache_dir or default_cache_dir()) / CACHE_FILE
     key = device_key(device, dtype)
     cache = _read(path)
     known = cache.get(key, {})
