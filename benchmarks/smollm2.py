@@ -35,7 +35,8 @@ Rows (`--rows`, each at every `--keeps`; "keep" is the fraction of the targeted 
   dlnc-ft      `dlnc finetune` of the dlnc-data export with the teacher, `--steps` steps of
                4 x 128 tokens of the train split (one row per step count): its `--data` is a
                .safetensors of the training blocks, `--samples` steps x 4 / 0.9 of them (dlnc
-               holds the last 10% out, to keep the better of before and after)
+               holds the last 10% out, to keep the better of before and after); a row per
+               `--ft-lrs` value too (`--lr`; default: the recipe's, 2e-5)
   distill      plain distillation from the uniform start, written here: KL(teacher||student)
                of the next-token distribution, AdamW, linear warm-up then cosine decay, clip
                1.0, all weights trained (the factors as two linears); the best of the `--lrs`
@@ -367,6 +368,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "the issue's second point (slow on CPU)")  # fmt: skip
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4],
                         help="the distillation's learning-rate sweep")  # fmt: skip
+    parser.add_argument("--ft-lrs", type=float, nargs="+", default=[None],
+                        help="dlnc-ft: peak learning rates, a row each (default: the llama "
+                        "recipe's)")  # fmt: skip
     parser.add_argument("--valid", type=int, default=4,
                         help="validation windows of 512 tokens (train split) judging the "
                         "distillation's sweep")  # fmt: skip
@@ -445,15 +449,21 @@ class Bench:
             [*cmd, "--overwrite", "--json"], out.with_name(out.name + ".log"), self.args.threads
         )
 
-    def dlnc_finetune(self, keep: float, export: Path, start_s: float, steps: int) -> None:
-        out = export.with_name(f"{export.name}-ft{steps}")
+    def dlnc_finetune(self, keep: float, export: Path, start_s: float, steps: int,
+                      lr: float | None = None) -> None:  # fmt: skip
+        tag = f"-ft{steps}" + (f"-lr{lr:g}" if lr is not None else "")
+        out = export.with_name(f"{export.name}{tag}")
         n = min(len(self.train), math.ceil(steps * BATCH / 0.9))  # dlnc holds 10% out
         cmd = ["finetune", str(export), "--data", str(self.train_file), "--teacher", str(self.f32),
                "--steps", str(steps), "--batch-size", str(BATCH), "--max-length", str(BLOCK),
                "--samples", str(n), "--out", str(out), "--overwrite", "--json"]  # fmt: skip
+        if lr is not None:
+            cmd += ["--lr", f"{lr:g}"]
         seconds = dlnc(cmd, out.with_name(out.name + ".log"), self.args.threads)
-        self.record(keep, f"`dlnc compress --data` + `dlnc finetune --steps {steps}`", load(out),
-                    start_s + seconds, note=f"k/v dense; finetune {seconds:.0f} s")  # fmt: skip
+        flags = f"--steps {steps}" + (f" --lr {lr:g}" if lr is not None else "")
+        row = f"`dlnc compress --data` + `dlnc finetune {flags}`"
+        self.record(keep, row, load(out), start_s + seconds,
+                    note=f"k/v dense; finetune {seconds:.0f} s")  # fmt: skip
 
     def distill(self, keep: float, start: nn.Module, start_s: float, steps: int) -> None:
         """The learning-rate sweep, judged on the validation slice; the best one's row."""
@@ -525,7 +535,8 @@ def main(argv: list[str] | None = None) -> None:
             bench.record(keep, "`dlnc compress --data --speed never-slower`", load(fast), seconds,
                          note="k/v dense; layers slower than dense kept dense")  # fmt: skip
         for steps in args.steps if "dlnc-ft" in rows else []:
-            bench.dlnc_finetune(keep, export, data_s, steps)
+            for lr in args.ft_lrs:
+                bench.dlnc_finetune(keep, export, data_s, steps, lr)
         for steps in args.steps if "distill" in rows else []:
             bench.distill(keep, start, start_s, steps)
     if "rtn" in rows:

@@ -192,6 +192,23 @@ def test_curves_are_measured_once_per_device_and_then_read_back(tmp_path):
     assert json.loads((tmp_path / speedplan.CACHE_FILE).read_text())  # and rewritten
 
 
+def test_a_set_openmp_wait_policy_is_another_device(tmp_path, monkeypatch):
+    calls = []
+
+    def counting(layer, x):
+        calls.append(1)
+        return model_seconds(layer, x)
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    speedplan.kernel_curves([(32, 16)], cpu, cache_dir=tmp_path, timer=counting)
+    n = len(calls)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "OMP_WAIT_POLICY=PASSIVE" in speedplan.device_key(cpu, torch.float32)
+    speedplan.kernel_curves([(32, 16)], cpu, cache_dir=tmp_path, timer=counting)
+    assert len(calls) == 2 * n  # measured again, not read from the default policy's curves
+
+
 @pytest.fixture
 def cost_model(monkeypatch):
     monkeypatch.setattr(speedplan, "best_seconds", model_seconds)

@@ -12,6 +12,7 @@ what a report says beside the parameter count.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -67,11 +68,15 @@ def serving_dtype(weight_files: Iterable[Path]) -> torch.dtype:
 
 
 def device_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What the timings depend on: the processor, its threads, the dtype, torch's version."""
+    """What the timings depend on: the processor, its threads (and on a CPU OpenMP's wait
+    policy where one is set: passive threads sleep between kernels, which made a small matmul
+    2-5x slower on 2 threads), the dtype, torch's version."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_name() + f", {torch.get_num_threads()} threads"
+        if policy := os.environ.get("OMP_WAIT_POLICY"):
+            name += f", OMP_WAIT_POLICY={policy}"
     return f"{device.type}: {name}; {str(dtype).removeprefix('torch.')}; torch {torch.__version__}"
 
 
