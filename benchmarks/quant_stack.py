@@ -28,7 +28,10 @@ Points (`--rows`):
 Every point that runs as it is stored (all but HQQ's, dequantized here) has its decode
 tokens/s at batch 1 (`dlnc speed`'s measure) timed in turns with the dense model's, and the
 ratio of the two: the ratio holds when the machine's speed drifts during the run, the tokens/s
-do not.
+do not. Unlike quality_lm.py this script leaves OpenMP's wait policy as a user has it: under
+OMP_WAIT_POLICY=PASSIVE (which it set up to session 15) every small matmul waits for its
+threads to wake, which cost dense SmolLM2 a third of its decode speed (23.0 -> 14.8 tok/s) and
+factorized models more (keep 0.8 against dense: 1.05x -> 0.95x), so the column was biased.
 Quantization-only points are fake-quantized in memory (their codes stand in float weights), so
 they have no bytes on disk; their bits are what a packed store would take.
 
@@ -49,7 +52,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see quality_lm.py
 
 import torch
 

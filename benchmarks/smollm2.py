@@ -73,7 +73,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see quality_lm.py
+if __name__ == "__main__":  # see quality_lm.py; never for a script that times decoding and
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # imports this after torch
 
 import torch
 import torch.nn.functional as F
