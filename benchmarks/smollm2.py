@@ -36,7 +36,8 @@ Rows (`--rows`, each at every `--keeps`; "keep" is the fraction of the targeted 
                4 x 128 tokens of the train split (one row per step count): its `--data` is a
                .safetensors of the training blocks, `--samples` steps x 4 / 0.9 of them (dlnc
                holds the last 10% out, to keep the better of before and after); a row per
-               `--ft-lrs` value too (`--lr`; default: the recipe's, 2e-5)
+               `--ft-flags` string too (more `dlnc finetune` flags, e.g. "--lr 5e-5"; default:
+               none, the llama recipe's fine-tuning)
   distill      plain distillation from the uniform start, written here: KL(teacher||student)
                of the next-token distribution, AdamW, linear warm-up then cosine decay, clip
                1.0, all weights trained (the factors as two linears); the best of the `--lrs`
@@ -369,9 +370,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "the issue's second point (slow on CPU)")  # fmt: skip
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4],
                         help="the distillation's learning-rate sweep")  # fmt: skip
-    parser.add_argument("--ft-lrs", type=float, nargs="+", default=[None],
-                        help="dlnc-ft: peak learning rates, a row each (default: the llama "
-                        "recipe's)")  # fmt: skip
+    parser.add_argument("--ft-flags", nargs="+", default=[""],
+                        help='dlnc-ft: more `dlnc finetune` flags, a row each, e.g. "--lr 5e-5" '
+                        '"--objective mix" (default: none)')  # fmt: skip
     parser.add_argument("--valid", type=int, default=4,
                         help="validation windows of 512 tokens (train split) judging the "
                         "distillation's sweep")  # fmt: skip
@@ -451,17 +452,16 @@ class Bench:
         )
 
     def dlnc_finetune(self, keep: float, export: Path, start_s: float, steps: int,
-                      lr: float | None = None) -> None:  # fmt: skip
-        tag = f"-ft{steps}" + (f"-lr{lr:g}" if lr is not None else "")
+                      extra: str = "") -> None:  # fmt: skip
+        tag = f"-ft{steps}" + "".join(f"-{w.lstrip('-')}" for w in extra.split())
         out = export.with_name(f"{export.name}{tag}")
         n = min(len(self.train), math.ceil(steps * BATCH / 0.9))  # dlnc holds 10% out
         cmd = ["finetune", str(export), "--data", str(self.train_file), "--teacher", str(self.f32),
                "--steps", str(steps), "--batch-size", str(BATCH), "--max-length", str(BLOCK),
                "--samples", str(n), "--out", str(out), "--overwrite", "--json"]  # fmt: skip
-        if lr is not None:
-            cmd += ["--lr", f"{lr:g}"]
+        cmd += extra.split()
         seconds = dlnc(cmd, out.with_name(out.name + ".log"), self.args.threads)
-        flags = f"--steps {steps}" + (f" --lr {lr:g}" if lr is not None else "")
+        flags = f"--steps {steps} {extra}".strip()
         row = f"`dlnc compress --data` + `dlnc finetune {flags}`"
         self.record(keep, row, load(out), start_s + seconds,
                     note=f"k/v dense; finetune {seconds:.0f} s")  # fmt: skip
@@ -536,8 +536,8 @@ def main(argv: list[str] | None = None) -> None:
             bench.record(keep, "`dlnc compress --data --speed never-slower`", load(fast), seconds,
                          note="k/v dense; layers slower than dense kept dense")  # fmt: skip
         for steps in args.steps if "dlnc-ft" in rows else []:
-            for lr in args.ft_lrs:
-                bench.dlnc_finetune(keep, export, data_s, steps, lr)
+            for extra in args.ft_flags:
+                bench.dlnc_finetune(keep, export, data_s, steps, extra)
         for steps in args.steps if "distill" in rows else []:
             bench.distill(keep, start, start_s, steps)
     if "rtn" in rows:
