@@ -32,6 +32,17 @@ def model_seconds(layer: nn.Module, x: torch.Tensor) -> float:
     return CALL + rows * layer.in_features * layer.out_features
 
 
+def counting_timer():
+    """The cost model, and the list of its calls (one entry a timing)."""
+    calls = []
+
+    def counting(layer, x):
+        calls.append(1)
+        return model_seconds(layer, x)
+
+    return calls, counting
+
+
 def exact_cap(shape: tuple[int, int], rows: int, multiple: int = 1) -> int:
     """The largest multiple of `multiple` with model_seconds(factorized) <= model_seconds(dense)."""
     out_f, in_f = shape
@@ -172,11 +183,7 @@ def test_speed_is_checked_and_a_missing_cap_is_an_error():
 
 
 def test_curves_are_measured_once_per_device_and_then_read_back(tmp_path):
-    calls = []
-
-    def counting(layer, x):
-        calls.append(1)
-        return model_seconds(layer, x)
+    calls, counting = counting_timer()
 
     cpu = torch.device("cpu")
     first = speedplan.kernel_curves([(32, 16)], cpu, cache_dir=tmp_path, timer=counting)
@@ -193,11 +200,7 @@ def test_curves_are_measured_once_per_device_and_then_read_back(tmp_path):
 
 
 def test_a_set_openmp_wait_policy_is_another_device(tmp_path, monkeypatch):
-    calls = []
-
-    def counting(layer, x):
-        calls.append(1)
-        return model_seconds(layer, x)
+    calls, counting = counting_timer()
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
