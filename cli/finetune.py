@@ -21,7 +21,6 @@ from cli.common import (
 from cli.evaluate import eval_table
 from cli.flags import (
     DATA,
-    OBJECTIVE_PARAMS,
     RECIPE_FLAGS,
     TRAINING,
     JsonOut,
@@ -40,6 +39,10 @@ RECIPE_VALUES = {
     "objective": (Annotated[str | None, typer.Option(help="distill | task | mix \\[recipe].")],
                   None),
     "lr": (Annotated[float | None, typer.Option(help="Peak learning rate \\[recipe].")], None),
+    "temperature": (Annotated[float | None, typer.Option(
+        help="Distillation temperature on logits \\[recipe].")], None),
+    "mix_weight": (Annotated[float | None, typer.Option(
+        help="mix: weight of the distillation term \\[recipe].")], None),
     "outer_lr_scale": (Annotated[float | None, typer.Option(
         help="Outer factors train at this x lr (discrepant lr).")], None),
     "depth": (Annotated[int | None, typer.Option(
@@ -99,7 +102,6 @@ def finetune(
                              batch_size=batches.pop("batch_size"),
                              max_length=batches.pop("max_length"))  # fmt: skip
         training["clip"] = training["clip"] or None
-        training["objective_params"] = {n: training.pop(n) for n in OBJECTIVE_PARAMS}
         trackers = training.pop("report_to") or ""
         training["report_to"] = tuple(t.strip() for t in trackers.split(",") if t.strip())
         options, _ = recipe_finetune_options(

@@ -27,7 +27,6 @@ __all__ = [
     "EXPORT",
     "LOAD",
     "METHOD",
-    "OBJECTIVE_PARAMS",
     "RUN",
     "TARGETS",
     "TRAINING",
@@ -206,8 +205,6 @@ TRAINING = FlagGroup("training", {
     "grad_accum": (_option(int, "Batches per optimizer step."), 1),
     "warmup": (_option(float, "Warm-up share of the steps."), 0.05),
     "clip": (_option(float, "Max gradient norm (0: off)."), 1.0),
-    "temperature": (_option(float, "Distillation temperature."), 2.0),
-    "mix_weight": (_option(float, "mix: weight of distillation."), 0.5),
     "trainable": (_option(str, "all | factors (only the chains)."), "all"),
     "mixed_precision": (_option(str, "auto | no | fp16 | bf16."), "auto"),
     "save_every": (_option(int, "Checkpoint the state every K steps."), 0),
@@ -216,10 +213,6 @@ TRAINING = FlagGroup("training", {
                           "under <state-dir>/logs."), None),
 })  # fmt: skip
 """The fine-tuning run's settings a recipe does not hold."""
-
-OBJECTIVE_PARAMS = ("temperature", "mix_weight")
-"""The `TRAINING` flags that set the objectives' parameters (`FinetuneConfig.objective_params`,
-one per `Param` registered in `compressor.training.objectives`)."""
 
 RECIPE_KEYS = {
     "include": "targets.include",
@@ -232,6 +225,8 @@ RECIPE_KEYS = {
     "depth": "chain.depth",
     "outer_lr_scale": "chain.outer_lr_scale",
     "objective": "finetune.objective",
+    "temperature": "finetune.temperature",
+    "mix_weight": "finetune.mix_weight",
     "lr": "finetune.lr",
     "steps": "finetune.steps",
     "finetune_steps": "finetune.steps",

@@ -64,12 +64,27 @@ def test_finetune_writes_an_export_with_a_report(setup, tmp_path):
     assert rows["model"]["distill"] > 0 and rows["model"]["perplexity"] > 1
 
 
+def test_temperature_from_the_recipe_and_the_flag_over_it(setup, tmp_path):
+    original, compressed, data = setup
+    recipe = tmp_path / "cool.yaml"
+    recipe.write_text("name: cool\nfinetune: {objective: distill, temperature: 1.5}\n")
+    for extra, shown in [([], "T=1.5"), (["--temperature", "0.5"], "T=0.5")]:
+        out = tmp_path / f"ft{len(extra)}"
+        args = ["finetune", str(compressed), "--data", str(data), "--teacher", str(original),
+                "--recipe", str(recipe), "--steps", "1", "--out", str(out), "--json",
+                *extra]  # fmt: skip
+        done = runner.invoke(app, args)
+        assert done.exit_code == 0, done.output
+        assert f"KL on logits ({shown})" in json.loads(done.stdout)["finetune"]["objective"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--objective", "distill"], "give --teacher"),
         (["--resume", "--objective", "task"], "no checkpoint to resume from"),
         (["--lr", "-1"], "--lr"),
+        (["--temperature", "0"], "--temperature: `temperature` must be > 0"),
     ],
 )
 def test_user_errors_are_one_line_and_write_nothing(setup, tmp_path, extra, message):

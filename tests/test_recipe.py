@@ -4,6 +4,7 @@ validation error names its key or pattern; command-line flags win over recipe va
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from compressor.recipes.schema import (
     recipe_to_yaml,
     recipes_dir,
 )
-from compressor.training.objectives import objective_names
+from compressor.training.objectives import check_params, objective_names
 from compressor.workflows.compress import select_targets
 from compressor.workflows.options import (
     compress_options,
@@ -384,6 +385,24 @@ def test_finetune_section_maps_onto_the_training_and_data_configs(tmp_path):
     assert (data.batch_size, data.max_length) == (f.batch_size, f.max_length)
     images = data_options(load_recipe("vit"), tmp_path / "pixels.safetensors")
     assert images.batch_size == load_recipe("vit").finetune.batch_size
+
+
+def test_finetune_section_sets_the_objectives_parameters_and_the_objectives_fill_the_rest():
+    assert finetune_config(load_recipe("generic")).objective_params == check_params({})
+    recipe = parse_recipe("name: t\nfinetune: {objective: mix, temperature: 1.5}\n")
+    assert recipe.finetune_config().objective_params == {**check_params({}), "temperature": 1.5}
+    # the command line's value wins over the recipe's, one key at a time
+    given = apply_overrides(recipe, {"finetune.mix_weight": 0.25, "finetune.temperature": None})
+    assert given.finetune_config().objective_params == {"temperature": 1.5, "mix_weight": 0.25}
+    for text, message in [
+        ("temperature: 0", "finetune.temperature: `temperature` must be > 0"),
+        ("mix_weight: 2", "finetune.mix_weight: `mix_weight` must be in [0, 1]"),
+        ("temperature: warm", "finetune.temperature: Input should be a valid"),
+    ]:
+        with pytest.raises(DlncError, match=re.escape(message)):
+            parse_recipe(f"name: t\nfinetune: {{{text}}}\n")
+    with pytest.raises(DlncError, match=r"^--temperature: `temperature` must be > 0"):
+        apply_overrides(recipe, {"finetune.temperature": -1.0}, FLAG_NAMES)
 
 
 # ---- dlnc recipes ----------------------------------------------------------------------------

@@ -203,10 +203,20 @@ class Finetune(_Section):
     steps: int = 200  # optimizer steps when fine-tuning runs (>= 1)
     batch_size: int = 8  # samples per step (>= 1)
     max_length: int | None = 128  # tokens per sample (>= 1; None: images)
+    # the objectives' parameters (None: the objective's default, compressor.training.objectives)
+    temperature: float | None = None  # distillation temperature on logits (> 0; default 2)
+    mix_weight: float | None = None  # "mix": weight of the distillation term ([0, 1]; 0.5)
+
+    @property
+    def objective_params(self) -> dict[str, float]:
+        """The objectives' parameters this section sets (`FinetuneConfig.objective_params`)."""
+        given = {"temperature": self.temperature, "mix_weight": self.mix_weight}
+        return {name: value for name, value in given.items() if value is not None}
 
     @model_validator(mode="after")
     def _valid(self) -> Finetune:
-        _checked(FinetuneConfig, steps=self.steps, lr=self.lr, objective=self.objective)
+        _checked(FinetuneConfig, steps=self.steps, lr=self.lr, objective=self.objective,
+                 objective_params=self.objective_params)  # fmt: skip
         _checked(self.data_options, Path("."))
         return self
 
@@ -246,6 +256,7 @@ class Recipe(_Section):
         f = self.finetune
         chain = self.chain
         values = {"steps": f.steps, "lr": f.lr, "objective": f.objective,
+                  "objective_params": f.objective_params,
                   "outer_lr_scale": chain.outer_lr_scale, "depth": chain.depth}  # fmt: skip
         return FinetuneConfig(**{**values, **extra})
 
