@@ -11,6 +11,12 @@ Rows (the targeted encoder weights kept at `--keeps`):
   dlnc default       whiten with output-aware ranks and factors (`dlnc compress --data`)
   dlnc uniform       dlnc's plain whitening, the same fraction of every layer
   plain SVD          truncated SVD, the same fraction of every layer (no data)
+  dlnc data-free     what `dlnc compress --keep K` does without data: ranks from the weights'
+                     spectra, plain SVD factors
+  dlnc random        the default calibrated on random token sequences ([CLS], 126 word pieces
+                     drawn uniformly from the vocabulary past its special tokens, [SEP]; as many
+                     as the calibration paragraphs): an encoder's stand-in for the text a
+                     causal LM generates itself when no data is given (issue 25, item 1)
   structured prune   torch-pruning: attention heads + FFN neurons by weight magnitude, the
                      same fraction of both (the same encoder parameter count)
 Fine-tuning rows (`--finetune`): the dlnc default start with dlnc's fine-tuning (the bert
@@ -206,10 +212,24 @@ class Compressors:
     def svd(self, keep):
         return self._compress(keep, "svd", uniform=True)
 
+    def free(self, keep):
+        return self._compress(keep, "svd")
+
     def prune(self, keep):
         t = time.perf_counter()
         work = self.pruner(copy.deepcopy(self.original).requires_grad_(True), keep)
         return work, time.perf_counter() - t
+
+
+def random_batches(tok, count: int, length: int = 128, size: int = 16, seed: int = 0):
+    """`count` sequences of random word pieces between [CLS] and [SEP], in batches of `size`."""
+    g = torch.Generator().manual_seed(seed)
+    first = max(tok.all_special_ids) + 1
+    ids = torch.randint(first, len(tok), (count, length), generator=g)
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
+    return make_batches(Samples(tensors=tensors), batch_size=size)
 
 
 def structured_prune(model, keep: float):
@@ -341,7 +361,7 @@ class MiniLMCase:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keeps", type=float, nargs="*", default=[0.3, 0.5, 0.7])
-    rows = ["default", "uniform", "uniform_output", "svd", "prune"]
+    rows = ["default", "uniform", "uniform_output", "svd", "free", "random", "prune"]
     parser.add_argument("--rows", nargs="+", default=rows)
     parser.add_argument("--finetune", nargs="*", default=[],
                         help="fine-tuning rows: default distill prune")  # fmt: skip
@@ -361,10 +381,13 @@ def main() -> None:
           f"{len(task_train)} train / {len(task_test)} test; original accuracy "
           f"{judge.original_accuracy:.3f}", flush=True)  # fmt: skip
     comp = Compressors(original, batches(calib, 16))
+    made_up = Compressors(original, random_batches(case.tok, len(calib)))
+    comp.random = made_up.default
     full = targeted_params(original)
     labels = {"default": "dlnc default", "uniform": "dlnc uniform (whiten)",
               "uniform_output": "dlnc uniform (output-aware factors)",
-              "svd": "plain SVD (uniform)", "prune": "structured prune"}  # fmt: skip
+              "svd": "plain SVD (uniform)", "free": "dlnc data-free",
+              "random": "dlnc default on random tokens", "prune": "structured prune"}  # fmt: skip
     rows = []
     for keep in args.keeps:
         for name in args.rows:
