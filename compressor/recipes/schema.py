@@ -204,8 +204,8 @@ class Finetune(_Section):
     batch_size: int = 8  # samples per step (>= 1)
     max_length: int | None = 128  # tokens per sample (>= 1; None: images)
     # the objectives' parameters (None: the objective's default, compressor.training.objectives)
-    temperature: float | None = None  # distillation temperature on logits (> 0; default 2)
-    mix_weight: float | None = None  # "mix": weight of the distillation term ([0, 1]; 0.5)
+    temperature: float | None = None  # distillation temperature on logits (> 0)
+    mix_weight: float | None = None  # "mix": weight of the distillation term (in [0, 1])
 
     @property
     def objective_params(self) -> dict[str, float]:
