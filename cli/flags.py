@@ -156,8 +156,9 @@ METHOD = FlagGroup("rank_method", {
         "the run's time]"), None),
     "generate": (_option(bool,
         "Without --data: a causal language model calibrates on 32 x 256 tokens of text it "
-        "generates itself (seeded, cached; about a minute on a CPU for 135M parameters). "
-        "--no-generate: ranks and factors from the weights alone."), True),
+        "generates itself (seeded, cached; about a minute on a CPU for 135M parameters), a "
+        "text encoder on 64 x 128 random word pieces framed by its tokenizer's [CLS] ... "
+        "[SEP]. --no-generate: ranks and factors from the weights alone."), True),
 })  # fmt: skip
 
 DATA = FlagGroup("batches", {

@@ -28,6 +28,24 @@ def tiny_tokenizer():
     )  # fmt: skip
 
 
+def framed_tokenizer():
+    """A BERT-like fast tokenizer over `WORDS`: ids 0-3 are [PAD], [UNK], [CLS], [SEP]; every
+    text is framed as [CLS] ... [SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]",
+    )  # fmt: skip
+
+
 def inputs(family: str) -> dict[str, torch.Tensor]:
     if family != "t5":
         return example_inputs(family)

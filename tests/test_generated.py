@@ -117,3 +117,68 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path,
     with pytest.raises(DlncError, match=r"No space left on device.*DLNC_CACHE"):
         generate_calibration(build_tiny("llama"), [], SMALL, tmp_path)
     assert not any(tmp_path.rglob("*.partial"))
+
+
+def test_random_word_pieces_are_framed_plain_seeded_and_cached(tmp_path):
+    from hf_helpers import framed_tokenizer
+
+    from compressor.training.generated import random_calibration
+
+    model, tok, files = build_tiny("bert"), framed_tokenizer(), [tmp_path / "w"]
+    files[0].write_bytes(b"weights")
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    first = random_calibration(model, tok, files, SMALL, tmp_path / "a")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first.kind == "random word pieces" and not first.cached
+    ids = load_file(first.path)["input_ids"]
+    assert ids.shape == (6, 12) and ids.dtype == torch.long
+    assert ids[:, 0].eq(tok.cls_token_id).all() and ids[:, -1].eq(tok.sep_token_id).all()
+    body = ids[:, 1:-1]
+    assert body.min() >= 4 and body.max() < model.config.vocab_size  # no special token inside
+    assert len(body.unique()) > 20  # drawn across the vocabulary, not one token repeated
+    again = random_calibration(model, tok, files, SMALL, tmp_path / "a")
+    assert again.cached and again.path == first.path
+    fresh = random_calibration(model, tok, files, SMALL, tmp_path / "b")  # no cache: same seed
+    assert torch.equal(load_file(fresh.path)["input_ids"], ids)
+    other = random_calibration(model, tok, files, GenerationSpec(6, 12, seed=4), tmp_path / "a")
+    assert not torch.equal(load_file(other.path)["input_ids"], ids)
+
+
+def test_only_a_text_encoder_samples_word_pieces(tmp_path):
+    from hf_helpers import framed_tokenizer
+
+    from compressor.training.generated import can_sample_pieces, random_calibration
+
+    assert can_sample_pieces(build_tiny("bert"))
+    for family in ("gpt2", "llama", "t5", "vit"):  # generates / has a decoder / reads pixels
+        assert not can_sample_pieces(build_tiny(family)), family
+    with pytest.raises(DlncError, match="text encoder"):
+        random_calibration(build_tiny("gpt2"), framed_tokenizer(), [], SMALL, tmp_path)
+    with pytest.raises(DlncError, match="no room for word pieces"):  # [CLS] [SEP] fill it
+        random_calibration(build_tiny("bert"), framed_tokenizer(), [], GenerationSpec(2, 2))
+
+
+def test_compress_without_data_calibrates_a_text_encoder_on_random_pieces(tiny_model, tmp_path):
+    from cli_helpers import dlnc
+    from hf_helpers import framed_tokenizer
+
+    model, folder = tiny_model("bert")
+    run = ("compress", folder, "--keep", 0.5, "--json", "--out")
+    bare = json.loads(dlnc(*run, tmp_path / "bare").output)  # no tokenizer beside the weights
+    assert bare["method"] == "svd" and "generated_calibration" not in bare
+    assert any("no random word pieces" in n and "no tokenizer" in n for n in bare["notices"])
+    framed_tokenizer().save_pretrained(folder)
+    result = dlnc(*run, tmp_path / "pieces")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    generated = report["generated_calibration"]
+    assert generated["kind"] == "random word pieces" and report["method"] == "whiten"
+    # 64 x 128 tokens, cut to the model's position table (the tiny one's is shorter)
+    positions = model.config.max_position_embeddings
+    assert (generated["samples"], generated["length"]) == (64, min(128, positions))
+    ids = load_file(generated["path"])["input_ids"]
+    assert ids.shape == (64, min(128, positions)) and ids[:, 0].eq(2).all()
+    assert any("random word pieces" in n for n in report["notices"])
+    plain = json.loads(dlnc(*run, tmp_path / "svd", "--no-generate").output)
+    assert plain["method"] == "svd" and "generated_calibration" not in plain

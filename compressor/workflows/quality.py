@@ -1,9 +1,10 @@
 """A compressed language model is never silently broken: calibration text it generates itself
-when no data is given, and its perplexity on held-out calibration text before and after.
+(or, for a text encoder, random word pieces) when no data is given, and its perplexity on
+held-out calibration text before and after.
 
-`compress_checkpoint` calls `generated_data` once the model is loaded (a causal LM without
-`data`, `generate` set: the text comes from `training.generated`) and `record_perplexity` once
-the model is compressed (and again after fine-tuning).
+`compress_checkpoint` calls `generated_data` once the model is loaded (no `data`, `generate`
+set: the inputs come from `training.generated`) and `record_perplexity` once the model is
+compressed (and again after fine-tuning).
 """
 
 from __future__ import annotations
@@ -14,10 +15,18 @@ from torch import nn
 
 from compressor.core.compress import check_finite
 from compressor.core.inputs import input_limits
+from compressor.errors import DlncError, first_line
 from compressor.io.checkpoint import LoadedCheckpoint
 from compressor.options import MethodOptions
 from compressor.training.data import DataOptions
-from compressor.training.generated import GENERATED, Generated, can_generate
+from compressor.training.generated import (
+    GENERATED,
+    RANDOM_PIECES,
+    Generated,
+    GenerationSpec,
+    can_generate,
+    can_sample_pieces,
+)
 from compressor.workflows.plan import PlanInfo
 
 __all__ = ["WORSE", "generated_data", "measure_before", "record_perplexity"]
@@ -31,23 +40,46 @@ _BATCH = 8  # generated sequences per calibration batch
 def generated_data(
     loaded: LoadedCheckpoint, aware: MethodOptions
 ) -> tuple[MethodOptions, Generated | None]:
-    """`aware` with the model's generated text as its calibration data, when it has none,
-    asks for it (`generate`), feeds a method that reads data (auto or whiten) and the model
-    can generate; else `aware` unchanged and None."""
-    from compressor.training.generated import generate_calibration
+    """`aware` with calibration data of the model's own making, when it has none, asks for it
+    (`generate`) and feeds a method that reads data (auto or whiten): text a causal LM
+    generates, or random word pieces framed by a text encoder's tokenizer (none to be had, no
+    tokenizer beside the weights say: a notice, and the weights alone). Else `aware` unchanged
+    and None."""
+    from compressor.training.data import load_tokenizer
+    from compressor.training.generated import generate_calibration, random_calibration
 
     wanted = aware.generate and aware.data is None and aware.method in ("auto", "whiten")
-    if not wanted or aware.reference is not None or not can_generate(loaded.model):
+    if not wanted or aware.reference is not None:
         return aware, None
-    for name, param in loaded.model.named_parameters():  # sampling from NaNs fails obscurely
-        check_finite(name, param.detach())
-    spec = GENERATED
-    positions = input_limits(loaded.model).positions
-    if positions is not None and positions < spec.length:
-        spec = replace(spec, length=positions)  # never past the model's position table
-    done = generate_calibration(loaded.model, loaded.weight_files, spec)
+    model, files = loaded.model, loaded.weight_files
+    if can_generate(model):
+        for name, param in model.named_parameters():  # sampling from NaNs fails obscurely
+            check_finite(name, param.detach())
+        spec = _fitted(model, GENERATED)
+        done = generate_calibration(model, files, spec)
+    elif can_sample_pieces(model):
+        spec = _fitted(model, RANDOM_PIECES)
+        try:
+            tokenizer = load_tokenizer(loaded.source)
+            done = random_calibration(model, tokenizer, files, spec)
+        except DlncError as e:  # no tokenizer, none of its tokens plain, no cache
+            loaded.notices.append(
+                f"no data, and no random word pieces to calibrate on ({first_line(e)}): ranks "
+                "and factors from the weights alone, which loses far more (give `data`)"
+            )
+            return aware, None
+    else:
+        return aware, None
     data = DataOptions(done.path, max_length=spec.length, batch_size=_BATCH)
     return replace(aware, data=data), done
+
+
+def _fitted(model: nn.Module, spec: GenerationSpec) -> GenerationSpec:
+    """`spec` cut to the model's position table (never past it)."""
+    positions = input_limits(model).positions
+    if positions is None or positions >= spec.length:
+        return spec
+    return replace(spec, length=positions)
 
 
 def measure_before(model: nn.Module, measured: PlanInfo) -> None:
