@@ -180,5 +180,6 @@ def test_compress_without_data_calibrates_a_text_encoder_on_random_pieces(tiny_m
     ids = load_file(generated["path"])["input_ids"]
     assert ids.shape == (64, min(128, positions)) and ids[:, 0].eq(2).all()
     assert any("random word pieces" in n for n in report["notices"])
+    assert "correction" not in report  # one-shot factors: no refit on meaningless inputs
     plain = json.loads(dlnc(*run, tmp_path / "svd", "--no-generate").output)
     assert plain["method"] == "svd" and "generated_calibration" not in plain

@@ -68,6 +68,10 @@ def generated_data(
                 "and factors from the weights alone, which loses far more (give `data`)"
             )
             return aware, None
+        # No error-correcting refit on them: fitting each layer's outputs on meaningless
+        # inputs loses what the one-shot fit keeps (all-MiniLM-L6-v2, keep 0.5, three seeds:
+        # cosine 0.59-0.61 one-shot against 0.42-0.51 refit; docs/benchmarks.md, session 18).
+        aware = replace(aware, correct=False)
     else:
         return aware, None
     data = DataOptions(done.path, max_length=spec.length, batch_size=_BATCH)
