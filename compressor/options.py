@@ -131,6 +131,7 @@ class MethodOptions:
     output_aware: bool = True  # with data: ranks follow each layer's effect on the output
     correct: bool = True  # with data: refit the factors on the compressed model's own inputs
     generate: bool = False  # without data: a causal LM calibrates on text it generates
+    tokenizer: Path | None = None  # without data: a text encoder's random word pieces' tokenizer
 
     def __post_init__(self) -> None:
         if self.method != "auto":

@@ -168,6 +168,9 @@ def test_compress_without_data_calibrates_a_text_encoder_on_random_pieces(tiny_m
     bare = json.loads(dlnc(*run, tmp_path / "bare").output)  # no tokenizer beside the weights
     assert bare["method"] == "svd" and "generated_calibration" not in bare
     assert any("no random word pieces" in n and "no tokenizer" in n for n in bare["notices"])
+    framed_tokenizer().save_pretrained(tmp_path / "tok")  # a tokenizer named by --tokenizer
+    named = json.loads(dlnc(*run, tmp_path / "named", "--tokenizer", tmp_path / "tok").output)
+    assert named["generated_calibration"]["kind"] == "random word pieces"
     framed_tokenizer().save_pretrained(folder)
     result = dlnc(*run, tmp_path / "pieces")
     assert result.exit_code == 0, result.output

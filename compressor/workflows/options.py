@@ -89,7 +89,9 @@ def recipe_options(
         from_flags=[k for k, v in given.items() if v is not None],
         flags=flags,
         load=load,
-        method=method_options(recipe, data=_data(data), **(method or {})),
+        method=method_options(
+            recipe, data=_data(data), tokenizer=(data or {}).get("tokenizer"), **(method or {})
+        ),
         export=_export(recipe, export),
         run=run or RunOptions(),
         finetune=finetune_options(recipe, finetune_data, resume=resume) if tune else None,

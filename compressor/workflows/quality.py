@@ -42,9 +42,9 @@ def generated_data(
 ) -> tuple[MethodOptions, Generated | None]:
     """`aware` with calibration data of the model's own making, when it has none, asks for it
     (`generate`) and feeds a method that reads data (auto or whiten): text a causal LM
-    generates, or random word pieces framed by a text encoder's tokenizer (none to be had, no
-    tokenizer beside the weights say: a notice, and the weights alone). Else `aware` unchanged
-    and None."""
+    generates, or random word pieces framed by a text encoder's tokenizer (`aware.tokenizer`,
+    else the model folder's; none to be had: a notice, and the weights alone). Else `aware`
+    unchanged and None."""
     from compressor.training.data import load_tokenizer
     from compressor.training.generated import generate_calibration, random_calibration
 
@@ -60,7 +60,7 @@ def generated_data(
     elif can_sample_pieces(model):
         spec = _fitted(model, RANDOM_PIECES)
         try:
-            tokenizer = load_tokenizer(loaded.source)
+            tokenizer = load_tokenizer(loaded.source, aware.tokenizer)
             done = random_calibration(model, tokenizer, files, spec)
         except DlncError as e:  # no tokenizer, none of its tokens plain, no cache
             loaded.notices.append(
