@@ -65,7 +65,8 @@ def quantize(
 ) -> None:
     """Store the weights of a dlnc export (its factors, and the layers its recipe targets that
     stayed dense) or of a checkpoint's targeted layers as integer codes: GPTQ on --data (or on
-    text a causal LM generates itself), else rounded to nearest."""
+    text a causal LM generates itself, or random word pieces for a text encoder), else rounded
+    to nearest."""
     from compressor.options import ExportOptions, LoadOptions
     from compressor.workflows.options import recipe_options
     from compressor.workflows.quantize import quantize_checkpoint

@@ -2,7 +2,8 @@
 stored as integer codes with a scale and zero point per group (`dlnc compress --quantize
 int8|int4`, in the same run; `dlnc quantize EXPORT`, for an export written before).
 
-With calibration data (`--data`, or the text a causal LM generated for itself) the rounding
+With calibration data (`--data`, the text a causal LM generated for itself, or a text
+encoder's random word pieces: `workflows/quality.generated_data`) the rounding
 is GPTQ's, block by block on each layer's input Gram counted over the compressed model as
 quantized so far (so the inputs are the ones the quantized layers will see; a factorized
 layer's down factor first, then its up factor on the rounded down's outputs:
@@ -104,8 +105,8 @@ def quantize_checkpoint(
     """Quantize a dlnc export (its factors, and the layers the recipe targets that stayed
     dense) or a plain checkpoint (the recipe's targets) and export it (`<input>-<int4|int8>/`).
     `options.export` says how (`quantize`, `group_size`); the calibration data is
-    `options.method.data`, or text a causal LM generates itself (`generate`), or none (round
-    to nearest)."""
+    `options.method.data`, or inputs of the model's own making (`generate`: text a causal LM
+    generates, a text encoder's random word pieces), or none (round to nearest)."""
     from compressor.io.checkpoint import resolve_model
     from compressor.io.export import check_output_dir, default_output_dir, disk_size, export
     from compressor.io.section import is_export, read_section
