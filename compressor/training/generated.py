@@ -21,9 +21,10 @@ draws `samples` sequences of word pieces uniformly from its tokenizer's vocabula
 tokens left out) and frames each with what the tokenizer adds around a text ([CLS] ... [SEP]
 for BERT). On all-MiniLM-L6-v2 at keep 0.5 that lifts the compressed model's cosine to the
 original from 0.31 (weights alone) to 0.60, against 0.79 with real text; the frame matters
-(without it a session-17 run gained half as much). `workflows/quality.generated_data` leaves
-the error-correcting refit off for them (it lost on meaningless inputs; docs/benchmarks.md,
-sessions 17-18). Seeded; no model pass, so it costs milliseconds.
+(a session-17 run without it: 0.45 against 0.52 with it, both with the refit).
+`workflows/quality.generated_data` leaves the error-correcting refit off for them (it lost on
+meaningless inputs; docs/benchmarks.md, sessions 17-18). Seeded; no model pass, so it costs
+milliseconds.
 """
 
 from __future__ import annotations
