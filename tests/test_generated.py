@@ -147,12 +147,17 @@ def test_random_word_pieces_are_framed_plain_seeded_and_cached(tmp_path):
 
 def test_only_a_text_encoder_samples_word_pieces(tmp_path):
     from hf_helpers import framed_tokenizer
+    from transformers import BertModel, GPT2Model, LlamaModel
 
     from compressor.training.generated import can_sample_pieces, random_calibration
 
-    assert can_sample_pieces(build_tiny("bert"))
+    bert = build_tiny("bert")
+    assert can_sample_pieces(bert) and can_sample_pieces(BertModel(bert.config))
     for family in ("gpt2", "llama", "t5", "vit"):  # generates / has a decoder / reads pixels
         assert not can_sample_pieces(build_tiny(family)), family
+    for body in (GPT2Model, LlamaModel):  # a decoder without its head is no encoder
+        family = "gpt2" if body is GPT2Model else "llama"
+        assert not can_sample_pieces(body(build_tiny(family).config)), family
     with pytest.raises(DlncError, match="text encoder"):
         random_calibration(build_tiny("gpt2"), framed_tokenizer(), [], SMALL, tmp_path)
     with pytest.raises(DlncError, match="no room for word pieces"):  # [CLS] [SEP] fill it

@@ -108,10 +108,14 @@ def can_generate(model: nn.Module) -> bool:
 
 def can_sample_pieces(model: nn.Module) -> bool:
     """Whether `model` is a text encoder that calibrates on random word pieces: it reads
-    `input_ids`, has no decoder (T5 does) and is not a causal language model."""
+    `input_ids`, has no decoder (T5 and BART do), and its family is one of transformers'
+    masked-LM encoders (BERT, RoBERTa, DeBERTa, ...: a bare GPT-2 or Llama body is not)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
     config = getattr(model, "config", None)
     return (
         config is not None
+        and getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
         and getattr(model, "main_input_name", None) == "input_ids"
         and not getattr(config, "is_encoder_decoder", False)
         and task_of(model) != "causal_lm"
