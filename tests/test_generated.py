@@ -176,6 +176,9 @@ def test_compress_without_data_calibrates_a_text_encoder_on_random_pieces(tiny_m
     framed_tokenizer().save_pretrained(tmp_path / "tok")  # a tokenizer named by --tokenizer
     named = json.loads(dlnc(*run, tmp_path / "named", "--tokenizer", tmp_path / "tok").output)
     assert named["generated_calibration"]["kind"] == "random word pieces"
+    missing = dlnc(*run, tmp_path / "missing", "--tokenizer", tmp_path / "nowhere")
+    assert missing.exit_code != 0 and "nowhere: no such tokenizer folder" in missing.output
+    assert not (tmp_path / "missing").exists()
     framed_tokenizer().save_pretrained(folder)
     result = dlnc(*run, tmp_path / "pieces")
     assert result.exit_code == 0, result.output

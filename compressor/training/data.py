@@ -286,6 +286,8 @@ def load_tokenizer(
     try:
         tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
+        if not where.exists():  # nor a Hub name in the local cache
+            raise DlncError(f"{where}: no such tokenizer folder{hint}") from e
         raise DlncError(f"{where}: no tokenizer found{hint} ({first_line(e)})") from e
     if len(tok) == 0:
         raise DlncError(f"{where}: the tokenizer has an empty vocabulary{hint}")

@@ -43,8 +43,8 @@ def generated_data(
     """`aware` with calibration data of the model's own making, when it has none, asks for it
     (`generate`) and feeds a method that reads data (auto or whiten): text a causal LM
     generates, or random word pieces framed by a text encoder's tokenizer (`aware.tokenizer`,
-    else the model folder's; none to be had: a notice, and the weights alone). Else `aware`
-    unchanged and None."""
+    else the model folder's; none there: a notice, and the weights alone; a named one that
+    cannot serve: an error). Else `aware` unchanged and None."""
     from compressor.training.data import load_tokenizer
     from compressor.training.generated import generate_calibration, random_calibration
 
@@ -63,6 +63,8 @@ def generated_data(
             tokenizer = load_tokenizer(loaded.source, aware.tokenizer)
             done = random_calibration(model, tokenizer, files, spec)
         except DlncError as e:  # no tokenizer, none of its tokens plain, no cache
+            if aware.tokenizer is not None:
+                raise  # the one named cannot serve: the user's error, not a fallback
             loaded.notices.append(
                 f"no data, and no random word pieces to calibrate on ({first_line(e)}): ranks "
                 "and factors from the weights alone, which loses far more (give `data`)"
