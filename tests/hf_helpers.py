@@ -14,35 +14,35 @@ WORDS = [f"w{i}" for i in range(60)]
 """The tiny models' vocabulary (64 ids): 4 special tokens, then w0 ... w59."""
 
 
-def tiny_tokenizer():
-    """A fast tokenizer over `WORDS`: ids 0-3 are <eos>, <unk>, <pad>, <mask>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _word_level(specials: list[str], post: str | None = None, **tokens: str):
+    """A fast tokenizer over `specials` then `WORDS`, split on whitespace; `post` a template
+    framing each text (its special tokens from `specials`); `tokens` its named special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<eos>", "<unk>", "<pad>", "<mask>", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    vocab = {t: i for i, t in enumerate([*specials, *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=tokens["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
-        mask_token="<mask>", bos_token="<eos>",
+    if post is not None:
+        named = [(t, vocab[t]) for t in specials if t in post]
+        core.post_processor = processors.TemplateProcessing(single=post, special_tokens=named)
+    return PreTrainedTokenizerFast(tokenizer_object=core, **tokens)
+
+
+def tiny_tokenizer():
+    """A fast tokenizer over `WORDS`: ids 0-3 are <eos>, <unk>, <pad>, <mask>."""
+    return _word_level(
+        ["<eos>", "<unk>", "<pad>", "<mask>"], eos_token="<eos>", unk_token="<unk>",
+        pad_token="<pad>", mask_token="<mask>", bos_token="<eos>",
     )  # fmt: skip
 
 
 def framed_tokenizer():
     """A BERT-like fast tokenizer over `WORDS`: ids 0-3 are [PAD], [UNK], [CLS], [SEP]; every
     text is framed as [CLS] ... [SEP]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]",
+    return _word_level(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", unk_token="[UNK]",
+        pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
     )  # fmt: skip
 
 

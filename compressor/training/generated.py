@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GENERATED",
+    "PIECES",
     "RANDOM_PIECES",
     "Generated",
     "GenerationSpec",
@@ -77,6 +78,8 @@ GENERATED = GenerationSpec()
 """The default: 32 x 256 tokens (8,192), as many as `--data`'s default calibration batches
 hold at 128 tokens each for 64 samples."""
 
+PIECES = "random word pieces"  # `Generated.kind` of a text encoder's calibration
+
 RANDOM_PIECES = GenerationSpec(samples=64, length=128)
 """A text encoder's default: 64 x 128 tokens, the frame included, as `--data`'s default."""
 
@@ -89,7 +92,14 @@ class Generated:
     seconds: float  # generation time (0 when read from the cache)
     cached: bool
     spec: GenerationSpec
-    kind: str = "generated"  # or "random word pieces" (a text encoder's)
+    kind: str = "generated"  # or PIECES (a text encoder's)
+
+    @property
+    def inputs(self) -> str:
+        """What the calibration inputs are, for a notice."""
+        if self.kind == PIECES:
+            return "random word pieces framed as the tokenizer frames a text"
+        return "tokens the model generated"
 
     def to_dict(self) -> dict:
         return {
@@ -162,22 +172,22 @@ def random_calibration(
         raise DlncError("only a text encoder calibrates on random word pieces")
     head, tail = _frame(tokenizer)
     vocab = min(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or len(tokenizer)))
-    special = set(tokenizer.all_special_ids) | set(head) | set(tail)
-    pool = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
     body = spec.length - len(head) - len(tail)
-    if len(pool) == 0:
-        raise DlncError("the tokenizer has no plain token inside the model's vocabulary")
     if body < 1:
         raise DlncError(f"no room for word pieces in {spec.length} tokens with the frame")
     path = _cached_path(cache_dir, _key(model, weight_files, spec, "pieces", head, tail, vocab))
     if path.is_file():
-        return Generated(path, 0.0, True, spec, "random word pieces")
+        return Generated(path, 0.0, True, spec, PIECES)
     started = time.perf_counter()
+    special = set(tokenizer.all_special_ids) | set(head) | set(tail)
+    pool = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    if len(pool) == 0:
+        raise DlncError("the tokenizer has no plain token inside the model's vocabulary")
     g = torch.Generator().manual_seed(spec.seed)
     picks = pool[torch.randint(len(pool), (spec.samples, body), generator=g)]
     ends = [torch.tensor([ids], dtype=torch.long).expand(spec.samples, -1) for ids in (head, tail)]
     _save(torch.cat([ends[0], picks, ends[1]], dim=1), path)
-    return Generated(path, time.perf_counter() - started, False, spec, "random word pieces")
+    return Generated(path, time.perf_counter() - started, False, spec, PIECES)
 
 
 def _frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:

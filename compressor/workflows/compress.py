@@ -220,13 +220,8 @@ def load(path: str | os.PathLike, options: LoadOptions) -> LoadedCheckpoint:
 def _generated_notice(generated: Generated) -> str:
     spec = generated.spec
     how = "cached" if generated.cached else f"{generated.seconds:.0f} s"
-    what = (
-        "random word pieces framed as the tokenizer frames a text"
-        if generated.kind == "random word pieces"
-        else "tokens the model generated"
-    )
     return (
-        f"no data: calibrated on {spec.samples} x {spec.length} {what} "
+        f"no data: calibrated on {spec.samples} x {spec.length} {generated.inputs} "
         f"({how}; `generate` off for the weights alone)"
     )
 
