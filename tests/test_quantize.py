@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from compressor.core.intmm import ROWS
 from compressor.core.layers import FactorizedLinear, QuantLinear
 from compressor.core.quantize import (
     QuantSpec,
@@ -122,7 +123,7 @@ def test_a_quantized_layer_runs_its_dequantized_weight():
     layer = QuantLinear.from_quantized(
         round_to_nearest(w, QuantSpec(4, 16)), QuantSpec(4, 16), bias
     )
-    x = torch.randn(3, 5, 32)
+    x = torch.randn(3, ROWS, 32)  # more rows than the integer kernels take (test_intmm.py)
     expected = nn.functional.linear(x, layer.quantized().dequantize(), bias)
     assert torch.equal(layer(x), expected)
     assert [n for n, _ in layer.named_parameters()] == ["bias"]  # the codes are buffers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compressor.core.intmm import Packed, pack_for_cpu, runs_packed
 from compressor.core.linalg import spectral_factors
 from compressor.core.quantize import SCALE_DTYPE, QuantSpec, QuantWeight
 from compressor.errors import DlncError
@@ -94,7 +95,9 @@ class QuantLinear(nn.Module):
     """A linear layer (linear layout) whose weight is stored quantized: integer codes and a
     float16 scale and 8-bit zero point per group of inputs (`QuantSpec`, compressor/core/
     quantize.py; codes of other widths than 4 and 8 bits, a byte each, stay in memory: an
-    export refuses them). The weight stays quantized in memory; each forward dequantizes it for one
+    export refuses them). The weight stays quantized in memory; a forward of a few rows on a
+    CPU with native bfloat16 runs torch's integer kernels on the codes (compressor/core/
+    intmm.py, their copy of the codes made on first use), any other dequantizes it for one
     matmul. Used as a factor of a `FactorizedLinear` and for a targeted layer left dense
     (`layout` records what it replaced: a transposed `Conv1D` runs the same map)."""
 
@@ -147,8 +150,21 @@ class QuantLinear(nn.Module):
         return dense_layer(self.weight, self.bias, self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized().dequantize(x.dtype)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        packed = self._packed() if runs_packed(x) else None
+        if packed is None:
+            return nn.functional.linear(x, self.quantized().dequantize(x.dtype), bias)
+        y = packed.matmul(x)
+        return y if bias is None else y + bias
+
+    def _packed(self) -> Packed | None:
+        """The codes in the integer kernel's layout (None: no kernel takes them), made again
+        when the codes change (a load into the buffers)."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed_cache = pack_for_cpu(self.quantized())
+            self._packed_key = key
+        return self._packed_cache
 
     def extra_repr(self) -> str:
         return (

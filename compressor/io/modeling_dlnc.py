@@ -8,7 +8,8 @@ transformers, so someone without dlnc loads the export with
 for the architecture, built with each layer of config.json's `dlnc` section replaced by two
 plain `nn.Linear` factors (`<name>.down`, `<name>.up`), into which the stored factors load.
 A quantized export's factors, and its quantized layers left dense (the section's `quantized`),
-are `QuantLinear`s: integer codes, scales and zero points, dequantized for each matmul.
+are `QuantLinear`s: integer codes, scales and zero points, dequantized for each matmul (a
+matmul of a few rows on a CPU with native bfloat16 runs torch's integer kernels instead).
 The outputs are those of `compressor.load_pretrained`, bit for bit (the same operations).
 """
 
@@ -80,6 +81,11 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        packed = self._packed() if _runs_packed(x) else None
+        if packed is not None:
+            y = _packed_matmul(packed, x)
+            return y if bias is None else y + bias
         q = self.qweight
         if self.bits == 4:
             q = torch.empty(q.shape[0], self.in_features, dtype=torch.uint8, device=q.device)
@@ -88,8 +94,71 @@ class QuantLinear(nn.Module):
         groups = self.scales.shape[1]
         q = q.view(q.shape[0], groups, -1).to(x.dtype)
         w = (q - self.zeros.to(x.dtype).unsqueeze(-1)) * self.scales.to(x.dtype).unsqueeze(-1)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, w.view(q.shape[0], self.in_features), bias)
+
+    def _packed(self) -> dict | None:
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed_cache, self._packed_key = _pack(self), key
+        return self._packed_cache
+
+
+# A matmul of at most 64 rows on a CPU with native bfloat16 runs torch's integer kernels on the
+# codes, its inputs rounded to bfloat16, as dlnc's `compressor/core/intmm.py` does (the same
+# operations, so the outputs stay equal bit for bit).
+_ROWS, _ALIGN, _INT4_GROUPS = 64, 16, (32, 64, 128, 256)
+
+
+def _runs_packed(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if x.numel() > _ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    ops = torch.ops.aten
+    if not all(hasattr(ops, k) for k in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pack(layer: QuantLinear) -> dict | None:
+    out_f, groups = layer.scales.shape
+    size = layer.in_features // groups
+    scales, zeros = layer.scales.float(), layer.zeros.float()
+    if layer.bits == 8 and groups == 1:
+        pad = -size % _ALIGN
+        codes = nn.functional.pad(layer.qweight.to(torch.int16) - 128, (0, pad)).to(torch.int8)
+        fix = (128 - zeros[:, 0]) * scales[:, 0]
+        return {"bits": 8, "codes": codes, "scales": scales[:, 0].bfloat16(), "fix": fix,
+                "group": size + pad, "groups": 1, "pad": pad, "out": out_f}  # fmt: skip
+    if layer.bits != 4 or size > _INT4_GROUPS[-1]:
+        return None
+    group, out_pad = next(g for g in _INT4_GROUPS if g >= size), -out_f % _ALIGN
+    codes = torch.empty(out_f, layer.in_features, dtype=torch.int32)
+    codes[:, 0::2], codes[:, 1::2] = layer.qweight & 0x0F, layer.qweight >> 4
+    codes = nn.functional.pad(codes.view(out_f, groups, size), (0, group - size, 0, 0, 0, out_pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(out_f + out_pad, -1), 1)
+    pairs = torch.stack([scales, (8 - zeros) * scales], -1)
+    pairs = nn.functional.pad(pairs, (0, 0, 0, 0, 0, out_pad)).transpose(0, 1).contiguous()
+    return {"bits": 4, "codes": packed, "scales": pairs.bfloat16(), "group": group,
+            "groups": groups, "pad": group - size, "out": out_f}  # fmt: skip
+
+
+def _packed_matmul(p: dict, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    xb = flat.to(torch.bfloat16)
+    if p["pad"]:
+        xb = nn.functional.pad(xb.view(-1, p["groups"], p["group"] - p["pad"]), (0, p["pad"]))
+        xb = xb.view(-1, p["groups"] * p["group"])
+    if p["bits"] == 8:
+        y = torch.ops.aten._weight_int8pack_mm(xb, p["codes"], p["scales"]).to(x.dtype)
+        y = y + flat.sum(-1, keepdim=True).to(x.dtype) * p["fix"].to(x.dtype)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p["codes"], p["group"], p["scales"])
+        y = y[:, : p["out"]].to(x.dtype)
+    return y.reshape(*x.shape[:-1], p["out"])
 
 
 def group_of(group: int, in_features: int) -> int:
