@@ -26,6 +26,7 @@ LAYOUTS = [  # spec, (out, in): int8 a scale a row (inputs padded to 16); int4 i
     pytest.param(QuantSpec(4, 32), (17, 96), id="int4-g32-odd-out"),
     pytest.param(QuantSpec(4, 64), (10, 40), id="int4-one-group-padded"),
     pytest.param(QuantSpec(4, 64), (24, 120), id="int4-g60-padded-per-group"),
+    pytest.param(QuantSpec(4, 64), (200, 128), id="int4-packed-in-blocks"),
 ]
 
 

@@ -47,6 +47,8 @@ INT4_GROUPS = (32, 64, 128, 256)
 """The group sizes torch's CPU int4 kernel takes."""
 ALIGN = 16
 """The kernels' multiple: int8's inputs, int4's outputs."""
+BLOCK = 64
+"""Rows packed at a time (a multiple of `ALIGN`: torch packs int4 rows in blocks of 16)."""
 
 
 @functools.cache
@@ -103,23 +105,29 @@ class Packed:
 
 
 def pack_for_cpu(q: QuantWeight) -> Packed | None:
-    """`q` in its kernel's layout, or None when no kernel takes its layout."""
+    """`q` in its kernel's layout, or None when no kernel takes its layout. Built a block of
+    `BLOCK` rows at a time into its final tensor: whole-weight int32 temporaries left the
+    process's heap 200 MiB larger after packing SmolLM2 (memory freed, not returned)."""
     out_f, groups = q.scales.shape
     size = q.in_features // groups
     scales, zeros = q.scales.float(), q.zeros.float()
     if q.bits == 8 and groups == 1:
         pad = -size % ALIGN
-        codes = F.pad(q.qweight.to(torch.int16) - 128, (0, pad)).to(torch.int8)
+        codes = torch.zeros(out_f, size + pad, dtype=torch.int8)
+        codes[:, :size] = (q.qweight ^ 0x80).view(torch.int8)  # q - 128, bit for bit
         correction = (128 - zeros[:, 0]) * scales[:, 0]
         return Packed(8, codes, scales[:, 0].bfloat16(), correction, size + pad, 1, pad, out_f)
     if q.bits != 4 or size > INT4_GROUPS[-1]:
         return None
-    group = next(g for g in INT4_GROUPS if g >= size)
-    out_pad = -out_f % ALIGN
-    codes = unpack(q.qweight, 4, q.in_features).view(out_f, groups, size).to(torch.int32)
-    codes = F.pad(codes, (0, group - size, 0, 0, 0, out_pad)).view(out_f + out_pad, -1)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    group, rows = next(g for g in INT4_GROUPS if g >= size), out_f + -out_f % ALIGN
+    packed = torch.empty(rows, groups * group // 2, dtype=torch.uint8)
+    for start in range(0, rows, BLOCK):
+        block = torch.zeros(min(BLOCK, rows - start), groups, group, dtype=torch.int32)
+        stored = q.qweight[start : start + BLOCK]
+        block[: len(stored), :, :size] = unpack(stored, 4, q.in_features).view(-1, groups, size)
+        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        packed[start : start + len(block)] = convert(block.view(len(block), -1), 1)
     offsets = (8 - zeros) * scales
-    pairs = F.pad(torch.stack([scales, offsets], -1), (0, 0, 0, 0, 0, out_pad))
+    pairs = F.pad(torch.stack([scales, offsets], -1), (0, 0, 0, 0, 0, rows - out_f))
     pairs = pairs.transpose(0, 1).contiguous().bfloat16()  # groups x out x 2
     return Packed(4, packed, pairs, None, group, groups, group - size, out_f)

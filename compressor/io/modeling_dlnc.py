@@ -106,7 +106,7 @@ class QuantLinear(nn.Module):
 # A matmul of at most 64 rows on a CPU with native bfloat16 runs torch's integer kernels on the
 # codes, its inputs rounded to bfloat16, as dlnc's `compressor/core/intmm.py` does (the same
 # operations, so the outputs stay equal bit for bit).
-_ROWS, _ALIGN, _INT4_GROUPS = 64, 16, (32, 64, 128, 256)
+_ROWS, _ALIGN, _BLOCK, _INT4_GROUPS = 64, 16, 64, (32, 64, 128, 256)
 
 
 def _runs_packed(x: torch.Tensor) -> bool:
@@ -129,19 +129,25 @@ def _pack(layer: QuantLinear) -> dict | None:
     scales, zeros = layer.scales.float(), layer.zeros.float()
     if layer.bits == 8 and groups == 1:
         pad = -size % _ALIGN
-        codes = nn.functional.pad(layer.qweight.to(torch.int16) - 128, (0, pad)).to(torch.int8)
+        codes = torch.zeros(out_f, size + pad, dtype=torch.int8)
+        codes[:, :size] = (layer.qweight ^ 0x80).view(torch.int8)
         fix = (128 - zeros[:, 0]) * scales[:, 0]
         return {"bits": 8, "codes": codes, "scales": scales[:, 0].bfloat16(), "fix": fix,
                 "group": size + pad, "groups": 1, "pad": pad, "out": out_f}  # fmt: skip
     if layer.bits != 4 or size > _INT4_GROUPS[-1]:
         return None
-    group, out_pad = next(g for g in _INT4_GROUPS if g >= size), -out_f % _ALIGN
-    codes = torch.empty(out_f, layer.in_features, dtype=torch.int32)
-    codes[:, 0::2], codes[:, 1::2] = layer.qweight & 0x0F, layer.qweight >> 4
-    codes = nn.functional.pad(codes.view(out_f, groups, size), (0, group - size, 0, 0, 0, out_pad))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(out_f + out_pad, -1), 1)
+    group, rows = next(g for g in _INT4_GROUPS if g >= size), out_f + -out_f % _ALIGN
+    packed = torch.empty(rows, groups * group // 2, dtype=torch.uint8)
+    for start in range(0, rows, _BLOCK):
+        block = torch.zeros(min(_BLOCK, rows - start), groups, group, dtype=torch.int32)
+        stored = layer.qweight[start : start + _BLOCK]
+        codes = torch.empty(len(stored), layer.in_features, dtype=torch.uint8)
+        codes[:, 0::2], codes[:, 1::2] = stored & 0x0F, stored >> 4
+        block[: len(stored), :, :size] = codes.view(-1, groups, size)
+        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        packed[start : start + len(block)] = convert(block.view(len(block), -1), 1)
     pairs = torch.stack([scales, (8 - zeros) * scales], -1)
-    pairs = nn.functional.pad(pairs, (0, 0, 0, 0, 0, out_pad)).transpose(0, 1).contiguous()
+    pairs = nn.functional.pad(pairs, (0, 0, 0, 0, 0, rows - out_f)).transpose(0, 1).contiguous()
     return {"bits": 4, "codes": packed, "scales": pairs.bfloat16(), "group": group,
             "groups": groups, "pad": group - size, "out": out_f}  # fmt: skip
 
