@@ -1,22 +1,27 @@
 """Integer matmul kernels on this machine's CPU against float32 (issue 27: can an int8 or int4
 factor run faster than the float one, instead of dequantizing its weight for every matmul?).
 
-Part 1, one layer (SmolLM2's shapes, 1 and 8 rows, float32 activations, best-of timing per
-call): float32 `linear`; torch's weight-only int8 (`aten._weight_int8pack_mm`) and int4
-(`aten._weight_int4pack_mm_for_cpu`, groups of 64) kernels; int8 x int8 with dynamically
-quantized activations (`torch._int_mm`, a scale per row); fbgemm's dynamic int8 linear
-(`torch.ops.quantized.linear_dynamic`: activations quantized per tensor on the fly, int8 weights
-a scale per row); and, when `torchao` is installed, its eager `Int8WeightOnlyConfig` and
+Part 1, one layer (SmolLM2's shapes, 1 and 8 rows, best-of timing per call): float32 `linear`;
+torch's weight-only int8 (`aten._weight_int8pack_mm`) and int4
+(`aten._weight_int4pack_mm_for_cpu`, groups of 64) kernels, on float32 inputs and on bfloat16
+inputs (what dlnc's `QuantLinear` runs at a few rows, compressor/core/intmm.py); int8 x int8 with
+dynamically quantized activations (`torch._int_mm`, a scale per row); fbgemm's dynamic int8
+linear (`torch.ops.quantized.linear_dynamic`: activations quantized per tensor on the fly, int8
+weights a scale per row); and, when `torchao` is installed, its eager `Int8WeightOnlyConfig` and
 `Int8DynamicActivationInt8WeightConfig`. What the numbers of a kernel mean depends on the CPU's
-instruction set (printed: AVX2 machines have no VNNI dot products).
+instruction set (printed).
 
-Part 2, the model (`--model`, a dlnc int8 export or none): held-out perplexity and decode
-tokens/s of the dense model and of the int8 export, each as stored (dequantize per matmul) and
-with every int8 layer run by fbgemm's dynamic kernel (the only one faster than float32 here),
-so its speed and its cost in quality are measured side by side.
+Part 2, the models (`--models`, dlnc int8/int4 exports): held-out perplexity, prefill and
+decode tokens/s of the dense float32 model and of each export as dlnc loads it (integer
+kernels on bfloat16 inputs up to `intmm.ROWS` rows: decode; dequantized: prefill) and with
+every matmul dequantized (the path before session 19), timed in turns in one process. The
+first perplexity runs every matmul of the windows through the kernels (`intmm.ROWS` raised),
+the second every one dequantized: the kernels' cost in quality. `--fbgemm` adds session 15's
+rows: the dense model's decoder linears and the int8 export's layers run by fbgemm's dynamic
+kernel (activations quantized a tensor at a time).
 
-    python benchmarks/int_kernels.py [--threads 2] [--dense F32] [--model INT8_EXPORT]
-        [--heldout 10]
+    python benchmarks/int_kernels.py [--threads 2] [--dense F32] [--models EXPORT ...]
+        [--heldout 10] [--fbgemm] [--skip-model]
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dense", type=Path, default=Path("/tmp/dlnc-smollm2/f32"))
-    p.add_argument("--model", type=Path, default=Path("/tmp/dlnc-smollm2/quant/k0.8-int8"))
+    quant = Path("/tmp/dlnc-smollm2/quant")
+    p.add_argument(
+        "--models", type=Path, nargs="*", default=[quant / "k0.8-int8", quant / "k0.8-int4"]
+    )
+    p.add_argument("--fbgemm", action="store_true", help="session 15's fbgemm W8A8 rows too")
     p.add_argument("--heldout", type=int, default=10)
     p.add_argument("--skip-model", action="store_true", help="part 1 only")
     return p.parse_args(argv)
@@ -82,17 +91,22 @@ def layer_kernels(out_f: int, in_f: int, rows: int) -> dict[str, float | str]:
         except Exception as e:  # a kernel this build or CPU lacks
             times[name] = f"n/a ({type(e).__name__})"
 
-    attempt("aten int8 weight-only", lambda: lambda: torch.ops.aten._weight_int8pack_mm(
-        x, codes8, scale))  # fmt: skip
+    xb = x.bfloat16()
+    int8 = torch.ops.aten._weight_int8pack_mm
+    attempt("aten int8 weight-only", lambda: lambda: int8(x, codes8, scale))
+    attempt(
+        "aten int8 weight-only, bf16 inputs", lambda: lambda: int8(xb, codes8, scale.bfloat16())
+    )
 
-    def int4():
+    def int4(inputs):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.int32), 1
         )
-        zeros_scales = torch.rand(in_f // 64, out_f, 2, generator=g)
-        return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, zeros_scales)
+        pairs = torch.rand(in_f // 64, out_f, 2, generator=g).to(inputs.dtype)
+        return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(inputs, packed, 64, pairs)
 
-    attempt("aten int4 weight-only g64", int4)
+    attempt("aten int4 weight-only g64", lambda: int4(x))
+    attempt("aten int4 weight-only g64, bf16 inputs", lambda: int4(xb))
 
     def w8a8():
         wt = codes8.t()
@@ -170,10 +184,22 @@ def dense_fbgemm(model: nn.Module) -> nn.Module:
     return with_fbgemm(model)
 
 
+def dequantizing(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose quantized layers dequantize for every matmul (no kernels)."""
+    from compressor.core.layers import QuantLinear
+
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear):
+            layer._packed = lambda: None  # (the instance's: no kernel layout)
+    return model
+
+
 def models_part(args: argparse.Namespace) -> None:
     from data_aware import prose_corpus
     from smollm2 import WINDOW, perplexity, speed_row, spread, text_id, windows
 
+    from compressor.core import intmm
     from compressor.io.load import load_pretrained
     from compressor.training.data import load_tokenizer
     from compressor.workflows.finetune import load_model
@@ -183,16 +209,32 @@ def models_part(args: argparse.Namespace) -> None:
     _, _, held_text = prose_corpus()
     held = spread(windows(tok, held_text, WINDOW), args.heldout)
     dense = load_model(args.dense).eval()
-    models = {"dense float32": dense, "dense, decoder linears fbgemm W8A8": dense_fbgemm(dense)}
-    export = load_pretrained(args.model).eval()
-    models[f"{args.model.name} (dequantize per matmul)"] = export
-    models[f"{args.model.name}, int8 layers fbgemm W8A8"] = with_fbgemm(export)
-    ppl = {label: perplexity(m, held) for label, m in models.items()}
+    models, ppl = {"dense float32": dense}, {}
+    if args.fbgemm:
+        models["dense, decoder linears fbgemm W8A8"] = dense_fbgemm(dense)
+    with torch.no_grad():
+        ppl = {label: perplexity(m, held) for label, m in models.items()}
+        for path in args.models:
+            export = load_pretrained(path).eval()
+            kernels, plain = (
+                f"{path.name} (dlnc: kernels at decode)",
+                f"{path.name} (dequantize every matmul)",
+            )
+            models[kernels], models[plain] = export, dequantizing(export)
+            rows, intmm.ROWS = intmm.ROWS, 10**9  # every matmul of the windows through the kernels
+            ppl[kernels] = perplexity(export, held)
+            intmm.ROWS = rows
+            ppl[plain] = perplexity(models[plain], held)
+            if args.fbgemm:
+                models[f"{path.name}, int8 layers fbgemm W8A8"] = with_fbgemm(models[plain])
+                ppl[f"{path.name}, int8 layers fbgemm W8A8"] = perplexity(
+                    models[f"{path.name}, int8 layers fbgemm W8A8"], held
+                )
     speed = measure_models(models, SpeedOptions(prompt_len=256, threads=args.threads))
     base = speed["dense float32"]
     print(
         f"\n{args.heldout} x {WINDOW} held-out tokens (ids {text_id(held)}); prefill 1 x 256, "
-        "decode 32 tokens\n"
+        f"decode 32 tokens; kernels up to {intmm.ROWS} rows\n"
     )
     print("| model | held-out ppl | prefill ms | decode b1 tok/s | decode b8 tok/s |")
     print("|---|---:|---:|---:|---:|")
