@@ -55,11 +55,10 @@ BLOCK = 64
 def kernels_available() -> bool:
     """Whether this torch has both kernels and this CPU computes in bfloat16 natively (where
     it does not, bfloat16 is emulated and the kernels were not measured: dequantize)."""
-    ops = torch.ops.aten
-    if not all(hasattr(ops, k) for k in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")):
-        return False
+    names = ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        found = all(hasattr(torch.ops.aten, name) for name in names)
+        return found and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -70,7 +69,7 @@ def runs_packed(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
-        and x.numel() <= ROWS * x.shape[-1]
+        and 0 < x.numel() <= ROWS * x.shape[-1]
         and not (x.requires_grad and torch.is_grad_enabled())
         and kernels_available()
     )

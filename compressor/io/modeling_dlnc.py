@@ -112,13 +112,12 @@ _ROWS, _ALIGN, _BLOCK, _INT4_GROUPS = 64, 16, 64, (32, 64, 128, 256)
 def _runs_packed(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if x.numel() > _ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
+    if not 0 < x.numel() <= _ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
         return False
-    ops = torch.ops.aten
-    if not all(hasattr(ops, k) for k in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")):
-        return False
+    names = ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        found = all(hasattr(torch.ops.aten, name) for name in names)
+        return found and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
