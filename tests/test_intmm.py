@@ -61,6 +61,21 @@ def test_few_rows_run_the_kernel_to_bfloat16_precision(spec, shape, monkeypatch)
     assert (y.double() - exact).abs().max() > 0  # (bfloat16's rounding: not the float path)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec, shape", LAYOUTS[:3])
+def test_a_transposed_input_in_either_dtype_runs_the_kernel(spec, shape, dtype, monkeypatch):
+    layer = layer_of(spec, shape)
+    x, w = torch.randn(shape[1], 6).to(dtype).T, layer.weight.double()  # rows not contiguous
+    exact = nn.functional.linear(x.double(), w, layer.bias.double())
+    no_dequantize(monkeypatch)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == dtype
+    bound = 2**-5 * (x.abs().double() @ w.abs().T) + 0.05  # (bfloat16 outputs: coarser)
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("spec, shape", LAYOUTS)
 def test_more_rows_or_a_gradient_take_the_dequantized_weight(spec, shape):
     layer = layer_of(spec, shape)

@@ -90,9 +90,9 @@ class Packed:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        xb = flat.to(torch.bfloat16)
+        xb = flat.to(torch.bfloat16).contiguous()  # (the kernels read rows contiguous)
         if self.pad:
-            xb = F.pad(xb.view(-1, self.groups, self.group - self.pad), (0, self.pad))
+            xb = F.pad(xb.reshape(-1, self.groups, self.group - self.pad), (0, self.pad))
             xb = xb.view(-1, self.groups * self.group)
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(xb, self.codes, self.scales).to(x.dtype)

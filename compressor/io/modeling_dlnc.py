@@ -153,9 +153,9 @@ def _pack(layer: QuantLinear) -> dict | None:
 
 def _packed_matmul(p: dict, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    xb = flat.to(torch.bfloat16)
+    xb = flat.to(torch.bfloat16).contiguous()
     if p["pad"]:
-        xb = nn.functional.pad(xb.view(-1, p["groups"], p["group"] - p["pad"]), (0, p["pad"]))
+        xb = nn.functional.pad(xb.reshape(-1, p["groups"], p["group"] - p["pad"]), (0, p["pad"]))
         xb = xb.view(-1, p["groups"] * p["group"])
     if p["bits"] == 8:
         y = torch.ops.aten._weight_int8pack_mm(xb, p["codes"], p["scales"]).to(x.dtype)
