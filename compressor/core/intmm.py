@@ -40,9 +40,9 @@ from compressor.core.quantize import QuantWeight, unpack
 __all__ = ["ROWS", "Packed", "kernels_available", "pack_for_cpu", "runs_packed"]
 
 ROWS = 64
-"""The most rows (tokens a matmul) run by the integer kernels: at 64 rows they took 0.3-0.7x
-the time of dequantizing and a float32 matmul on SmolLM2's shapes, at 128 rows 0.4-1.0x, at 256
-up to 1.4x (docs/benchmarks.md); more rows dequantize."""
+"""The most rows (tokens a matmul) run by the integer kernels: at 64 rows they took 0.2-0.75x
+the time of dequantizing and a float32 matmul on SmolLM2's shapes, at 128 rows 0.4-1.06x, at
+256 0.6-1.44x (docs/benchmarks.md); more rows dequantize."""
 INT4_GROUPS = (32, 64, 128, 256)
 """The group sizes torch's CPU int4 kernel takes."""
 ALIGN = 16
