@@ -120,11 +120,11 @@ def pack_for_cpu(q: QuantWeight) -> Packed | None:
         return None
     group, rows = next(g for g in INT4_GROUPS if g >= size), out_f + -out_f % ALIGN
     packed = torch.empty(rows, groups * group // 2, dtype=torch.uint8)
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     for start in range(0, rows, BLOCK):
         block = torch.zeros(min(BLOCK, rows - start), groups, group, dtype=torch.int32)
-        stored = q.qweight[start : start + BLOCK]
-        block[: len(stored), :, :size] = unpack(stored, 4, q.in_features).view(-1, groups, size)
-        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        codes = unpack(q.qweight[start : start + BLOCK], 4, q.in_features)
+        block[: len(codes), :, :size] = codes.view(-1, groups, size)
         packed[start : start + len(block)] = convert(block.view(len(block), -1), 1)
     offsets = (8 - zeros) * scales
     pairs = F.pad(torch.stack([scales, offsets], -1), (0, 0, 0, 0, 0, rows - out_f))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from types import MethodType
 
@@ -86,11 +86,7 @@ class QuantLinear(nn.Module):
         if packed is not None:
             y = _packed_matmul(packed, x)
             return y if bias is None else y + bias
-        q = self.qweight
-        if self.bits == 4:
-            q = torch.empty(q.shape[0], self.in_features, dtype=torch.uint8, device=q.device)
-            q[:, 0::2] = self.qweight & 0x0F
-            q[:, 1::2] = self.qweight >> 4
+        q = _codes(self.qweight, self.bits, self.in_features)
         groups = self.scales.shape[1]
         q = q.view(q.shape[0], groups, -1).to(x.dtype)
         w = (q - self.zeros.to(x.dtype).unsqueeze(-1)) * self.scales.to(x.dtype).unsqueeze(-1)
@@ -109,11 +105,25 @@ class QuantLinear(nn.Module):
 _ROWS, _ALIGN, _BLOCK, _INT4_GROUPS = 64, 16, 64, (32, 64, 128, 256)
 
 
+def _codes(stored: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """The codes (out x in, uint8) as stored: 4-bit ones two a byte, low nibble first."""
+    if bits != 4:
+        return stored
+    q = torch.empty(stored.shape[0], in_features, dtype=torch.uint8, device=stored.device)
+    q[:, 0::2], q[:, 1::2] = stored & 0x0F, stored >> 4
+    return q
+
+
 def _runs_packed(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if not 0 < x.numel() <= _ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
         return False
+    return _kernels_available()
+
+
+@cache
+def _kernels_available() -> bool:
     names = ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")
     try:
         found = all(hasattr(torch.ops.aten, name) for name in names)
@@ -137,13 +147,11 @@ def _pack(layer: QuantLinear) -> dict | None:
         return None
     group, rows = next(g for g in _INT4_GROUPS if g >= size), out_f + -out_f % _ALIGN
     packed = torch.empty(rows, groups * group // 2, dtype=torch.uint8)
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     for start in range(0, rows, _BLOCK):
         block = torch.zeros(min(_BLOCK, rows - start), groups, group, dtype=torch.int32)
-        stored = layer.qweight[start : start + _BLOCK]
-        codes = torch.empty(len(stored), layer.in_features, dtype=torch.uint8)
-        codes[:, 0::2], codes[:, 1::2] = stored & 0x0F, stored >> 4
-        block[: len(stored), :, :size] = codes.view(-1, groups, size)
-        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        codes = _codes(layer.qweight[start : start + _BLOCK], 4, layer.in_features)
+        block[: len(codes), :, :size] = codes.view(-1, groups, size)
         packed[start : start + len(block)] = convert(block.view(len(block), -1), 1)
     pairs = torch.stack([scales, (8 - zeros) * scales], -1)
     pairs = nn.functional.pad(pairs, (0, 0, 0, 0, 0, rows - out_f)).transpose(0, 1).contiguous()
